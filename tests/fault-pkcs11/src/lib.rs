@@ -1,0 +1,1 @@
+// The fault-injection module: see README.md beside this file.
