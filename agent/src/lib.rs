@@ -5,6 +5,8 @@
 
 pub mod audit;
 pub mod cms;
+pub mod config;
 pub mod dialog;
+pub mod origins;
 pub mod pinentry;
 pub mod secrets;

@@ -1,0 +1,379 @@
+//! The agent's configuration: a TOML file read into a raw, strict serde struct, then turned into
+//! validated types. Every default lives in `Config::default()`; nothing else invents one.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the configuration and the files beside it live.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The configuration file (it may not exist: then every default applies).
+    pub config_file: PathBuf,
+    /// The folder of the configuration file: the user's origin decisions are kept here.
+    pub config_dir: PathBuf,
+    /// The folder for the audit log and the demo token.
+    pub data_dir: PathBuf,
+}
+
+impl Paths {
+    /// The OS's per-user folders (`~/.config/keyport`, `~/.local/share/keyport` on Linux), or the
+    /// folder of an explicit `--config FILE`.
+    pub fn resolve(explicit: Option<&Path>) -> Result<Paths, ConfigError> {
+        match explicit {
+            Some(file) => {
+                let dir = file
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                Ok(Paths {
+                    config_file: file.to_path_buf(),
+                    config_dir: dir.clone(),
+                    data_dir: dir,
+                })
+            }
+            None => {
+                let dirs = directories::ProjectDirs::from("org", "KeyPort", "keyport")
+                    .ok_or(ConfigError::NoHome)?;
+                Ok(Paths {
+                    config_file: dirs.config_dir().join("config.toml"),
+                    config_dir: dirs.config_dir().to_path_buf(),
+                    data_dir: dirs.data_dir().to_path_buf(),
+                })
+            }
+        }
+    }
+
+    /// The user's persisted origin decisions.
+    pub fn origins_file(&self) -> PathBuf {
+        self.config_dir.join("origins.toml")
+    }
+}
+
+/// What the agent does with an origin that is on neither list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownOrigins {
+    /// Ask the user (allow once / always / deny).
+    Prompt,
+    /// Enterprise policy: refuse at the handshake.
+    Reject,
+}
+
+/// Which certificates may make document signatures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SigningKeyUsage {
+    /// keyUsage nonRepudiation, or no keyUsage extension at all.
+    NonRepudiation,
+    /// Any certificate whose key is on the token.
+    Any,
+}
+
+/// How often an origin's user is asked to consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsentMode {
+    /// Every request (the default).
+    Request,
+    /// Once per connection: for an administrator's known internal portal.
+    Session,
+}
+
+/// A PKCS#11 module named in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    pub path: PathBuf,
+}
+
+/// Per-origin policy set by an administrator.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginPolicy {
+    pub origin: String,
+    pub consent: ConsentMode,
+}
+
+/// An extra ATR pattern → module mapping (added to the shipped table).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtrEntry {
+    /// Hex, spaces or colons allowed.
+    pub atr: String,
+    /// Hex mask, same length as `atr`; all ones when absent.
+    pub mask: Option<String>,
+    pub name: String,
+    pub module: PathBuf,
+}
+
+/// Server limits (PROTOCOL.md "Limits").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_message_bytes: usize,
+    pub max_connections_per_origin: usize,
+    pub max_connections: usize,
+    pub requests_per_second: u32,
+    pub handshake_timeout_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: 256 * 1024,
+            max_connections_per_origin: 8,
+            max_connections: 64,
+            requests_per_second: 20,
+            handshake_timeout_seconds: 5,
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// TCP port on 127.0.0.1 and [::1].
+    pub port: u16,
+    /// PKCS#11 modules to load before any discovered one.
+    pub modules: Vec<ModuleConfig>,
+    /// Look for modules beyond `modules` (p11-kit, well-known paths).
+    pub discover_modules: bool,
+    /// The pinentry program for every dialog.
+    pub pinentry: Option<PathBuf>,
+    /// `en` or `zh-CN`; otherwise the locale decides.
+    pub language: Option<String>,
+    /// Keep a token logged in this long after a request; 0 logs out after each request.
+    pub pin_cache_seconds: u64,
+    /// How long a dialog may stay open.
+    pub dialog_timeout_seconds: u64,
+    pub allowed_origins: Vec<String>,
+    pub denied_origins: Vec<String>,
+    pub unknown_origins: UnknownOrigins,
+    pub allow_insecure_localhost_origins: bool,
+    pub signing_key_usage: SigningKeyUsage,
+    pub origin_policy: Vec<OriginPolicy>,
+    /// A file of mode 0600 holding at least 32 random bytes: the audit key when no OS keyring exists.
+    pub audit_key_file: Option<PathBuf>,
+    /// Where the audit log is written; default `DATA_DIR/audit.log`.
+    pub audit_log: Option<PathBuf>,
+    pub atr: Vec<AtrEntry>,
+    pub limits: LimitsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port: 47333,
+            modules: Vec::new(),
+            discover_modules: true,
+            pinentry: None,
+            language: None,
+            pin_cache_seconds: 0,
+            dialog_timeout_seconds: 120,
+            allowed_origins: Vec::new(),
+            denied_origins: Vec::new(),
+            unknown_origins: UnknownOrigins::Prompt,
+            allow_insecure_localhost_origins: false,
+            signing_key_usage: SigningKeyUsage::NonRepudiation,
+            origin_policy: Vec::new(),
+            audit_key_file: None,
+            audit_log: None,
+            atr: Vec::new(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file; a missing file gives the defaults, anything else wrong is an error.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for origin in self
+            .allowed_origins
+            .iter()
+            .chain(&self.denied_origins)
+            .chain(self.origin_policy.iter().map(|p| &p.origin))
+        {
+            if !looks_like_origin(origin) {
+                return Err(ConfigError::Invalid(format!(
+                    "{origin:?} is not an origin (scheme://host[:port], nothing after)"
+                )));
+            }
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.limits.requests_per_second == 0 || self.limits.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "limits must allow at least one connection and one request per second".into(),
+            ));
+        }
+        if self.dialog_timeout_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "dialog_timeout_seconds must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn dialog_timeout(&self) -> Duration {
+        Duration::from_secs(self.dialog_timeout_seconds)
+    }
+
+    pub fn consent_mode(&self, origin: &str) -> ConsentMode {
+        self.origin_policy
+            .iter()
+            .find(|p| p.origin == origin)
+            .map_or(ConsentMode::Request, |p| p.consent)
+    }
+}
+
+/// A cheap shape check; the bridge parses origins for real at the handshake.
+fn looks_like_origin(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"));
+    matches!(rest, Some(host) if !host.is_empty() && !host.contains('/') && !host.contains('?') && !host.contains('#'))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot find the home directory to place the configuration in")]
+    NoHome,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", DisplayPath(path))]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+struct DisplayPath<'a>(&'a Path);
+
+impl fmt::Display for DisplayPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.as_os_str().is_empty() {
+            f.write_str("configuration")
+        } else {
+            write!(f, "{}", self.0.display())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_the_defaults() {
+        let config = Config::parse("").expect("empty config parses");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.port, 47333);
+        assert_eq!(config.unknown_origins, UnknownOrigins::Prompt);
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let config = Config::parse(
+            r#"
+            port = 50000
+            pinentry = "/usr/bin/pinentry-tty"
+            language = "zh-CN"
+            pin_cache_seconds = 60
+            allowed_origins = ["https://portal.example"]
+            denied_origins = ["https://evil.example"]
+            unknown_origins = "reject"
+            signing_key_usage = "any"
+            [[modules]]
+            path = "/usr/lib/softhsm/libsofthsm2.so"
+            [[origin_policy]]
+            origin = "https://intranet.example"
+            consent = "session"
+            [limits]
+            requests_per_second = 5
+            "#,
+        )
+        .expect("config parses");
+        assert_eq!(config.port, 50000);
+        assert_eq!(config.modules.len(), 1);
+        assert_eq!(config.unknown_origins, UnknownOrigins::Reject);
+        assert_eq!(config.signing_key_usage, SigningKeyUsage::Any);
+        assert_eq!(config.limits.requests_per_second, 5);
+        assert_eq!(config.limits.max_connections, 64);
+        assert_eq!(
+            config.consent_mode("https://intranet.example"),
+            ConsentMode::Session
+        );
+        assert_eq!(
+            config.consent_mode("https://portal.example"),
+            ConsentMode::Request
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse("prot = 1").expect_err("typo refused");
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn a_pin_in_config_is_refused() {
+        assert!(Config::parse("pin = \"123456\"").is_err());
+    }
+
+    #[test]
+    fn malformed_origins_are_refused() {
+        for bad in ["portal.example", "https://portal.example/path", "https://"] {
+            let text = format!("allowed_origins = [{bad:?}]");
+            assert!(Config::parse(&text).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_gives_the_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::load(&dir.path().join("none.toml")).expect("defaults");
+        assert_eq!(config, Config::default());
+    }
+}
