@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cms;
 pub mod config;
 pub mod dialog;
+pub mod discovery;
 pub mod origins;
 pub mod pinentry;
 pub mod secrets;
