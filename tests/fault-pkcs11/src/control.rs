@@ -1,0 +1,178 @@
+//! The control file: which faults to inject right now.
+//!
+//! `key=value` lines; blank lines and lines starting with `#` are ignored. The file is read again
+//! on every wrapped call, so a test changes behaviour by rewriting it (write a temporary file and
+//! rename it over the old one, so that a call never sees a half-written file).
+
+use std::path::Path;
+
+/// Environment variable naming the control file. Unset, or naming a missing file: no faults.
+pub(crate) const CONTROL_ENV: &str = "KEYPORT_FAULT_CONTROL";
+
+/// The faults requested by the control file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Control {
+    /// C_GetTokenInfo adds CKF_USER_PIN_LOCKED; C_Login (user or context-specific) returns CKR_PIN_LOCKED.
+    pub(crate) pin_locked: bool,
+    /// C_GetTokenInfo adds CKF_USER_PIN_COUNT_LOW.
+    pub(crate) pin_count_low: bool,
+    /// C_GetTokenInfo adds CKF_USER_PIN_FINAL_TRY.
+    pub(crate) pin_final_try: bool,
+    /// The token is gone: slot calls return CKR_TOKEN_NOT_PRESENT, session calls CKR_DEVICE_REMOVED.
+    pub(crate) token_removed: bool,
+    /// Signatures after the first N (counted by the module) fail with CKR_DEVICE_ERROR.
+    pub(crate) fail_sign_after: Option<u64>,
+    /// C_Sign blocks until the control file no longer says `hang_sign=1`.
+    pub(crate) hang_sign: bool,
+    /// Abort the process when one of these functions is called (`crash_on=C_Sign,C_Login`).
+    pub(crate) crash_on: Vec<String>,
+}
+
+/// Why a control file could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ControlError(pub(crate) String);
+
+impl Control {
+    /// Reads the control file named by [`CONTROL_ENV`]; no variable or no file means no faults.
+    pub(crate) fn load() -> Result<Self, ControlError> {
+        match std::env::var_os(CONTROL_ENV) {
+            Some(path) => Self::load_from(Path::new(&path)),
+            None => Ok(Self::default()),
+        }
+    }
+
+    fn load_from(path: &Path) -> Result<Self, ControlError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                Self::parse(&text).map_err(|e| ControlError(format!("{}: {}", path.display(), e.0)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(ControlError(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    /// Parses the text of a control file. Unknown keys and bad values are errors, so that a typo
+    /// in a test fails loudly instead of silently injecting nothing.
+    pub(crate) fn parse(text: &str) -> Result<Self, ControlError> {
+        let mut control = Self::default();
+        for (index, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line_no = index + 1;
+            let (key, value) = line
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .ok_or_else(|| ControlError(format!("line {line_no}: expected key=value")))?;
+            let bad = |what: &str| ControlError(format!("line {line_no}: {key}: {what}"));
+            match key {
+                "pin_locked" => control.pin_locked = flag(value).ok_or_else(|| bad("not 0/1"))?,
+                "pin_count_low" => {
+                    control.pin_count_low = flag(value).ok_or_else(|| bad("not 0/1"))?;
+                }
+                "pin_final_try" => {
+                    control.pin_final_try = flag(value).ok_or_else(|| bad("not 0/1"))?;
+                }
+                "token_removed" => {
+                    control.token_removed = flag(value).ok_or_else(|| bad("not 0/1"))?;
+                }
+                "hang_sign" => control.hang_sign = flag(value).ok_or_else(|| bad("not 0/1"))?,
+                "fail_sign_after" => {
+                    let n = value.parse().map_err(|_| bad("not a number"))?;
+                    control.fail_sign_after = Some(n);
+                }
+                "crash_on" => {
+                    control.crash_on = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|name| !name.is_empty())
+                        .map(|name| {
+                            if name.starts_with("C_") {
+                                Ok(name.to_owned())
+                            } else {
+                                Err(bad("expected function names like C_Sign"))
+                            }
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                _ => return Err(bad("unknown key")),
+            }
+        }
+        Ok(control)
+    }
+
+    /// Whether the process must abort when `function` is called.
+    pub(crate) fn crashes_on(&self, function: &str) -> bool {
+        self.crash_on.iter().any(|name| name == function)
+    }
+}
+
+fn flag(value: &str) -> Option<bool> {
+    match value {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_injects_nothing() {
+        assert_eq!(
+            Control::parse("\n# only a comment\n"),
+            Ok(Control::default())
+        );
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let text = "pin_locked=1\npin_count_low = true\npin_final_try=1\ntoken_removed=1\n\
+                    fail_sign_after=3\nhang_sign=1\ncrash_on=C_Sign, C_Login\n";
+        let control = Control::parse(text).expect("valid control file");
+        assert_eq!(
+            control,
+            Control {
+                pin_locked: true,
+                pin_count_low: true,
+                pin_final_try: true,
+                token_removed: true,
+                fail_sign_after: Some(3),
+                hang_sign: true,
+                crash_on: vec!["C_Sign".to_owned(), "C_Login".to_owned()],
+            }
+        );
+        assert!(control.crashes_on("C_Login"));
+        assert!(!control.crashes_on("C_SignInit"));
+    }
+
+    #[test]
+    fn zero_turns_a_flag_off() {
+        let control = Control::parse("pin_locked=0\nhang_sign=off").expect("valid control file");
+        assert!(!control.pin_locked);
+        assert!(!control.hang_sign);
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        for text in [
+            "pin_lockd=1",
+            "pin_locked",
+            "pin_locked=2",
+            "fail_sign_after=-1",
+            "crash_on=Sign",
+        ] {
+            assert!(Control::parse(text).is_err(), "{text:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn missing_file_injects_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let control = Control::load_from(&dir.path().join("absent")).expect("absent file is fine");
+        assert_eq!(control, Control::default());
+    }
+}
