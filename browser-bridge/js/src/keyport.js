@@ -371,7 +371,8 @@ export class KeyPort {
           );
         });
       };
-      ws.onerror = (event) => failed(false, event);
+      // Browsers fire `error` then `close` (which carries the code): decide on `close`.
+      ws.onerror = () => {};
       ws.onclose = (event) => failed(false, event);
       ws.onopen = () => {
         if (done) return;
@@ -629,7 +630,13 @@ function withBytes(obj, key) {
   if (obj === null || typeof obj !== 'object' || typeof obj[key] !== 'string') {
     throw new KeyPortError(Reason.BAD_RESPONSE, `the agent's answer lacks the base64 field '${key}'`);
   }
-  return { ...obj, [key]: fromBase64(obj[key]), [`${key}Base64`]: obj[key] };
+  let bytes;
+  try {
+    bytes = fromBase64(obj[key], key);
+  } catch (err) {
+    throw new KeyPortError(Reason.BAD_RESPONSE, `the agent's '${key}' is not standard base64`, { cause: err });
+  }
+  return { ...obj, [key]: bytes, [`${key}Base64`]: obj[key] };
 }
 
 function requireArray(result, key) {

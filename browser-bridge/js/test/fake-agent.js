@@ -23,7 +23,10 @@ const later = (fn) => setImmediate(fn);
 export class FakeAgent {
   /** 'accept' opens sockets; 'refuse' fails them like a closed port; 'hang' never answers. */
   mode = 'accept';
+  /** Every socket the client created, in order. */
   sockets = [];
+  /** Optional `(socket, count)` hook, called as each socket is created (before `mode` is read). */
+  onSocket = null;
   #requests = [];
   #waiters = [];
 
@@ -39,8 +42,9 @@ export class FakeAgent {
 
       constructor(url) {
         this.url = url;
-        this.mode = agent.mode;
         agent.sockets.push(this);
+        agent.onSocket?.(this, agent.sockets.length);
+        this.mode = agent.mode;
         later(() => {
           if (this.readyState !== 0) return;
           if (this.mode === 'accept') {
