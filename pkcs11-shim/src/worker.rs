@@ -1,0 +1,541 @@
+//! The worker thread that owns one module's cryptoki context, its sessions and caches.
+//! Nothing else touches cryptoki.
+
+mod login;
+mod sign;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::MechanismType;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState};
+use cryptoki::slot::Slot;
+
+use crate::certificate::{CertificateId, CertificateInfo, ParsedCertificate, PublicKeyMaterial};
+use crate::error::{from_cryptoki, Error};
+use crate::module::Request;
+use crate::token::{LoginState, ModuleInfo, PinStatus, TokenId, TokenInfo};
+
+/// Starts the worker for the module at `path`; returns once the module is loaded and
+/// initialised (or failed to).
+pub(crate) fn spawn(path: PathBuf) -> Result<(mpsc::Sender<Request>, JoinHandle<()>), Error> {
+    let (tx, rx) = mpsc::channel::<Request>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
+    let name = format!("pkcs11:{}", path.display());
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let ctx = match open(&path) {
+                Ok(ctx) => ctx,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let mut worker = Worker {
+                ctx,
+                path,
+                tokens: HashMap::new(),
+            };
+            worker.run(rx);
+        })
+        .map_err(|_| Error::WorkerGone)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((tx, thread)),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(Error::WorkerGone),
+    }
+}
+
+fn open(path: &std::path::Path) -> Result<Pkcs11, Error> {
+    let load_err = |source| Error::ModuleLoad {
+        path: path.to_path_buf(),
+        source,
+    };
+    let ctx = Pkcs11::new(path).map_err(load_err)?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+        Err(e) => Err(load_err(e)),
+    }
+}
+
+/// What the worker remembers about one token between requests.
+struct TokenState {
+    slot: Slot,
+    /// Kept open so that a login stays valid between requests (the PIN cache).
+    session: Option<Session>,
+    mechanisms: Option<Vec<MechanismType>>,
+    /// The last scan of certificates and keys; dropped on login and logout because they
+    /// change which objects are visible.
+    entries: Option<Vec<Entry>>,
+}
+
+/// One certificate with what was found of its key.
+#[derive(Clone, Debug)]
+struct Entry {
+    info: CertificateInfo,
+    private_key: Option<ObjectHandle>,
+}
+
+pub(crate) struct Worker {
+    ctx: Pkcs11,
+    path: PathBuf,
+    tokens: HashMap<TokenId, TokenState>,
+}
+
+impl Worker {
+    fn run(&mut self, rx: mpsc::Receiver<Request>) {
+        while let Ok(req) = rx.recv() {
+            self.handle(req);
+        }
+        // All Module handles are gone: close sessions, then C_Finalize.
+        self.tokens.clear();
+        let ctx = self.ctx.clone();
+        if let Err(e) = ctx.finalize() {
+            tracing::warn!(error = %e, "C_Finalize failed");
+        }
+    }
+
+    fn handle(&mut self, req: Request) {
+        // A send fails only when the caller stopped waiting; nothing to do then.
+        match req {
+            Request::Info(reply) => {
+                let _ = reply.send(self.info());
+            }
+            Request::Tokens(reply) => {
+                let _ = reply.send(self.tokens());
+            }
+            Request::Certificates { token, reply } => {
+                let _ = reply.send(self.certificates(token.as_ref()));
+            }
+            Request::LoginState { token, reply } => {
+                let _ = reply.send(self.login_state(&token));
+            }
+            Request::Sign { job, reply } => {
+                let _ = reply.send(self.sign(job));
+            }
+            Request::Logout { token, reply } => {
+                let _ = reply.send(self.logout(&token));
+            }
+        }
+    }
+
+    fn info(&self) -> Result<ModuleInfo, Error> {
+        let info = self.ctx.get_library_info().map_err(from_cryptoki)?;
+        let v = |v: cryptoki::types::Version| format!("{}.{}", v.major(), v.minor());
+        Ok(ModuleInfo {
+            library_description: info.library_description().trim().to_owned(),
+            manufacturer: info.manufacturer_id().trim().to_owned(),
+            library_version: v(info.library_version()),
+            cryptoki_version: v(info.cryptoki_version()),
+        })
+    }
+
+    fn tokens(&mut self) -> Result<Vec<TokenInfo>, Error> {
+        let slots = self.ctx.get_slots_with_token().map_err(from_cryptoki)?;
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            match self.describe(slot) {
+                Ok(info) => out.push(info),
+                // A token pulled between C_GetSlotList and C_GetTokenInfo is simply not listed.
+                Err(Error::TokenNotPresent) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn certificates(&mut self, token: Option<&TokenId>) -> Result<Vec<CertificateInfo>, Error> {
+        let ids: Vec<TokenId> = match token {
+            Some(id) => vec![id.clone()],
+            None => self.tokens()?.into_iter().map(|t| t.id).collect(),
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            match self.entries(&id) {
+                Ok(entries) => out.extend(entries.into_iter().map(|e| e.info)),
+                Err(Error::TokenNotPresent) if token.is_none() => self.forget(&id),
+                Err(e) => {
+                    if e.is_removal() {
+                        self.forget(&id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn login_state(&mut self, id: &TokenId) -> Result<LoginState, Error> {
+        let slot = self.slot(id)?;
+        let info = self.describe(slot)?;
+        Ok(if info.logged_in {
+            LoginState::LoggedIn
+        } else if info.pin.locked {
+            LoginState::Locked
+        } else if info.pin_pad {
+            LoginState::ProtectedPath
+        } else {
+            LoginState::NeedsPin(info.pin)
+        })
+    }
+
+    fn logout(&mut self, id: &TokenId) -> Result<(), Error> {
+        let Some(state) = self.tokens.get_mut(id) else {
+            return Ok(());
+        };
+        state.entries = None;
+        let Some(session) = state.session.as_ref() else {
+            return Ok(());
+        };
+        match session.logout() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
+            Err(e) => {
+                let e = from_cryptoki(e);
+                if e.is_removal() {
+                    self.forget(id);
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    // ---- helpers shared by the operations ----
+
+    /// Drops everything cached about a token (its session too).
+    fn forget(&mut self, id: &TokenId) {
+        if self.tokens.remove(id).is_some() {
+            tracing::debug!(token = %id, "token state dropped");
+        }
+    }
+
+    fn token_id_of(&self, t: &cryptoki::slot::TokenInfo) -> TokenId {
+        TokenId::derive(&self.path, t.serial_number(), t.label(), t.model())
+    }
+
+    /// The slot holding the token now. Doubles as the health probe before each operation:
+    /// a cached slot is re-checked with C_GetTokenInfo, and on a mismatch all slots are
+    /// scanned again (slot numbers change on reinsertion).
+    fn slot(&mut self, id: &TokenId) -> Result<Slot, Error> {
+        if let Some(state) = self.tokens.get(id) {
+            let slot = state.slot;
+            match self.ctx.get_token_info(slot) {
+                Ok(t) if &self.token_id_of(&t) == id => return Ok(slot),
+                _ => self.forget(id),
+            }
+        }
+        let slots = self.ctx.get_slots_with_token().map_err(from_cryptoki)?;
+        for slot in slots {
+            let Ok(t) = self.ctx.get_token_info(slot) else {
+                continue;
+            };
+            if &self.token_id_of(&t) == id {
+                self.tokens.insert(
+                    id.clone(),
+                    TokenState {
+                        slot,
+                        session: None,
+                        mechanisms: None,
+                        entries: None,
+                    },
+                );
+                return Ok(slot);
+            }
+        }
+        Err(Error::TokenNotFound(id.clone()))
+    }
+
+    /// The token in `slot` as the public API describes it.
+    fn describe(&mut self, slot: Slot) -> Result<TokenInfo, Error> {
+        let t = self.ctx.get_token_info(slot).map_err(from_cryptoki)?;
+        let slot_description = self
+            .ctx
+            .get_slot_info(slot)
+            .map(|s| s.slot_description().trim().to_owned())
+            .unwrap_or_default();
+        let id = self.token_id_of(&t);
+        let logged_in = self.logged_in(&id);
+        Ok(TokenInfo {
+            id,
+            slot_description,
+            label: t.label().trim().to_owned(),
+            manufacturer: t.manufacturer_id().trim().to_owned(),
+            model: t.model().trim().to_owned(),
+            serial: t.serial_number().trim().to_owned(),
+            pin_pad: t.protected_authentication_path(),
+            pin: PinStatus {
+                initialized: t.user_pin_initialized(),
+                count_low: t.user_pin_count_low(),
+                final_try: t.user_pin_final_try(),
+                locked: t.user_pin_locked(),
+            },
+            logged_in,
+        })
+    }
+
+    /// Is this process logged in to the token? Only a cached session can carry a login.
+    fn logged_in(&mut self, id: &TokenId) -> bool {
+        let Some(session) = self.tokens.get(id).and_then(|s| s.session.as_ref()) else {
+            return false;
+        };
+        match session.get_session_info() {
+            Ok(info) => matches!(
+                info.session_state(),
+                SessionState::RoUser | SessionState::RwUser
+            ),
+            Err(_) => {
+                // The session died (token removed?): start over next time.
+                self.forget(id);
+                false
+            }
+        }
+    }
+
+    /// The token's cached session, opened on first use.
+    fn session(&mut self, id: &TokenId) -> Result<&Session, Error> {
+        let slot = self.slot(id)?;
+        let ctx = self.ctx.clone();
+        let state = self
+            .tokens
+            .get_mut(id)
+            .ok_or_else(|| Error::TokenNotFound(id.clone()))?;
+        if state.session.is_none() {
+            let session = ctx.open_ro_session(slot).map_err(from_cryptoki)?;
+            tracing::debug!(token = %id, "session opened");
+            state.session = Some(session);
+        }
+        state
+            .session
+            .as_ref()
+            .ok_or_else(|| Error::TokenNotFound(id.clone()))
+    }
+
+    /// Replaces the token's session with a fresh one without losing the login: the new one
+    /// is opened before the old one is closed (login is per application, and lasts while
+    /// any session is open). Used after a failed operation that may have left state behind.
+    fn renew_session(&mut self, id: &TokenId) {
+        let ctx = self.ctx.clone();
+        let Some(state) = self.tokens.get_mut(id) else {
+            return;
+        };
+        state.entries = None;
+        match ctx.open_ro_session(state.slot) {
+            Ok(fresh) => state.session = Some(fresh),
+            Err(_) => self.forget(id),
+        }
+    }
+
+    /// The mechanisms the token offers (cached; empty if the module will not say).
+    fn mechanisms(&mut self, id: &TokenId) -> Result<Vec<MechanismType>, Error> {
+        let slot = self.slot(id)?;
+        if let Some(m) = self.tokens.get(id).and_then(|s| s.mechanisms.clone()) {
+            return Ok(m);
+        }
+        let list = match self.ctx.get_mechanism_list(slot) {
+            Ok(list) => list,
+            Err(e) => {
+                let e = from_cryptoki(e);
+                if e.is_removal() {
+                    return Err(e);
+                }
+                tracing::debug!(token = %id, error = %e, "no mechanism list; trying the basic mechanisms");
+                Vec::new()
+            }
+        };
+        if let Some(state) = self.tokens.get_mut(id) {
+            state.mechanisms = Some(list.clone());
+        }
+        Ok(list)
+    }
+
+    /// The certificates on the token with their keys (cached until login/logout/error).
+    fn entries(&mut self, id: &TokenId) -> Result<Vec<Entry>, Error> {
+        // Probe first: a cached scan of a token that is gone must not be served.
+        self.slot(id)?;
+        if let Some(e) = self.tokens.get(id).and_then(|s| s.entries.clone()) {
+            return Ok(e);
+        }
+        let logged_in = self.logged_in(id);
+        let login_required = {
+            let slot = self.slot(id)?;
+            self.ctx
+                .get_token_info(slot)
+                .map(|t| t.login_required())
+                .unwrap_or(true)
+        };
+        let session = self.session(id)?;
+        let entries = scan(session, id, !logged_in && login_required)?;
+        if let Some(state) = self.tokens.get_mut(id) {
+            state.entries = Some(entries.clone());
+        }
+        Ok(entries)
+    }
+
+    /// The entry for one certificate id.
+    fn entry(&mut self, cert: &CertificateId) -> Result<Entry, Error> {
+        self.entries(cert.token_id())?
+            .into_iter()
+            .find(|e| &e.info.id == cert)
+            .ok_or_else(|| Error::CertificateNotFound(cert.clone()))
+    }
+}
+
+/// A key object's id and public material.
+struct KeyObject {
+    handle: ObjectHandle,
+    id: Vec<u8>,
+    always_authenticate: bool,
+    modulus: Option<Vec<u8>>,
+    ec_point: Option<Vec<u8>>,
+}
+
+impl KeyObject {
+    fn matches(&self, cert_id: &[u8], pk: &PublicKeyMaterial) -> bool {
+        (!cert_id.is_empty() && self.id == cert_id)
+            || self
+                .modulus
+                .as_deref()
+                .is_some_and(|m| pk.matches_modulus(m))
+            || self
+                .ec_point
+                .as_deref()
+                .is_some_and(|p| pk.matches_ec_point(p))
+    }
+}
+
+/// Finds certificates and pairs each with its key: by CKA_ID, else by public key.
+/// `keys_may_be_hidden`: not logged in on a token that needs login, so private keys may be
+/// invisible; a certificate with a CKA_ID is then listed if no key object contradicts it.
+fn scan(session: &Session, token: &TokenId, keys_may_be_hidden: bool) -> Result<Vec<Entry>, Error> {
+    let certs = session
+        .find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE)])
+        .map_err(from_cryptoki)?;
+    let private_keys = key_objects(session, ObjectClass::PRIVATE_KEY)?;
+    let public_keys = key_objects(session, ObjectClass::PUBLIC_KEY)?;
+
+    let mut out = Vec::new();
+    for handle in certs {
+        let attrs = session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Value,
+                    AttributeType::Id,
+                    AttributeType::Label,
+                ],
+            )
+            .map_err(from_cryptoki)?;
+        let (mut der, mut cka_id, mut label) = (Vec::new(), Vec::new(), Vec::new());
+        for a in attrs {
+            match a {
+                Attribute::Value(v) => der = v,
+                Attribute::Id(v) => cka_id = v,
+                Attribute::Label(v) => label = v,
+                _ => {}
+            }
+        }
+        let parsed = match ParsedCertificate::parse(&der) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(token = %token, error = %e, "skipping a certificate that does not parse");
+                continue;
+            }
+        };
+        let private = private_keys
+            .iter()
+            .find(|k| k.matches(&cka_id, &parsed.public_key));
+        let public = public_keys
+            .iter()
+            .find(|k| k.matches(&cka_id, &parsed.public_key));
+        let plausible = keys_may_be_hidden && private_keys.is_empty() && !cka_id.is_empty();
+        if private.is_none() && public.is_none() && !plausible {
+            continue;
+        }
+        // A certificate without CKA_ID is named by its hash; one paired by public key still
+        // signs with the private key found.
+        let info = CertificateInfo {
+            id: CertificateId::new(token, &cka_id, &der),
+            token_id: token.clone(),
+            label: String::from_utf8_lossy(&label).trim().to_owned(),
+            der,
+            subject: parsed.subject,
+            issuer: parsed.issuer,
+            serial_hex: parsed.serial_hex,
+            not_before: parsed.not_before,
+            not_after: parsed.not_after,
+            key_algorithm: parsed.key_algorithm,
+            key_usage: parsed.key_usage,
+            extended_key_usage: parsed.extended_key_usage,
+            always_authenticate: private.is_some_and(|k| k.always_authenticate),
+            holder: parsed.holder,
+        };
+        out.push(Entry {
+            info,
+            private_key: private.map(|k| k.handle),
+        });
+    }
+    Ok(out)
+}
+
+fn key_objects(session: &Session, class: ObjectClass) -> Result<Vec<KeyObject>, Error> {
+    let handles = session
+        .find_objects(&[Attribute::Class(class)])
+        .map_err(from_cryptoki)?;
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        let mut key = KeyObject {
+            handle,
+            id: Vec::new(),
+            always_authenticate: false,
+            modulus: None,
+            ec_point: None,
+        };
+        let mut key_type = None;
+        let mut wanted = vec![AttributeType::Id, AttributeType::KeyType];
+        if class == ObjectClass::PRIVATE_KEY {
+            wanted.push(AttributeType::AlwaysAuthenticate);
+        }
+        for a in session
+            .get_attributes(handle, &wanted)
+            .map_err(from_cryptoki)?
+        {
+            match a {
+                Attribute::Id(v) => key.id = v,
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::AlwaysAuthenticate(b) => key.always_authenticate = b,
+                _ => {}
+            }
+        }
+        // The public material is optional (EC private keys rarely carry CKA_EC_POINT); a
+        // failure to read it only means no public-key pairing for this object.
+        let material = match key_type {
+            Some(KeyType::RSA) => Some(AttributeType::Modulus),
+            Some(KeyType::EC) | Some(KeyType::EC_EDWARDS) => Some(AttributeType::EcPoint),
+            _ => None,
+        };
+        if let Some(m) = material {
+            if let Ok(attrs) = session.get_attributes(handle, &[m]) {
+                for a in attrs {
+                    match a {
+                        Attribute::Modulus(v) => key.modulus = Some(v),
+                        Attribute::EcPoint(v) => key.ec_point = Some(v),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        out.push(key);
+    }
+    Ok(out)
+}
