@@ -1,1 +1,1016 @@
-//! (being written)
+//! The append-only, HMAC-chained audit log: one JSON line per signature, login or approval.
+//!
+//! Each line is
+//! `{"seq":N,"time":"RFC 3339 UTC","origin":…,"operation":…,"certificate":{"subject","sha256"}|null,
+//! "digests":["hex",…],"outcome":"granted"|"refused:REASON"|"error:REASON","mac":"hex"}`.
+//!
+//! `mac = HMAC-SHA256(key, prev_mac ‖ canonical)` where `canonical` is the line's JSON without
+//! `"mac"`, serialised compactly with the fields in the order above (the way [`AuditLog`] writes
+//! it; [`verify`] re-serialises each parsed line the same way), and `prev_mac` is the previous
+//! line's 32-byte MAC, or 32 zero bytes for the first line. `seq` starts at 1 and grows by one.
+//!
+//! What the chain shows: an edited, inserted, removed or reordered line is reported by
+//! [`verify`] with its line number. What it cannot show: **removal of the last lines** (the
+//! remaining chain is still valid) or replacement of the whole file by an empty one. Catching
+//! that needs the head (last `seq` and MAC) kept somewhere the attacker cannot write, such as
+//! the OS keyring; this module does not do that yet.
+//!
+//! Crash safety: a line is written with one `write_all` of the complete line and its `\n`,
+//! then `sync_data`. [`AuditLog::open`] cuts a trailing partial line (a crash mid-write) and
+//! continues the chain from the last whole line, so a crash never breaks verification.
+//!
+//! Thread safety: [`AuditLog`] is `Send`; share it behind a `Mutex`.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use hmac::{KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use zeroize::Zeroizing;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// Length of the MAC and of the chain's starting value.
+const MAC_LEN: usize = 32;
+
+/// Errors of the audit log.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// Reading, writing or syncing the log file (or creating its directory) failed.
+    #[error("audit log {path}: {action} failed")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The last whole line of an existing log cannot be chained from: it is not a valid line,
+    /// or its MAC does not verify with this key (the log was edited, or the key changed).
+    #[error("audit log {path}: line {line} does not verify with this key ({problem}); run `keyport audit --verify`")]
+    BadHead {
+        /// The log file.
+        path: PathBuf,
+        /// The 1-based line number of the last line.
+        line: usize,
+        /// What is wrong with it.
+        problem: Problem,
+    },
+    /// The key is shorter than 32 bytes.
+    #[error("audit key is {0} bytes; at least 32 are needed")]
+    KeyTooShort(usize),
+    /// A record could not be serialised (cannot happen with the types here; kept typed).
+    #[error("audit record could not be serialised")]
+    Serialize(#[source] serde_json::Error),
+}
+
+/// The secret key that chains the log. Zeroed on drop; never printed.
+#[derive(Clone)]
+pub struct AuditKey(Zeroizing<Vec<u8>>);
+
+impl AuditKey {
+    /// A key from at least 32 bytes of secret.
+    pub fn new(bytes: Vec<u8>) -> Result<AuditKey, AuditError> {
+        let bytes = Zeroizing::new(bytes);
+        if bytes.len() < MAC_LEN {
+            return Err(AuditError::KeyTooShort(bytes.len()));
+        }
+        Ok(AuditKey(bytes))
+    }
+
+    fn mac(&self, prev: &[u8; MAC_LEN], canonical: &[u8]) -> [u8; MAC_LEN] {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = match HmacSha256::new_from_slice(&self.0) {
+            Ok(m) => m,
+            Err(_) => unreachable!("HMAC takes keys of any length"),
+        };
+        mac.update(prev);
+        mac.update(canonical);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditKey([redacted])")
+    }
+}
+
+/// What was asked.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    /// `sign`.
+    Sign,
+    /// `sign.batch`.
+    SignBatch,
+    /// `authenticate`.
+    Authenticate,
+    /// `keys.generate`.
+    KeysGenerate,
+    /// `certificates.import`.
+    CertificatesImport,
+    /// The user approved an origin.
+    OriginApprove,
+    /// An origin approval was revoked.
+    OriginRevoke,
+    /// Anything else, by name.
+    Other(String),
+}
+
+impl Operation {
+    /// The name written in the log.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Operation::Sign => "sign",
+            Operation::SignBatch => "sign.batch",
+            Operation::Authenticate => "authenticate",
+            Operation::KeysGenerate => "keys.generate",
+            Operation::CertificatesImport => "certificates.import",
+            Operation::OriginApprove => "origin.approve",
+            Operation::OriginRevoke => "origin.revoke",
+            Operation::Other(s) => s,
+        }
+    }
+}
+
+/// How a request ended.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done as asked.
+    Granted,
+    /// Refused by the user or by policy; the reason is a wire reason such as `USER_CANCELLED`.
+    Refused(String),
+    /// Failed; the reason is a wire reason such as `TOKEN_ERROR`.
+    Error(String),
+}
+
+impl Outcome {
+    /// `granted`, `refused:REASON` or `error:REASON`.
+    pub fn render(&self) -> String {
+        match self {
+            Outcome::Granted => "granted".to_owned(),
+            Outcome::Refused(r) => format!("refused:{r}"),
+            Outcome::Error(r) => format!("error:{r}"),
+        }
+    }
+}
+
+/// The certificate a record is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRef {
+    /// RFC 4514 subject.
+    pub subject: String,
+    /// Lowercase hex SHA-256 of the DER certificate.
+    pub sha256: String,
+}
+
+/// One event to log. Build with [`AuditRecord::new`] and the chained setters.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    /// When it happened (written as RFC 3339 UTC). Defaults to now.
+    pub time: time::OffsetDateTime,
+    /// The Origin header's value (or `local` for the CLI).
+    pub origin: String,
+    /// What was asked.
+    pub operation: Operation,
+    /// The certificate used, if any.
+    pub certificate: Option<CertificateRef>,
+    /// Digests signed (hex), in order.
+    pub digests: Vec<String>,
+    /// How it ended. Defaults to [`Outcome::Granted`].
+    pub outcome: Outcome,
+}
+
+impl AuditRecord {
+    /// A record of `operation` by `origin`, at the current time, outcome granted.
+    pub fn new(origin: impl Into<String>, operation: Operation) -> AuditRecord {
+        AuditRecord {
+            time: time::OffsetDateTime::now_utc(),
+            origin: origin.into(),
+            operation,
+            certificate: None,
+            digests: Vec::new(),
+            outcome: Outcome::Granted,
+        }
+    }
+
+    /// Set the time.
+    pub fn at(mut self, time: time::OffsetDateTime) -> Self {
+        self.time = time;
+        self
+    }
+
+    /// Name the certificate by subject and DER (its SHA-256 is computed here).
+    pub fn certificate(mut self, subject: impl Into<String>, cert_der: &[u8]) -> Self {
+        self.certificate = Some(CertificateRef {
+            subject: subject.into(),
+            sha256: hex::encode(sha2::Sha256::digest(cert_der)),
+        });
+        self
+    }
+
+    /// Add a digest that was (or was to be) signed.
+    pub fn digest(mut self, digest: &[u8]) -> Self {
+        self.digests.push(hex::encode(digest));
+        self
+    }
+
+    /// Set the outcome.
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+}
+
+/// One line of the log as read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditLine {
+    /// Sequence number, from 1.
+    pub seq: u64,
+    /// RFC 3339 UTC.
+    pub time: String,
+    /// The origin.
+    pub origin: String,
+    /// The operation name.
+    pub operation: String,
+    /// The certificate, if any.
+    pub certificate: Option<CertificateRef>,
+    /// Hex digests.
+    pub digests: Vec<String>,
+    /// `granted`, `refused:REASON` or `error:REASON`.
+    pub outcome: String,
+    /// Hex HMAC-SHA256.
+    pub mac: String,
+}
+
+/// The fields the MAC covers, in their fixed order (everything but `mac`).
+#[derive(Serialize)]
+struct Canonical<'a> {
+    seq: u64,
+    time: &'a str,
+    origin: &'a str,
+    operation: &'a str,
+    certificate: &'a Option<CertificateRef>,
+    digests: &'a [String],
+    outcome: &'a str,
+}
+
+impl AuditLine {
+    fn canonical(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&Canonical {
+            seq: self.seq,
+            time: &self.time,
+            origin: &self.origin,
+            operation: &self.operation,
+            certificate: &self.certificate,
+            digests: &self.digests,
+            outcome: &self.outcome,
+        })
+    }
+
+    fn mac_bytes(&self) -> Option<[u8; MAC_LEN]> {
+        let v = hex::decode(&self.mac).ok()?;
+        v.try_into().ok()
+    }
+}
+
+/// What is wrong with a line.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// Not a valid log line (JSON, fields, or MAC encoding).
+    BadJson,
+    /// The MAC does not match: the line was edited, or the line before it was removed,
+    /// inserted or moved.
+    BadMac,
+    /// Sequence numbers were skipped: lines before this one were removed.
+    SeqGap {
+        /// The seq this line should have had.
+        expected: u64,
+        /// The seq it has.
+        found: u64,
+    },
+    /// The seq goes backwards or repeats: lines were reordered or inserted.
+    Reordered {
+        /// The seq this line should have had.
+        expected: u64,
+        /// The seq it has.
+        found: u64,
+    },
+    /// The last line has no final newline (a crash mid-write; [`AuditLog::open`] cuts it).
+    Truncated,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::BadJson => f.write_str("not a valid audit line"),
+            Problem::BadMac => {
+                f.write_str("MAC does not match (edited, or a neighbour removed/inserted/moved)")
+            }
+            Problem::SeqGap { expected, found } => {
+                write!(
+                    f,
+                    "sequence gap: expected {expected}, found {found} (lines removed)"
+                )
+            }
+            Problem::Reordered { expected, found } => {
+                write!(f, "sequence out of order: expected {expected}, found {found} (lines reordered or inserted)")
+            }
+            Problem::Truncated => f.write_str("partial last line (interrupted write)"),
+        }
+    }
+}
+
+/// The result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Number of lines read (a partial last line included).
+    pub lines: usize,
+    /// Problems found, as (1-based line number, problem), in file order.
+    pub problems: Vec<(usize, Problem)>,
+}
+
+impl VerifyReport {
+    /// No problem found. (The removal of the last lines cannot be seen; see the module docs.)
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl fmt::Display for VerifyReport {
+    /// The text `keyport audit --verify` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_ok() {
+            return writeln!(f, "audit log OK: {} lines, chain intact", self.lines);
+        }
+        writeln!(
+            f,
+            "audit log has {} problem(s) in {} lines:",
+            self.problems.len(),
+            self.lines
+        )?;
+        for (line, problem) in &self.problems {
+            writeln!(f, "  line {line}: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The open log, positioned to append.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    key: AuditKey,
+    next_seq: u64,
+    prev_mac: [u8; MAC_LEN],
+    len: u64,
+}
+
+impl AuditLog {
+    /// Open (or create, mode 0600, parent directory 0700) the log at `path`, cut a partial last
+    /// line left by a crash, and continue the chain from the last whole line, whose MAC must
+    /// verify with `key` (else [`AuditError::BadHead`]). Only the tail of the file is read.
+    pub fn open(path: &Path, key: AuditKey) -> Result<AuditLog, AuditError> {
+        let io = |action: &'static str, p: &Path| {
+            let p = p.to_path_buf();
+            move |source| AuditError::Io {
+                path: p,
+                action,
+                source,
+            }
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io("creating the directory", parent))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io("opening", path))?;
+        let meta = file.metadata().map_err(io("reading metadata of", path))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "audit log was readable by others; setting mode 0600");
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(io("setting the mode of", path))?;
+        }
+
+        let mut len = meta.len();
+        let tail = read_tail(&mut file, len).map_err(io("reading", path))?;
+        // Cut a partial last line (no final '\n'): it is what a crash mid-write leaves.
+        let whole_end = tail
+            .bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(tail.start, |i| tail.start + i as u64 + 1);
+        if whole_end < len {
+            tracing::warn!(path = %path.display(), bytes = len - whole_end, "cutting a partial last line from the audit log");
+            file.set_len(whole_end).map_err(io("truncating", path))?;
+            file.sync_data().map_err(io("syncing", path))?;
+            len = whole_end;
+        }
+        let whole = &tail.bytes[..(whole_end - tail.start) as usize];
+        let mut lines: Vec<&[u8]> = whole.split(|&b| b == b'\n').collect();
+        lines.pop(); // the empty piece after the final '\n'
+
+        let (next_seq, prev_mac) = match lines.as_slice() {
+            [] => (1, [0u8; MAC_LEN]),
+            [.., last] => {
+                let line_no = count_lines(&mut file, whole_end).map_err(io("reading", path))?;
+                let bad = |problem| AuditError::BadHead {
+                    path: path.to_path_buf(),
+                    line: line_no,
+                    problem,
+                };
+                let last = parse_line(last).ok_or_else(|| bad(Problem::BadJson))?;
+                let last_mac = last.mac_bytes().ok_or_else(|| bad(Problem::BadJson))?;
+                // The MAC before it: the previous line's, or zeros if this is the first line.
+                let prev = if lines.len() >= 2 {
+                    let before =
+                        parse_line(lines[lines.len() - 2]).ok_or_else(|| bad(Problem::BadJson))?;
+                    before.mac_bytes().ok_or_else(|| bad(Problem::BadJson))?
+                } else if tail.start == 0 {
+                    [0u8; MAC_LEN]
+                } else {
+                    // read_tail always returns two whole lines or the file start.
+                    return Err(bad(Problem::BadJson));
+                };
+                let canonical = last.canonical().map_err(AuditError::Serialize)?;
+                if key.mac(&prev, &canonical) != last_mac {
+                    return Err(bad(Problem::BadMac));
+                }
+                (last.seq + 1, last_mac)
+            }
+        };
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            file,
+            key,
+            next_seq,
+            prev_mac,
+            len,
+        })
+    }
+
+    /// Append one record: one `write_all` of the whole line, then `sync_data`. If the write
+    /// fails the file is cut back to its previous length and the chain does not advance.
+    pub fn append(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
+        let time = rec
+            .time
+            .to_offset(time::UtcOffset::UTC)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| "invalid-time".to_owned());
+        let mut line = AuditLine {
+            seq: self.next_seq,
+            time,
+            origin: rec.origin.clone(),
+            operation: rec.operation.as_str().to_owned(),
+            certificate: rec.certificate.clone(),
+            digests: rec.digests.clone(),
+            outcome: rec.outcome.render(),
+            mac: String::new(),
+        };
+        let canonical = line.canonical().map_err(AuditError::Serialize)?;
+        let mac = self.key.mac(&self.prev_mac, &canonical);
+        line.mac = hex::encode(mac);
+        let mut bytes = serde_json::to_vec(&line).map_err(AuditError::Serialize)?;
+        bytes.push(b'\n');
+
+        let written = self
+            .file
+            .write_all(&bytes)
+            .and_then(|()| self.file.sync_data());
+        if let Err(source) = written {
+            // Best effort: remove what part of the line got out; open() would cut it anyway.
+            if let Err(e) = self.file.set_len(self.len) {
+                tracing::error!(error = %e, "could not cut a failed audit write");
+            }
+            return Err(AuditError::Io {
+                path: self.path.clone(),
+                action: "appending to",
+                source,
+            });
+        }
+        self.len += bytes.len() as u64;
+        self.next_seq += 1;
+        self.prev_mac = mac;
+        Ok(())
+    }
+
+    /// The seq the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Verify the whole log at `path` with `key`. Each edited, inserted, removed or reordered line
+/// is reported with its 1-based line number; the chain then continues from the bad line's own
+/// MAC so one tampering is reported once (plus, for a moved line, its new neighbour). The line
+/// after an unreadable ([`Problem::BadJson`]) line has its seq checked but not its MAC.
+pub fn verify(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
+    let data = std::fs::read(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        action: "reading",
+        source,
+    })?;
+    let mut problems = Vec::new();
+    let mut prev = [0u8; MAC_LEN];
+    let mut expected: u64 = 1;
+    let mut prev_unknown = false;
+    let mut lines = 0;
+    let complete = data.last().is_none_or(|&b| b == b'\n');
+    let mut pieces: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    if complete {
+        pieces.pop();
+    }
+    let count = pieces.len();
+    for (i, raw) in pieces.into_iter().enumerate() {
+        let n = i + 1;
+        lines = n;
+        if n == count && !complete {
+            problems.push((n, Problem::Truncated));
+            break;
+        }
+        let Some((line, mac)) = parse_line(raw).and_then(|l| l.mac_bytes().map(|m| (l, m))) else {
+            problems.push((n, Problem::BadJson));
+            // It held a seq; the next line's MAC cannot be checked (its `prev` is unreadable).
+            expected = expected.saturating_add(1);
+            prev_unknown = true;
+            continue;
+        };
+        let canonical = line.canonical().map_err(AuditError::Serialize)?;
+        let mac_ok = prev_unknown || key.mac(&prev, &canonical) == mac;
+        prev_unknown = false;
+        if line.seq > expected {
+            problems.push((
+                n,
+                Problem::SeqGap {
+                    expected,
+                    found: line.seq,
+                },
+            ));
+        } else if line.seq < expected {
+            problems.push((
+                n,
+                Problem::Reordered {
+                    expected,
+                    found: line.seq,
+                },
+            ));
+        } else if !mac_ok {
+            problems.push((n, Problem::BadMac));
+        }
+        expected = expected.max(line.seq.saturating_add(1));
+        prev = mac;
+    }
+    Ok(VerifyReport { lines, problems })
+}
+
+/// Every line of the log that parses, for `keyport audit` to print. Lines that do not parse are
+/// skipped; [`verify`] reports them.
+pub fn read_lines(path: &Path) -> Result<Vec<AuditLine>, AuditError> {
+    let data = std::fs::read(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        action: "reading",
+        source,
+    })?;
+    Ok(data.split(|&b| b == b'\n').filter_map(parse_line).collect())
+}
+
+/// One line of `keyport audit` output.
+pub fn render_line(line: &AuditLine) -> String {
+    let cert = line
+        .certificate
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |c| c.subject.clone());
+    let digests = match line.digests.as_slice() {
+        [] => String::new(),
+        [one] => format!(" digest {}…", &one[..one.len().min(16)]),
+        many => format!(" {} digests", many.len()),
+    };
+    format!(
+        "{:>6} {} {} {} [{}]{} → {}",
+        line.seq, line.time, line.origin, line.operation, cert, digests, line.outcome
+    )
+}
+
+fn parse_line(raw: &[u8]) -> Option<AuditLine> {
+    serde_json::from_slice(raw).ok()
+}
+
+struct Tail {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+/// Read the end of the file: enough to hold the last two whole lines and any partial line after
+/// them (or the whole file).
+fn read_tail(file: &mut File, len: u64) -> std::io::Result<Tail> {
+    let mut want: u64 = 64 * 1024;
+    loop {
+        let start = len.saturating_sub(want);
+        file.seek(SeekFrom::Start(start))?;
+        let mut bytes = Vec::with_capacity((len - start) as usize);
+        Read::by_ref(file)
+            .take(len - start)
+            .read_to_end(&mut bytes)?;
+        // Three newlines: the one ending the line before the last two, and theirs.
+        let newlines = bytes.iter().filter(|&&b| b == b'\n').count();
+        if start == 0 || newlines >= 4 {
+            // Keep only whole lines: drop a leading piece that may be a line's middle.
+            if start > 0 {
+                if let Some(first) = bytes.iter().position(|&b| b == b'\n') {
+                    bytes.drain(..=first);
+                    return Ok(Tail {
+                        start: start + first as u64 + 1,
+                        bytes,
+                    });
+                }
+            }
+            return Ok(Tail { start, bytes });
+        }
+        want = want.saturating_mul(4);
+    }
+}
+
+/// Number of lines in the first `end` bytes (for error messages only).
+fn count_lines(file: &mut File, end: u64) -> std::io::Result<usize> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = std::io::BufReader::new(Read::by_ref(file).take(end));
+    let mut buf = [0u8; 64 * 1024];
+    let mut count = 0;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(count);
+        }
+        count += buf[..n].iter().filter(|&&b| b == b'\n').count();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> AuditKey {
+        AuditKey::new(vec![7; 32]).expect("32 bytes")
+    }
+
+    fn record(i: usize) -> AuditRecord {
+        AuditRecord::new("https://portal.example", Operation::Sign)
+            .certificate("CN=Signer", b"cert")
+            .digest(&[i as u8; 32])
+            .outcome(if i % 3 == 0 {
+                Outcome::Refused("USER_CANCELLED".into())
+            } else {
+                Outcome::Granted
+            })
+    }
+
+    fn write_log(n: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/audit.log");
+        let mut log = AuditLog::open(&path, key()).expect("open");
+        for i in 1..=n {
+            log.append(&record(i)).expect("append");
+        }
+        (dir, path)
+    }
+
+    fn lines_of(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .expect("read")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn write_lines(path: &Path, lines: &[String]) {
+        std::fs::write(
+            path,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .expect("write");
+    }
+
+    #[test]
+    fn append_then_verify_and_reopen_continues_the_chain() {
+        let (_dir, path) = write_log(3);
+        let mut log = AuditLog::open(&path, key()).expect("reopen");
+        assert_eq!(log.next_seq(), 4);
+        log.append(&AuditRecord::new(
+            "https://b.example",
+            Operation::OriginApprove,
+        ))
+        .expect("append");
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(
+            report,
+            VerifyReport {
+                lines: 4,
+                problems: vec![]
+            }
+        );
+        assert!(report.to_string().contains("OK: 4 lines"));
+
+        let lines = read_lines(&path).expect("read");
+        assert_eq!(lines[0].seq, 1);
+        assert_eq!(lines[0].operation, "sign");
+        assert_eq!(lines[2].outcome, "refused:USER_CANCELLED");
+        assert_eq!(lines[3].certificate, None);
+        assert_eq!(lines[1].digests, vec![hex::encode([2u8; 32])]);
+        assert!(lines[0].time.ends_with('Z'), "{}", lines[0].time);
+        assert_eq!(
+            lines[0].certificate.as_ref().map(|c| c.sha256.clone()),
+            Some(hex::encode(sha2::Sha256::digest(b"cert")))
+        );
+        assert!(render_line(&lines[0]).contains("https://portal.example sign [CN=Signer]"));
+
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = std::fs::metadata(path.parent().expect("parent"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dmode, 0o700);
+    }
+
+    #[test]
+    fn first_mac_chains_from_zeros_over_the_canonical_json() {
+        let (_dir, path) = write_log(1);
+        let line = &lines_of(&path)[0];
+        let (body, mac) = line.rsplit_once(",\"mac\":\"").expect("mac last");
+        let mut h = HmacSha256::new_from_slice(&[7; 32]).expect("key");
+        h.update(&[0u8; 32]);
+        h.update(format!("{body}}}").as_bytes());
+        assert_eq!(
+            hex::encode(h.finalize().into_bytes()),
+            mac.trim_end_matches("\"}")
+        );
+    }
+
+    #[test]
+    fn wrong_key_fails_every_line_and_open() {
+        let (_dir, path) = write_log(2);
+        let other = AuditKey::new(vec![8; 32]).expect("key");
+        let report = verify(&path, &other).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![(1, Problem::BadMac), (2, Problem::BadMac)]
+        );
+        assert!(matches!(
+            AuditLog::open(&path, other),
+            Err(AuditError::BadHead {
+                line: 2,
+                problem: Problem::BadMac,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn edited_line_is_reported_at_its_number() {
+        let (_dir, path) = write_log(5);
+        let mut lines = lines_of(&path);
+        lines[2] = lines[2].replace("https://portal.example", "https://evil.example");
+        write_lines(&path, &lines);
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(report.problems, vec![(3, Problem::BadMac)]);
+        assert!(report.to_string().contains("line 3: MAC does not match"));
+    }
+
+    #[test]
+    fn garbage_line_is_bad_json() {
+        let (_dir, path) = write_log(4);
+        let mut lines = lines_of(&path);
+        lines[1] = "{not json".into();
+        write_lines(&path, &lines);
+        let report = verify(&path, &key()).expect("verify");
+        // Line 3's MAC cannot be checked against the unreadable line 2; line 4's can.
+        assert_eq!(report.problems, vec![(2, Problem::BadJson)]);
+    }
+
+    #[test]
+    fn removed_line_is_a_gap_at_the_next_line() {
+        let (_dir, path) = write_log(5);
+        let mut lines = lines_of(&path);
+        lines.remove(2);
+        write_lines(&path, &lines);
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![(
+                3,
+                Problem::SeqGap {
+                    expected: 3,
+                    found: 4
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn removed_first_line_is_detected() {
+        let (_dir, path) = write_log(3);
+        let mut lines = lines_of(&path);
+        lines.remove(0);
+        write_lines(&path, &lines);
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![(
+                1,
+                Problem::SeqGap {
+                    expected: 1,
+                    found: 2
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn removed_last_line_is_not_detectable_by_the_chain() {
+        // Documented limitation: the head is not stored anywhere else.
+        let (_dir, path) = write_log(3);
+        let mut lines = lines_of(&path);
+        lines.pop();
+        write_lines(&path, &lines);
+        assert!(verify(&path, &key()).expect("verify").is_ok());
+    }
+
+    #[test]
+    fn swapped_lines_are_reported() {
+        let (_dir, path) = write_log(6);
+        let mut lines = lines_of(&path);
+        lines.swap(2, 3);
+        write_lines(&path, &lines);
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![
+                (
+                    3,
+                    Problem::SeqGap {
+                        expected: 3,
+                        found: 4
+                    }
+                ),
+                (
+                    4,
+                    Problem::Reordered {
+                        expected: 5,
+                        found: 3
+                    }
+                ),
+                (5, Problem::BadMac),
+            ]
+        );
+    }
+
+    #[test]
+    fn inserted_line_is_reported() {
+        let (_dir, path) = write_log(4);
+        let mut lines = lines_of(&path);
+        // A forged copy of line 2 with a new digest, put in as the new line 3.
+        let forged = lines[1]
+            .replace(&hex::encode([2u8; 32]), &hex::encode([9u8; 32]))
+            .replace("\"seq\":2", "\"seq\":3");
+        lines.insert(2, forged);
+        write_lines(&path, &lines);
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![
+                (3, Problem::BadMac),
+                (
+                    4,
+                    Problem::Reordered {
+                        expected: 4,
+                        found: 3
+                    }
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicated_line_is_reported() {
+        let (_dir, path) = write_log(3);
+        let mut lines = lines_of(&path);
+        let copy = lines[1].clone();
+        lines.insert(2, copy);
+        write_lines(&path, &lines);
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(
+            report.problems[0],
+            (
+                3,
+                Problem::Reordered {
+                    expected: 3,
+                    found: 2
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn partial_trailing_line_is_cut_on_open_and_the_chain_continues() {
+        let (_dir, path) = write_log(3);
+        let whole = std::fs::read(&path).expect("read");
+        // A crash in the middle of writing line 4.
+        let mut crashed = whole.clone();
+        crashed.extend_from_slice(b"{\"seq\":4,\"time\":\"2026-");
+        std::fs::write(&path, &crashed).expect("write");
+        let report = verify(&path, &key()).expect("verify");
+        assert_eq!(
+            report,
+            VerifyReport {
+                lines: 4,
+                problems: vec![(4, Problem::Truncated)]
+            }
+        );
+
+        let mut log = AuditLog::open(&path, key()).expect("open cuts the partial line");
+        assert_eq!(std::fs::read(&path).expect("read"), whole);
+        assert_eq!(log.next_seq(), 4);
+        log.append(&record(4)).expect("append");
+        assert_eq!(
+            verify(&path, &key()).expect("verify"),
+            VerifyReport {
+                lines: 4,
+                problems: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn partial_first_line_is_cut_to_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, b"{\"seq\":1,").expect("write");
+        let mut log = AuditLog::open(&path, key()).expect("open");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+        log.append(&record(1)).expect("append");
+        assert!(verify(&path, &key()).expect("verify").is_ok());
+    }
+
+    #[test]
+    fn open_reads_only_the_tail_of_a_long_log() {
+        // More than one 64 KiB tail block of lines, with large batch lines near the end.
+        let (_dir, path) = write_log(400);
+        let mut log = AuditLog::open(&path, key()).expect("open");
+        let mut big = AuditRecord::new("https://portal.example", Operation::SignBatch);
+        for i in 0..1000u32 {
+            big = big.digest(&i.to_be_bytes().repeat(8));
+        }
+        log.append(&big).expect("append");
+        log.append(&big).expect("append");
+        drop(log);
+        let mut log = AuditLog::open(&path, key()).expect("open");
+        assert_eq!(log.next_seq(), 403);
+        log.append(&record(1)).expect("append");
+        assert!(verify(&path, &key()).expect("verify").is_ok());
+    }
+
+    #[test]
+    fn loose_mode_is_tightened_and_short_key_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, b"").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let _log = AuditLog::open(&path, key()).expect("open");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            AuditKey::new(vec![1; 31]),
+            Err(AuditError::KeyTooShort(31))
+        ));
+        assert_eq!(format!("{:?}", key()), "AuditKey([redacted])");
+    }
+}
