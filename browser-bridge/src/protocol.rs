@@ -1,0 +1,304 @@
+//! The JSON-RPC 2.0 messages of PROTOCOL.md v1: requests parsed strictly from a text frame,
+//! results, events and errors.
+//!
+//! Checking order, which decides the reason when a message breaks several rules:
+//! not JSON → `PARSE_ERROR`; any object key `pin`/`password`/`passwd` (any case, any depth) →
+//! `PIN_FROM_PAGE_REFUSED`; not a request object → `INVALID_REQUEST`; unknown method →
+//! `METHOD_NOT_FOUND`; params that do not fit → `INVALID_PARAMS`.
+
+mod encoding;
+mod error;
+mod params;
+mod results;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use encoding::{Base64Bytes, Challenge, DialogText, Summary, Timestamp, Title};
+pub use error::{Reason, RpcError};
+pub use params::{
+    AuthAlgorithm, AuthenticateParams, BatchItem, CancelParams, CertificateFilter,
+    CertificatesImportParams, CertificatesListParams, ClientInfo, Digest, DigestAlgorithm, Display,
+    EcdsaEncoding, EmptyParams, GenerateAlgorithm, HelloParams, KeyAlgorithm, KeyAlgorithmFilter,
+    KeyFamily, KeyUsage, KeysGenerateParams, NowTag, SignBatchParams, SignFormat, SignInput,
+    SignOptions, SignParams, SignatureAlgorithm, ValidAt, MAX_BATCH_ITEMS,
+};
+pub use results::{
+    AuthenticateResult, BatchSignature, CancelResult, CertificateEntry, CertificatesImportResult,
+    CertificatesListResult, Event, HelloResult, KeysGenerateResult, PinState, RequestAccessResult,
+    SignBatchResult, SignProgress, SignResult, TokenEntry, TokensChanged, TokensListResult,
+    CAPABILITIES,
+};
+
+/// Object keys a page may never send, compared case-insensitively.
+const SECRET_KEYS: [&str; 3] = ["pin", "password", "passwd"];
+
+/// A request a page may send, with its validated params.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Request {
+    /// `hello`.
+    Hello(HelloParams),
+    /// `origin.requestAccess`.
+    RequestAccess,
+    /// `tokens.list`.
+    TokensList,
+    /// `certificates.list`.
+    CertificatesList(CertificatesListParams),
+    /// `sign`.
+    Sign(SignParams),
+    /// `sign.batch`.
+    SignBatch(SignBatchParams),
+    /// `authenticate`.
+    Authenticate(AuthenticateParams),
+    /// `keys.generate`.
+    KeysGenerate(KeysGenerateParams),
+    /// `certificates.import`.
+    CertificatesImport(CertificatesImportParams),
+    /// `cancel`: answered by the bridge itself, never passed to the backend.
+    Cancel {
+        /// The `id` of the request to cancel.
+        request_id: Value,
+    },
+}
+
+impl Request {
+    /// Every method name of protocol v1.
+    pub const METHODS: [&'static str; 10] = [
+        "hello",
+        "origin.requestAccess",
+        "tokens.list",
+        "certificates.list",
+        "sign",
+        "sign.batch",
+        "authenticate",
+        "keys.generate",
+        "certificates.import",
+        "cancel",
+    ];
+
+    /// Builds a request from a method name and its params object.
+    pub fn from_parts(method: &str, params: Value) -> Result<Request, RpcError> {
+        Ok(match method {
+            "hello" => Request::Hello(typed(params)?),
+            "origin.requestAccess" => {
+                typed::<EmptyParams>(params)?;
+                Request::RequestAccess
+            }
+            "tokens.list" => {
+                typed::<EmptyParams>(params)?;
+                Request::TokensList
+            }
+            "certificates.list" => Request::CertificatesList(typed(params)?),
+            "sign" => Request::Sign(typed(params)?),
+            "sign.batch" => Request::SignBatch(typed(params)?),
+            "authenticate" => Request::Authenticate(typed(params)?),
+            "keys.generate" => Request::KeysGenerate(typed(params)?),
+            "certificates.import" => Request::CertificatesImport(typed(params)?),
+            "cancel" => {
+                let p: CancelParams = typed(params)?;
+                Request::Cancel {
+                    request_id: p.request_id,
+                }
+            }
+            other => return Err(RpcError::method_not_found(other)),
+        })
+    }
+
+    /// The JSON-RPC method name.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "hello",
+            Request::RequestAccess => "origin.requestAccess",
+            Request::TokensList => "tokens.list",
+            Request::CertificatesList(_) => "certificates.list",
+            Request::Sign(_) => "sign",
+            Request::SignBatch(_) => "sign.batch",
+            Request::Authenticate(_) => "authenticate",
+            Request::KeysGenerate(_) => "keys.generate",
+            Request::CertificatesImport(_) => "certificates.import",
+            Request::Cancel { .. } => "cancel",
+        }
+    }
+
+    /// The params object.
+    pub fn params(&self) -> Value {
+        let value = match self {
+            Request::Hello(p) => serde_json::to_value(p),
+            Request::RequestAccess | Request::TokensList => Ok(Value::Object(Map::new())),
+            Request::CertificatesList(p) => serde_json::to_value(p),
+            Request::Sign(p) => serde_json::to_value(p),
+            Request::SignBatch(p) => serde_json::to_value(p),
+            Request::Authenticate(p) => serde_json::to_value(p),
+            Request::KeysGenerate(p) => serde_json::to_value(p),
+            Request::CertificatesImport(p) => serde_json::to_value(p),
+            Request::Cancel { request_id } => Ok(serde_json::json!({ "requestId": request_id })),
+        };
+        // These types serialize to JSON by construction (string keys, no non-finite floats).
+        value.unwrap_or(Value::Null)
+    }
+
+    /// The whole request message with `id`.
+    pub fn to_message(&self, id: &Value) -> Value {
+        serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "method": self.method(),
+            "params": self.params(),
+        })
+    }
+}
+
+/// A request as it arrived: its `id` (a number or a string) and what it asks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingRequest {
+    /// The request `id`, echoed in the answer.
+    pub id: Value,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// A frame refused before reaching a backend: the error to answer, under `id` (null when the
+/// frame had no usable id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// The id to answer under.
+    pub id: Value,
+    /// What to answer.
+    pub error: RpcError,
+}
+
+/// Parses one text frame into a request, in the checking order of the module docs.
+pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
+    let value: Value = serde_json::from_str(text).map_err(|e| Refusal {
+        id: Value::Null,
+        error: RpcError::parse_error(format!("not JSON: {e}")),
+    })?;
+    let id = match &value {
+        Value::Object(m) => m.get("id").filter(|v| is_valid_id(v)).cloned(),
+        _ => None,
+    }
+    .unwrap_or(Value::Null);
+    if contains_secret_key(&value) {
+        return Err(Refusal {
+            id,
+            error: RpcError::pin_from_page_refused(),
+        });
+    }
+    let refuse = |error: RpcError| Refusal {
+        id: id.clone(),
+        error,
+    };
+    let Value::Object(mut object) = value else {
+        return Err(refuse(RpcError::invalid_request(
+            "a request is one JSON object (batches are not supported)",
+        )));
+    };
+    if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(refuse(RpcError::invalid_request("jsonrpc must be \"2.0\"")));
+    }
+    if id.is_null() {
+        return Err(refuse(RpcError::invalid_request(
+            "id must be a number or a string",
+        )));
+    }
+    let Some(Value::String(method)) = object.remove("method") else {
+        return Err(refuse(RpcError::invalid_request("method must be a string")));
+    };
+    if let Some(extra) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "jsonrpc" | "id" | "params"))
+    {
+        let shown: String = extra.chars().take(64).collect();
+        return Err(refuse(RpcError::invalid_request(format!(
+            "unknown member {shown:?}"
+        ))));
+    }
+    let params = object
+        .remove("params")
+        .unwrap_or_else(|| Value::Object(Map::new()));
+    if !Request::METHODS.contains(&method.as_str()) {
+        return Err(refuse(RpcError::method_not_found(&method)));
+    }
+    if !params.is_object() {
+        return Err(refuse(RpcError::invalid_params("params must be an object")));
+    }
+    let request = Request::from_parts(&method, params).map_err(refuse)?;
+    Ok(IncomingRequest { id, request })
+}
+
+/// True for a JSON-RPC id this protocol accepts: a number or a string.
+pub fn is_valid_id(id: &Value) -> bool {
+    matches!(id, Value::Number(_) | Value::String(_))
+}
+
+/// True when any object at any depth has a key named like a PIN or password.
+pub fn contains_secret_key(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.iter().any(|(k, v)| {
+            SECRET_KEYS.iter().any(|s| k.eq_ignore_ascii_case(s)) || contains_secret_key(v)
+        }),
+        Value::Array(items) => items.iter().any(contains_secret_key),
+        _ => false,
+    }
+}
+
+/// `{"jsonrpc": "2.0", "id": id, "result": result}`.
+pub fn response(id: &Value, result: Value) -> Value {
+    serde_json::json!({ "jsonrpc": "2.0", "id": id, "result": result })
+}
+
+/// `{"jsonrpc": "2.0", "id": id, "error": {...}}`.
+pub fn error_response(id: &Value, error: &RpcError) -> Value {
+    serde_json::json!({ "jsonrpc": "2.0", "id": id, "error": error.to_value() })
+}
+
+/// `{"jsonrpc": "2.0", "method": method, "params": params}` (no id).
+pub fn notification(method: &str, params: Value) -> Value {
+    serde_json::json!({ "jsonrpc": "2.0", "method": method, "params": params })
+}
+
+/// The notification message of an event.
+pub fn event_message<E: Event>(event: &E) -> Value {
+    notification(E::METHOD, to_json(event))
+}
+
+/// Serializes a result or event type. These types always serialize (string keys only); should
+/// one ever fail, the page gets `null` rather than the agent panicking.
+pub fn to_json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+fn typed<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
+    serde_json::from_value(params).map_err(|e| RpcError::invalid_params(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_keys_found_at_any_depth_and_case() {
+        let v: Value = serde_json::from_str(r#"{"a":[{"b":{"PassWd":1}}],"pinned":true}"#).unwrap();
+        assert!(contains_secret_key(&v));
+        let v: Value = serde_json::from_str(r#"{"a":"pin","pinPad":true,"x":["pin"]}"#).unwrap();
+        assert!(
+            !contains_secret_key(&v),
+            "values and look-alike keys are fine"
+        );
+    }
+
+    #[test]
+    fn params_default_to_empty_object() {
+        let r = parse_request(r#"{"jsonrpc":"2.0","id":1,"method":"tokens.list"}"#).unwrap();
+        assert_eq!(r.request, Request::TokensList);
+    }
+
+    #[test]
+    fn refusal_keeps_a_valid_id() {
+        let r = parse_request(r#"{"jsonrpc":"2.0","id":"a","method":"nope"}"#).unwrap_err();
+        assert_eq!(r.id, Value::from("a"));
+        assert_eq!(r.error.reason, Reason::MethodNotFound);
+    }
+}
