@@ -739,6 +739,7 @@ fn error_for(value: u32, message: String) -> DialogError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails by panicking
 mod tests {
     use super::*;
 

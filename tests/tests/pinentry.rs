@@ -1,0 +1,281 @@
+//! The agent's pinentry client against the scripted pinentry, a real Assuan peer in its own
+//! process.
+#![allow(clippy::unwrap_used)] // a test fails by panicking
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agent::pinentry::{Choice, ConfirmDialog, DialogCancel, DialogError, PinDialog, Pinentry};
+use keyport_e2e::pinentry::{Button, Command, Script, Step};
+
+const PROGRAM: &str = env!("CARGO_BIN_EXE_keyport-test-pinentry");
+
+fn setup() -> (tempfile::TempDir, Script, Pinentry) {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Script::new(dir.path()).unwrap();
+    let mut pinentry = Pinentry::new(PROGRAM).timeout(Duration::from_secs(20));
+    for (key, value) in script.env() {
+        pinentry = pinentry.env(key, value);
+    }
+    (dir, script, pinentry)
+}
+
+fn pin_dialog(title: &str) -> PinDialog {
+    PinDialog {
+        title: title.into(),
+        description: "Sign «Loan contract»".into(),
+        prompt: "PIN:".into(),
+        error: None,
+        ok: "Sign".into(),
+        cancel: "Cancel".into(),
+    }
+}
+
+fn confirm_dialog() -> ConfirmDialog {
+    ConfirmDialog {
+        title: "KeyPort".into(),
+        description: "Allow https://portal.example to use your certificates?".into(),
+        error: None,
+        ok: "Allow always".into(),
+        cancel: "Deny".into(),
+        not_ok: Some("Allow once".into()),
+    }
+}
+
+fn process_gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn reads_a_pin_and_logs_the_dialog_but_not_the_pin() {
+    let (_dir, script, pinentry) = setup();
+    script
+        .push(&Step::pin("12%34 56").expect(Command::GetPin))
+        .unwrap();
+    let dialog = PinDialog {
+        error: Some("Wrong PIN. Few tries left.".into()),
+        ..pin_dialog("KeyPort: sign")
+    };
+    let pin = pinentry.get_pin(&dialog, &DialogCancel::new()).unwrap();
+    assert_eq!(pin.as_str(), "12%34 56");
+
+    let dialogs = script.dialogs().unwrap();
+    assert_eq!(dialogs.len(), 1);
+    let shown = &dialogs[0];
+    assert_eq!(shown.title.as_deref(), Some("KeyPort: sign"));
+    assert_eq!(shown.description.as_deref(), Some("Sign «Loan contract»"));
+    assert_eq!(shown.prompt.as_deref(), Some("PIN:"));
+    assert_eq!(shown.error.as_deref(), Some("Wrong PIN. Few tries left."));
+    assert_eq!(shown.ok.as_deref(), Some("Sign"));
+    assert_eq!(shown.cancel.as_deref(), Some("Cancel"));
+    assert_eq!(shown.timeout.as_deref(), Some("20"));
+    assert_eq!(shown.command.as_deref(), Some("GETPIN"));
+    assert_eq!(shown.answered.as_deref(), Some("pin"));
+    assert!(shown.script_errors.is_empty(), "{:?}", shown.script_errors);
+    let log = std::fs::read_to_string(script.log_path()).unwrap();
+    assert!(
+        !log.contains("12%34"),
+        "the transcript holds the PIN: {log}"
+    );
+    // The pinentry was told goodbye and has exited (and been reaped).
+    assert!(script
+        .transcript()
+        .unwrap()
+        .iter()
+        .any(|e| e.cmd.as_deref() == Some("BYE")));
+    assert!(process_gone(shown.pid));
+}
+
+#[test]
+fn sends_terminal_options_only_when_known() {
+    let (_dir, script, pinentry) = setup();
+    script.push(&Step::confirm(Button::Ok)).unwrap();
+    script.push(&Step::confirm(Button::Ok)).unwrap();
+    let cancel = DialogCancel::new();
+    pinentry.confirm(&confirm_dialog(), &cancel).unwrap();
+    pinentry
+        .clone()
+        .tty_name("/dev/pts/7")
+        .tty_type("xterm")
+        .lc_ctype("C.UTF-8")
+        .confirm(&confirm_dialog(), &cancel)
+        .unwrap();
+    let dialogs = script.dialogs().unwrap();
+    assert_eq!(dialogs.len(), 2);
+    assert!(dialogs[0].options.is_empty(), "{:?}", dialogs[0].options);
+    assert_eq!(
+        dialogs[1].options,
+        ["ttyname=/dev/pts/7", "ttytype=xterm", "lc-ctype=C.UTF-8"]
+    );
+}
+
+#[test]
+fn cancel_on_a_pin_dialog_is_cancelled() {
+    let (_dir, script, pinentry) = setup();
+    script.push(&Step::cancel()).unwrap();
+    let err = pinentry
+        .get_pin(&pin_dialog("t"), &DialogCancel::new())
+        .unwrap_err();
+    assert!(matches!(err, DialogError::Cancelled), "{err:?}");
+    assert_eq!(
+        script.dialogs().unwrap()[0].answered.as_deref(),
+        Some("cancel")
+    );
+}
+
+#[test]
+fn confirm_buttons_map_to_choices() {
+    let (_dir, script, pinentry) = setup();
+    for button in [Button::Ok, Button::Notok, Button::Cancel] {
+        script
+            .push(&Step::confirm(button).expect(Command::Confirm))
+            .unwrap();
+    }
+    let cancel = DialogCancel::new();
+    assert_eq!(
+        pinentry.confirm(&confirm_dialog(), &cancel).unwrap(),
+        Choice::Ok
+    );
+    assert_eq!(
+        pinentry.confirm(&confirm_dialog(), &cancel).unwrap(),
+        Choice::NotOk
+    );
+    let err = pinentry.confirm(&confirm_dialog(), &cancel).unwrap_err();
+    assert!(matches!(err, DialogError::Cancelled), "{err:?}");
+
+    let dialogs = script.dialogs().unwrap();
+    let answers: Vec<_> = dialogs.iter().map(|d| d.answered.as_deref()).collect();
+    assert_eq!(answers, [Some("ok"), Some("notok"), Some("cancel")]);
+    assert!(dialogs
+        .iter()
+        .all(|d| d.not_ok.as_deref() == Some("Allow once")));
+}
+
+#[test]
+fn a_dialog_past_its_deadline_is_killed() {
+    let (_dir, script, pinentry) = setup();
+    script.push(&Step::hang()).unwrap();
+    let started = Instant::now();
+    let err = pinentry
+        .timeout(Duration::from_millis(400))
+        .get_pin(&pin_dialog("t"), &DialogCancel::new())
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, DialogError::Timeout), "{err:?}");
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let dialogs = script.dialogs().unwrap();
+    assert_eq!(dialogs[0].answered.as_deref(), Some("hang"));
+    // SETTIMEOUT is in whole seconds, rounded up.
+    assert_eq!(dialogs[0].timeout.as_deref(), Some("1"));
+    assert!(process_gone(dialogs[0].pid));
+}
+
+#[test]
+fn dialog_cancel_from_another_thread_closes_the_open_dialog() {
+    let (_dir, script, pinentry) = setup();
+    script.push(&Step::hang()).unwrap();
+    let cancel = DialogCancel::new();
+    let shower = {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || pinentry.confirm(&confirm_dialog(), &cancel))
+    };
+    // Cancel only once the dialog is really open and waiting for the user.
+    let open = script
+        .wait_for(Duration::from_secs(20), |entries| {
+            entries
+                .iter()
+                .any(|e| e.answered.as_deref() == Some("hang"))
+        })
+        .unwrap();
+    let started = Instant::now();
+    cancel.cancel();
+    let err = shower.join().unwrap().unwrap_err();
+    assert!(matches!(err, DialogError::Cancelled), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(process_gone(open[0].pid));
+}
+
+#[test]
+fn texts_with_percent_and_line_breaks_round_trip() {
+    let (_dir, script, pinentry) = setup();
+    script.push(&Step::confirm(Button::Ok)).unwrap();
+    let title = "100% «sure»\nsecond line\r\n%0A literally";
+    let description = "签署文件：«贷款合同 2026-114»\n摘要：3f2a9c0d11aa22bb…";
+    let dialog = ConfirmDialog {
+        title: title.into(),
+        description: description.into(),
+        ..confirm_dialog()
+    };
+    pinentry.confirm(&dialog, &DialogCancel::new()).unwrap();
+    let shown = &script.dialogs().unwrap()[0];
+    assert_eq!(shown.title.as_deref(), Some(title));
+    assert_eq!(shown.description.as_deref(), Some(description));
+}
+
+#[test]
+fn four_concurrent_dialogs_consume_four_steps_exactly_once() {
+    let (_dir, script, pinentry) = setup();
+    let pins = ["1111", "2222", "3333", "4444"];
+    for pin in pins {
+        script.push(&Step::pin(pin)).unwrap();
+    }
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let pinentry = pinentry.clone();
+            std::thread::spawn(move || {
+                pinentry
+                    .get_pin(&pin_dialog(&format!("dialog {i}")), &DialogCancel::new())
+                    .map(|pin| pin.as_str().to_owned())
+            })
+        })
+        .collect();
+    let got: BTreeSet<String> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap())
+        .collect();
+    assert_eq!(got, pins.iter().map(|p| p.to_string()).collect());
+    assert_eq!(script.consumed().unwrap(), 4);
+    let dialogs = script.dialogs().unwrap();
+    assert_eq!(dialogs.len(), 4);
+    assert!(dialogs.iter().all(|d| d.answered.as_deref() == Some("pin")));
+
+    // A fifth dialog finds the script exhausted: cancelled, and the transcript says why.
+    let err = pinentry
+        .get_pin(&pin_dialog("fifth"), &DialogCancel::new())
+        .unwrap_err();
+    assert!(matches!(err, DialogError::Cancelled), "{err:?}");
+    let fifth = &script.dialogs().unwrap()[4];
+    assert_eq!(fifth.script_errors, ["script exhausted"]);
+}
+
+#[test]
+fn a_step_of_the_wrong_kind_fails_loudly() {
+    let (_dir, script, pinentry) = setup();
+    script
+        .push(&Step::confirm(Button::Ok).expect(Command::Confirm))
+        .unwrap();
+    let err = pinentry
+        .get_pin(&pin_dialog("t"), &DialogCancel::new())
+        .unwrap_err();
+    let DialogError::Pinentry { message, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        message.contains("expected CONFIRM, got GETPIN"),
+        "{message}"
+    );
+    assert_eq!(
+        script.dialogs().unwrap()[0].script_errors,
+        ["expected CONFIRM, got GETPIN"]
+    );
+}
+
+#[test]
+fn the_helper_finds_the_built_binary() {
+    assert_eq!(
+        keyport_e2e::pinentry::program().canonicalize().unwrap(),
+        Path::new(PROGRAM).canonicalize().unwrap()
+    );
+}
