@@ -9,7 +9,9 @@
 # Generates P-256 keys on the card in slot 9A (PIV authentication) and 9C
 # (digital signature; OpenSC marks it CKA_ALWAYS_AUTHENTICATE), issues their
 # certificates from the CA, loads them onto the card and writes
-# DIR/certs/piv-9a.pem and DIR/certs/piv-9c.pem. PIN 123456 (jcecard default).
+# DIR/certs/piv-9a.{pem,der} and DIR/certs/piv-9c.{pem,der}; loads a CHUID so
+# the token has a serial (written to DIR/piv-serial). Token label (OpenSC takes
+# the CN of the 9A certificate): "KeyPort PIV Test". PIN 123456 (jcecard default).
 # The keys live in the bridge's memory: they survive remove/insert and
 # rig.sh restart-pcscd, not rig.sh stop.
 set -euo pipefail
@@ -99,11 +101,30 @@ readback() {
   cmp -s "$WORK/readback-$id.der" "$want" || die "certificate $id on the card differs from $want"
 }
 
+# CHUID (PIV object 5FC102, container 3000) with a GUID, so the token has a
+# serial: OpenSC 0.23 shows the GUID's last 8 bytes in hex as the token serial.
+# Ours are "KP" + 6 random bytes, so the serial is 4b50xxxxxxxxxxxx.
+serial=$("$PYTHON" - "$WORK/chuid.bin" <<'EOF'
+import os, sys
+fascn = bytes.fromhex("D4E739DA739CED39CE739D836858210842108421C84210C3EB")  # test FASC-N
+tail = b"KP" + os.urandom(6)
+guid = b"KeyPortT" + tail
+body = b"\x30\x19" + fascn + b"\x34\x10" + guid + b"\x35\x08" + b"20991231" + b"\x3e\x00\xfe\x00"
+open(sys.argv[1], "wb").write(b"\x53" + bytes([len(body)]) + body)
+print(tail.hex())
+EOF
+)
+# piv-tool -O also exits with a byte count on success; the serial check below is the test.
+piv-tool -A M:9B:03 -O 3000 -i "$WORK/chuid.bin" >"$WORK/chuid.load.txt" 2>&1 || true
+echo "$serial" >"$DIR/piv-serial"
+
 gen 9A
-issue 9A "PIV Auth P-256" digitalSignature clientAuth
+issue 9A "KeyPort PIV Test" digitalSignature clientAuth
 gen 9C
 issue 9C "PIV Signer P-256" "digitalSignature,nonRepudiation" emailProtection
 
 # Check: OpenSC exposes both certificates (PIV object IDs: 01 = slot 9A, 02 = slot 9C).
 readback 01 "$DIR/certs/piv-9a.der"
 readback 02 "$DIR/certs/piv-9c.der"
+pkcs11-tool --module "$MODULE" -L 2>/dev/null | grep "serial num *: $serial" >/dev/null \
+  || die "token serial is not $serial (CHUID load: $(cat "$WORK/chuid.load.txt"))"

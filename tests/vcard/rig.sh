@@ -26,7 +26,13 @@ usage() { sed -n '2,14p' "$0" >&2; exit 2; }
 CMD=$1
 DIR=$(realpath -m "$2")
 
-alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# alive PID: running and not a zombie (our daemons are reparented to init once
+# rig.sh exits; kill -0 also succeeds on a zombie that init has not reaped yet).
+alive() {
+  [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] || return 1
+  local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  [ -n "$st" ] && [ "$st" != Z ]
+}
 pidof_() { cat "$DIR/pids/$1" 2>/dev/null || true; }
 
 now_ms() { date +%s%3N; }
@@ -52,7 +58,7 @@ card_state() {
 card_is() { [ "$(card_state)" = "$1" ]; }
 pcscd_answers() {
   PCSCLITE_CSOCK_NAME="$DIR/run/pcscd.comm" OPENSC_CONF="$DIR/opensc.conf" \
-    opensc-tool -l 2>/dev/null | grep -q 'Virtual PCD'
+    opensc-tool -l 2>/dev/null | grep 'Virtual PCD' >/dev/null
 }
 bridge_answers() { [ -S "$DIR/bridge.sock" ] && ctl status >/dev/null 2>&1; }
 
@@ -155,7 +161,7 @@ do_restart_pcscd() {
   stop_pid pcscd
   start_pcscd
   # The bridge reconnects by itself; wait for the card if it is inserted.
-  if ctl status | grep -q '^ok inserted'; then
+  if ctl status | grep '^ok inserted' >/dev/null ; then
     wait_for "pcscd to report the card after restart" card_is Yes
   fi
   echo "pcscd restarted in $(( $(now_ms) - t0 )) ms"

@@ -6,8 +6,8 @@ vpcd listens on TCP (127.0.0.1:35963 inside the rig's network namespace); this
 bridge is the "card" side and connects to it.  Framing: 2-byte big-endian length
 then payload.  A 1-byte payload is a control code (0 power off, 1 power on,
 2 reset, 4 send ATR); anything else is a command APDU, answered with a response
-APDU.  A zero-length answer makes vpcd drop the connection, which pcscd reports
-as "card removed".
+APDU.  When the bridge hangs up, pcscd's next presence poll (every 400 ms)
+reports the card removed.
 
 The bridge papers over four gaps between jcecard 0.1.0 and OpenSC 0.23:
   * INS A5 (SELECT DATA) is answered 9000;
@@ -18,7 +18,8 @@ The bridge papers over four gaps between jcecard 0.1.0 and OpenSC 0.23:
 Control channel: a unix stream socket (--control PATH), one command per line,
 one answer line per command, sent when the command has taken effect:
   insert  -> "ok inserted"  once pcscd has powered the card and read its ATR
-  remove  -> "ok removed"   once vpcd has dropped the card (pcscd saw it absent)
+  remove  -> "ok removed"   once the bridge has hung up on vpcd (pcscd notices
+             at its next presence poll, <= 400 ms later: rig.sh remove waits for it)
   status  -> "ok inserted connected=1 powered=1" etc.
   quit    -> "ok bye", then the bridge exits
 Errors answer "err MESSAGE".  The card object lives for the whole bridge
@@ -255,13 +256,6 @@ class Bridge:
             msg = self._recv_exact(s, n) if n else b""
             if msg is None:
                 return
-            with self.cv:
-                removing = not self.want_inserted
-            if removing:
-                # Zero-length answer: vpcd drops the card and closes.
-                LOG.debug("card removal: answering empty to %s", _hex(msg))
-                s.sendall(b"\x00\x00")
-                continue
             if n == 1:
                 out = self._control(msg[0])
                 if out is None:
@@ -318,23 +312,24 @@ class Bridge:
         return "ok inserted"
 
     def remove(self) -> str:
+        # Hang up on vpcd: its next presence poll (pcscd polls every 400 ms)
+        # finds no card. (Answering a poll with an empty frame instead leaves
+        # vpcd 3.3 blocked until the socket closes, so hanging up is simpler.)
+        # Done when the connection is closed; rig.sh then waits for pcscd.
         deadline = time.monotonic() + EVENT_DEADLINE_S
         with self.cv:
             self.want_inserted = False
             self.cv.notify_all()
-            # Done when vpcd dropped the connection after our empty answer to
-            # its next presence poll.
-            while self.connected:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            if self.connected and self.sock is not None:
-                # pcscd is not polling (dead?): just hang up.
+            if self.sock is not None:
                 try:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            while self.connected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "err timeout: vpcd connection did not close"
+                self.cv.wait(left)
         return "ok removed"
 
     def status(self) -> str:
