@@ -85,6 +85,12 @@ impl AuditKey {
         Ok(AuditKey(bytes))
     }
 
+    /// A short public name for the key (hex of the first 8 bytes of an HMAC of a fixed label),
+    /// to tell keys apart in messages without revealing them.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&self.mac(&[0u8; MAC_LEN], b"keyport audit key fingerprint")[..8])
+    }
+
     fn mac(&self, prev: &[u8; MAC_LEN], canonical: &[u8]) -> [u8; MAC_LEN] {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = match HmacSha256::new_from_slice(&self.0) {
