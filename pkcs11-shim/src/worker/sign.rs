@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -163,8 +164,38 @@ impl Worker {
                     .map_err(from_cryptoki)?;
                 self.login_loop(token, certificate, provider, LoginKind::ContextSpecific)?;
                 let session = self.cached_session(token)?;
-                session.sign_update(&planned.data).map_err(from_cryptoki)?;
-                session.sign_final().map_err(from_cryptoki)
+                // cryptoki 0.12 offers no bare C_Sign after C_SignInit, so the signature is
+                // made in two parts; tokens that do a mechanism single-part only (SoftHSM's
+                // CKM_ECDSA, CKM_EDDSA, CKM_RSA_PKCS) refuse C_SignUpdate.
+                let single_part_only = |e: &CkError| {
+                    matches!(
+                        e,
+                        CkError::Pkcs11(
+                            RvError::OperationNotInitialized
+                                | RvError::FunctionFailed
+                                | RvError::FunctionNotSupported
+                                | RvError::MechanismInvalid,
+                            _
+                        )
+                    )
+                };
+                session
+                    .sign_update(&planned.data)
+                    .and_then(|()| session.sign_final())
+                    .map_err(|e| {
+                        if single_part_only(&e) {
+                            tracing::warn!(error = %e, "multi-part signing refused after a context login");
+                            Error::MechanismNotSupported {
+                                algorithm: format!(
+                                    "{:?} in two parts (needed for CKA_ALWAYS_AUTHENTICATE keys)",
+                                    planned.mech
+                                ),
+                                key: certificate.key_algorithm.wire_name(),
+                            }
+                        } else {
+                            from_cryptoki(e)
+                        }
+                    })
             }
         }
     }
