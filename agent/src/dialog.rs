@@ -1,1 +1,929 @@
-//! (being written)
+//! What the agent's dialogs say, in English and Simplified Chinese.
+//!
+//! Every builder returns a [`Dialog`]: a PIN dialog when the token needs a PIN typed, else a
+//! confirm dialog (PIN-pad readers, tokens already logged in, origin approval). Consent and
+//! PIN are one dialog: the PIN field sits under the description of what will be signed.
+//!
+//! Strings from the page (document title and summary) and from the certificate (holder,
+//! issuer, subject) are untrusted. They are shown inside «guillemets», which are replaced
+//! inside the string itself, so a title cannot close the quote and pose as agent text; control
+//! and bidi-formatting characters are dropped (defence in depth: the bridge refuses them
+//! already), and every such string is cut to a fixed number of characters. The most important
+//! lines come first, because pinentry cuts an over-long description at its end.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+use crate::pinentry::{Choice, ConfirmDialog, DialogCancel, DialogError, PinDialog, Pinentry};
+
+/// The languages the dialogs speak.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Language {
+    #[default]
+    En,
+    /// Simplified Chinese; also used for every other `zh` locale.
+    ZhCn,
+}
+
+impl Language {
+    /// The configured language (`"en"`, `"zh-CN"`, `"zh_CN"`, …); `None`, `""` or `"auto"`
+    /// follow the locale of the agent's environment ([`Language::from_env`]).
+    pub fn from_config(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            Some(tag) if !tag.is_empty() && !tag.eq_ignore_ascii_case("auto") => {
+                Self::from_tag(tag)
+            }
+            _ => Self::from_env(),
+        }
+    }
+
+    /// The language of the message locale: `LC_ALL`, else `LC_MESSAGES`, else `LANG`.
+    pub fn from_env() -> Self {
+        let var = |name| std::env::var(name).ok();
+        Self::from_locale(
+            var("LC_ALL").as_deref(),
+            var("LC_MESSAGES").as_deref(),
+            var("LANG").as_deref(),
+        )
+    }
+
+    /// POSIX precedence over the three variables: the first set and non-empty one decides.
+    pub fn from_locale(
+        lc_all: Option<&str>,
+        lc_messages: Option<&str>,
+        lang: Option<&str>,
+    ) -> Self {
+        [lc_all, lc_messages, lang]
+            .into_iter()
+            .flatten()
+            .find(|value| !value.is_empty())
+            .map_or(Self::En, Self::from_tag)
+    }
+
+    fn from_tag(tag: &str) -> Self {
+        if tag.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("zh")) {
+            Self::ZhCn
+        } else {
+            Self::En
+        }
+    }
+}
+
+/// A dialog ready to show: a PIN dialog or a confirm dialog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dialog {
+    Pin(PinDialog),
+    Confirm(ConfirmDialog),
+}
+
+/// What the user gave in a consent dialog.
+pub enum Consent {
+    /// The user agreed and typed this PIN.
+    Pin(Zeroizing<String>),
+    /// The user agreed; no PIN was asked (PIN pad, or token already logged in).
+    Confirmed,
+}
+
+impl fmt::Debug for Consent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Consent::Pin(_) => f.write_str("Consent::Pin([redacted])"),
+            Consent::Confirmed => f.write_str("Consent::Confirmed"),
+        }
+    }
+}
+
+impl Dialog {
+    /// Shows a consent dialog. The user's "no", closing it, or the third button (consent
+    /// dialogs have none) are all `Err(DialogError::Cancelled)`.
+    pub fn ask(&self, pinentry: &Pinentry, cancel: &DialogCancel) -> Result<Consent, DialogError> {
+        match self {
+            Dialog::Pin(dialog) => pinentry.get_pin(dialog, cancel).map(Consent::Pin),
+            Dialog::Confirm(dialog) => match pinentry.confirm(dialog, cancel)? {
+                Choice::Ok => Ok(Consent::Confirmed),
+                Choice::NotOk => Err(DialogError::Cancelled),
+            },
+        }
+    }
+}
+
+/// The user's answer to the origin approval dialog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OriginDecision {
+    /// "Allow always" — the OK button: remember the origin.
+    AllowAlways,
+    /// "Allow once" — the third (NOTOK) button: allow for this connection only.
+    AllowOnce,
+    /// "Deny" — the Cancel button, or closing the dialog.
+    Deny,
+}
+
+impl OriginDecision {
+    /// Maps the answer of [`Texts::origin_approval`]: OK → always, NOTOK → once, cancel →
+    /// deny. A timeout or a broken pinentry stays an error: it is not the user's "no".
+    pub fn from_answer(answer: Result<Choice, DialogError>) -> Result<Self, DialogError> {
+        match answer {
+            Ok(Choice::Ok) => Ok(Self::AllowAlways),
+            Ok(Choice::NotOk) => Ok(Self::AllowOnce),
+            Err(DialogError::Cancelled) => Ok(Self::Deny),
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// Who asks and with what: the origin, the certificate and the token.
+#[derive(Clone, Copy, Debug)]
+pub struct Signer<'a> {
+    /// The Origin header's value, e.g. `https://portal.example`.
+    pub origin: &'a str,
+    /// The certificate holder (subject common name, or the whole subject).
+    pub holder: &'a str,
+    /// The issuer's name (common name, or the whole issuer).
+    pub issuer: &'a str,
+    pub token_label: &'a str,
+}
+
+/// One document as the page describes it, and its digest.
+#[derive(Clone, Copy, Debug)]
+pub struct Document<'a> {
+    /// The page's `display.title`.
+    pub title: &'a str,
+    /// The page's `display.summary`, if any.
+    pub summary: Option<&'a str>,
+    /// The digest to be signed; its first 8 bytes are shown as 16 hex digits.
+    pub digest: &'a [u8],
+}
+
+/// How the user unlocks the token for this operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unlock {
+    /// Type the PIN in the dialog.
+    Pin(PinState),
+    /// Type the PIN on the reader's PIN pad (protected authentication path): no PIN field.
+    PinPad(PinState),
+    /// The token is already logged in: consent only.
+    LoggedIn,
+}
+
+/// What the token says about its PIN, and whether the last one typed was wrong.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinState {
+    /// The previous attempt in this request was a wrong PIN.
+    pub wrong_pin: bool,
+    /// CKF_USER_PIN_COUNT_LOW.
+    pub count_low: bool,
+    /// CKF_USER_PIN_FINAL_TRY.
+    pub final_try: bool,
+}
+
+/// The dialog texts in one language.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Texts {
+    pub language: Language,
+}
+
+/// Caps, in characters, on untrusted strings.
+const TITLE_CHARS: usize = 80;
+const SUMMARY_CHARS: usize = 160;
+const NAME_CHARS: usize = 64;
+const LABEL_CHARS: usize = 32;
+const SUBJECT_CHARS: usize = 100;
+/// Bytes of the digest shown (16 hex digits).
+const DIGEST_PREFIX_BYTES: usize = 8;
+
+impl Texts {
+    pub fn new(language: Language) -> Self {
+        Self { language }
+    }
+
+    fn zh(&self) -> bool {
+        self.language == Language::ZhCn
+    }
+
+    /// "Allow https://portal.example to use your certificates?" with the buttons Allow always
+    /// (OK), Allow once (NOTOK) and Deny (Cancel); read the answer with
+    /// [`OriginDecision::from_answer`].
+    pub fn origin_approval(&self, origin: &str) -> ConfirmDialog {
+        if self.zh() {
+            ConfirmDialog {
+                title: "KeyPort：新网站请求访问".into(),
+                description: format!(
+                    "允许 {origin} 使用您的证书吗？\n\n\
+                     该网站将能查看您的证书并请求签名。每次签名前仍会征求您的同意。"
+                ),
+                error: None,
+                ok: "始终允许".into(),
+                cancel: "拒绝".into(),
+                not_ok: Some("仅允许这一次".into()),
+            }
+        } else {
+            ConfirmDialog {
+                title: "KeyPort: a website asks for access".into(),
+                description: format!(
+                    "Allow {origin} to use your certificates?\n\n\
+                     The site will see your certificates and may ask you to sign. \
+                     You will still be asked before each signature."
+                ),
+                error: None,
+                ok: "Allow always".into(),
+                cancel: "Deny".into(),
+                not_ok: Some("Allow once".into()),
+            }
+        }
+    }
+
+    /// Consent (and the PIN, when one is typed) to sign one document.
+    pub fn sign(&self, signer: &Signer<'_>, document: &Document<'_>, unlock: Unlock) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：签署文件",
+                format!("{} 请求您签署一份文件。", signer.origin),
+                "签署".to_owned(),
+            )
+        } else {
+            (
+                "KeyPort: sign a document",
+                format!("{} asks you to sign a document.", signer.origin),
+                "Sign".to_owned(),
+            )
+        };
+        let mut lines = vec![header, String::new()];
+        lines.push(format!(
+            "{}{}",
+            self.pick("Document: ", "文件："),
+            quote(document.title, TITLE_CHARS)
+        ));
+        lines.push(self.signer_line(signer));
+        lines.push(format!(
+            "{}{}",
+            self.pick("Digest: ", "哈希值："),
+            digest_prefix(document.digest)
+        ));
+        lines.push(self.token_line(signer.token_label));
+        self.finish(title, lines, document.summary, ok, unlock)
+    }
+
+    /// Consent (and at most one PIN) to sign `count` documents; the first one is described.
+    pub fn sign_batch(
+        &self,
+        signer: &Signer<'_>,
+        first: &Document<'_>,
+        count: usize,
+        unlock: Unlock,
+    ) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：批量签署",
+                format!("{} 请求您签署 {count} 份文件。", signer.origin),
+                format!("签署 {count} 份"),
+            )
+        } else {
+            (
+                "KeyPort: sign documents",
+                format!("{} asks you to sign {count} documents.", signer.origin),
+                format!("Sign {count}"),
+            )
+        };
+        let mut lines = vec![header, String::new()];
+        lines.push(format!(
+            "{}{}",
+            self.pick("First document: ", "第一份文件："),
+            quote(first.title, TITLE_CHARS)
+        ));
+        lines.push(self.signer_line(signer));
+        lines.push(if self.zh() {
+            format!(
+                "哈希值：{}（第一份，共 {count} 份）",
+                digest_prefix(first.digest)
+            )
+        } else {
+            format!("Digest: {} (first of {count})", digest_prefix(first.digest))
+        });
+        lines.push(self.token_line(signer.token_label));
+        self.finish(title, lines, first.summary, ok, unlock)
+    }
+
+    /// Consent to log in: "Log in to https://portal.example as «holder»".
+    pub fn login(&self, signer: &Signer<'_>, unlock: Unlock) -> Dialog {
+        let holder = quote(signer.holder, NAME_CHARS);
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：登录",
+                format!("以 {holder} 的身份登录 {}？", signer.origin),
+                "登录",
+            )
+        } else {
+            (
+                "KeyPort: log in",
+                format!("Log in to {} as {holder}?", signer.origin),
+                "Log in",
+            )
+        };
+        let mut lines = vec![header, String::new()];
+        lines.push(self.signer_line(signer));
+        lines.push(self.token_line(signer.token_label));
+        self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// Consent to create a key pair on the token (`keys.generate`).
+    pub fn generate_key(
+        &self,
+        origin: &str,
+        token_label: &str,
+        algorithm: &str,
+        subject: &str,
+        unlock: Unlock,
+    ) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：生成密钥",
+                format!("{origin} 请求在您的令牌上生成新的密钥。"),
+                "生成密钥",
+            )
+        } else {
+            (
+                "KeyPort: create a key",
+                format!("{origin} asks to create a new key on your token."),
+                "Create key",
+            )
+        };
+        let lines = vec![
+            header,
+            String::new(),
+            format!(
+                "{}{}",
+                self.pick("Key type: ", "密钥类型："),
+                quote(algorithm, LABEL_CHARS)
+            ),
+            format!(
+                "{}{}",
+                self.pick("For: ", "用于："),
+                quote(subject, SUBJECT_CHARS)
+            ),
+            self.token_line(token_label),
+        ];
+        self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// Consent to store a certificate beside its key (`certificates.import`).
+    pub fn import_certificate(
+        &self,
+        origin: &str,
+        token_label: &str,
+        subject: &str,
+        issuer: &str,
+        unlock: Unlock,
+    ) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：导入证书",
+                format!("{origin} 请求将一张证书存入您的令牌。"),
+                "导入证书",
+            )
+        } else {
+            (
+                "KeyPort: store a certificate",
+                format!("{origin} asks to store a certificate on your token."),
+                "Store certificate",
+            )
+        };
+        let lines = vec![
+            header,
+            String::new(),
+            format!(
+                "{}{}",
+                self.pick("Certificate: ", "证书："),
+                quote(subject, SUBJECT_CHARS)
+            ),
+            format!(
+                "{}{}",
+                self.pick("Issued by: ", "颁发者："),
+                quote(issuer, NAME_CHARS)
+            ),
+            self.token_line(token_label),
+        ];
+        self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// The warning for a wrong PIN and the token's PIN state, if there is anything to say.
+    pub fn pin_warning(&self, state: PinState) -> Option<String> {
+        let mut parts = Vec::new();
+        if state.wrong_pin {
+            parts.push(self.pick("Wrong PIN.", "PIN 码错误。"));
+        }
+        if state.final_try {
+            parts.push(self.pick(
+                "FINAL TRY: one more wrong PIN locks the token.",
+                "最后一次尝试：再输错一次 PIN 码，令牌将被锁定。",
+            ));
+        } else if state.count_low {
+            parts.push(self.pick("Few tries left.", "剩余尝试次数不多。"));
+        }
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+
+    fn pick<'s>(&self, en: &'s str, zh: &'s str) -> &'s str {
+        if self.zh() {
+            zh
+        } else {
+            en
+        }
+    }
+
+    fn signer_line(&self, signer: &Signer<'_>) -> String {
+        let holder = quote(signer.holder, NAME_CHARS);
+        let issuer = quote(signer.issuer, NAME_CHARS);
+        if self.zh() {
+            format!("证书：{holder}（颁发者：{issuer}）")
+        } else {
+            format!("Certificate: {holder}, issued by {issuer}")
+        }
+    }
+
+    fn token_line(&self, label: &str) -> String {
+        format!(
+            "{}{}",
+            self.pick("Token: ", "令牌："),
+            quote(label, LABEL_CHARS)
+        )
+    }
+
+    /// Adds what depends on how the token is unlocked, then the summary last (the first thing
+    /// cut when the description is too long), and builds the dialog.
+    fn finish(
+        &self,
+        title: &str,
+        mut lines: Vec<String>,
+        summary: Option<&str>,
+        ok: String,
+        unlock: Unlock,
+    ) -> Dialog {
+        let cancel = self.pick("Cancel", "取消").to_owned();
+        let title = title.to_owned();
+        let summary_line = summary.filter(|s| !s.trim().is_empty()).map(|s| {
+            format!(
+                "{}{}",
+                self.pick("Summary: ", "说明："),
+                quote(s, SUMMARY_CHARS)
+            )
+        });
+        match unlock {
+            Unlock::Pin(state) => {
+                lines.extend(summary_line);
+                Dialog::Pin(PinDialog {
+                    title,
+                    description: lines.join("\n"),
+                    prompt: self.pick("PIN:", "PIN 码：").to_owned(),
+                    error: self.pin_warning(state),
+                    ok,
+                    cancel,
+                })
+            }
+            Unlock::PinPad(state) => {
+                lines.push(String::new());
+                lines.push(if self.zh() {
+                    format!("点击“{ok}”后，请在读卡器上输入 PIN 码。")
+                } else {
+                    format!("Enter your PIN on the reader after you choose {ok}.")
+                });
+                let warning = self.pin_warning(state);
+                lines.extend(warning.clone());
+                lines.extend(summary_line);
+                Dialog::Confirm(ConfirmDialog {
+                    title,
+                    description: lines.join("\n"),
+                    error: warning,
+                    ok,
+                    cancel,
+                    not_ok: None,
+                })
+            }
+            Unlock::LoggedIn => {
+                lines.extend(summary_line);
+                Dialog::Confirm(ConfirmDialog {
+                    title,
+                    description: lines.join("\n"),
+                    error: None,
+                    ok,
+                    cancel,
+                    not_ok: None,
+                })
+            }
+        }
+    }
+}
+
+/// An untrusted string, cleaned and cut, inside «guillemets» that it cannot close.
+fn quote(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars * 4) + 8);
+    out.push('«');
+    let mut count = 0;
+    let mut chars = text
+        .chars()
+        .filter(|c| !is_bidi_control(*c))
+        .map(|c| match c {
+            '«' => '‹',
+            '»' => '›',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .peekable();
+    while let Some(c) = chars.next() {
+        if count == max_chars {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+        count += 1;
+        if count == max_chars && chars.peek().is_none() {
+            break;
+        }
+    }
+    out.push('»');
+    out
+}
+
+/// Unicode bidirectional formatting characters, which can reorder how text is displayed.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// The first 16 hex digits of a digest, with `…` when there is more.
+fn digest_prefix(digest: &[u8]) -> String {
+    let shown = &digest[..digest.len().min(DIGEST_PREFIX_BYTES)];
+    let mut prefix = hex::encode(shown);
+    if digest.len() > DIGEST_PREFIX_BYTES {
+        prefix.push('…');
+    }
+    prefix
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails by panicking
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "https://portal.example";
+    const DIGEST: [u8; 32] = [
+        0x3f, 0x2a, 0x9c, 0x0d, 0x11, 0xaa, 0x22, 0xbb, 0xcc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
+    ];
+
+    fn signer() -> Signer<'static> {
+        Signer {
+            origin: ORIGIN,
+            holder: "Jane Doe",
+            issuer: "KeyPort Test CA",
+            token_label: "SoftHSM token",
+        }
+    }
+
+    fn document() -> Document<'static> {
+        Document {
+            title: "Loan contract 2026-114",
+            summary: Some("Loan of 10 000 EUR over 5 years"),
+            digest: &DIGEST,
+        }
+    }
+
+    fn pin(dialog: Dialog) -> PinDialog {
+        match dialog {
+            Dialog::Pin(dialog) => dialog,
+            other => panic!("not a PIN dialog: {other:?}"),
+        }
+    }
+
+    fn confirm(dialog: Dialog) -> ConfirmDialog {
+        match dialog {
+            Dialog::Confirm(dialog) => dialog,
+            other => panic!("not a confirm dialog: {other:?}"),
+        }
+    }
+
+    fn assert_has(text: &str, parts: &[&str]) {
+        for part in parts {
+            assert!(text.contains(part), "{part:?} missing from {text:?}");
+        }
+    }
+
+    #[test]
+    fn language_from_config_and_locale() {
+        assert_eq!(Language::from_config(Some("zh-CN")), Language::ZhCn);
+        assert_eq!(Language::from_config(Some("zh_CN.UTF-8")), Language::ZhCn);
+        assert_eq!(Language::from_config(Some("ZH")), Language::ZhCn);
+        assert_eq!(Language::from_config(Some("en")), Language::En);
+        assert_eq!(Language::from_config(Some("de_DE")), Language::En);
+        assert_eq!(
+            Language::from_locale(None, Some("zh_CN.UTF-8"), Some("en_US.UTF-8")),
+            Language::ZhCn
+        );
+        assert_eq!(
+            Language::from_locale(Some("C"), Some("zh_CN.UTF-8"), None),
+            Language::En
+        );
+        assert_eq!(
+            Language::from_locale(Some(""), None, Some("zh_TW.UTF-8")),
+            Language::ZhCn
+        );
+        assert_eq!(Language::from_locale(None, None, None), Language::En);
+    }
+
+    #[test]
+    fn sign_with_pin_in_english() {
+        let dialog = pin(Texts::new(Language::En).sign(
+            &signer(),
+            &document(),
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &dialog.description,
+            &[
+                "https://portal.example asks you to sign a document.",
+                "«Loan contract 2026-114»",
+                "«Jane Doe», issued by «KeyPort Test CA»",
+                "3f2a9c0d11aa22bb…",
+                "«SoftHSM token»",
+                "«Loan of 10 000 EUR over 5 years»",
+            ],
+        );
+        assert!(!dialog.description.contains("3f2a9c0d11aa22bbcc"));
+        assert_eq!(dialog.prompt, "PIN:");
+        assert_eq!(dialog.ok, "Sign");
+        assert_eq!(dialog.error, None);
+    }
+
+    #[test]
+    fn sign_with_pin_in_chinese() {
+        let dialog = pin(Texts::new(Language::ZhCn).sign(
+            &signer(),
+            &document(),
+            Unlock::Pin(PinState {
+                wrong_pin: true,
+                count_low: true,
+                final_try: false,
+            }),
+        ));
+        assert_has(
+            &dialog.description,
+            &[
+                "https://portal.example 请求您签署一份文件。",
+                "文件：«Loan contract 2026-114»",
+                "证书：«Jane Doe»（颁发者：«KeyPort Test CA»）",
+                "哈希值：3f2a9c0d11aa22bb…",
+                "令牌：«SoftHSM token»",
+            ],
+        );
+        assert_eq!(
+            dialog.error.as_deref(),
+            Some("PIN 码错误。 剩余尝试次数不多。")
+        );
+        assert_eq!(dialog.prompt, "PIN 码：");
+        assert_eq!(dialog.ok, "签署");
+        assert_eq!(dialog.cancel, "取消");
+    }
+
+    #[test]
+    fn warnings_for_wrong_pin_few_tries_and_final_try() {
+        let en = Texts::new(Language::En);
+        assert_eq!(en.pin_warning(PinState::default()), None);
+        let wrong_final = PinState {
+            wrong_pin: true,
+            count_low: true,
+            final_try: true,
+        };
+        assert_eq!(
+            en.pin_warning(wrong_final).as_deref(),
+            Some("Wrong PIN. FINAL TRY: one more wrong PIN locks the token.")
+        );
+        let low = PinState {
+            count_low: true,
+            ..PinState::default()
+        };
+        assert_eq!(en.pin_warning(low).as_deref(), Some("Few tries left."));
+        let zh = Texts::new(Language::ZhCn);
+        assert_eq!(
+            zh.pin_warning(wrong_final).as_deref(),
+            Some("PIN 码错误。 最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
+        );
+    }
+
+    #[test]
+    fn pin_pad_tokens_get_a_confirm_dialog_with_the_reader_instruction() {
+        let final_try = PinState {
+            final_try: true,
+            ..PinState::default()
+        };
+        let en = confirm(Texts::new(Language::En).sign(
+            &signer(),
+            &document(),
+            Unlock::PinPad(final_try),
+        ));
+        assert_has(
+            &en.description,
+            &[
+                "Enter your PIN on the reader after you choose Sign.",
+                "FINAL TRY: one more wrong PIN locks the token.",
+                "«Loan contract 2026-114»",
+            ],
+        );
+        assert_eq!(en.not_ok, None);
+        assert!(en.error.is_some());
+        let zh = confirm(Texts::new(Language::ZhCn).sign(
+            &signer(),
+            &document(),
+            Unlock::PinPad(PinState::default()),
+        ));
+        assert_has(
+            &zh.description,
+            &["点击“签署”后，请在读卡器上输入 PIN 码。"],
+        );
+    }
+
+    #[test]
+    fn logged_in_tokens_still_get_a_consent_dialog() {
+        let dialog =
+            confirm(Texts::new(Language::En).sign(&signer(), &document(), Unlock::LoggedIn));
+        assert_has(
+            &dialog.description,
+            &["«Loan contract 2026-114»", "3f2a9c0d11aa22bb"],
+        );
+        assert!(!dialog.description.contains("PIN"));
+    }
+
+    #[test]
+    fn batch_shows_the_count_and_the_first_document() {
+        let en = pin(Texts::new(Language::En).sign_batch(
+            &signer(),
+            &document(),
+            25,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &en.description,
+            &[
+                "asks you to sign 25 documents.",
+                "First document: «Loan contract 2026-114»",
+                "Digest: 3f2a9c0d11aa22bb… (first of 25)",
+                "«Jane Doe»",
+            ],
+        );
+        assert_eq!(en.ok, "Sign 25");
+        let zh = pin(Texts::new(Language::ZhCn).sign_batch(
+            &signer(),
+            &document(),
+            25,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &zh.description,
+            &[
+                "请求您签署 25 份文件。",
+                "第一份文件：«Loan contract 2026-114»",
+                "哈希值：3f2a9c0d11aa22bb…（第一份，共 25 份）",
+            ],
+        );
+    }
+
+    #[test]
+    fn login_names_the_origin_and_the_holder() {
+        let en = pin(Texts::new(Language::En).login(&signer(), Unlock::Pin(PinState::default())));
+        assert_has(
+            &en.description,
+            &[
+                "Log in to https://portal.example as «Jane Doe»?",
+                "«SoftHSM token»",
+            ],
+        );
+        assert_eq!(en.ok, "Log in");
+        let zh = pin(Texts::new(Language::ZhCn).login(&signer(), Unlock::Pin(PinState::default())));
+        assert_has(
+            &zh.description,
+            &["以 «Jane Doe» 的身份登录 https://portal.example？"],
+        );
+        assert_eq!(zh.ok, "登录");
+    }
+
+    #[test]
+    fn origin_approval_buttons_map_to_decisions() {
+        for language in [Language::En, Language::ZhCn] {
+            let dialog = Texts::new(language).origin_approval(ORIGIN);
+            assert!(dialog.description.contains(ORIGIN));
+            assert!(dialog.not_ok.is_some());
+        }
+        let en = Texts::new(Language::En).origin_approval(ORIGIN);
+        assert!(en
+            .description
+            .starts_with("Allow https://portal.example to use your certificates?"));
+        assert_eq!(
+            (en.ok.as_str(), en.not_ok.as_deref(), en.cancel.as_str()),
+            ("Allow always", Some("Allow once"), "Deny")
+        );
+        assert_eq!(
+            OriginDecision::from_answer(Ok(Choice::Ok)).unwrap(),
+            OriginDecision::AllowAlways
+        );
+        assert_eq!(
+            OriginDecision::from_answer(Ok(Choice::NotOk)).unwrap(),
+            OriginDecision::AllowOnce
+        );
+        assert_eq!(
+            OriginDecision::from_answer(Err(DialogError::Cancelled)).unwrap(),
+            OriginDecision::Deny
+        );
+        assert!(OriginDecision::from_answer(Err(DialogError::Timeout)).is_err());
+    }
+
+    #[test]
+    fn key_generation_and_import_texts() {
+        let en = confirm(Texts::new(Language::En).generate_key(
+            ORIGIN,
+            "SoftHSM token",
+            "EC-P256",
+            "CN=Jane Doe,O=Example",
+            Unlock::LoggedIn,
+        ));
+        assert_has(
+            &en.description,
+            &[
+                "https://portal.example asks to create a new key on your token.",
+                "«EC-P256»",
+                "«CN=Jane Doe,O=Example»",
+            ],
+        );
+        let zh = pin(Texts::new(Language::ZhCn).import_certificate(
+            ORIGIN,
+            "SoftHSM token",
+            "CN=Jane Doe",
+            "CN=KeyPort Test CA",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &zh.description,
+            &[
+                "请求将一张证书存入您的令牌。",
+                "«CN=Jane Doe»",
+                "颁发者：«CN=KeyPort Test CA»",
+            ],
+        );
+    }
+
+    #[test]
+    fn page_strings_cannot_pose_as_agent_text() {
+        let hostile = Document {
+            title: "Invoice»\nKeyPort verified this document «ok\u{202E}txt.exe",
+            summary: None,
+            digest: &DIGEST,
+        };
+        let dialog = pin(Texts::new(Language::En).sign(
+            &signer(),
+            &hostile,
+            Unlock::Pin(PinState::default()),
+        ));
+        let line = dialog
+            .description
+            .lines()
+            .find(|l| l.starts_with("Document: "))
+            .unwrap();
+        assert_eq!(
+            line,
+            "Document: «Invoice› KeyPort verified this document ‹oktxt.exe»"
+        );
+        assert!(!dialog.description.contains('\u{202E}'));
+    }
+
+    #[test]
+    fn long_page_strings_are_cut() {
+        let title = "x".repeat(500);
+        let summary = "说".repeat(2000);
+        let document = Document {
+            title: &title,
+            summary: Some(&summary),
+            digest: &DIGEST,
+        };
+        let dialog = pin(Texts::new(Language::ZhCn).sign(
+            &signer(),
+            &document,
+            Unlock::Pin(PinState::default()),
+        ));
+        let expected_title = format!("«{}…»", "x".repeat(TITLE_CHARS));
+        assert!(dialog.description.contains(&expected_title));
+        let expected_summary = format!("«{}…»", "说".repeat(SUMMARY_CHARS));
+        assert!(dialog.description.ends_with(&expected_summary));
+        // Exactly at the cap: no ellipsis.
+        assert_eq!(quote("abc", 3), "«abc»");
+        assert_eq!(quote("abcd", 3), "«abc…»");
+    }
+
+    #[test]
+    fn short_digests_are_shown_whole() {
+        assert_eq!(digest_prefix(&[0xab, 0xcd]), "abcd");
+        assert_eq!(digest_prefix(&DIGEST[..8]), "3f2a9c0d11aa22bb");
+    }
+
+    #[test]
+    fn consent_debug_hides_the_pin() {
+        let consent = Consent::Pin(Zeroizing::new("123456".to_owned()));
+        assert!(!format!("{consent:?}").contains("123456"));
+    }
+}
