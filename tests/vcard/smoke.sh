@@ -78,6 +78,15 @@ if grep -A6 '^Private Key Object; EC' "$DIR/objects.txt" | grep -A3 'ID: *01' | 
   fail "the 9A key (ID 01) is CKA_ALWAYS_AUTHENTICATE"
 fi
 
+step "sign with 9A (ID 01, no always-auth) and verify"
+head -c 64 /dev/urandom >"$DIR/msg.9a"
+openssl dgst -sha256 -binary "$DIR/msg.9a" >"$DIR/digest.9a"
+p11 --sign --id 01 -m ECDSA --login --pin "$PIN" --signature-format openssl \
+  -i "$DIR/digest.9a" -o "$DIR/sig.9a" >"$DIR/sign.9a.log" 2>&1 || fail "signing with 9A: $(cat "$DIR/sign.9a.log")"
+openssl x509 -in "$DIR/certs/piv-9a.pem" -pubkey -noout >"$DIR/9a.pub"
+openssl dgst -sha256 -verify "$DIR/9a.pub" -signature "$DIR/sig.9a" "$DIR/msg.9a" >/dev/null \
+  || fail "9A signature does not verify against certs/piv-9a.pem"
+
 step "sign with 9C (ID 02) and verify"
 sign_and_verify first
 

@@ -9,11 +9,14 @@ then payload.  A 1-byte payload is a control code (0 power off, 1 power on,
 APDU.  When the bridge hangs up, pcscd's next presence poll (every 400 ms)
 reports the card removed.
 
-The bridge papers over four gaps between jcecard 0.1.0 and OpenSC 0.23:
+The bridge papers over five gaps between jcecard 0.1.0 and OpenSC 0.23:
   * INS A5 (SELECT DATA) is answered 9000;
   * SELECT with OpenSC's 9-byte PIV AID is passed to jcecard as the 5-byte RID;
   * the PIV SELECT answer is wrapped in tag 61 (Application Property Template);
-  * answers longer than a short Le are split with 61xx + GET RESPONSE.
+  * answers longer than a short Le are split with 61xx + GET RESPONSE;
+  * a re-SELECT of the already selected PIV applet is answered by the bridge,
+    because jcecard resets the verified PIN on every SELECT (OpenSC re-selects
+    between VERIFY and GENERAL AUTHENTICATE, so 9A signing failed with 6982).
 
 Control channel: a unix stream socket (--control PATH), one command per line,
 one answer line per command, sent when the command has taken effect:
@@ -124,6 +127,15 @@ class Card:
         self.card = OpenPGPCard(storage_path=storage)
         self.pending = b""  # rest of a long answer, served by GET RESPONSE
         self.pending_sw = b"\x90\x00"
+        self.piv_select_answer = b""
+
+    def _piv_active(self) -> bool:
+        # jcecard 0.1.0 internals (the version is pinned): which applet is live.
+        card = self.card
+        return bool(
+            getattr(card, "_active_applet", None) == "piv"
+            and getattr(getattr(card, "_piv_applet", None), "selected", False)
+        )
 
     def atr(self) -> bytes:
         return bytes(self.card.get_atr())
@@ -160,12 +172,19 @@ class Card:
         piv_select = (
             cmd.ins == 0xA4 and cmd.p1 == 0x04 and cmd.data[:5] == PIV_RID
         )
-        if piv_select and len(cmd.data) > 5:
-            raw = cmd.with_data(PIV_RID)
-        resp = bytes(self.card.process_apdu(raw))
-        data, sw = resp[:-2], resp[-2:]
-        if piv_select and sw == b"\x90\x00" and data and data[0] != 0x61:
-            data = b"\x61" + _tlv_len(len(data)) + data
+        if piv_select and self.piv_select_answer and self._piv_active():
+            # Re-SELECT of the PIV applet while it is selected: jcecard would
+            # drop the verified PIN (real cards keep it, and OpenSC re-selects
+            # between VERIFY and GENERAL AUTHENTICATE), so answer it here.
+            data, sw = self.piv_select_answer, b"\x90\x00"
+        else:
+            if piv_select and len(cmd.data) > 5:
+                raw = cmd.with_data(PIV_RID)
+            resp = bytes(self.card.process_apdu(raw))
+            data, sw = resp[:-2], resp[-2:]
+            if piv_select and sw == b"\x90\x00" and data and data[0] != 0x61:
+                data = b"\x61" + _tlv_len(len(data)) + data
+                self.piv_select_answer = data
         if cmd.le is not None and not cmd.extended and len(data) > cmd.le:
             return self._chunk(data, sw, cmd.le)
         if cmd.le is None and not cmd.extended and len(data) > 256:
