@@ -279,3 +279,263 @@ fn the_helper_finds_the_built_binary() {
         Path::new(PROGRAM).canonicalize().unwrap()
     );
 }
+
+mod dialogs {
+    use super::*;
+    use agent::dialog::{
+        Consent, Document, Language, OriginDecision, PinState, Signer, Texts, Unlock,
+    };
+
+    const DIGEST: [u8; 32] = [0xa5; 32];
+
+    fn signer() -> Signer<'static> {
+        Signer {
+            origin: "https://portal.example",
+            holder: "张伟",
+            issuer: "KeyPort Test CA",
+            token_label: "SoftHSM token",
+        }
+    }
+
+    #[test]
+    fn a_chinese_sign_dialog_with_pin_arrives_intact() {
+        let (_dir, script, pinentry) = setup();
+        script
+            .push(&Step::pin("654321").expect(Command::GetPin))
+            .unwrap();
+        let document = Document {
+            title: "贷款合同 100%\n第二行",
+            summary: Some("五年期贷款"),
+            digest: &DIGEST,
+        };
+        let state = PinState {
+            wrong_pin: true,
+            final_try: true,
+            ..PinState::default()
+        };
+        let dialog = Texts::new(Language::ZhCn).sign(&signer(), &document, Unlock::Pin(state));
+        let consent = dialog.ask(&pinentry, &DialogCancel::new()).unwrap();
+        let Consent::Pin(pin) = consent else {
+            panic!("{consent:?}");
+        };
+        assert_eq!(pin.as_str(), "654321");
+        let shown = &script.dialogs().unwrap()[0];
+        let description = shown.description.as_deref().unwrap();
+        for part in [
+            "https://portal.example 请求您签署一份文件。",
+            "«贷款合同 100% 第二行»",
+            "«张伟»",
+            "a5a5a5a5a5a5a5a5…",
+            "«五年期贷款»",
+        ] {
+            assert!(
+                description.contains(part),
+                "{part:?} not in {description:?}"
+            );
+        }
+        assert_eq!(
+            shown.error.as_deref(),
+            Some("PIN 码错误。 最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
+        );
+        assert_eq!(shown.ok.as_deref(), Some("签署"));
+    }
+
+    #[test]
+    fn origin_approval_answers_are_decisions() {
+        let (_dir, script, pinentry) = setup();
+        for button in [Button::Ok, Button::Notok, Button::Cancel] {
+            script
+                .push(&Step::confirm(button).expect(Command::Confirm))
+                .unwrap();
+        }
+        let texts = Texts::new(Language::En);
+        let dialog = texts.origin_approval("https://portal.example");
+        let decisions: Vec<_> = (0..3)
+            .map(|_| {
+                OriginDecision::from_answer(pinentry.confirm(&dialog, &DialogCancel::new()))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            decisions,
+            [
+                OriginDecision::AllowAlways,
+                OriginDecision::AllowOnce,
+                OriginDecision::Deny
+            ]
+        );
+        let shown = &script.dialogs().unwrap()[0];
+        assert_eq!(
+            shown.description.as_deref().map(|d| d.lines().next()),
+            Some(Some(
+                "Allow https://portal.example to use your certificates?"
+            ))
+        );
+        assert_eq!(shown.not_ok.as_deref(), Some("Allow once"));
+    }
+
+    #[test]
+    fn a_pin_pad_dialog_is_a_confirm_without_a_pin_field() {
+        let (_dir, script, pinentry) = setup();
+        script
+            .push(&Step::confirm(Button::Ok).expect(Command::Confirm))
+            .unwrap();
+        let dialog = Texts::new(Language::En).login(&signer(), Unlock::PinPad(PinState::default()));
+        let consent = dialog.ask(&pinentry, &DialogCancel::new()).unwrap();
+        assert!(matches!(consent, Consent::Confirmed));
+        let shown = &script.dialogs().unwrap()[0];
+        assert_eq!(shown.command.as_deref(), Some("CONFIRM"));
+        assert_eq!(shown.prompt, None);
+        let description = shown.description.as_deref().unwrap();
+        assert!(description.contains("Log in to https://portal.example as «张伟»?"));
+        assert!(description.contains("Enter your PIN on the reader after you choose Log in."));
+    }
+}
+
+/// The client against GnuPG's real `pinentry-tty`, on a tmux pane standing in for the user's
+/// terminal: the test types into the pane once the prompt shows. Skipped (with a note) where
+/// pinentry-tty or tmux is missing.
+mod real_pinentry_tty {
+    use super::*;
+    use std::process::Command as Run;
+
+    struct Tmux(String);
+
+    impl Tmux {
+        fn start() -> Option<Self> {
+            let name = format!("keyport-pinentry-{}", std::process::id());
+            let ok = Run::new("tmux")
+                .args([
+                    "new-session",
+                    "-d",
+                    "-x",
+                    "200",
+                    "-y",
+                    "50",
+                    "-s",
+                    &name,
+                    "sleep 600",
+                ])
+                .status()
+                .ok()?
+                .success();
+            ok.then_some(Self(name))
+        }
+
+        fn tty(&self) -> String {
+            let out = Run::new("tmux")
+                .args(["display-message", "-p", "-t", &self.0, "#{pane_tty}"])
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        }
+
+        fn screen(&self) -> String {
+            let out = Run::new("tmux")
+                .args(["capture-pane", "-p", "-t", &self.0])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// Waits until the pane shows `text` for the `nth` time (from 1), then types `keys` and
+        /// Enter.
+        fn answer(&self, text: &str, nth: usize, keys: &str) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.screen().matches(text).count() < nth {
+                assert!(
+                    Instant::now() < deadline,
+                    "never shown: {text:?}\n{}",
+                    self.screen()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let sent = Run::new("tmux")
+                .args(["send-keys", "-t", &self.0, "-l", keys])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+            let sent = Run::new("tmux")
+                .args(["send-keys", "-t", &self.0, "Enter"])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        }
+    }
+
+    impl Drop for Tmux {
+        fn drop(&mut self) {
+            let _ = Run::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .status();
+        }
+    }
+
+    fn pinentry_tty() -> Option<(Tmux, Pinentry)> {
+        let program = Path::new("/usr/bin/pinentry-tty");
+        if !program.exists() {
+            eprintln!("skipped: no /usr/bin/pinentry-tty");
+            return None;
+        }
+        let Some(tmux) = Tmux::start() else {
+            eprintln!("skipped: tmux is not available");
+            return None;
+        };
+        let pinentry = Pinentry::new(program)
+            .timeout(Duration::from_secs(30))
+            .tty_name(tmux.tty())
+            .tty_type("xterm")
+            .lc_ctype("C.UTF-8");
+        Some((tmux, pinentry))
+    }
+
+    #[test]
+    fn reads_a_pin_typed_on_the_terminal() {
+        let Some((tmux, pinentry)) = pinentry_tty() else {
+            return;
+        };
+        let dialog = PinDialog {
+            title: "KeyPort".into(),
+            description: "Sign «Loan contract» 100%".into(),
+            prompt: "PIN-for-test:".into(),
+            ..PinDialog::default()
+        };
+        let shower = std::thread::spawn(move || pinentry.get_pin(&dialog, &DialogCancel::new()));
+        tmux.answer("PIN-for-test:", 1, "12%34");
+        let pin = shower.join().unwrap().unwrap();
+        assert_eq!(pin.as_str(), "12%34");
+        assert!(tmux.screen().contains("Sign «Loan contract» 100%"));
+    }
+
+    #[test]
+    fn confirm_yes_and_no_on_the_terminal() {
+        let Some((tmux, pinentry)) = pinentry_tty() else {
+            return;
+        };
+        let dialog = ConfirmDialog {
+            description: "Allow https://portal.example to use your certificates?".into(),
+            ok: "Allow".into(),
+            cancel: "Deny".into(),
+            ..ConfirmDialog::default()
+        };
+        // One dialog per button: OK, the third button, Cancel.
+        let dialog = ConfirmDialog {
+            not_ok: Some("Once".into()),
+            ..dialog
+        };
+        let mut answers = Vec::new();
+        for (nth, key) in ["a", "o", "d"].into_iter().enumerate() {
+            let (p, d) = (pinentry.clone(), dialog.clone());
+            let shower = std::thread::spawn(move || p.confirm(&d, &DialogCancel::new()));
+            tmux.answer("[ado]?", nth + 1, key);
+            answers.push(shower.join().unwrap());
+        }
+        assert!(matches!(answers[0], Ok(Choice::Ok)), "{:?}", answers[0]);
+        assert!(matches!(answers[1], Ok(Choice::NotOk)), "{:?}", answers[1]);
+        assert!(
+            matches!(answers[2], Err(DialogError::Cancelled)),
+            "{:?}",
+            answers[2]
+        );
+    }
+}
