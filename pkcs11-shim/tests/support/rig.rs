@@ -67,6 +67,13 @@ impl Rig {
         load_copy(self.dir.path(), copy_name)
     }
 
+    /// Loads `module_path` (an existing copy) over the token store in `dir`.
+    pub fn reload_path(dir: &Path, module_path: &Path) -> Module {
+        let _turn = LOAD_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        std::env::set_var("SOFTHSM2_CONF", dir.join("softhsm2.conf"));
+        Module::load(module_path).expect("reload")
+    }
+
     pub fn cert_pem(&self, label: &str) -> PathBuf {
         self.dir.path().join("certs").join(format!("{label}.pem"))
     }

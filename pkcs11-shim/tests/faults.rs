@@ -1,0 +1,201 @@
+//! Locked PIN and token removal, injected by the fault module (tests/fault-pkcs11) sitting
+//! between the shim and a private SoftHSM copy. The fault module reads its control file and
+//! log path from the process environment on every call, so these tests take turns.
+
+#[path = "support/rig.rs"]
+mod rig;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use pkcs11_shim::{
+    EcdsaEncoding, Error, HashAlg, LoginState, Module, SignAlgorithm, SignInput, SignRequest,
+};
+use rig::{no_pin, openssl_verify, ScriptedPin, SOFTHSM, TOKEN_LABEL};
+
+static TURN: Mutex<()> = Mutex::new(());
+
+struct FaultRig {
+    // Dropped in this order: the module (C_Finalize) before its directory, the turn last.
+    module: Module,
+    dir: tempfile::TempDir,
+    control: PathBuf,
+    log: PathBuf,
+    _turn: MutexGuard<'static, ()>,
+}
+
+/// The fault module cargo built for this run (a dev-dependency): target/<profile>/deps/.
+fn fault_module() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let deps = exe.parent().expect("deps dir");
+    [
+        deps.to_path_buf(),
+        deps.parent().unwrap_or(deps).to_path_buf(),
+    ]
+    .into_iter()
+    .map(|d| d.join("libkeyport_fault_pkcs11.so"))
+    .find(|p| p.exists())
+    .expect("libkeyport_fault_pkcs11.so is built as a dev-dependency")
+}
+
+impl FaultRig {
+    fn new() -> FaultRig {
+        let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+        let dir = tempfile::Builder::new()
+            .prefix("shim-fault-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("tempdir");
+        let out = std::process::Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-config/provision.sh"))
+            .arg(dir.path())
+            .output()
+            .expect("provision");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let softhsm = dir.path().join("libsofthsm2.so");
+        std::fs::copy(SOFTHSM, &softhsm).expect("copy softhsm");
+        let fault = dir.path().join("fault.so");
+        std::fs::copy(fault_module(), &fault).expect("copy fault module");
+        let control = dir.path().join("control");
+        let log = dir.path().join("calls.log");
+        std::env::set_var("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
+        std::env::set_var("KEYPORT_FAULT_TARGET", &softhsm);
+        std::env::set_var("KEYPORT_FAULT_CONTROL", &control);
+        std::env::set_var("KEYPORT_FAULT_LOG", &log);
+        let module = Module::load(&fault).expect("load the fault module");
+        FaultRig {
+            dir,
+            module,
+            control,
+            log,
+            _turn: turn,
+        }
+    }
+
+    fn set_control(control: &Path, text: &str) {
+        let next = control.with_extension("next");
+        std::fs::write(&next, text).expect("write control");
+        std::fs::rename(&next, control).expect("replace control");
+    }
+
+    fn calls(&self, function: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(function))
+            .count()
+    }
+
+    fn p256(&self, inputs: Vec<SignInput>) -> SignRequest {
+        let token = self
+            .module
+            .tokens()
+            .expect("tokens")
+            .into_iter()
+            .find(|t| t.label == TOKEN_LABEL)
+            .expect("token")
+            .id;
+        let cert = self
+            .module
+            .certificates(Some(&token))
+            .expect("certs")
+            .into_iter()
+            .find(|c| c.label == "sign-p256")
+            .expect("sign-p256");
+        SignRequest {
+            certificate: cert.id,
+            algorithm: SignAlgorithm::Ecdsa(HashAlg::Sha256, EcdsaEncoding::Der),
+            inputs,
+            logout_after: false,
+        }
+    }
+}
+
+#[test]
+fn locked_pin_fails_without_asking_and_without_c_login() {
+    let rig = FaultRig::new();
+    FaultRig::set_control(&rig.control, "pin_locked=1\n");
+    let req = rig.p256(vec![SignInput::Data(b"x".to_vec())]);
+    assert_eq!(
+        rig.module
+            .login_state(req.certificate.token_id())
+            .expect("state"),
+        LoginState::Locked
+    );
+    let f = rig
+        .module
+        .sign(req, no_pin(), None, None)
+        .expect_err("locked");
+    assert!(matches!(f.error, Error::PinLocked), "{f:?}");
+    assert_eq!(rig.calls("C_Login"), 0);
+}
+
+#[test]
+fn removal_mid_batch_keeps_completed_and_recovers_after_reinsertion() {
+    let rig = FaultRig::new();
+    let msgs: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i as u8; 5]).collect();
+    let control = rig.control.clone();
+    let (pin, _) = ScriptedPin::right();
+    let f = rig
+        .module
+        .sign(
+            rig.p256(msgs.iter().cloned().map(SignInput::Data).collect()),
+            pin,
+            Some(Box::new(move |done, _| {
+                if done == 3 {
+                    FaultRig::set_control(&control, "token_removed=1\n");
+                }
+            })),
+            None,
+        )
+        .expect_err("removed");
+    assert!(matches!(f.error, Error::TokenNotPresent), "{f:?}");
+    assert_eq!(f.completed.len(), 3);
+    let pem = rig.dir.path().join("certs/sign-p256.pem");
+    for (m, s) in msgs.iter().zip(&f.completed) {
+        assert!(openssl_verify(&pem, "ecdsa", "sha256", m, s));
+    }
+
+    // Reinserted: the dropped session is reopened and the next request works.
+    FaultRig::set_control(&rig.control, "");
+    let (pin, asked) = ScriptedPin::right();
+    let sigs = rig
+        .module
+        .sign(
+            rig.p256(vec![SignInput::Data(b"after".to_vec())]),
+            pin,
+            None,
+            None,
+        )
+        .expect("sign after reinsertion");
+    assert!(openssl_verify(&pem, "ecdsa", "sha256", b"after", &sigs[0]));
+    assert_eq!(
+        asked.lock().expect("log").len(),
+        1,
+        "a new login after removal"
+    );
+}
+
+#[test]
+fn final_try_flag_reaches_the_provider_after_a_wrong_pin() {
+    let rig = FaultRig::new();
+    FaultRig::set_control(&rig.control, "pin_count_low=1\npin_final_try=1\n");
+    let (pin, asked) = ScriptedPin::new(vec![Some("111111"), None]);
+    let f = rig
+        .module
+        .sign(
+            rig.p256(vec![SignInput::Data(b"x".to_vec())]),
+            pin,
+            None,
+            None,
+        )
+        .expect_err("cancelled at the second question");
+    assert!(matches!(f.error, Error::UserCancelled), "{f:?}");
+    let asked = asked.lock().expect("log").clone();
+    let prev = asked[1].previous_error.expect("previous error");
+    assert!(prev.final_try && prev.count_low);
+    assert_eq!(rig.calls("C_Login"), 1);
+}
