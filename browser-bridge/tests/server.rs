@@ -408,6 +408,7 @@ async fn requests_over_the_rate_are_refused() {
         .await;
         let mut ws = connect(h.port, PORTAL).await;
         let n = 30;
+        let began = std::time::Instant::now();
         for i in 0..n {
             ws.feed(Message::text(
                 json!({"jsonrpc":"2.0","id":i,"method":"tokens.list"}).to_string(),
@@ -430,8 +431,13 @@ async fn requests_over_the_rate_are_refused() {
                 limited += 1;
             }
         }
-        // A burst of 3, plus whatever refilled while the 30 frames were in flight.
-        assert!((3..10).contains(&ok), "{ok} answered");
+        // A burst of 3, plus at most what refilled (3/s) while the frames were in flight.
+        let refilled = (began.elapsed().as_secs_f64() * 3.0).ceil() as usize;
+        assert!(
+            ok >= 3 && ok <= 3 + refilled,
+            "{ok} answered, {refilled} refilled"
+        );
+        assert!(limited > 0);
         assert_eq!(ok + limited, n);
     })
     .await;
