@@ -9,14 +9,18 @@ then payload.  A 1-byte payload is a control code (0 power off, 1 power on,
 APDU.  When the bridge hangs up, pcscd's next presence poll (every 400 ms)
 reports the card removed.
 
-The bridge papers over five gaps between jcecard 0.1.0 and OpenSC 0.23:
+The bridge papers over five gaps between jcecard 0.1.0 and OpenSC 0.23, and
+adds one rule real cards have:
   * INS A5 (SELECT DATA) is answered 9000;
   * SELECT with OpenSC's 9-byte PIV AID is passed to jcecard as the 5-byte RID;
   * the PIV SELECT answer is wrapped in tag 61 (Application Property Template);
   * answers longer than a short Le are split with 61xx + GET RESPONSE;
   * a re-SELECT of the already selected PIV applet is answered by the bridge,
     because jcecard resets the verified PIN on every SELECT (OpenSC re-selects
-    between VERIFY and GENERAL AUTHENTICATE, so 9A signing failed with 6982).
+    between VERIFY and GENERAL AUTHENTICATE, so 9A signing failed with 6982);
+  * (rule) slot 9C demands a PIN VERIFY before every GENERAL AUTHENTICATE
+    (PIN policy "always"), answering 6982 otherwise. OpenSC 0.23 marks the 9C
+    key CKA_ALWAYS_AUTHENTICATE but does not enforce it itself.
 
 Control channel: a unix stream socket (--control PATH), one command per line,
 one answer line per command, sent when the command has taken effect:
@@ -128,6 +132,7 @@ class Card:
         self.pending = b""  # rest of a long answer, served by GET RESPONSE
         self.pending_sw = b"\x90\x00"
         self.piv_select_answer = b""
+        self.sig_pin_fresh = False  # PIN verified since the last 9C use
 
     def _piv_active(self) -> bool:
         # jcecard 0.1.0 internals (the version is pinned): which applet is live.
@@ -142,14 +147,17 @@ class Card:
 
     def power_on(self) -> None:
         self.pending = b""
+        self.sig_pin_fresh = False
         self.card.power_on()
 
     def power_off(self) -> None:
         self.pending = b""
+        self.sig_pin_fresh = False
         self.card.power_off()
 
     def reset(self) -> None:
         self.pending = b""
+        self.sig_pin_fresh = False
         self.card.reset()
 
     def _chunk(self, data: bytes, sw: bytes, le: int) -> bytes:
@@ -172,7 +180,14 @@ class Card:
         piv_select = (
             cmd.ins == 0xA4 and cmd.p1 == 0x04 and cmd.data[:5] == PIV_RID
         )
-        if piv_select and self.piv_select_answer and self._piv_active():
+        piv_live = self._piv_active()
+        if piv_live and cmd.ins == 0x87 and cmd.p2 == 0x9C and not self.sig_pin_fresh:
+            # PIV 9C (digital signature) needs the PIN verified right before
+            # each use (PIN policy "always", as on real cards); jcecard does
+            # not enforce it, so the bridge does: 6982 = security status not
+            # satisfied, which OpenSC turns into CKR_USER_NOT_LOGGED_IN.
+            return b"\x69\x82"
+        if piv_select and self.piv_select_answer and piv_live:
             # Re-SELECT of the PIV applet while it is selected: jcecard would
             # drop the verified PIN (real cards keep it, and OpenSC re-selects
             # between VERIFY and GENERAL AUTHENTICATE), so answer it here.
@@ -185,6 +200,10 @@ class Card:
             if piv_select and sw == b"\x90\x00" and data and data[0] != 0x61:
                 data = b"\x61" + _tlv_len(len(data)) + data
                 self.piv_select_answer = data
+        if piv_live and cmd.ins == 0x20 and cmd.p2 == 0x80 and cmd.data:
+            self.sig_pin_fresh = sw == b"\x90\x00"
+        elif piv_live and cmd.ins == 0x87 and cmd.p2 == 0x9C:
+            self.sig_pin_fresh = False
         if cmd.le is not None and not cmd.extended and len(data) > cmd.le:
             return self._chunk(data, sw, cmd.le)
         if cmd.le is None and not cmd.extended and len(data) > 256:
