@@ -62,9 +62,10 @@ def main():
     not_after = not_before + datetime.timedelta(days=731)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
+    # RDNs in the usual order, most general first: RFC 4514 strings then read "CN=…,O=…".
     ca_name = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, "KeyPort Test CA"),
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+        x509.NameAttribute(NameOID.COMMON_NAME, "KeyPort Test CA"),
     ])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
@@ -98,9 +99,9 @@ def main():
         label, pub_path, cn, profile = spec.split(":", 3)
         pub = load_public_key(pub_path)
         subject = x509.Name([
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
             x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
         ])
         builder = (
             x509.CertificateBuilder()

@@ -161,6 +161,8 @@ pub struct Config {
     pub audit_key_file: Option<PathBuf>,
     /// Where the audit log is written; default `DATA_DIR/audit.log`.
     pub audit_log: Option<PathBuf>,
+    /// The OS keyring service name under which the agent keeps its own secrets.
+    pub keyring_service: String,
     pub atr: Vec<AtrEntry>,
     pub limits: LimitsConfig,
 }
@@ -183,6 +185,7 @@ impl Default for Config {
             origin_policy: Vec::new(),
             audit_key_file: None,
             audit_log: None,
+            keyring_service: "keyport".into(),
             atr: Vec::new(),
             limits: LimitsConfig::default(),
         }

@@ -4,10 +4,20 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_cli;
 pub mod cms;
 pub mod config;
+pub mod consent;
+pub mod daemon;
+pub mod demo;
 pub mod dialog;
 pub mod discovery;
+pub mod doctor;
+pub mod local;
 pub mod origins;
+pub mod pcsc_watch;
 pub mod pinentry;
 pub mod secrets;
+pub mod service;
+pub mod tokens;
+pub mod webeid;

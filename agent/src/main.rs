@@ -1,2 +1,306 @@
+//! `keyport`: the local signing agent and its command line.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agent::config::{Config, Paths};
+use agent::daemon::{self, RunOptions};
+use agent::dialog::{Language, Texts};
+use agent::local::{self, SignFileRequest};
+use agent::origins::OriginStore;
+use agent::tokens::TokenSet;
+use browser_bridge::protocol::{DigestAlgorithm, EcdsaEncoding, SignFormat, SignatureAlgorithm};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyport",
+    version,
+    about = "KeyPort: sign with your USB token or smartcard for web portals"
+)]
+struct Cli {
+    /// The configuration file (default: the OS config dir, e.g. ~/.config/keyport/config.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the agent: the WebSocket server that portals talk to.
+    Run {
+        /// Also serve the demo portal on this port of 127.0.0.1.
+        #[arg(long)]
+        demo_port: Option<u16>,
+    },
+    /// Provisions a demo token (SoftHSM) once and runs the agent with the demo portal.
+    Demo {
+        /// The demo portal's port.
+        #[arg(long, default_value_t = 47334)]
+        port: u16,
+    },
+    /// Lists the tokens present.
+    Tokens {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the certificates whose private key is on a token.
+    Certs {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Signs a file with a certificate's key (the PIN is asked through pinentry).
+    Sign {
+        /// The certificate id, as `keyport certs` shows it.
+        #[arg(long = "cert")]
+        cert: String,
+        #[arg(long = "in")]
+        input: PathBuf,
+        #[arg(long = "out")]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
+        format: FormatArg,
+        #[arg(long, value_enum)]
+        hash: Option<HashArg>,
+        #[arg(long, value_enum)]
+        ecdsa_encoding: Option<EncodingArg>,
+        /// RSA keys: RSA-PSS instead of PKCS#1 v1.5.
+        #[arg(long)]
+        pss: bool,
+    },
+    /// Lists, allows, denies or revokes web origins.
+    Origins {
+        #[command(subcommand)]
+        action: OriginsAction,
+    },
+    /// Prints the audit log; with --verify, proves it whole.
+    Audit {
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Shows readers, cards, modules and tokens, and what to fix.
+    Doctor,
+}
+
+#[derive(Debug, Subcommand)]
+enum OriginsAction {
+    List,
+    Allow { origin: String },
+    Deny { origin: String },
+    Revoke { origin: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Raw,
+    Cms,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum HashArg {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EncodingArg {
+    Der,
+    P1363,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keyport: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYPORT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cryptoki=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(cli_config: Option<&std::path::Path>) -> anyhow::Result<(Config, Paths)> {
+    let paths = Paths::resolve(cli_config)?;
+    let config = Config::load(&paths.config_file)?;
+    Ok((config, paths))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (config, paths) = load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run { demo_port } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(daemon::run(config, paths, RunOptions { demo_port }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { port } => agent::demo::run(config, paths, port),
+        Command::Tokens { json } => {
+            let tokens = TokenSet::load(&config);
+            report_failures(&tokens);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&local::tokens_json(&tokens))?
+                );
+            } else {
+                let list = tokens.tokens();
+                if list.is_empty() {
+                    println!("no token found (see `keyport doctor`)");
+                }
+                for t in list {
+                    let i = &t.info;
+                    println!(
+                        "{}  {:<32} {} {} serial {}{}{}",
+                        i.id,
+                        i.label.trim(),
+                        i.manufacturer.trim(),
+                        i.model.trim(),
+                        i.serial.trim(),
+                        t.reader.map(|r| format!(" in {r}")).unwrap_or_default(),
+                        if i.pin.locked { "  PIN LOCKED" } else { "" },
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs { json } => {
+            let tokens = TokenSet::load(&config);
+            report_failures(&tokens);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&local::certificates_json(&tokens))?
+                );
+            } else {
+                for c in tokens.certificates() {
+                    let i = &c.info;
+                    let usage: Vec<&str> = i.key_usage.iter().map(|k| k.rfc5280_name()).collect();
+                    println!(
+                        "{}\n  {}  {}  [{}]  issued by {}  until {}",
+                        i.id,
+                        i.subject,
+                        i.key_algorithm.wire_name(),
+                        usage.join(", "),
+                        i.issuer,
+                        i.not_after.date()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign {
+            cert,
+            input,
+            output,
+            format,
+            hash,
+            ecdsa_encoding,
+            pss,
+        } => {
+            let tokens = TokenSet::load(&config);
+            report_failures(&tokens);
+            let pinentry = daemon::pinentry_for(&config)?;
+            let texts = Texts::new(Language::from_config(config.language.as_deref()));
+            let req = SignFileRequest {
+                certificate: &cert,
+                input: &input,
+                output: &output,
+                format: match format {
+                    FormatArg::Raw => SignFormat::Raw,
+                    FormatArg::Cms => SignFormat::Cms,
+                },
+                hash: hash.map(|h| match h {
+                    HashArg::Sha256 => DigestAlgorithm::Sha256,
+                    HashArg::Sha384 => DigestAlgorithm::Sha384,
+                    HashArg::Sha512 => DigestAlgorithm::Sha512,
+                }),
+                ecdsa_encoding: ecdsa_encoding.map(|e| match e {
+                    EncodingArg::Der => EcdsaEncoding::Der,
+                    EncodingArg::P1363 => EcdsaEncoding::P1363,
+                }),
+                signature_algorithm: pss.then_some(SignatureAlgorithm::RsaPss),
+            };
+            local::sign_file(&config, &tokens, &pinentry, texts, &req)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Origins { action } => {
+            let mut store = OriginStore::open(&paths.origins_file(), &config)?;
+            match action {
+                OriginsAction::List => {
+                    for (origin, standing, source) in store.list() {
+                        println!("{origin}\t{standing:?}\t({source})");
+                    }
+                }
+                OriginsAction::Allow { origin } => {
+                    check_origin(&origin)?;
+                    store.allow(&origin)?;
+                    println!("allowed {origin}");
+                }
+                OriginsAction::Deny { origin } => {
+                    check_origin(&origin)?;
+                    store.deny(&origin)?;
+                    println!("denied {origin}");
+                }
+                OriginsAction::Revoke { origin } => {
+                    if store.revoke(&origin)? {
+                        println!("revoked {origin}");
+                    } else {
+                        println!("{origin} had no decision of yours to revoke");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { verify } => agent::audit_cli::run(&config, &paths, verify),
+        Command::Doctor => agent::doctor::run(&config, &paths),
+    }
+}
+
+fn check_origin(origin: &str) -> anyhow::Result<()> {
+    browser_bridge::Origin::parse(origin, true)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{origin:?} is not an origin: {e}"))
+}
+
+fn report_failures(tokens: &TokenSet) {
+    for f in tokens.failures() {
+        eprintln!(
+            "keyport: module {} ({}) did not load: {}",
+            f.path.display(),
+            f.source,
+            f.error
+        );
+    }
+}

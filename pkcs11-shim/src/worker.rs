@@ -144,6 +144,11 @@ impl Worker {
         let slots = self.ctx.get_slots_with_token().map_err(from_cryptoki)?;
         let mut out = Vec::with_capacity(slots.len());
         for slot in slots {
+            // A blank token (SoftHSM always offers one in a free slot) holds nothing to use.
+            match self.ctx.get_token_info(slot) {
+                Ok(t) if !t.token_initialized() => continue,
+                _ => {}
+            }
             match self.describe(slot) {
                 Ok(info) => out.push(info),
                 // A token pulled between C_GetSlotList and C_GetTokenInfo is simply not listed.

@@ -1,0 +1,282 @@
+//! `keyport run`: wires configuration, tokens, dialogs, audit and the WebSocket server, prints
+//! one `listening on ws://127.0.0.1:PORT/v1` line when it accepts connections, and stops cleanly
+//! on SIGTERM or SIGINT.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use browser_bridge::{Limits, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::audit::AuditLog;
+use crate::config::{Config, Paths};
+use crate::dialog::{Language, Texts};
+use crate::origins::OriginStore;
+use crate::pinentry::Pinentry;
+use crate::secrets::{self, AuditKeySource};
+use crate::service::Service;
+use crate::tokens::TokenSet;
+
+/// Options of `keyport run` beyond the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Also serve the demo portal on this port of 127.0.0.1.
+    pub demo_port: Option<u16>,
+}
+
+/// The pinentry program: the configured one, else `pinentry` on the PATH.
+pub fn pinentry_for(config: &Config) -> anyhow::Result<Pinentry> {
+    let program = match &config.pinentry {
+        Some(p) => p.clone(),
+        None => find_in_path("pinentry").context(
+            "no pinentry program found: install one (apt install pinentry-gnome3 or pinentry-tty) \
+             or set `pinentry = \"/path/to/pinentry\"` in the configuration",
+        )?,
+    };
+    Ok(Pinentry::new(program)
+        .timeout(config.dialog_timeout())
+        .terminal_from_env())
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The audit log's path and key, or why the agent must not start.
+pub fn open_audit(config: &Config, paths: &Paths) -> anyhow::Result<AuditLog> {
+    let source = match &config.audit_key_file {
+        Some(file) => AuditKeySource::File(file.clone()),
+        None => AuditKeySource::Keyring {
+            service: config.keyring_service.clone(),
+            user: "audit-key".into(),
+        },
+    };
+    let key = secrets::audit_key(&source).map_err(|e| {
+        anyhow::anyhow!(
+            "{}\nThe audit log needs a key: KeyPort keeps it in the OS keyring. Without one, set \
+             `audit_key_file` in the configuration to a file of mode 0600 holding at least 32 \
+             random bytes (head -c 32 /dev/urandom > FILE; chmod 600 FILE).",
+            crate::tokens::error_chain(&e)
+        )
+    })?;
+    let path = audit_path(config, paths);
+    AuditLog::open(&path, key)
+        .with_context(|| format!("cannot open the audit log {}", path.display()))
+}
+
+pub fn audit_path(config: &Config, paths: &Paths) -> PathBuf {
+    config
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| paths.data_dir.join("audit.log"))
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::Result<()> {
+    let audit = {
+        let (c, p) = (config.clone(), paths.clone());
+        tokio::task::spawn_blocking(move || open_audit(&c, &p)).await??
+    };
+    let pinentry = pinentry_for(&config)?;
+    let origins = OriginStore::open(&paths.origins_file(), &config)?;
+    let tokens = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || TokenSet::load(&c)).await?
+    };
+    for f in tokens.failures() {
+        eprintln!(
+            "keyport: module {} ({}) did not load: {}",
+            f.path.display(),
+            f.source,
+            f.error
+        );
+    }
+    let texts = Texts::new(Language::from_config(config.language.as_deref()));
+    let server_config = ServerConfig {
+        port: config.port,
+        bind: vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ],
+        limits: Limits {
+            max_message_bytes: config.limits.max_message_bytes,
+            max_connections_per_origin: config.limits.max_connections_per_origin,
+            max_connections: config.limits.max_connections,
+            requests_per_second: config.limits.requests_per_second,
+            handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
+        },
+        allow_insecure_localhost_origins: config.allow_insecure_localhost_origins,
+    };
+    let service = Arc::new(Service::new(
+        config.clone(),
+        tokens.clone(),
+        origins,
+        pinentry,
+        texts,
+        Some(audit),
+    ));
+    let server = match browser_bridge::bind(server_config.clone(), Arc::clone(&service)).await {
+        Ok(s) => s,
+        Err(browser_bridge::Error::Bind { .. }) | Err(browser_bridge::Error::PortInUse { .. })
+            if !ipv6_loopback_available() =>
+        {
+            // A host without ::1: serve 127.0.0.1 alone rather than not at all.
+            let mut v4 = server_config;
+            v4.bind = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+            browser_bridge::bind(v4, Arc::clone(&service)).await?
+        }
+        Err(e @ browser_bridge::Error::PortInUse { .. }) => {
+            bail!("{e}: another program (or another keyport) uses the port; stop it or set `port` in the configuration")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let port = server.port();
+
+    let demo = match options.demo_port {
+        Some(demo_port) => Some(serve_demo(demo_port).await?),
+        None => None,
+    };
+
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on ws://127.0.0.1:{port}/v1")?;
+        if let Some((addr, _)) = &demo {
+            writeln!(
+                out,
+                "demo portal on http://{addr}/?agent=ws://127.0.0.1:{port}/v1"
+            )?;
+        }
+        out.flush()?;
+    }
+    tracing::info!(port, "listening");
+
+    server.serve(shutdown_signal()).await?;
+    if let Some((_, task)) = demo {
+        task.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn ipv6_loopback_available() -> bool {
+    std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The demo portal's files, built into the binary.
+const DEMO_FILES: &[(&str, &str, &str)] = &[
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../../browser-bridge/js/demo/index.html"),
+    ),
+    (
+        "/index.html",
+        "text/html; charset=utf-8",
+        include_str!("../../browser-bridge/js/demo/index.html"),
+    ),
+    (
+        "/demo.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../browser-bridge/js/demo/demo.js"),
+    ),
+    (
+        "/verify.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../browser-bridge/js/demo/verify.js"),
+    ),
+    (
+        "/demo.css",
+        "text/css; charset=utf-8",
+        include_str!("../../browser-bridge/js/demo/demo.css"),
+    ),
+    (
+        "/src/keyport.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../browser-bridge/js/src/keyport.js"),
+    ),
+];
+
+/// Serves the demo portal on 127.0.0.1 only: a handful of static files, GET only.
+pub async fn serve_demo(port: u16) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+        .await
+        .with_context(|| format!("cannot serve the demo portal on 127.0.0.1:{port}"))?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut len = 0;
+                let head_end = loop {
+                    let read =
+                        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..]))
+                            .await;
+                    match read {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                        Ok(Ok(n)) => len += n,
+                    }
+                    if let Some(i) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i;
+                    }
+                    if len == buf.len() {
+                        return;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]);
+                let mut parts = head.lines().next().unwrap_or_default().split(' ');
+                let (method, target) = (
+                    parts.next().unwrap_or_default(),
+                    parts.next().unwrap_or_default(),
+                );
+                let path = target.split('?').next().unwrap_or_default();
+                let response = match DEMO_FILES.iter().find(|(p, _, _)| *p == path) {
+                    Some((_, kind, body)) if method == "GET" => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
+                         Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\
+                         Connection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    Some(_) => "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
+                    None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Ok((addr, task))
+}

@@ -1,0 +1,147 @@
+//! `keyport demo`: one command for a newcomer. Provisions a SoftHSM demo token once in the
+//! user's data folder, then runs the agent with the demo portal served on 127.0.0.1 and its
+//! origin allowed, using the desktop's pinentry.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context};
+
+use crate::config::{Config, ModuleConfig, Paths};
+use crate::daemon::{self, RunOptions};
+
+/// The provisioning script and its helpers, built into the binary so `keyport demo` works from
+/// anywhere.
+const PROVISION_SH: &str = include_str!("../../softhsm-config/provision.sh");
+const ISSUE_CERTS_PY: &str = include_str!("../../softhsm-config/issue_certs.py");
+const CONF_IN: &str = include_str!("../../softhsm-config/softhsm2.conf.in");
+
+/// Where Debian and Ubuntu install SoftHSM's module.
+const SOFTHSM_MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+];
+
+pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCode> {
+    let module = match find_softhsm() {
+        Some(m) if have("pkcs11-tool") && have("openssl") => m,
+        _ => {
+            let apt = "apt-get install -y softhsm2 opensc openssl python3-cryptography";
+            if is_root() {
+                eprintln!("keyport demo: SoftHSM is missing; running: {apt}");
+                let ok = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("apt-get update -q && {apt}"))
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if !ok {
+                    bail!("`{apt}` failed");
+                }
+                find_softhsm().context("SoftHSM installed but its module was not found")?
+            } else {
+                eprintln!(
+                    "keyport demo needs SoftHSM and OpenSC. Install them with:\n\n    sudo {apt}\n"
+                );
+                return Ok(ExitCode::from(2));
+            }
+        }
+    };
+    let token_dir = paths.data_dir.join("demo-token");
+    if !token_dir.join("softhsm2.conf").exists() {
+        eprintln!(
+            "keyport demo: creating the demo token in {}",
+            token_dir.display()
+        );
+        provision(&token_dir)?;
+    }
+    // SoftHSM reads its configuration from the environment at C_Initialize.
+    std::env::set_var("SOFTHSM2_CONF", token_dir.join("softhsm2.conf"));
+    config.modules = vec![ModuleConfig { path: module }];
+    config.discover_modules = false;
+    config.allow_insecure_localhost_origins = true;
+    let origin = format!("http://127.0.0.1:{port}");
+    if !config.allowed_origins.contains(&origin) {
+        config.allowed_origins.push(origin);
+    }
+    if config.audit_key_file.is_none() {
+        let key = token_dir.join("audit.key");
+        if !key.exists() {
+            write_random_key(&key)?;
+        }
+        config.audit_key_file = Some(key);
+    }
+    if config.audit_log.is_none() {
+        config.audit_log = Some(token_dir.join("audit.log"));
+    }
+    eprintln!(
+        "keyport demo: open http://127.0.0.1:{port}/ in your browser. The demo token's PIN is 123456."
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(daemon::run(
+        config,
+        paths,
+        RunOptions {
+            demo_port: Some(port),
+        },
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn provision(dir: &Path) -> anyhow::Result<()> {
+    let scripts = tempfile::tempdir()?;
+    let sh = scripts.path().join("provision.sh");
+    std::fs::write(&sh, PROVISION_SH)?;
+    std::fs::write(scripts.path().join("issue_certs.py"), ISSUE_CERTS_PY)?;
+    std::fs::write(scripts.path().join("softhsm2.conf.in"), CONF_IN)?;
+    std::fs::create_dir_all(dir)?;
+    let status = Command::new("bash")
+        .arg(&sh)
+        .arg(dir)
+        .status()
+        .context("cannot run bash")?;
+    if !status.success() {
+        // Leave nothing half-made: the next run starts over.
+        let _ = std::fs::remove_dir_all(dir);
+        bail!("provisioning the demo token failed");
+    }
+    Ok(())
+}
+
+fn write_random_key(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(&bytes)?;
+    Ok(())
+}
+
+fn find_softhsm() -> Option<PathBuf> {
+    SOFTHSM_MODULES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn have(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}

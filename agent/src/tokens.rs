@@ -1,0 +1,241 @@
+//! The modules the agent has loaded and the tokens and certificates they show.
+//!
+//! Every call here blocks (it waits on a module's worker thread): async code reaches it through
+//! `tokio::task::spawn_blocking`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use pkcs11_shim::{CertificateId, CertificateInfo, Module, TokenId, TokenInfo};
+
+use crate::config::Config;
+use crate::discovery::{self, Candidate, Discovery, Source};
+
+/// A module that loaded, and why it was chosen.
+#[derive(Debug, Clone)]
+pub struct LoadedModule {
+    pub module: Module,
+    pub source: Source,
+}
+
+/// A module that did not load: its path and the loader's error.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    pub path: PathBuf,
+    pub source: Source,
+    pub error: String,
+}
+
+/// A token, the module that shows it, and the reader it sits in when known.
+#[derive(Debug, Clone)]
+pub struct TokenView {
+    pub info: TokenInfo,
+    pub module: Module,
+    pub reader: Option<String>,
+}
+
+/// A certificate and the module that holds its key.
+#[derive(Debug, Clone)]
+pub struct CertificateView {
+    pub info: CertificateInfo,
+    pub module: Module,
+}
+
+/// Every module the agent uses. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct TokenSet {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    modules: RwLock<Vec<LoadedModule>>,
+    failures: RwLock<Vec<LoadFailure>>,
+    discovery: RwLock<Discovery>,
+    /// Reader name per token serial, filled by the PC/SC watcher.
+    readers: RwLock<HashMap<String, String>>,
+}
+
+impl TokenSet {
+    /// Discovers and loads modules; one that fails is recorded and the others still load.
+    pub fn load(config: &Config) -> TokenSet {
+        let found = discovery::discover(config);
+        let set = TokenSet::default();
+        for candidate in &found.candidates {
+            set.add(candidate.clone());
+        }
+        if let Ok(mut d) = set.inner.discovery.write() {
+            *d = found;
+        }
+        set
+    }
+
+    /// Loads one more module (an ATR match, say) unless it is loaded already. Returns whether it
+    /// is loaded now.
+    pub fn add(&self, candidate: Candidate) -> bool {
+        if self
+            .modules()
+            .iter()
+            .any(|m| m.module.path() == candidate.path)
+        {
+            return true;
+        }
+        match Module::load(&candidate.path) {
+            Ok(module) => {
+                tracing::info!(path = %candidate.path.display(), source = %candidate.source, "module loaded");
+                if let Ok(mut m) = self.inner.modules.write() {
+                    m.push(LoadedModule {
+                        module,
+                        source: candidate.source,
+                    });
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %candidate.path.display(), error = %e, "module failed to load");
+                let error = error_chain(&e);
+                if let Ok(mut f) = self.inner.failures.write() {
+                    f.retain(|x| x.path != candidate.path);
+                    f.push(LoadFailure {
+                        path: candidate.path,
+                        source: candidate.source,
+                        error,
+                    });
+                }
+                false
+            }
+        }
+    }
+
+    pub fn modules(&self) -> Vec<LoadedModule> {
+        self.inner
+            .modules
+            .read()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn failures(&self) -> Vec<LoadFailure> {
+        self.inner
+            .failures
+            .read()
+            .map(|f| f.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn discovery(&self) -> Discovery {
+        self.inner
+            .discovery
+            .read()
+            .map(|d| d.clone())
+            .unwrap_or_default()
+    }
+
+    /// Tells which reader holds the token with this serial (from PC/SC).
+    pub fn set_readers(&self, readers: HashMap<String, String>) {
+        if let Ok(mut r) = self.inner.readers.write() {
+            *r = readers;
+        }
+    }
+
+    /// Every present token of every module. A module that fails to answer is skipped (and
+    /// logged): one broken module must not hide the others.
+    pub fn tokens(&self) -> Vec<TokenView> {
+        let readers = self
+            .inner
+            .readers
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for m in self.modules() {
+            match m.module.tokens() {
+                Ok(tokens) => out.extend(tokens.into_iter().map(|info| {
+                    let reader = reader_for(&readers, &info);
+                    TokenView {
+                        info,
+                        module: m.module.clone(),
+                        reader,
+                    }
+                })),
+                Err(e) => {
+                    tracing::warn!(path = %m.module.path().display(), error = %e, "listing tokens failed")
+                }
+            }
+        }
+        out
+    }
+
+    /// Every certificate with its key on a present token.
+    pub fn certificates(&self) -> Vec<CertificateView> {
+        let mut out = Vec::new();
+        for m in self.modules() {
+            match m.module.certificates(None) {
+                Ok(certs) => out.extend(certs.into_iter().map(|info| CertificateView {
+                    info,
+                    module: m.module.clone(),
+                })),
+                Err(e) => {
+                    tracing::warn!(path = %m.module.path().display(), error = %e, "listing certificates failed")
+                }
+            }
+        }
+        out
+    }
+
+    /// The certificate with this id, looked up on its own token only.
+    pub fn certificate(&self, id: &CertificateId) -> Result<CertificateView, pkcs11_shim::Error> {
+        let token = id.token_id().clone();
+        let mut last_err = None;
+        for m in self.modules() {
+            match m.module.certificates(Some(&token)) {
+                Ok(certs) => {
+                    if let Some(info) = certs.into_iter().find(|c| &c.id == id) {
+                        return Ok(CertificateView {
+                            info,
+                            module: m.module.clone(),
+                        });
+                    }
+                }
+                Err(pkcs11_shim::Error::TokenNotFound(_)) => {}
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match last_err {
+            Some(e) if e.is_removal() => Err(e),
+            _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
+        }
+    }
+
+    /// The token with this id.
+    pub fn token(&self, id: &TokenId) -> Option<TokenView> {
+        self.tokens().into_iter().find(|t| &t.info.id == id)
+    }
+}
+
+fn reader_for(readers: &HashMap<String, String>, info: &TokenInfo) -> Option<String> {
+    readers
+        .get(info.serial.trim())
+        .or_else(|| readers.get(info.slot_description.trim()))
+        .cloned()
+        .or_else(|| {
+            // OpenSC names the slot after the reader: "Virtual PCD 00 00".
+            readers
+                .values()
+                .find(|r| info.slot_description.starts_with(r.as_str()))
+                .cloned()
+        })
+}
+
+/// The error and its sources on one line: what a user or `keyport doctor` shows.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
