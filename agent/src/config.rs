@@ -61,6 +61,11 @@ pub enum UnknownOrigins {
     Prompt,
     /// Enterprise policy: refuse at the handshake.
     Reject,
+    /// Enterprise policy, but let the portal say why: connect, `hello` answers
+    /// `originApproved: false`, every other call fails with ORIGIN_NOT_APPROVED and no dialog is
+    /// ever shown. (A handshake refusal reaches the page as a failed connection, which reads
+    /// like "KeyPort is not running".)
+    Unapproved,
 }
 
 /// Which certificates may make document signatures.
@@ -371,6 +376,17 @@ mod tests {
             let text = format!("allowed_origins = [{bad:?}]");
             assert!(Config::parse(&text).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn the_example_config_parses_and_states_the_defaults() {
+        let text = include_str!("../../docs/config.example.toml");
+        let config = Config::parse(text).expect("example config parses");
+        assert_eq!(
+            config,
+            Config::default(),
+            "the example must show the defaults"
+        );
     }
 
     #[test]

@@ -75,6 +75,25 @@ pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCo
     if config.audit_log.is_none() {
         config.audit_log = Some(token_dir.join("audit.log"));
     }
+    if config.pinentry.is_none() && daemon::pinentry_for(&config).is_err() {
+        let graphical =
+            std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+        let package = if graphical {
+            "pinentry-gnome3"
+        } else {
+            "pinentry-curses"
+        };
+        eprintln!("keyport demo needs a pinentry dialog program. Install one with:\n\n    sudo apt-get install -y {package}\n");
+        return Ok(ExitCode::from(2));
+    }
+    // A terminal pinentry (curses, tty) needs to know the terminal: tell it ours.
+    if std::env::var_os("GPG_TTY").is_none() {
+        if let Ok(tty) = std::fs::read_link("/proc/self/fd/0") {
+            if tty.starts_with("/dev/pts") || tty.starts_with("/dev/tty") {
+                std::env::set_var("GPG_TTY", tty);
+            }
+        }
+    }
     eprintln!(
         "keyport demo: open http://127.0.0.1:{port}/ in your browser. The demo token's PIN is 123456."
     );
