@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::cms::{self, CmsSignatureAlg, DigestAlg};
-use crate::config::{Config, ConsentMode, SigningKeyUsage};
+use crate::config::{Config, ConsentMode, SigningKeyUsage, UnknownOrigins};
 use crate::consent::{confirm_only, DialogBuilder, DialogOutcome, DialogPinProvider};
 use crate::dialog::{Document, OriginDecision, Signer, Texts};
 use crate::origins::{OriginStore, Standing};
@@ -136,7 +136,7 @@ impl Failure {
             },
             Failure::OriginNotApproved => RpcError::new(
                 Reason::OriginNotApproved,
-                "this origin is not approved and the approval dialog could not be shown",
+                "this origin is not approved and no approval dialog was shown",
             ),
             Failure::OriginDenied => RpcError::new(Reason::OriginDenied, "this origin was denied"),
             Failure::Busy => {
@@ -358,6 +358,10 @@ impl Service {
 
     /// Shows "Allow ORIGIN to use your certificates?"; returns whether it was remembered.
     async fn ask_origin(&self, ctx: &RequestContext) -> Result<bool, Failure> {
+        if self.config.unknown_origins == UnknownOrigins::Unapproved {
+            // The administrator allows no dialog for origins off the list.
+            return Err(Failure::OriginNotApproved);
+        }
         let origin = ctx.origin.as_str().to_owned();
         let _slot = self.claim_dialog(&origin)?;
         let dialog = self.texts.origin_approval(&origin);
@@ -833,7 +837,7 @@ impl Service {
             .find(|c| c.info.extended_key_usage.iter().any(|e| e == "clientAuth"))
             .or_else(|| certs.iter().find(allows))
             .cloned()
-            .ok_or_else(|| Failure::Token(pkcs11_shim::Error::KeyNotFound))
+            .ok_or(Failure::Token(pkcs11_shim::Error::KeyNotFound))
     }
 }
 
