@@ -67,7 +67,10 @@ impl OriginStore {
         match self.standing(origin) {
             Standing::Allowed => true,
             Standing::Denied => false,
-            Standing::Unknown => self.unknown == UnknownOrigins::Prompt,
+            Standing::Unknown => match self.unknown {
+                UnknownOrigins::Prompt | UnknownOrigins::Unapproved => true,
+                UnknownOrigins::Reject => false,
+            },
         }
     }
 
@@ -237,6 +240,21 @@ mod tests {
         let store = OriginStore::open(&dir.path().join("o.toml"), &cfg).expect("open");
         assert!(store.admits("https://portal.example"));
         assert!(!store.admits("https://other.example"));
+    }
+
+    #[test]
+    fn unapproved_policy_lets_unknown_origins_connect_but_not_denied_ones() {
+        let cfg = config(
+            r#"unknown_origins = "unapproved"
+               allowed_origins = ["https://portal.example"]
+               denied_origins = ["https://bad.example"]"#,
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = OriginStore::open(&dir.path().join("o.toml"), &cfg).expect("open");
+        assert!(store.admits("https://portal.example"));
+        assert!(store.admits("https://other.example"));
+        assert_eq!(store.standing("https://other.example"), Standing::Unknown);
+        assert!(!store.admits("https://bad.example"));
     }
 
     #[test]

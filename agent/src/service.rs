@@ -20,6 +20,7 @@ use pkcs11_shim::{
     SignFailure, SignInput, SignRequest,
 };
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::cms::{self, CmsSignatureAlg, DigestAlg};
@@ -853,10 +854,17 @@ impl Backend for Service {
 
     async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Value, RpcError> {
         let method = request.method();
-        let span = tracing::info_span!("request", id = %ctx.request_id, origin = %ctx.origin.as_str(), method);
-        let _enter = span.enter();
-        drop(_enter);
-        let result = self.dispatch(&ctx, request).await;
+        let span = tracing::info_span!(
+            "request",
+            id = %ctx.request_id,
+            origin = %ctx.origin.as_str(),
+            conn = %ctx.connection,
+            method
+        );
+        let result = self
+            .dispatch(&ctx, request)
+            .instrument(span.clone())
+            .await;
         match result {
             Ok(v) => {
                 tracing::info!(parent: &span, "done");
