@@ -5,7 +5,7 @@
 #
 # Writes DIR/softhsm2.conf (use it with SOFTHSM2_CONF=DIR/softhsm2.conf), DIR/tokens/,
 # DIR/ca.pem + DIR/ca.key (a fresh test CA) and DIR/certs/<label>.{pem,der}.
-# The token "KeyPort Test" (user PIN 123456, SO PIN 12345678) holds seven key pairs generated
+# The token "KeyPort Test" (user PIN 123456, SO PIN 12345678) holds eight key pairs generated
 # on the token, each with a certificate from the test CA under the same CKA_ID and CKA_LABEL.
 # Silent except for errors unless -v is given.
 set -euo pipefail
@@ -24,6 +24,7 @@ readonly KEYS=(
     "sign-ed25519     05 EC:edwards25519   sign        Test Signer Ed25519"
     "auth-p256        06 EC:prime256v1     auth        Test Client P-256"
     "sign-p256-always 07 EC:prime256v1     sign-always Test Signer P-256 Always-Auth"
+    "sign-rsa2048-always 08 rsa:2048       sign-always Test Signer RSA-2048 Always-Auth"
 )
 
 verbose=0

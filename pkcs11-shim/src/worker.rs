@@ -77,6 +77,9 @@ struct TokenState {
     /// The last scan of certificates and keys; dropped on login and logout because they
     /// change which objects are visible.
     entries: Option<Vec<Entry>>,
+    /// Mechanisms the token refused to do in parts (C_SignUpdate) after a context login:
+    /// a CKA_ALWAYS_AUTHENTICATE key is then refused before anyone is asked for a PIN.
+    single_part_only: Vec<MechanismType>,
 }
 
 /// One certificate with what was found of its key.
@@ -253,6 +256,7 @@ impl Worker {
                         session: None,
                         mechanisms: None,
                         entries: None,
+                        single_part_only: Vec::new(),
                     },
                 );
                 return Ok(slot);

@@ -50,6 +50,7 @@ fn certificates_are_paired_parsed_and_stable() {
             "sign-p256-always",
             "sign-p384",
             "sign-rsa2048",
+            "sign-rsa2048-always",
             "sign-rsa3072"
         ]
     );
@@ -61,6 +62,11 @@ fn certificates_are_paired_parsed_and_stable() {
         ("sign-ed25519", KeyAlgorithm::Ed25519, "05"),
         ("auth-p256", KeyAlgorithm::EcP256, "06"),
         ("sign-p256-always", KeyAlgorithm::EcP256, "07"),
+        (
+            "sign-rsa2048-always",
+            KeyAlgorithm::Rsa { bits: 2048 },
+            "08",
+        ),
     ];
     for (label, alg, id_hex) in expected {
         let c = certs.iter().find(|c| c.label == label).expect(label);

@@ -122,10 +122,11 @@ fn ed25519_signs_messages_and_refuses_digests() {
 }
 
 /// SoftHSM signs CKM_ECDSA single-part only, and cryptoki 0.12 has no bare C_Sign after
-/// C_SignInit + context login: the shim does the login dance and then reports the mechanism
-/// as unsupported for an always-authenticate key (see the crate report). This pins that.
+/// C_SignInit + context login: the shim does the login dance, then reports the mechanism as
+/// unsupported for an always-authenticate key, naming the token's single-part limit. The
+/// refusal is remembered: the next request is refused before anyone is asked for a PIN.
 #[test]
-fn always_authenticate_key_gets_a_context_login_after_sign_init() {
+fn always_authenticate_ec_key_is_refused_naming_the_single_part_limit() {
     let rig = Rig::new();
     let cert = rig.certificate("sign-p256-always");
     let alg = SignAlgorithm::Ecdsa(HashAlg::Sha256, EcdsaEncoding::Der);
@@ -149,16 +150,94 @@ fn always_authenticate_key_gets_a_context_login_after_sign_init() {
             matches!(failure.error, Error::MechanismNotSupported { .. }),
             "{failure:?}"
         );
+        let text = failure.error.to_string();
+        assert!(
+            text.contains("CKM_ECDSA in one part only") && text.contains("CKA_ALWAYS_AUTHENTICATE"),
+            "{text}"
+        );
         let kinds: Vec<LoginKind> = asked.lock().expect("log").iter().map(|a| a.kind).collect();
         let expected: &[LoginKind] = if round == 0 {
             &[LoginKind::User, LoginKind::ContextSpecific]
         } else {
-            // Still logged in: only the per-signature login is asked for.
-            &[LoginKind::ContextSpecific]
+            // Logged in (the key's flag is visible) and the refusal is known: no PIN asked.
+            &[]
         };
         assert_eq!(kinds, expected, "round {round}");
     }
     // Once logged in, the key is visible and its flag is reported.
     assert!(rig.certificate("sign-p256-always").always_authenticate);
+    assert!(rig.certificate("sign-rsa2048-always").always_authenticate);
     assert!(!rig.certificate("sign-p256").always_authenticate);
+}
+
+/// The always-authenticate RSA key signs messages through the combined hash-and-sign
+/// mechanism in parts: every signature asks a context-specific PIN, and openssl verifies
+/// them all. A pre-hashed digest needs single-part CKM_RSA_PKCS and is refused.
+#[test]
+fn always_authenticate_rsa_key_asks_the_pin_for_every_signature() {
+    let rig = Rig::new();
+    let label = "sign-rsa2048-always";
+    let pem = rig.cert_pem(label);
+    for (alg, mode, digest) in [
+        (
+            SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
+            "pkcs1",
+            "sha256",
+        ),
+        (SignAlgorithm::RsaPss(HashAlg::Sha384), "pss", "sha384"),
+    ] {
+        let msgs = [b"first document".to_vec(), b"second document".to_vec()];
+        let (pin, asked) = ScriptedPin::right();
+        let sigs = rig
+            .module
+            .sign(
+                request(
+                    &rig,
+                    label,
+                    alg,
+                    msgs.iter().cloned().map(SignInput::Data).collect(),
+                ),
+                pin,
+                None,
+                None,
+            )
+            .unwrap_or_else(|f| panic!("{}: {f}", alg.name()));
+        let contexts = asked
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|a| a.kind == LoginKind::ContextSpecific)
+            .count();
+        assert_eq!(
+            contexts,
+            2,
+            "one context login per signature ({})",
+            alg.name()
+        );
+        for (msg, sig) in msgs.iter().zip(&sigs) {
+            assert!(
+                openssl_verify(&pem, mode, digest, msg, sig),
+                "{}",
+                alg.name()
+            );
+            assert!(!openssl_verify(&pem, mode, digest, b"other", sig));
+        }
+    }
+    let (pin, _) = ScriptedPin::right();
+    let failure = rig
+        .module
+        .sign(
+            request(
+                &rig,
+                label,
+                SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
+                vec![SignInput::Digest(HashAlg::Sha256.digest(b"m"))],
+            ),
+            pin,
+            None,
+            None,
+        )
+        .expect_err("a digest needs single-part CKM_RSA_PKCS");
+    let text = failure.error.to_string();
+    assert!(text.contains("CKM_RSA_PKCS in one part only"), "{text}");
 }

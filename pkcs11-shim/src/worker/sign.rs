@@ -99,7 +99,12 @@ impl Worker {
         check_key(req.algorithm, key_alg)?;
         let mechanisms = self.mechanisms(token)?;
         // Fail on an unsupported mechanism before asking anyone for a PIN.
-        plan(req.algorithm, &req.inputs[0], &mechanisms)?;
+        for input in &req.inputs {
+            let planned = plan(req.algorithm, input, &mechanisms)?;
+            if entry.info.always_authenticate && self.single_part_only(token, planned.mech) {
+                return Err(single_part_error(planned.mech, &entry.info));
+            }
+        }
 
         if cancelled() {
             return Err(Error::Cancelled);
@@ -179,25 +184,30 @@ impl Worker {
                         )
                     )
                 };
-                session
+                let signed = session
                     .sign_update(&planned.data)
-                    .and_then(|()| session.sign_final())
-                    .map_err(|e| {
-                        if single_part_only(&e) {
-                            tracing::warn!(error = %e, "multi-part signing refused after a context login");
-                            Error::MechanismNotSupported {
-                                algorithm: format!(
-                                    "{:?} in two parts (needed for CKA_ALWAYS_AUTHENTICATE keys)",
-                                    planned.mech
-                                ),
-                                key: certificate.key_algorithm.wire_name(),
-                            }
-                        } else {
-                            from_cryptoki(e)
+                    .and_then(|()| session.sign_final());
+                match signed {
+                    Ok(sig) => Ok(sig),
+                    Err(e) if single_part_only(&e) => {
+                        tracing::warn!(error = %e, mechanism = %planned.mech.mechanism_type(),
+                            "multi-part signing refused after a context login");
+                        if let Some(state) = self.tokens.get_mut(token) {
+                            state.single_part_only.push(planned.mech.mechanism_type());
                         }
-                    })
+                        Err(single_part_error(planned.mech, certificate))
+                    }
+                    Err(e) => Err(from_cryptoki(e)),
+                }
             }
         }
+    }
+
+    /// True when the token refused this mechanism in parts before.
+    fn single_part_only(&self, token: &TokenId, mech: Mech) -> bool {
+        self.tokens
+            .get(token)
+            .is_some_and(|s| s.single_part_only.contains(&mech.mechanism_type()))
     }
 
     /// The token's open session, without the health probe (inside a batch).
@@ -206,6 +216,20 @@ impl Worker {
             .get(token)
             .and_then(|s| s.session.as_ref())
             .ok_or(Error::TokenNotPresent)
+    }
+}
+
+/// The error for a CKA_ALWAYS_AUTHENTICATE key whose mechanism the token signs in one part
+/// only: the shim can finish such a signature only with C_SignUpdate + C_SignFinal.
+fn single_part_error(mech: Mech, certificate: &CertificateInfo) -> Error {
+    Error::MechanismNotSupported {
+        algorithm: format!(
+            "{} on a CKA_ALWAYS_AUTHENTICATE key (the token signs {} in one part only, \
+             and KeyPort must sign such keys in parts)",
+            mech.algorithm_name(),
+            mech.mechanism_type()
+        ),
+        key: certificate.key_algorithm.wire_name(),
     }
 }
 
@@ -229,6 +253,19 @@ enum Mech {
 }
 
 impl Mech {
+    /// A short human name: what is signed, and how.
+    fn algorithm_name(self) -> String {
+        match self {
+            Mech::RsaPkcs => "RSA PKCS#1 v1.5 over a digest".to_owned(),
+            Mech::ShaRsaPkcs(h) => format!("RSA PKCS#1 v1.5 with {}", h.name()),
+            Mech::RsaPss(h) => format!("RSA-PSS over a {} digest", h.name()),
+            Mech::ShaRsaPss(h) => format!("RSA-PSS with {}", h.name()),
+            Mech::Ecdsa => "ECDSA over a digest".to_owned(),
+            Mech::EcdsaSha(h) => format!("ECDSA with {}", h.name()),
+            Mech::Eddsa => "EdDSA".to_owned(),
+        }
+    }
+
     fn mechanism_type(self) -> MechanismType {
         match self {
             Mech::RsaPkcs => MechanismType::RSA_PKCS,
