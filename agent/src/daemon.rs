@@ -140,6 +140,7 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
         Err(e) => return Err(e.into()),
     };
     let port = server.port();
+    let watcher = spawn_pcsc_watcher(&config, &tokens, &service, server.broadcaster());
 
     let demo = match options.demo_port {
         Some(demo_port) => Some(serve_demo(demo_port).await?),
@@ -160,11 +161,43 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
     tracing::info!(port, "listening");
 
     server.serve(shutdown_signal()).await?;
+    if let Some(w) = watcher {
+        // Joining takes at most one PC/SC wait slice: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || w.stop()).await;
+    }
     if let Some((_, task)) = demo {
         task.abort();
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the PC/SC watcher: `tokens.changed` goes to connections of approved origins. Without
+/// it (the thread could not start) the agent still serves PKCS#11 tokens.
+fn spawn_pcsc_watcher(
+    config: &Config,
+    tokens: &TokenSet,
+    service: &Arc<Service>,
+    broadcaster: browser_bridge::Broadcaster,
+) -> Option<crate::pcsc_watch::Watcher> {
+    let atr = crate::discovery::AtrTable::effective(config).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the ATR table did not load; cards are not matched to modules");
+        crate::discovery::AtrTable::default()
+    });
+    let service = Arc::clone(service);
+    let on_change = Box::new(move |tokens: Vec<browser_bridge::protocol::TokenEntry>| {
+        broadcaster.send_event(
+            &browser_bridge::protocol::TokensChanged { tokens },
+            |origin| service.is_approved_origin(origin.as_str()),
+        );
+    });
+    match crate::pcsc_watch::Watcher::spawn(tokens.clone(), atr, on_change) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "the PC/SC watcher did not start: no card events");
+            None
+        }
+    }
 }
 
 fn ipv6_loopback_available() -> bool {

@@ -216,6 +216,8 @@ fn read_p11kit_module(file: &Path) -> Result<Option<PathBuf>, String> {
 #[derive(Debug, Clone, Default)]
 pub struct AtrTable {
     entries: Vec<AtrRule>,
+    /// How many of `entries`, from the start, are the user's.
+    users: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,7 +246,35 @@ impl AtrTable {
         for e in config.atr.iter().chain(shipped.atr.iter()) {
             entries.push(AtrRule::parse(e)?);
         }
-        Ok(AtrTable { entries })
+        Ok(AtrTable {
+            entries,
+            users: config.atr.len(),
+        })
+    }
+
+    /// The table the agent uses: the user's `[[atr]]` entries always (they are configuration,
+    /// like `[[modules]]`); the shipped table only with `discover_modules`.
+    pub fn effective(config: &Config) -> Result<AtrTable, String> {
+        if config.discover_modules {
+            return AtrTable::load(config);
+        }
+        let entries = config
+            .atr
+            .iter()
+            .map(AtrRule::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(AtrTable {
+            users: entries.len(),
+            entries,
+        })
+    }
+
+    /// Whether this rule came from the user's configuration rather than the shipped table.
+    pub fn is_users(&self, rule: &AtrRule) -> bool {
+        self.users > 0
+            && self.entries[..self.users]
+                .iter()
+                .any(|r| std::ptr::eq(r, rule))
     }
 
     /// The first rule whose masked pattern equals the masked ATR.

@@ -220,10 +220,12 @@ fn reader_for(readers: &HashMap<String, String>, info: &TokenInfo) -> Option<Str
         .or_else(|| readers.get(info.slot_description.trim()))
         .cloned()
         .or_else(|| {
-            // OpenSC names the slot after the reader: "Virtual PCD 00 00".
+            // OpenSC names the slot after the reader: "Virtual PCD 00 00". The longest name
+            // wins, so "Reader 1" never claims the slot of "Reader 10".
             readers
                 .values()
-                .find(|r| info.slot_description.starts_with(r.as_str()))
+                .filter(|r| info.slot_description.starts_with(r.as_str()))
+                .max_by_key(|r| r.len())
                 .cloned()
         })
 }
