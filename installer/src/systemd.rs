@@ -1,0 +1,180 @@
+//! Linux: a hardened systemd user unit.
+
+use std::path::Path;
+
+use crate::paths::Dirs;
+use crate::plan::{Plan, Step};
+
+/// The unit's name.
+pub const UNIT: &str = "keyport.service";
+
+/// The unit file for `keyport run` from `binary`, allowed to write only KeyPort's config and
+/// data directories.
+///
+/// Every hardening option here works in a *user* manager: the seccomp-based ones
+/// (`NoNewPrivileges`, `RestrictAddressFamilies`, `LockPersonality`,
+/// `MemoryDenyWriteExecute`, `RestrictRealtime`, `RestrictSUIDSGID`,
+/// `SystemCallArchitectures`) need no privilege, and the mount-namespace ones (`PrivateTmp`,
+/// `ProtectSystem`, `ReadWritePaths`) use an unprivileged user namespace where the kernel
+/// allows one. `MemoryDenyWriteExecute` suits every PKCS#11 module we know (SoftHSM, OpenSC,
+/// vendor middleware does not JIT); a module that maps W+X memory would fail to load, and
+/// that line is the one to drop for it.
+pub fn unit(binary: &Path, dirs: &Dirs) -> String {
+    let rw = |p: &Path| escape(&format!("-{}", p.display()));
+    format!(
+        "\
+# KeyPort signing agent (written by keyport-install; `keyport-install --uninstall` removes it).
+[Unit]
+Description=KeyPort signing agent for web portals
+Documentation={docs}
+After=pcscd.socket
+
+[Service]
+Type=simple
+ExecStart={exec} run
+Restart=on-failure
+RestartSec=2
+UMask=0077
+NoNewPrivileges=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+PrivateTmp=yes
+ProtectSystem=strict
+ReadWritePaths={config} {data}
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+
+[Install]
+WantedBy=default.target
+",
+        docs = env!("CARGO_PKG_REPOSITORY"),
+        exec = escape(&binary.display().to_string()),
+        config = rw(&dirs.keyport_config),
+        data = rw(&dirs.keyport_data),
+    )
+}
+
+/// Install: the directories the unit may write, the unit, then
+/// `systemctl --user daemon-reload` and `enable --now`.
+pub fn install(binary: &Path, dirs: &Dirs) -> Plan {
+    Plan {
+        steps: vec![
+            Step::CreateDir(dirs.keyport_config.clone()),
+            Step::CreateDir(dirs.keyport_data.clone()),
+            Step::write(dirs.systemd_unit(), unit(binary, dirs)),
+            Step::run(&["systemctl", "--user", "daemon-reload"]),
+            Step::run(&["systemctl", "--user", "enable", "--now", UNIT]),
+        ],
+    }
+}
+
+/// Uninstall: stop and disable (fails harmlessly if it never ran), remove the unit, reload.
+/// KeyPort's config and data (origins, audit log) stay.
+pub fn uninstall(dirs: &Dirs) -> Plan {
+    Plan {
+        steps: vec![
+            Step::run_may_fail(&["systemctl", "--user", "disable", "--now", UNIT]),
+            Step::RemoveFile(dirs.systemd_unit()),
+            Step::run(&["systemctl", "--user", "daemon-reload"]),
+        ],
+    }
+}
+
+/// Quotes one word for a unit file: `%` is a specifier and `$` a variable to systemd, and a
+/// word with blanks, quotes or backslashes needs C-style double quotes.
+fn escape(word: &str) -> String {
+    let word = word.replace('%', "%%").replace('$', "$$");
+    if word
+        .chars()
+        .any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == '\\')
+    {
+        format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        word
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn dirs() -> Dirs {
+        Dirs {
+            home: PathBuf::from("/home/ann"),
+            config_home: PathBuf::from("/home/ann/.config"),
+            keyport_config: PathBuf::from("/home/ann/.config/keyport"),
+            keyport_data: PathBuf::from("/home/ann/.local/share/keyport"),
+        }
+    }
+
+    #[test]
+    fn unit_is_hardened_and_runs_the_agent() {
+        let text = unit(Path::new("/opt/keyport/bin/keyport"), &dirs());
+        let lines: Vec<&str> = text.lines().collect();
+        for wanted in [
+            "ExecStart=/opt/keyport/bin/keyport run",
+            "UMask=0077",
+            "NoNewPrivileges=yes",
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            "PrivateTmp=yes",
+            "ProtectSystem=strict",
+            "ReadWritePaths=-/home/ann/.config/keyport -/home/ann/.local/share/keyport",
+            "LockPersonality=yes",
+            "MemoryDenyWriteExecute=yes",
+            "WantedBy=default.target",
+        ] {
+            assert!(lines.contains(&wanted), "missing {wanted:?} in\n{text}");
+        }
+        // Exactly one of each section, in order.
+        let sections: Vec<&&str> = lines.iter().filter(|l| l.starts_with('[')).collect();
+        assert_eq!(sections, [&"[Unit]", &"[Service]", &"[Install]"]);
+    }
+
+    /// systemd's own checker accepts the unit (every directive known, the binary executable).
+    #[test]
+    fn systemd_analyze_verify_accepts_the_unit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = dirs();
+        d.keyport_config = dir.path().join("config dir");
+        d.keyport_data = dir.path().join("data");
+        let file = dir.path().join(UNIT);
+        let binary = std::fs::canonicalize("/bin/true").expect("true exists");
+        std::fs::write(&file, unit(&binary, &d)).expect("write");
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&file)
+            .output()
+            .expect("systemd-analyze runs (apt-get install systemd)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    }
+
+    #[test]
+    fn odd_paths_are_quoted_and_specifiers_escaped() {
+        let mut d = dirs();
+        d.keyport_data = PathBuf::from("/home/ann/My Data/keyport");
+        let text = unit(Path::new("/home/ann/100%/key port"), &d);
+        assert!(
+            text.contains("ExecStart=\"/home/ann/100%%/key port\" run\n"),
+            "{text}"
+        );
+        assert!(text.contains(" \"-/home/ann/My Data/keyport\"\n"), "{text}");
+        assert_eq!(escape("a$b\\c"), "\"a$$b\\\\c\"");
+    }
+
+    #[test]
+    fn install_and_uninstall_steps() {
+        let plan = install(Path::new("/usr/bin/keyport"), &dirs());
+        let unit_path = PathBuf::from("/home/ann/.config/systemd/user/keyport.service");
+        assert!(matches!(&plan.steps[2], Step::WriteFile { path, .. } if *path == unit_path));
+        let text = plan.to_string();
+        assert!(text.ends_with(
+            "systemctl --user daemon-reload\nsystemctl --user enable --now keyport.service\n"
+        ));
+        let plan = uninstall(&dirs());
+        assert_eq!(plan.steps[1], Step::RemoveFile(unit_path));
+    }
+}
