@@ -140,7 +140,15 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
         Err(e) => return Err(e.into()),
     };
     let port = server.port();
-    let watcher = spawn_pcsc_watcher(&config, &tokens, &service, server.broadcaster());
+    let watcher = {
+        let (c, t, s, b) = (
+            config.clone(),
+            tokens.clone(),
+            Arc::clone(&service),
+            server.broadcaster(),
+        );
+        tokio::task::spawn_blocking(move || spawn_pcsc_watcher(&c, &t, &s, b)).await?
+    };
 
     let demo = match options.demo_port {
         Some(demo_port) => Some(serve_demo(demo_port).await?),

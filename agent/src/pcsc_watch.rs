@@ -27,6 +27,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A wait on pcscd ends at least this often, so a stop request never waits longer, even in the
 /// instant between checking the stop flag and entering `SCardGetStatusChange`.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
+/// How long [`Watcher::spawn`] waits for the first look at PC/SC.
+const FIRST_LOOK: Duration = Duration::from_secs(2);
 
 /// What PC/SC says about one reader.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,12 +60,15 @@ impl std::fmt::Debug for Watcher {
 }
 
 impl Watcher {
-    /// Starts the watcher thread. `on_change` runs on that thread.
+    /// Starts the watcher thread, and returns after its first look at PC/SC (at most 2 s):
+    /// blocks, so async code calls it through `spawn_blocking`. `on_change` runs on that thread.
     pub fn spawn(tokens: TokenSet, atr: AtrTable, on_change: OnChange) -> std::io::Result<Watcher> {
         let stop_flag = Arc::new(AtomicBool::new(false));
         let context = Arc::new(Mutex::new(None));
         let (wake, wake_rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
         let state = Loop {
+            ready: Some(ready_tx),
             last: Vec::new(),
             tokens,
             atr,
@@ -75,6 +80,9 @@ impl Watcher {
         let thread = std::thread::Builder::new()
             .name("pcsc-watch".into())
             .spawn(move || state.run())?;
+        // Readers are known once the first look at PC/SC is done (or failed): wait for it a
+        // little, so the first `tokens.list` already names them.
+        let _ = ready_rx.recv_timeout(FIRST_LOOK);
         Ok(Watcher {
             stop_flag,
             context,
@@ -122,6 +130,8 @@ struct Loop {
     stop_flag: Arc<AtomicBool>,
     context: Arc<Mutex<Option<Context>>>,
     wake: mpsc::Receiver<()>,
+    /// Told once, after the first look at PC/SC.
+    ready: Option<mpsc::Sender<()>>,
 }
 
 /// Why a session with pcscd ended.
@@ -155,6 +165,7 @@ impl Loop {
                     tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "PC/SC unavailable");
                     // Readers are gone with pcscd: tokens in them are too.
                     self.refresh(&[]);
+                    self.first_look_done();
                     match self.wake.recv_timeout(backoff) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -164,6 +175,12 @@ impl Loop {
             }
         }
         tracing::debug!("PC/SC watcher stopped");
+    }
+
+    fn first_look_done(&mut self) {
+        if let Some(tx) = self.ready.take() {
+            let _ = tx.send(());
+        }
     }
 
     fn stopped(&self) -> bool {
@@ -226,6 +243,7 @@ impl Loop {
                 self.refresh(&now);
                 seen = Some(now);
             }
+            self.first_look_done();
         }
     }
 

@@ -1,0 +1,698 @@
+//! The real smartcard stack with only the chip emulated (tests/vcard: pcscd + vpcd + a jcecard PIV
+//! card, OpenSC's PKCS#11 module), driven through the real `keyport run` over WebSocket:
+//! hot-plug events, always-authenticate signing, removal during a batch, pcscd restarts, and
+//! `keyport doctor` on a card.
+//!
+//! The rig needs root (it makes a private network and mount namespace) and `pip install
+//! jcecard==0.1.0`. Without them each test prints why and passes, unless KEYPORT_REQUIRE_VCARD=1
+//! (CI), where a missing prerequisite fails the test.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use keyport_e2e::pinentry::{self, Script, Step};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+const OPENSC: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so";
+const ORIGIN: &str = "https://portal.example";
+const READER: &str = "Virtual PCD 00 00";
+const PIN: &str = "123456";
+/// The promise of the watcher: a card change reaches the page within this.
+const EVENT_BOUND: Duration = Duration::from_secs(1);
+/// How long any one wait may last before the test gives up.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Why the rig cannot run here, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next().map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        return Some("the virtual card rig needs root (unshare --net --mount)".into());
+    }
+    for (path, why) in [
+        ("/usr/sbin/pcscd", "apt-get install pcscd"),
+        (
+            "/usr/lib/pcsc/drivers/serial/libifdvpcd.so",
+            "apt-get install vsmartcard-vpcd",
+        ),
+        (OPENSC, "apt-get install opensc-pkcs11"),
+    ] {
+        if !Path::new(path).exists() {
+            return Some(format!("{path} is missing ({why})"));
+        }
+    }
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let jcecard = Command::new(python)
+        .args(["-c", "import jcecard"])
+        .stderr(Stdio::null())
+        .status();
+    if !jcecard.is_ok_and(|s| s.success()) {
+        return Some("jcecard is missing (pip install jcecard==0.1.0)".into());
+    }
+    None
+}
+
+/// `Some(rig)`, or `None` when the test must be skipped here.
+fn rig_or_skip(test: &str) -> Option<Rig> {
+    if let Some(why) = missing_prerequisite() {
+        if std::env::var("KEYPORT_REQUIRE_VCARD").is_ok_and(|v| v == "1") {
+            panic!("{test}: {why}");
+        }
+        eprintln!("SKIPPED {test}: {why}");
+        return None;
+    }
+    Some(Rig::start().expect("the virtual card rig starts"))
+}
+
+/// One running rig (pcscd + bridge + a provisioned PIV card), stopped on drop.
+struct Rig {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Rig {
+    fn start() -> Result<Rig> {
+        let dir = tempfile::Builder::new()
+            .prefix("keyport-vcard-")
+            .tempdir()?;
+        let mut rig = Rig {
+            dir,
+            env: Vec::new(),
+        };
+        rig.run("start")?;
+        let env = std::fs::read_to_string(rig.path().join("env"))?;
+        rig.env = env
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let ca = rig.path().join("ca");
+        std::fs::create_dir_all(&ca)?;
+        let out = Command::new(repo_root().join("tests/vcard/provision-piv.sh"))
+            .arg(rig.path())
+            .arg(&ca)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "provision-piv.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(rig)
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `rig.sh CMD DIR`; returns when the rig says the new state holds.
+    fn run(&self, cmd: &str) -> Result<()> {
+        let out = Command::new(repo_root().join("tests/vcard/rig.sh"))
+            .arg(cmd)
+            .arg(self.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "rig.sh {cmd} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    fn cert_9c(&self) -> PathBuf {
+        self.path().join("certs/piv-9c.pem")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Err(e) = self.run("stop") {
+            eprintln!("{e}");
+        }
+    }
+}
+
+/// `keyport run` on the rig's card, killed on drop.
+struct Agent {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    script: Script,
+}
+
+/// The config's module part for the usual case: OpenSC named in the configuration.
+const OPENSC_MODULE: &str =
+    "discover_modules = false\n[[modules]]\npath = \"/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so\"\n";
+
+impl Agent {
+    fn start(rig: &Rig, modules: &str, steps: &[Step]) -> Result<Agent> {
+        let dir = tempfile::Builder::new()
+            .prefix("keyport-agent-")
+            .tempdir()?;
+        let script = Script::new(dir.path())?;
+        script.push_all(steps)?;
+        let key = dir.path().join("audit.key");
+        let mut random = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))?;
+        std::fs::write(&key, random)?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "port = 0\npinentry = {:?}\naudit_key_file = {:?}\naudit_log = {:?}\n\
+                 allowed_origins = [\"{ORIGIN}\"]\nunknown_origins = \"reject\"\n\
+                 pin_cache_seconds = 0\nsigning_key_usage = \"any\"\n{modules}",
+                pinentry::program(),
+                key,
+                dir.path().join("audit.log"),
+            ),
+        )?;
+        let stderr = std::fs::File::create(dir.path().join("keyport.log"))?;
+        let mut child = Command::new(keyport_bin()?)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .envs(rig.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(script.env())
+            .env("KEYPORT_LOG", "warn,agent::pcsc_watch=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        // The readiness line, read on a thread so a silent agent cannot hang the test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let port = lines.by_ref().map_while(|l| l.ok()).find_map(|l| {
+                l.strip_prefix("listening on ws://127.0.0.1:")
+                    .and_then(|r| r.strip_suffix("/v1"))
+                    .and_then(|p| p.parse::<u16>().ok())
+            });
+            let _ = tx.send(port);
+            // Keep draining so the agent never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let mut agent = Agent {
+            child,
+            port: 0,
+            dir,
+            script,
+        };
+        match rx.recv_timeout(DEADLINE) {
+            Ok(Some(port)) => agent.port = port,
+            _ => bail!("keyport did not start: {}", agent.log()),
+        }
+        Ok(agent)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keyport.log")).unwrap_or_default()
+    }
+
+    async fn connect(&self) -> Result<Client> {
+        let mut request = format!("ws://127.0.0.1:{}/v1", self.port).into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Origin", HeaderValue::from_static(ORIGIN));
+        let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
+            .await
+            .context("handshake deadline")??;
+        Ok(Client {
+            ws,
+            next_id: 1,
+            events: Vec::new(),
+        })
+    }
+
+    fn getpin_dialogs(&self) -> usize {
+        self.script
+            .dialogs()
+            .map(|d| {
+                d.iter()
+                    .filter(|d| d.command.as_deref() == Some("GETPIN"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keyport_bin() -> Result<PathBuf> {
+    let bin =
+        pinentry::program().with_file_name(format!("keyport{}", std::env::consts::EXE_SUFFIX));
+    ensure!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p agent -p keyport-e2e)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A page's connection: requests, and the events that arrive, with their arrival time.
+struct Client {
+    ws: Ws,
+    next_id: u64,
+    events: Vec<(Instant, Value)>,
+}
+
+impl Client {
+    async fn send(&mut self, method: &str, params: Value) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let text = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.ws.send(Message::text(text.to_string())).await?;
+        Ok(id)
+    }
+
+    /// The next message; events are also recorded in `events`.
+    async fn next(&mut self, until: Instant) -> Result<Value> {
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.ws.next())
+                .await
+                .context("no message before the deadline")?
+                .context("connection closed")??;
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(t.as_str())?;
+                if v.get("id").is_none() {
+                    self.events.push((Instant::now(), v.clone()));
+                }
+                return Ok(v);
+            }
+        }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+        let id = self.send(method, params).await?;
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let v = self.next(until).await?;
+            if v["id"] == json!(id) {
+                return Ok(v);
+            }
+        }
+    }
+
+    async fn result(&mut self, method: &str, params: Value) -> Result<Value> {
+        let v = self.call(method, params).await?;
+        match v.get("result") {
+            Some(r) => Ok(r.clone()),
+            None => bail!("{method}: {v}"),
+        }
+    }
+
+    /// Waits for a `tokens.changed` whose list satisfies `want`, received after `since`;
+    /// returns its arrival time and tokens.
+    async fn tokens_changed(
+        &mut self,
+        since: Instant,
+        want: impl Fn(&[Value]) -> bool,
+    ) -> Result<(Instant, Vec<Value>)> {
+        let until = Instant::now() + DEADLINE;
+        let mut checked = 0;
+        loop {
+            for (at, e) in &self.events[checked..] {
+                if *at >= since && e["method"] == "tokens.changed" {
+                    let tokens = e["params"]["tokens"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    if want(&tokens) {
+                        return Ok((*at, tokens));
+                    }
+                }
+            }
+            checked = self.events.len();
+            self.next(until).await?;
+        }
+    }
+}
+
+fn card_token(tokens: &[Value]) -> Option<&Value> {
+    tokens.iter().find(|t| t["reader"] == READER)
+}
+
+/// Runs a rig command on a blocking thread while the caller goes on reading events.
+fn rig_async(rig: &Rig, cmd: &'static str) -> tokio::task::JoinHandle<Result<()>> {
+    let dir = rig.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(repo_root().join("tests/vcard/rig.sh"))
+            .arg(cmd)
+            .arg(&dir)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "rig.sh {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    })
+}
+
+/// Removes (or inserts) the card and measures from the command's start to the event that shows
+/// the new state.
+async fn change_and_time(client: &mut Client, rig: &Rig, cmd: &'static str) -> Result<Duration> {
+    let t0 = Instant::now();
+    let job = rig_async(rig, cmd);
+    let (at, tokens) = if cmd == "remove" {
+        client
+            .tokens_changed(t0, |t| card_token(t).is_none())
+            .await?
+    } else {
+        client
+            .tokens_changed(t0, |t| card_token(t).is_some())
+            .await?
+    };
+    job.await??;
+    if cmd == "insert" {
+        let t = card_token(&tokens).context("card token")?;
+        ensure!(t["label"] == "KeyPort PIV Test", "{t}");
+    }
+    Ok(at - t0)
+}
+
+fn summary(name: &str, times: &mut [Duration]) -> String {
+    times.sort();
+    format!(
+        "{name}: n={} min={:?} median={:?} max={:?}",
+        times.len(),
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1]
+    )
+}
+
+/// Certificate id of the 9C key ("PIV Signer P-256").
+async fn cert_9c(client: &mut Client) -> Result<String> {
+    let certs = client.result("certificates.list", json!({})).await?;
+    certs["certificates"]
+        .as_array()
+        .and_then(|c| {
+            c.iter().find(|c| {
+                c["subject"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("PIV Signer"))
+            })
+        })
+        .and_then(|c| c["id"].as_str())
+        .map(str::to_owned)
+        .context("9C certificate listed")
+}
+
+fn digest(i: usize) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(format!("keyport vcard document {i}").as_bytes()).to_vec()
+}
+
+/// OpenSSL checks a DER ECDSA signature over a SHA-256 digest with the certificate's key.
+fn openssl_verifies(cert: &Path, digest: &[u8], sig_der: &[u8]) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (d, s) = (dir.path().join("digest"), dir.path().join("sig"));
+    std::fs::write(&d, digest)?;
+    std::fs::write(&s, sig_der)?;
+    let out = Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-certin", "-inkey"])
+        .arg(cert)
+        .arg("-in")
+        .arg(&d)
+        .arg("-sigfile")
+        .arg(&s)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "openssl refused the signature: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn sign_params(cert: &str, i: usize) -> Value {
+    json!({
+        "certificateId": cert,
+        "digest": {"algorithm": "SHA-256", "value": B64.encode(digest(i))},
+        "display": {"title": format!("Virtual card document {i}")},
+    })
+}
+
+fn pins(n: usize) -> Vec<Step> {
+    (0..n).map(|_| Step::pin(PIN)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_and_remove_reach_the_page_within_a_second() -> Result<()> {
+    let Some(rig) = rig_or_skip("insert_and_remove_reach_the_page_within_a_second") else {
+        return Ok(());
+    };
+    let agent = Agent::start(&rig, OPENSC_MODULE, &[])?;
+    let mut client = agent.connect().await?;
+    let list = client.result("tokens.list", json!({})).await?;
+    let tokens = list["tokens"].as_array().cloned().unwrap_or_default();
+    let token = card_token(&tokens).with_context(|| format!("card token with reader: {list}"))?;
+    ensure!(token["label"] == "KeyPort PIV Test", "{token}");
+
+    let (mut inserts, mut removals) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        removals.push(change_and_time(&mut client, &rig, "remove").await?);
+        inserts.push(change_and_time(&mut client, &rig, "insert").await?);
+    }
+    let report = format!(
+        "{}\n{}",
+        summary("insert -> tokens.changed", &mut inserts),
+        summary("remove -> tokens.changed", &mut removals)
+    );
+    println!("{report}");
+    std::io::stdout().flush()?;
+    ensure!(
+        inserts.iter().chain(&removals).all(|t| *t < EVENT_BOUND),
+        "an event took a second or more:\n{report}\n{}",
+        agent.log()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_9c_key_asks_the_pin_for_every_signature() -> Result<()> {
+    let Some(rig) = rig_or_skip("the_9c_key_asks_the_pin_for_every_signature") else {
+        return Ok(());
+    };
+    let agent = Agent::start(&rig, OPENSC_MODULE, &pins(8))?;
+    let mut client = agent.connect().await?;
+    let cert = cert_9c(&mut client).await?;
+    let mut per_signature = Vec::new();
+    for i in 0..3 {
+        let before = agent.getpin_dialogs();
+        let r = client.result("sign", sign_params(&cert, i)).await?;
+        let sig = B64.decode(r["signature"].as_str().context("signature")?)?;
+        openssl_verifies(&rig.cert_9c(), &digest(i), &sig)?;
+        per_signature.push(agent.getpin_dialogs() - before);
+    }
+    println!("GETPIN dialogs per 9C signature: {per_signature:?}");
+    // Consent + user PIN, then the context-specific PIN the card demands before the signature.
+    ensure!(per_signature.iter().all(|n| *n == 2), "{per_signature:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_during_a_batch_keeps_finished_signatures_and_reinsertion_recovers() -> Result<()> {
+    let Some(rig) = rig_or_skip("removal_during_a_batch") else {
+        return Ok(());
+    };
+    // 9C asks the PIN before every signature: the batch runs dialog by dialog, so the removal
+    // triggered by the first progress event lands while it runs.
+    let agent = Agent::start(&rig, OPENSC_MODULE, &pins(1000 + 1 + 4))?;
+    let mut client = agent.connect().await?;
+    let cert = cert_9c(&mut client).await?;
+    let items: Vec<Value> = (0..1000)
+        .map(|i| json!({"digest": {"algorithm": "SHA-256", "value": B64.encode(digest(i))}, "label": format!("doc {i}")}))
+        .collect();
+    let id = client
+        .send(
+            "sign.batch",
+            json!({"certificateId": cert, "items": items, "display": {"title": "A thousand documents"}}),
+        )
+        .await?;
+    let until = Instant::now() + DEADLINE;
+    let mut removal = None;
+    let answer = loop {
+        let v = client.next(until).await?;
+        if v["id"] == json!(id) {
+            break v;
+        }
+        if v["method"] == "sign.progress"
+            && removal.is_none()
+            && v["params"]["done"].as_u64() >= Some(1)
+        {
+            removal = Some(rig_async(&rig, "remove"));
+        }
+    };
+    removal
+        .context("no sign.progress before the batch ended")?
+        .await??;
+    let error = &answer["error"];
+    ensure!(error["data"]["reason"] == "TOKEN_NOT_PRESENT", "{answer}");
+    let results = error["data"]["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let completed = error["data"]["completed"].as_u64().context("completed")? as usize;
+    ensure!(
+        completed == results.len() && completed >= 1 && completed < 1000,
+        "{answer}"
+    );
+    for (i, r) in results.iter().enumerate() {
+        let sig = B64.decode(r["signature"].as_str().context("signature")?)?;
+        openssl_verifies(&rig.cert_9c(), &digest(i), &sig)?;
+    }
+    println!("batch ended by the removal after {completed} of 1000 signatures, all verified");
+
+    let t0 = Instant::now();
+    rig_async(&rig, "insert").await??;
+    client
+        .tokens_changed(t0 - Duration::from_secs(5), |t| card_token(t).is_some())
+        .await?;
+    let r = client.result("sign", sign_params(&cert, 5000)).await?;
+    let sig = B64.decode(r["signature"].as_str().context("signature")?)?;
+    openssl_verifies(&rig.cert_9c(), &digest(5000), &sig)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_resume_after_pcscd_restarts() -> Result<()> {
+    let Some(rig) = rig_or_skip("events_resume_after_pcscd_restarts") else {
+        return Ok(());
+    };
+    let agent = Agent::start(&rig, OPENSC_MODULE, &[])?;
+    let mut client = agent.connect().await?;
+    for round in 0..2 {
+        rig.run("restart-pcscd")?;
+        // Let the watcher settle: it reconnects with backoff, and may have reported the card
+        // gone meanwhile; the card is back now, so its last word must be that.
+        let settle = Instant::now();
+        loop {
+            let list = client.result("tokens.list", json!({})).await?;
+            let tokens = list["tokens"].as_array().cloned().unwrap_or_default();
+            let last_event_has_card = client
+                .events
+                .iter()
+                .rev()
+                .find(|(_, e)| e["method"] == "tokens.changed")
+                .is_none_or(|(_, e)| {
+                    card_token(e["params"]["tokens"].as_array().map_or(&[], |v| v)).is_some()
+                });
+            if card_token(&tokens).is_some() && last_event_has_card && reconnected(&agent, round) {
+                break;
+            }
+            ensure!(settle.elapsed() < DEADLINE, "no recovery: {}", agent.log());
+            // Pacing only: the condition above is what is waited for.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let removed = change_and_time(&mut client, &rig, "remove").await?;
+        let inserted = change_and_time(&mut client, &rig, "insert").await?;
+        println!(
+            "after pcscd restart {}: remove -> event {removed:?}, insert -> event {inserted:?}",
+            round + 1
+        );
+        ensure!(removed < EVENT_BOUND && inserted < EVENT_BOUND);
+    }
+    Ok(())
+}
+
+/// Whether the watcher established a new PC/SC context after restart `round`.
+fn reconnected(agent: &Agent, round: usize) -> bool {
+    agent.log().matches("PC/SC context established").count() >= round + 2
+}
+
+#[test]
+fn doctor_shows_the_reader_the_atr_and_the_module() -> Result<()> {
+    let Some(rig) = rig_or_skip("doctor_shows_the_reader_the_atr_and_the_module") else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, OPENSC_MODULE)?;
+    let out = Command::new(keyport_bin()?)
+        .arg("--config")
+        .arg(&config)
+        .arg("doctor")
+        .envs(rig.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    ensure!(out.status.success(), "doctor found problems:\n{text}");
+    ensure!(text.contains(&format!("  {READER}\n")), "reader");
+    ensure!(
+        text.contains("card ATR 3B 88 80 01 00 73 00 00 E0 05 90 00 0F"),
+        "ATR"
+    );
+    ensure!(
+        text.contains(&format!(
+            "matched \"KeyPort test card (jcecard 0.1.0 virtual PIV)\""
+        )) && text.contains(&format!("→ module {OPENSC} [loaded (from configuration)]")),
+        "ATR match"
+    );
+    ensure!(
+        text.contains(&format!("reader {READER}")),
+        "token with reader"
+    );
+    Ok(())
+}
+
+/// With no module configured, the card's ATR (a user [[atr]] entry) makes the agent load OpenSC
+/// on insertion, and the page sees the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_atr_match_loads_the_module_on_insertion() -> Result<()> {
+    let Some(rig) = rig_or_skip("an_atr_match_loads_the_module_on_insertion") else {
+        return Ok(());
+    };
+    rig.run("remove")?;
+    let atr = format!(
+        "discover_modules = false\n[[atr]]\nname = \"Test PIV\"\natr = \"3B:88:80:01:00:73:00:00:E0:05:90:00:0F\"\nmodule = \"{OPENSC}\"\n"
+    );
+    let agent = Agent::start(&rig, &atr, &[])?;
+    let mut client = agent.connect().await?;
+    let list = client.result("tokens.list", json!({})).await?;
+    ensure!(
+        list["tokens"].as_array().is_some_and(|t| t.is_empty()),
+        "{list}"
+    );
+    let took = change_and_time(&mut client, &rig, "insert").await?;
+    println!("insert (module loaded by ATR) -> event {took:?}");
+    ensure!(took < Duration::from_secs(2), "{took:?}");
+    Ok(())
+}
