@@ -4,8 +4,10 @@
 //
 // Needs `cargo build -p agent -p keyport-e2e`, /usr/bin/chromium and `npm ci` here (run.sh).
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { createVerify } from 'node:crypto';
 import fs from 'node:fs';
+import https from 'node:https';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
@@ -36,7 +38,9 @@ let demoUrl;
 let cliCerts;
 let otherSite;
 let context;
-let pageLog = [];
+let publicSite; // the demo over https://portal.test:PORT, which Chromium is told is a public address
+let publicOrigin;
+const pageLog = [];
 
 before(async () => {
   rig.requireBuilt();
@@ -49,7 +53,9 @@ before(async () => {
   // unknown_origins = "unapproved": an origin off the list connects and says hello, and every
   // other call fails with ORIGIN_NOT_APPROVED without a dialog ("reject" would refuse the
   // WebSocket handshake with a 403, which a page can only see as a failed connection).
-  const config = rig.writeConfig(dir, { allowedOrigins: [demoOrigin], unknownOrigins: 'unapproved' });
+  publicSite = await startPublicSite(dir);
+  publicOrigin = `https://portal.test:${publicSite.port}`;
+  const config = rig.writeConfig(dir, { allowedOrigins: [demoOrigin, publicOrigin], unknownOrigins: 'unapproved' });
   const env = { SOFTHSM2_CONF: token.conf, ...pinentry.env() };
   cliCerts = rig.listCertificatesCli(config, env);
   agent = rig.startAgent({ config, demoPort, env });
@@ -70,19 +76,39 @@ before(async () => {
 after(async () => {
   await context?.close();
   otherSite?.server.close();
+  publicSite?.server.close();
   await agent?.stop();
   if (timings.length) console.log(`timings (ms):\n${timings.map(([n, ms]) => `  ${String(ms).padStart(6)}  ${n}`).join('\n')}`);
   if (dir && !process.env.KEYPORT_KEEP_TMP) fs.rmSync(dir, { recursive: true, force: true });
 });
 
-async function openPage(url) {
-  const page = await context.newPage();
+/** The demo's files over https with a fresh self-signed certificate for portal.test. */
+async function startPublicSite(workDir) {
+  const key = path.join(workDir, 'portal.key');
+  const cert = path.join(workDir, 'portal.pem');
+  const made = spawnSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', cert,
+    '-days', '2', '-subj', '/CN=portal.test', '-addext', 'subjectAltName=DNS:portal.test'], { encoding: 'utf8' });
+  assert.equal(made.status, 0, made.stderr);
+  const tls = { key: fs.readFileSync(key), cert: fs.readFileSync(cert) };
+  return rig.serveDemoCopy({ createServer: (handler) => https.createServer(tls, handler) });
+}
+
+async function openPage(url, ctx = context) {
+  const page = await ctx.newPage();
   page.on('console', (m) => pageLog.push(`[${new URL(page.url() || url).origin}] ${m.type()}: ${m.text()}`));
   page.on('pageerror', (e) => pageLog.push(`[${url}] pageerror: ${e.message}`));
   page.on('requestfailed', (r) => pageLog.push(`[${url}] request failed: ${r.url()} ${r.failure()?.errorText}`));
   page.on('response', (r) => r.status() >= 400 && pageLog.push(`[${url}] HTTP ${r.status()}: ${r.url()}`));
   await page.goto(url);
   return page;
+}
+
+/** On failure (or with KEYPORT_BROWSER_VERBOSE=1) prints the pages' console and the agent's log. */
+function dumpOnFailure(t) {
+  t.after(() => {
+    if (t.passed !== false && !process.env.KEYPORT_BROWSER_VERBOSE) return;
+    console.log(`--- page console\n${pageLog.join('\n')}\n--- keyport stderr (last 4000 characters)\n${agent?.stderr().slice(-4000)}`);
+  });
 }
 
 function certByLabel(label) {
@@ -117,9 +143,7 @@ function verifyInNode(label, documentText, signatureBase64, ecdsa) {
 }
 
 test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in, verified in the page', async (t) => {
-  t.after(() => {
-    if (t.passed === false || process.env.KEYPORT_BROWSER_VERBOSE) console.log(pageLog.join('\n'));
-  });
+  dumpOnFailure(t);
   // One GETPIN per operation (pin_cache_seconds = 0, the demo origin is on the allowed list).
   for (let i = 0; i < 4; i++) pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
 
@@ -128,14 +152,20 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
     await p.waitForSelector('#status[data-state=ready]', { timeout: 30_000 });
     return p;
   });
+  // Loopback page → loopback agent: no Local Network Access check, so the fresh profile never
+  // had to grant anything (the permission is still at its initial 'prompt').
+  const lna = await page.evaluate(() => navigator.permissions.query({ name: 'loopback-network' }).then((p) => p.state, (e) => `unsupported: ${e.message}`));
+  t.diagnostic(`loopback-network permission of ${demoOrigin}: ${lna}`);
+  assert.notEqual(lna, 'granted');
   const shown = await page.$$eval('#certs option', (options) => options.map((o) => o.value));
   assert.deepEqual([...shown].sort(), cliCerts.map((c) => c.id).sort(), 'the page lists exactly what `keyport certs` lists');
   assert.match(await page.textContent('#status'), new RegExp(`Ready: ${cliCerts.length} certificate`));
 
   const contract = await page.textContent('#contract');
   for (const [label, scheme, ecdsa] of [
-    ['sign-p256', 'ECDSA P-256 with SHA-256', true],
+    // RSA first, so that the screenshot shows the P-256 result beside the P-256 certificate.
     ['sign-rsa2048', 'RSA-2048 PKCS#1 v1.5 with SHA-256', false],
+    ['sign-p256', 'ECDSA P-256 with SHA-256', true],
   ]) {
     const cert = certByLabel(label);
     await page.selectOption('#certs', cert.id);
@@ -148,27 +178,31 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
     assert.ok(verifyInNode(label, contract, signature, ecdsa), `Node's crypto also verifies the ${label} signature`);
   }
 
-  // The README screenshot: the page right after a verified (RSA) signature.
-  await step('screenshot', async () => {
-    fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
-    await page.screenshot({ path: SCREENSHOT, fullPage: true });
-  });
-
   // Batch of 10 with P-256; record every value the progress bar takes.
   await page.selectOption('#certs', certByLabel('sign-p256').id);
   await page.evaluate(() => {
     window.progressSeen = [];
+    window.progressEvents = [];
     const bar = document.getElementById('batch-progress');
     new MutationObserver(() => window.progressSeen.push(`${bar.value}/${bar.max}`)).observe(bar, { attributes: true });
+    // "Signing… d/t" is written only by onProgress, i.e. by the agent's sign.progress events.
+    const text = document.getElementById('batch-result');
+    new MutationObserver(() => {
+      const m = /^Signing… (\d+\/\d+)$/.exec(text.textContent);
+      if (m) window.progressEvents.push(m[1]);
+    }).observe(text, { childList: true, characterData: true, subtree: true });
   });
   const batch = await step('batch of 10', () => clickAndSettle(page, '#batch', 'batch-result'));
   assert.equal(batch.error, null);
   assert.ok(batch.ok, `page says: ${batch.text}`);
   assert.equal(batch.text, '10/10 signed, 10 verified ✓');
   assert.deepEqual(await page.$eval('#batch-progress', (bar) => [bar.value, bar.max]), [10, 10]);
-  const progressSeen = await page.evaluate(() => window.progressSeen);
-  t.diagnostic(`progress bar values: ${progressSeen.join(' ')}`);
+  const { progressSeen, progressEvents } = await page.evaluate(() => ({ progressSeen: window.progressSeen, progressEvents: window.progressEvents }));
+  t.diagnostic(`progress bar values: ${progressSeen.join(' ')}; sign.progress events shown: ${progressEvents.join(' ') || 'none'}`);
   assert.equal(progressSeen.at(-1), '10/10');
+  const done = progressEvents.map((e) => Number(e.split('/')[0]));
+  assert.deepEqual(done, [...done].sort((a, b) => a - b), 'progress never goes back');
+  assert.ok(progressEvents.every((e) => e.endsWith('/10')));
 
   const login = await step('login (authenticate)', () => clickAndSettle(page, '#login', 'login-result'));
   assert.equal(login.error, null);
@@ -176,6 +210,12 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
   assert.match(login.text, /token verified ✓/);
   const webEid = JSON.parse(await page.textContent('#login-token'));
   assert.equal(webEid.format, 'web-eid:1.0');
+
+  // The README screenshot: every section verified (the contract signed last with P-256).
+  await step('screenshot', async () => {
+    fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: SCREENSHOT, fullPage: true });
+  });
 
   // Four dialogs, each a GETPIN for the demo origin answered with the PIN.
   const dialogs = pinentry.dialogs();
@@ -187,11 +227,13 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
     assert.ok(d.description.includes(demoOrigin), d.description);
   }
   assert.ok(dialogs[0].description.includes('Loan contract 2026-114'));
+  assert.ok(dialogs[1].description.includes('Loan contract 2026-114'));
   assert.ok(dialogs[2].description.includes('Invoices March 2026'));
   await page.close();
 });
 
 test('a page from an origin off the list gets ORIGIN_NOT_APPROVED and no dialog', async (t) => {
+  dumpOnFailure(t);
   const otherOrigin = `http://127.0.0.1:${otherSite.port}`;
   const dialogsBefore = pinentry.dialogs().length;
   const consumedBefore = pinentry.consumed();
@@ -214,4 +256,56 @@ test('a page from an origin off the list gets ORIGIN_NOT_APPROVED and no dialog'
   const log = fs.readFileSync(pinentry.log, 'utf8');
   assert.ok(!log.includes(otherOrigin), 'the other origin never reached a dialog');
   await page.close();
+});
+
+// Local Network Access (Chromium 142+; WebSockets from 147): a page from a PUBLIC address that
+// opens ws://127.0.0.1 needs the user's `loopback-network` permission. Here the page is
+// https://portal.test:PORT, resolved to 127.0.0.1 by --host-resolver-rules and declared public
+// with --ip-address-space-overrides (without it 127.0.0.1 counts as loopback and no check runs);
+// --ignore-certificate-errors accepts its self-signed certificate. Headless Chromium cannot show
+// the prompt, so an ungranted permission reads as denied.
+test('Local Network Access: a public https page is blocked (LOOPBACK_BLOCKED) until the loopback permission is granted', async (t) => {
+  const lnaContext = await step('launch Chromium with portal.test as a public address', () =>
+    chromium.launchPersistentContext(path.join(dir, 'chromium-profile-lna'), {
+      executablePath: rig.CHROMIUM,
+      headless: false,
+      args: [
+        ...rig.CHROMIUM_ARGS,
+        '--host-resolver-rules=MAP portal.test 127.0.0.1',
+        '--ignore-certificate-errors',
+        `--ip-address-space-overrides=127.0.0.1:${publicSite.port}=public`,
+      ],
+    }),
+  );
+  t.after(() => lnaContext.close());
+  dumpOnFailure(t);
+  const url = `${publicOrigin}/?agent=${encodeURIComponent(wsUrl)}`;
+  const permissions = () =>
+    Promise.all(
+      ['loopback-network', 'local-network-access'].map((name) =>
+        navigator.permissions.query({ name }).then((p) => `${name}=${p.state}`, () => `${name}=unknown`),
+      ),
+    );
+
+  const blocked = await step('public page without the permission', async () => {
+    const p = await openPage(url, lnaContext);
+    await p.waitForSelector('#error[data-reason]', { timeout: 30_000 });
+    return p;
+  });
+  const states = await blocked.evaluate(permissions);
+  t.diagnostic(`without permission: ${await blocked.textContent('#error')} (${states.join(', ')}, secure context: ${await blocked.evaluate(() => isSecureContext)})`);
+  assert.equal(await blocked.getAttribute('#error', 'data-reason'), 'LOOPBACK_BLOCKED');
+  assert.equal(await blocked.getAttribute('#status', 'data-state'), 'error');
+  assert.ok(pageLog.some((l) => l.includes('ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS')), 'Chromium reports the LNA block');
+  await blocked.close();
+
+  await lnaContext.grantPermissions(['local-network-access'], { origin: publicOrigin });
+  const allowed = await step('public page with the permission granted', async () => {
+    const p = await openPage(url, lnaContext);
+    await p.waitForSelector('#status[data-state=ready]', { timeout: 30_000 });
+    return p;
+  });
+  t.diagnostic(`granted: ${await allowed.textContent('#status')} (${(await allowed.evaluate(permissions)).join(', ')})`);
+  assert.equal(await allowed.$$eval('#certs option', (o) => o.length), cliCerts.length);
+  await allowed.close();
 });
