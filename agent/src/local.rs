@@ -7,7 +7,9 @@ use browser_bridge::protocol::{
     Base64Bytes, DigestAlgorithm, Display, EcdsaEncoding as WireEcdsa, SignFormat,
     SignInput as WireInput, SignOptions, SignatureAlgorithm, Title,
 };
-use pkcs11_shim::{CertificateId, SignRequest};
+use pkcs11_shim::{
+    CertificateId, LoginKind, PinAnswer, PinProvider, PinRequest, SecretPin, SignRequest,
+};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -74,7 +76,7 @@ pub fn sign_file(
             req.certificate
         ))
     })?;
-    let data = std::fs::read(req.input).map_err(|e| SignFileError::Io {
+    let data = std::fs::read(req.input).map_err(|e| SignFileError::Read {
         path: req.input.display().to_string(),
         source: e,
     })?;
@@ -133,14 +135,16 @@ pub fn sign_file(
             unlock,
         )
     });
+    // The output must be writable before anyone is asked for a PIN.
+    let output = PendingOutput::create(req.output)?;
     let outcome = DialogOutcome::default();
-    let provider = DialogPinProvider::new(
+    let provider = OnePinPerSignature::new(DialogPinProvider::new(
         pinentry.clone(),
         DialogCancel::new(),
         texts,
         build,
         outcome.clone(),
-    );
+    ));
     let sign_req = SignRequest {
         certificate: cert.info.id.clone(),
         algorithm: plan.algorithm,
@@ -163,25 +167,121 @@ pub fn sign_file(
         .into_iter()
         .next()
         .ok_or_else(|| SignFileError::Failure(Failure::Internal("no signature".into())))?;
-    write_new(req.output, &sig).map_err(|e| SignFileError::Io {
-        path: req.output.display().to_string(),
-        source: e,
-    })
+    output.commit(&sig)
 }
 
-/// Writes through a temporary file and a rename, so a failed run leaves no partial output.
-fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("keyport-tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+/// The PIN typed for the user login also answers the context-specific login
+/// (CKA_ALWAYS_AUTHENTICATE) that follows it for the same signature: one document, one dialog.
+/// The copy is used at most once, and never after a wrong PIN; every later signature of such a
+/// key asks again.
+pub struct OnePinPerSignature<P> {
+    inner: P,
+    user_pin: Option<SecretPin>,
+}
+
+impl<P> std::fmt::Debug for OnePinPerSignature<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnePinPerSignature")
+            .field("holds_a_pin", &self.user_pin.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: PinProvider> OnePinPerSignature<P> {
+    pub fn new(inner: P) -> Self {
+        OnePinPerSignature {
+            inner,
+            user_pin: None,
+        }
+    }
+}
+
+impl<P: PinProvider> PinProvider for OnePinPerSignature<P> {
+    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer {
+        let reuse = self.user_pin.take();
+        if req.kind == LoginKind::ContextSpecific && req.previous_error.is_none() {
+            if let Some(pin) = reuse {
+                return PinAnswer::Pin(pin);
+            }
+        }
+        let answer = self.inner.request(req);
+        if req.kind == LoginKind::User {
+            if let PinAnswer::Pin(pin) = &answer {
+                self.user_pin = Some(pin.duplicate());
+            }
+        }
+        answer
+    }
+}
+
+/// The output file's temporary sibling, created before signing (so an unwritable output fails
+/// before any dialog) and renamed over the output only once the signature is there. Removed
+/// if the run fails: a failed run leaves no file behind.
+#[derive(Debug)]
+struct PendingOutput {
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl PendingOutput {
+    fn create(path: &Path) -> Result<PendingOutput, SignFileError> {
+        let write_err = |source| SignFileError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut name = path
+            .file_name()
+            .ok_or_else(|| write_err(std::io::Error::other("not a file name")))?
+            .to_os_string();
+        if path.is_dir() {
+            return Err(write_err(std::io::Error::other("it is a directory")));
+        }
+        name.push(".keyport-tmp");
+        let tmp = path.with_file_name(name);
+        let file = std::fs::File::create(&tmp).map_err(write_err)?;
+        Ok(PendingOutput {
+            tmp,
+            path: path.to_path_buf(),
+            file: Some(file),
+        })
+    }
+
+    fn commit(mut self, bytes: &[u8]) -> Result<(), SignFileError> {
+        use std::io::Write;
+        let result = match self.file.take() {
+            Some(mut file) => file
+                .write_all(bytes)
+                .and_then(|()| file.sync_all())
+                .and_then(|()| std::fs::rename(&self.tmp, &self.path)),
+            None => Err(std::io::Error::other("output already written")),
+        };
+        result.map_err(|source| SignFileError::Write {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+}
+
+impl Drop for PendingOutput {
+    fn drop(&mut self) {
+        // After a successful rename the temporary name is gone and this fails harmlessly.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignFileError {
     #[error("{0}")]
     Usage(String),
-    #[error("{path}: {source}")]
-    Io {
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
         path: String,
         #[source]
         source: std::io::Error,

@@ -120,16 +120,32 @@ enum EncodingArg {
     P1363,
 }
 
+/// `println!` that returns the write error (a closed pipe, as in `keyport certs | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli) {
         Ok(code) => code,
+        // The reader went away: nothing is left to tell anyone.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keyport: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 fn chain(e: &anyhow::Error) -> String {
@@ -170,18 +186,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let tokens = TokenSet::load(&config);
             report_failures(&tokens);
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&local::tokens_json(&tokens))?
                 );
             } else {
                 let list = tokens.tokens();
                 if list.is_empty() {
-                    println!("no token found (see `keyport doctor`)");
+                    out!("no token found (see `keyport doctor`)");
                 }
                 for t in list {
                     let i = &t.info;
-                    println!(
+                    out!(
                         "{}  {:<32} {} {} serial {}{}{}",
                         i.id,
                         i.label.trim(),
@@ -199,7 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let tokens = TokenSet::load(&config);
             report_failures(&tokens);
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&local::certificates_json(&tokens))?
                 );
@@ -207,7 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for c in tokens.certificates() {
                     let i = &c.info;
                     let usage: Vec<&str> = i.key_usage.iter().map(|k| k.rfc5280_name()).collect();
-                    println!(
+                    out!(
                         "{}\n  {}  {}  [{}]  issued by {}  until {}",
                         i.id,
                         i.subject,
@@ -260,24 +276,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match action {
                 OriginsAction::List => {
                     for (origin, standing, source) in store.list() {
-                        println!("{origin}\t{standing:?}\t({source})");
+                        out!("{origin}\t{standing:?}\t({source})");
                     }
                 }
                 OriginsAction::Allow { origin } => {
                     check_origin(&origin)?;
                     store.allow(&origin)?;
-                    println!("allowed {origin}");
+                    out!("allowed {origin}");
                 }
                 OriginsAction::Deny { origin } => {
                     check_origin(&origin)?;
                     store.deny(&origin)?;
-                    println!("denied {origin}");
+                    out!("denied {origin}");
                 }
                 OriginsAction::Revoke { origin } => {
                     if store.revoke(&origin)? {
-                        println!("revoked {origin}");
+                        out!("revoked {origin}");
                     } else {
-                        println!("{origin} had no decision of yours to revoke");
+                        out!("{origin} had no decision of yours to revoke");
                     }
                 }
             }

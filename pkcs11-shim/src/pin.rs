@@ -15,6 +15,13 @@ impl SecretPin {
     pub(crate) fn expose(&self) -> &str {
         &self.0
     }
+
+    /// A second, equally zeroizing copy. For a caller that answers two logins of one
+    /// signature with one typed PIN (the user login, then the context-specific login of a
+    /// CKA_ALWAYS_AUTHENTICATE key); the shim itself never re-sends a PIN.
+    pub fn duplicate(&self) -> SecretPin {
+        SecretPin(Zeroizing::new(self.0.as_str().to_owned()))
+    }
 }
 
 impl From<String> for SecretPin {

@@ -190,7 +190,7 @@ impl Worker {
                 match signed {
                     Ok(sig) => Ok(sig),
                     Err(e) if single_part_only(&e) => {
-                        tracing::warn!(error = %e, mechanism = %planned.mech.mechanism_type(),
+                        tracing::debug!(error = %e, mechanism = %planned.mech.mechanism_type(),
                             "multi-part signing refused after a context login");
                         if let Some(state) = self.tokens.get_mut(token) {
                             state.single_part_only.push(planned.mech.mechanism_type());
