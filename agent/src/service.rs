@@ -861,10 +861,7 @@ impl Backend for Service {
             conn = %ctx.connection,
             method
         );
-        let result = self
-            .dispatch(&ctx, request)
-            .instrument(span.clone())
-            .await;
+        let result = self.dispatch(&ctx, request).instrument(span.clone()).await;
         match result {
             Ok(v) => {
                 tracing::info!(parent: &span, "done");
