@@ -843,13 +843,14 @@ impl Service {
 }
 
 impl Backend for Service {
+    /// The configuration's and the user's persisted lists decide here (403). An origin the user
+    /// denied in a dialog since the agent started still connects, so its page can tell the user
+    /// ORIGIN_DENIED rather than "the agent is not running"; every call but `hello` is refused.
     fn admit_origin(&self, origin: &Origin) -> bool {
-        !self.is_denied_now(origin.as_str())
-            && self
-                .origins
-                .lock()
-                .map(|o| o.admits(origin.as_str()))
-                .unwrap_or(false)
+        self.origins
+            .lock()
+            .map(|o| o.admits(origin.as_str()))
+            .unwrap_or(false)
     }
 
     async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Value, RpcError> {
