@@ -131,7 +131,10 @@ macro_rules! out {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The daemon logs its warnings; a one-shot command reports its own failures in one line
+    // each, so library warnings would only repeat them.
+    let daemon = matches!(cli.command, Command::Run { .. } | Command::Demo { .. });
+    init_logging(cli.log_format, if daemon { "warn" } else { "error" });
     match run(cli) {
         Ok(code) => code,
         // The reader went away: nothing is left to tell anyone.
@@ -150,14 +153,31 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 fn chain(e: &anyhow::Error) -> String {
     e.chain()
-        .map(ToString::to_string)
+        .map(|e| one_line(&e.to_string()))
         .collect::<Vec<_>>()
         .join(": ")
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYPORT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cryptoki=off"));
+/// A message on one line: drops the source snippets some parsers draw under an error (TOML's
+/// `13 | colour = "blue"` and `| ^^^`) and joins the rest with ": ".
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let gutter = l
+                .split_once('|')
+                .is_some_and(|(left, _)| left.trim().chars().all(|c| c.is_ascii_digit()));
+            !l.is_empty() && !gutter
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYPORT_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_level},cryptoki=off"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
