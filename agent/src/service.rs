@@ -494,6 +494,16 @@ impl Service {
         } else {
             Operation::Sign
         };
+        // The origin's one dialog slot is claimed before anything reaches the token: the
+        // token's worker may be blocked by this origin's open dialog, and a second request must
+        // get BUSY at once rather than queue behind it.
+        let _slot = match self.claim_dialog(&origin) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.audit(AuditRecord::new(origin, operation).outcome(e.outcome()));
+                return Err(e);
+            }
+        };
         let cert = match self.find_certificate(certificate_id).await {
             Ok(c) => c,
             Err(e) => {
@@ -604,8 +614,8 @@ impl Service {
             .map(|t| t.info.label.trim().to_owned())
     }
 
-    /// Consent, PIN and signatures on the token, with the origin's dialog slot held, `cancel`
-    /// honoured, and the PIN cache kept.
+    /// Consent, PIN and signatures on the token (the caller holds the origin's dialog slot),
+    /// `cancel` honoured, and the PIN cache kept.
     async fn run_token(
         &self,
         ctx: &RequestContext,
@@ -614,7 +624,6 @@ impl Service {
         build: DialogBuilder,
         progress: Option<pkcs11_shim::Progress>,
     ) -> Result<Vec<Vec<u8>>, Failure> {
-        let _slot = self.claim_dialog(ctx.origin.as_str())?;
         let module = cert.module.clone();
         let token_id = cert.info.token_id.clone();
         let dialog_cancel = DialogCancel::new();
@@ -750,6 +759,14 @@ impl Service {
         p: AuthenticateParams,
     ) -> Result<Value, Failure> {
         let origin = ctx.origin.as_str().to_owned();
+        // As in `sign_items`: BUSY before the token is touched.
+        let _slot = match self.claim_dialog(&origin) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.audit(AuditRecord::new(origin, Operation::Authenticate).outcome(e.outcome()));
+                return Err(e);
+            }
+        };
         let cert = match &p.certificate_id {
             Some(id) => self.find_certificate(id).await,
             None => self.pick_login_certificate().await,
