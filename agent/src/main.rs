@@ -152,10 +152,15 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|e| one_line(&e.to_string()))
-        .collect::<Vec<_>>()
-        .join(": ")
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = one_line(&cause.to_string());
+        // Some errors already print their source: do not say it twice.
+        if !parts.last().is_some_and(|prev| prev.ends_with(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 /// A message on one line: drops the source snippets some parsers draw under an error (TOML's
