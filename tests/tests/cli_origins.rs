@@ -40,7 +40,7 @@ fn origins_round_trip() {
     let cli = Cli::new();
     let file = cli.dir().join("origins.toml");
     let config_row = row("https://portal.example", "Allowed", "config");
-    assert_eq!(list(&cli), [config_row.clone()]);
+    assert_eq!(list(&cli), std::slice::from_ref(&config_row));
     assert!(!file.exists());
 
     let sign = "https://sign.example";
@@ -76,7 +76,7 @@ fn origins_round_trip() {
     assert!(ok(&cli, &["origins", "revoke", sign]).contains("revoked"));
     assert!(ok(&cli, &["origins", "revoke", sign]).contains("no decision"));
     assert!(ok(&cli, &["origins", "revoke", other]).contains("revoked"));
-    assert_eq!(list(&cli), [config_row.clone()]);
+    assert_eq!(list(&cli), std::slice::from_ref(&config_row));
     // The administrator's entry cannot be revoked by the user.
     assert!(ok(&cli, &["origins", "revoke", "https://portal.example"]).contains("no decision"));
     assert_eq!(list(&cli), [config_row]);
