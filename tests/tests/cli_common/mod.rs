@@ -428,7 +428,10 @@ pub fn verify_cms(ca: &Path, content: &Path, sig: &Path) -> (bool, String) {
 /// Turns an r‖s (P1363) signature into DER with `openssl asn1parse -genconf`; writes it beside.
 pub fn p1363_to_der(sig: &Path) -> PathBuf {
     let raw = fs::read(sig).expect("read p1363 signature");
-    assert!(raw.len().is_multiple_of(2) && !raw.is_empty(), "odd P1363 length");
+    assert!(
+        raw.len().is_multiple_of(2) && !raw.is_empty(),
+        "odd P1363 length"
+    );
     let (r, s) = raw.split_at(raw.len() / 2);
     let conf = sig.with_extension("genconf");
     fs::write(
