@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used)] // a test fails by panicking
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 use keyport_e2e::harness::{
     b64, certificate_ids, nonce, unb64, verify_cms, verify_raw, verify_webeid, Agent, AgentOptions,
@@ -12,10 +11,10 @@ use keyport_e2e::harness::{
 use keyport_e2e::pinentry::{Button, Command, Step};
 use serde_json::{json, Value};
 
-/// One token for the whole file: these tests only read it and log in with the right PIN.
-fn token() -> &'static TestToken {
-    static TOKEN: OnceLock<TestToken> = OnceLock::new();
-    TOKEN.get_or_init(|| TestToken::provision().expect("provision"))
+/// A token per test: agents logging in to one SoftHSM store from several processes at once
+/// race on its files (a concurrent listing came back empty), so tests do not share one.
+fn new_token() -> TestToken {
+    TestToken::provision().expect("provision")
 }
 
 fn pins(n: usize) -> Vec<Step> {
@@ -24,10 +23,10 @@ fn pins(n: usize) -> Vec<Step> {
         .collect()
 }
 
-async fn start(options: AgentOptions) -> (Agent, Client, HashMap<String, String>) {
-    let agent = Agent::start(token(), options).expect("agent starts");
+async fn start(tk: &TestToken, options: AgentOptions) -> (Agent, Client, HashMap<String, String>) {
+    let agent = Agent::start(tk, options).expect("agent starts");
     let mut client = agent.connect(PORTAL).await.expect("connect");
-    let ids = certificate_ids(&mut client, token()).await.expect("ids");
+    let ids = certificate_ids(&mut client, tk).await.expect("ids");
     (agent, client, ids)
 }
 
@@ -49,7 +48,8 @@ fn merge(params: &mut Value, extra: Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_reports_the_origin_and_its_approval() {
-    let agent = Agent::start(token(), AgentOptions::default()).unwrap();
+    let tk = new_token();
+    let agent = Agent::start(&tk, AgentOptions::default()).unwrap();
     let mut approved = agent.connect(PORTAL).await.unwrap();
     let hello = approved
         .call_ok("hello", json!({"client": {"name": "e2e", "version": "1"}}))
@@ -79,7 +79,8 @@ async fn hello_reports_the_origin_and_its_approval() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_list_has_the_documented_shape() {
-    let (agent, mut client, _) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (agent, mut client, _) = start(&tk, AgentOptions::default()).await;
     let result = client.call_ok("tokens.list", json!({})).await.unwrap();
     let tokens = result["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 1, "{result}");
@@ -111,7 +112,7 @@ async fn tokens_list_has_the_documented_shape() {
         ]
     );
     // The id is stable: a second agent on the same token reports the same one.
-    let again = Agent::start(token(), AgentOptions::default()).unwrap();
+    let again = Agent::start(&tk, AgentOptions::default()).unwrap();
     let mut c2 = again.connect(PORTAL).await.unwrap();
     let r2 = c2.call_ok("tokens.list", json!({})).await.unwrap();
     assert_eq!(r2["tokens"][0]["id"], t["id"]);
@@ -120,7 +121,8 @@ async fn tokens_list_has_the_documented_shape() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_list_honours_every_filter() {
-    let (_agent, mut client, ids) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (_agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     let all = client
         .call_ok("certificates.list", json!({}))
         .await
@@ -142,7 +144,7 @@ async fn certificates_list_honours_every_filter() {
         .contains("CN=KeyPort Test CA"));
     assert_eq!(
         unb64(&p384["certificate"]).unwrap(),
-        token().cert_der("sign-p384").unwrap()
+        tk.cert_der("sign-p384").unwrap()
     );
     assert_eq!(
         p384["keyUsage"],
@@ -231,6 +233,7 @@ async fn certificates_list_honours_every_filter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_signatures_of_every_key_type_verify() {
+    let tk = new_token();
     // (label, hash, extra params, verification)
     let cases: Vec<(&str, Hash, Value, RawAlg)> = vec![
         (
@@ -294,7 +297,7 @@ async fn raw_signatures_of_every_key_type_verify() {
             RawAlg::EcdsaP1363(Hash::Sha384),
         ),
     ];
-    let (agent, mut client, ids) = start(AgentOptions::default()).await;
+    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     for (label, hash, extra, alg) in cases {
         agent.script().push_all(&pins(1)).unwrap();
         let doc = format!("document for {label} {alg:?}").into_bytes();
@@ -307,14 +310,14 @@ async fn raw_signatures_of_every_key_type_verify() {
         assert_eq!(result["digestAlgorithm"], hash.wire());
         assert_eq!(
             unb64(&result["certificate"]).unwrap(),
-            token().cert_der(label).unwrap()
+            tk.cert_der(label).unwrap()
         );
         let sig = unb64(&result["signature"]).unwrap();
         if let RawAlg::EcdsaP1363(_) = alg {
             let want = if label == "sign-p384" { 96 } else { 64 };
             assert_eq!(sig.len(), want, "{label} P1363 length");
         }
-        verify_raw(&token().cert_pem(label), &Signed::Digest(digest), &sig, alg)
+        verify_raw(&tk.cert_pem(label), &Signed::Digest(digest), &sig, alg)
             .unwrap_or_else(|e| panic!("{label} {alg:?}: {e}"));
     }
     // SoftHSM signs CKM_ECDSA and CKM_RSA_PKCS in one part only, so an always-auth key cannot
@@ -333,7 +336,7 @@ async fn raw_signatures_of_every_key_type_verify() {
         assert_eq!(result["signatureAlgorithm"], "ECDSA");
         let sig = unb64(&result["signature"]).unwrap();
         verify_raw(
-            &token().cert_pem("sign-p256"),
+            &tk.cert_pem("sign-p256"),
             &Signed::Data(doc),
             &sig,
             RawAlg::EcdsaDer(hash),
@@ -353,7 +356,7 @@ async fn raw_signatures_of_every_key_type_verify() {
     assert_eq!(result["signatureAlgorithm"], "Ed25519");
     let sig = unb64(&result["signature"]).unwrap();
     verify_raw(
-        &token().cert_pem("sign-ed25519"),
+        &tk.cert_pem("sign-ed25519"),
         &Signed::Data(doc),
         &sig,
         RawAlg::Ed25519,
@@ -396,7 +399,7 @@ async fn raw_signatures_of_every_key_type_verify() {
         .await
         .unwrap();
     verify_raw(
-        &token().cert_pem("sign-rsa2048-always"),
+        &tk.cert_pem("sign-rsa2048-always"),
         &Signed::Data(doc),
         &unb64(&result["signature"]).unwrap(),
         RawAlg::RsaPkcs1(Hash::Sha256),
@@ -413,7 +416,8 @@ async fn raw_signatures_of_every_key_type_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cms_signatures_verify_with_openssl_and_python() {
-    let (agent, mut client, ids) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     let cases: Vec<(&str, Value)> = vec![
         ("sign-rsa2048", json!({})),
         ("sign-rsa2048", json!({"signatureAlgorithm": "RSA-PSS"})),
@@ -435,7 +439,7 @@ async fn cms_signatures_verify_with_openssl_and_python() {
             .unwrap_or_else(|e| panic!("{label} {extra}: {e}"));
         assert_eq!(result["format"], "cms");
         let der = unb64(&result["signature"]).unwrap();
-        verify_cms(&der, &doc, &token().ca_pem(), &token().cert_pem(label))
+        verify_cms(&der, &doc, &tk.ca_pem(), &tk.cert_pem(label))
             .unwrap_or_else(|e| panic!("{label} {extra}: {e}"));
     }
     // A CMS over a digest sent by the page (P-256, SHA-256).
@@ -456,15 +460,16 @@ async fn cms_signatures_verify_with_openssl_and_python() {
     verify_cms(
         &unb64(&result["signature"]).unwrap(),
         &doc,
-        &token().ca_pem(),
-        &token().cert_pem("sign-p256"),
+        &tk.ca_pem(),
+        &tk.cert_pem("sign-p256"),
     )
     .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_eid_login_tokens_verify_for_every_algorithm() {
-    let (agent, mut client, ids) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     // (certificate, asked algorithm, expected algorithm, cert label)
     let cases: Vec<(Option<&str>, Option<&str>, &str, &str)> = vec![
         (None, None, "ES256", "auth-p256"),
@@ -494,7 +499,7 @@ async fn web_eid_login_tokens_verify_for_every_algorithm() {
             .as_str()
             .unwrap()
             .starts_with("urn:keyport:"));
-        verify_webeid(&token_json, PORTAL, &challenge, &token().cert_pem(label))
+        verify_webeid(&token_json, PORTAL, &challenge, &tk.cert_pem(label))
             .unwrap_or_else(|e| panic!("{want}: {e}"));
     }
     // The login dialog names the origin and the holder.
@@ -508,7 +513,8 @@ async fn web_eid_login_tokens_verify_for_every_algorithm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sign_dialog_shows_what_is_signed_and_takes_the_pin() {
-    let (agent, mut client, ids) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     agent.script().push_all(&pins(1)).unwrap();
     let digest = Hash::Sha256.digest(b"shown in the dialog");
     client
@@ -544,7 +550,8 @@ async fn the_sign_dialog_shows_what_is_signed_and_takes_the_pin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_100_reports_progress_and_every_signature_verifies() {
-    let (agent, mut client, ids) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     agent.script().push_all(&pins(1)).unwrap();
     let docs: Vec<Vec<u8>> = (0..100)
         .map(|i| format!("document {i}").into_bytes())
@@ -570,7 +577,7 @@ async fn a_batch_of_100_reports_progress_and_every_signature_verifies() {
     assert_eq!(results.len(), 100);
     for (doc, r) in docs.iter().zip(results) {
         verify_raw(
-            &token().cert_pem("sign-rsa2048"),
+            &tk.cert_pem("sign-rsa2048"),
             &Signed::Digest(Hash::Sha256.digest(doc)),
             &unb64(&r["signature"]).unwrap(),
             RawAlg::RsaPkcs1(Hash::Sha256),
@@ -614,7 +621,8 @@ async fn a_batch_of_100_reports_progress_and_every_signature_verifies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_usage_rules_for_signing_and_login() {
-    let (agent, mut client, ids) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     // auth-p256 lacks nonRepudiation: no dialog, refused.
     let e = client
         .call_err(
@@ -632,7 +640,7 @@ async fn key_usage_rules_for_signing_and_login() {
         signing_key_usage: "any".into(),
         ..AgentOptions::default()
     };
-    let (agent, mut client, ids) = start(options).await;
+    let (agent, mut client, ids) = start(&tk, options).await;
     agent.script().push_all(&pins(1)).unwrap();
     let digest = Hash::Sha256.digest(b"any usage");
     let result = client
@@ -643,7 +651,7 @@ async fn key_usage_rules_for_signing_and_login() {
         .await
         .unwrap();
     verify_raw(
-        &token().cert_pem("auth-p256"),
+        &tk.cert_pem("auth-p256"),
         &Signed::Digest(digest),
         &unb64(&result["signature"]).unwrap(),
         RawAlg::EcdsaDer(Hash::Sha256),
@@ -653,7 +661,8 @@ async fn key_usage_rules_for_signing_and_login() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_errors_that_need_no_dialog() {
-    let (agent, mut client, ids) = start(AgentOptions::default()).await;
+    let tk = new_token();
+    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
     // CERTIFICATE_NOT_FOUND: a well-formed id of no certificate.
     let token_id = ids["sign-p256"].split('/').next().unwrap().to_owned();
     let e = client
@@ -719,6 +728,7 @@ async fn request_errors_that_need_no_dialog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_consent_asks_once_per_connection_when_the_pin_is_cached() {
+    let tk = new_token();
     let intranet = "https://intranet.example";
     let options = AgentOptions {
         allowed_origins: vec![PORTAL.into(), intranet.into()],
@@ -726,9 +736,9 @@ async fn session_consent_asks_once_per_connection_when_the_pin_is_cached() {
         pin_cache_seconds: 300,
         ..AgentOptions::default()
     };
-    let agent = Agent::start(token(), options).unwrap();
+    let agent = Agent::start(&tk, options).unwrap();
     let mut client = agent.connect(intranet).await.unwrap();
-    let ids = certificate_ids(&mut client, token()).await.unwrap();
+    let ids = certificate_ids(&mut client, &tk).await.unwrap();
     agent.script().push_all(&pins(1)).unwrap();
     for i in 0..3 {
         let digest = Hash::Sha256.digest(format!("session {i}").as_bytes());
@@ -740,7 +750,7 @@ async fn session_consent_asks_once_per_connection_when_the_pin_is_cached() {
             .await
             .unwrap();
         verify_raw(
-            &token().cert_pem("sign-p256"),
+            &tk.cert_pem("sign-p256"),
             &Signed::Digest(digest),
             &unb64(&r["signature"]).unwrap(),
             RawAlg::EcdsaDer(Hash::Sha256),
