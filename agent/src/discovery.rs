@@ -345,11 +345,11 @@ mod tests {
         .expect("write");
         let mut config = Config::default();
         config.modules.push(ModuleConfig { path: so.clone() });
-        let found = discover_in(&config, &[modules_dir.clone()], &[]);
+        let found = discover_in(&config, std::slice::from_ref(&modules_dir), &[]);
         assert_eq!(found.candidates.len(), 1, "{found:?}");
         assert_eq!(found.candidates[0].source, Source::Config);
 
-        let found = discover_in(&Config::default(), &[modules_dir.clone()], &[]);
+        let found = discover_in(&Config::default(), std::slice::from_ref(&modules_dir), &[]);
         assert_eq!(
             found.candidates,
             vec![Candidate {
@@ -363,8 +363,10 @@ mod tests {
 
     #[test]
     fn discovery_off_keeps_only_the_configuration() {
-        let mut config = Config::default();
-        config.discover_modules = false;
+        let config = Config {
+            discover_modules: false,
+            ..Config::default()
+        };
         let found = discover_in(
             &config,
             &[PathBuf::from("/usr/share/p11-kit/modules")],
@@ -397,6 +399,29 @@ mod tests {
         assert!(rule.matches(&[0x3b, 0x8f, 0x42, 0x01]));
         assert!(!rule.matches(&[0x3b, 0x8e, 0x42, 0x01]));
         assert!(!rule.matches(&[0x3b, 0x8f, 0x42]));
+    }
+
+    #[test]
+    fn without_discovery_only_the_users_atr_entries_apply() {
+        let shipped = AtrTable::load(&Config::default()).expect("table");
+        let atr = shipped.rules()[0].atr.clone();
+        let mut config = Config {
+            discover_modules: false,
+            ..Config::default()
+        };
+        assert!(AtrTable::effective(&config)
+            .expect("table")
+            .module_for(&atr)
+            .is_none());
+        config.atr.push(AtrEntry {
+            atr: hex::encode(&atr),
+            mask: None,
+            name: "Mine".into(),
+            module: PathBuf::from("/opt/mine.so"),
+        });
+        let table = AtrTable::effective(&config).expect("table");
+        let rule = table.module_for(&atr).expect("match");
+        assert!(table.is_users(rule));
     }
 
     #[test]
