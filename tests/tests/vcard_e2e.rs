@@ -599,7 +599,7 @@ async fn removal_during_a_batch_keeps_finished_signatures_and_reinsertion_recove
         .unwrap_or_default();
     let completed = error["data"]["completed"].as_u64().context("completed")? as usize;
     ensure!(
-        completed == results.len() && completed >= 1 && completed < 1000,
+        completed == results.len() && (1..1000).contains(&completed),
         "{answer}"
     );
     for (i, r) in results.iter().enumerate() {
@@ -688,9 +688,8 @@ fn doctor_shows_the_reader_the_atr_and_the_module() -> Result<()> {
         "ATR"
     );
     ensure!(
-        text.contains(&format!(
-            "matched \"KeyPort test card (jcecard 0.1.0 virtual PIV)\""
-        )) && text.contains(&format!("→ module {OPENSC} [loaded (from configuration)]")),
+        text.contains("matched \"KeyPort test card (jcecard 0.1.0 virtual PIV)\"")
+            && text.contains(&format!("→ module {OPENSC} [loaded (from configuration)]")),
         "ATR match"
     );
     ensure!(
