@@ -119,7 +119,7 @@ pub fn sign_file(
         .unwrap_or_default();
     let holder = cert.info.holder.clone();
     let issuer = common_name(&cert.info.issuer);
-    let build: DialogBuilder = Box::new(move |texts, unlock| {
+    let build: DialogBuilder = std::sync::Arc::new(move |texts, unlock| {
         texts.sign(
             &Signer {
                 origin: "keyport sign (command line)",

@@ -16,8 +16,8 @@ use browser_bridge::protocol::{
 };
 use browser_bridge::{Backend, ConnectionId, Origin, RequestContext};
 use pkcs11_shim::{
-    CertificateId, EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage, LoginState, SignAlgorithm,
-    SignFailure, SignInput, SignRequest,
+    CertificateId, EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage, LoginState, PinAnswer,
+    SecretPin, SignAlgorithm, SignFailure, SignInput, SignRequest,
 };
 use serde_json::Value;
 use tracing::Instrument;
@@ -25,8 +25,8 @@ use tracing::Instrument;
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::cms::{self, CmsSignatureAlg, DigestAlg};
 use crate::config::{Config, ConsentMode, SigningKeyUsage, UnknownOrigins};
-use crate::consent::{confirm_only, DialogBuilder, DialogOutcome, DialogPinProvider};
-use crate::dialog::{Document, OriginDecision, Signer, Texts};
+use crate::consent::{confirm_only, DialogBuilder, DialogOutcome, DialogPinProvider, PreAsked};
+use crate::dialog::{Consent, Document, OriginDecision, PinState, Signer, Texts, Unlock};
 use crate::origins::{OriginStore, Standing};
 use crate::pinentry::{DialogCancel, DialogError, Pinentry};
 use crate::tokens::{CertificateView, TokenSet, TokenView};
@@ -568,7 +568,7 @@ impl Service {
             .map(|s| s.as_str().to_owned());
         let first_digest = digests.first().cloned().unwrap_or_default();
         let count = digests.len();
-        let build: DialogBuilder = Box::new(move |texts, unlock| {
+        let build: DialogBuilder = Arc::new(move |texts, unlock| {
             let signer = Signer {
                 origin: &origin,
                 holder: &signer_holder,
@@ -635,60 +635,132 @@ impl Service {
         };
         let session_consent = self.config.consent_mode(ctx.origin.as_str()) == ConsentMode::Session
             && self.conn(ctx.connection).consented;
+        tracing::debug!(?state, session_consent, "token login state");
         if state == LoginState::Locked {
             return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
         }
-        if state == LoginState::LoggedIn && !session_consent {
-            let pinentry = self.pinentry.clone();
-            let texts = self.texts;
-            let c2 = dialog_cancel.clone();
-            let answer = run_cancellable(ctx, &dialog_cancel, move || {
-                confirm_only(&pinentry, &c2, &texts, &build)
-            })
-            .await?;
-            answer.map_err(|e| Failure::Dialog(Arc::new(e)))?;
-            // The consent dialog is shown; the token will not ask again (unless the cache
-            // expired in between, when it asks for the PIN with the same text).
-            return self
-                .sign_on_token(ctx, module, req, dialog_cancel, no_more_dialogs(), progress)
-                .await;
-        }
-        let outcome = DialogOutcome::default();
-        let provider = DialogPinProvider::new(
-            self.pinentry.clone(),
-            dialog_cancel.clone(),
-            self.texts,
-            build,
-            outcome.clone(),
-        );
-        let result = self
-            .sign_on_token(
-                ctx,
-                module,
-                req,
-                dialog_cancel,
-                Box::new(provider),
-                progress,
-            )
-            .await;
-        match result {
-            Err(Failure::Token(pkcs11_shim::Error::UserCancelled)) => match outcome.error() {
-                Some(e) => Err(Failure::Dialog(e)),
-                None => Err(Failure::Token(pkcs11_shim::Error::UserCancelled)),
-            },
-            Err(Failure::Batch {
-                error: pkcs11_shim::Error::UserCancelled,
-                completed,
-            }) if completed.is_empty() => match outcome.error() {
-                Some(e) => Err(Failure::Dialog(e)),
-                None => Err(Failure::Token(pkcs11_shim::Error::UserCancelled)),
-            },
-            other => {
-                if other.is_ok() {
-                    self.update_conn(ctx.connection, |c| c.consented = true);
-                }
-                other
+        if state == LoginState::LoggedIn {
+            if !session_consent {
+                let pinentry = self.pinentry.clone();
+                let texts = self.texts;
+                let c2 = dialog_cancel.clone();
+                let b2 = Arc::clone(&build);
+                let answer = run_cancellable(ctx, &dialog_cancel, move || {
+                    confirm_only(&pinentry, &c2, &texts, &b2)
+                })
+                .await?;
+                answer.map_err(|e| Failure::Dialog(Arc::new(e)))?;
             }
+            // Consent is given (now, or once for this connection); the token is logged in. A
+            // key that wants its own PIN per signature, or a cache that expired just now, asks
+            // with the same text.
+            let outcome = DialogOutcome::default();
+            let provider = DialogPinProvider::new(
+                self.pinentry.clone(),
+                dialog_cancel.clone(),
+                self.texts,
+                build,
+                outcome.clone(),
+            );
+            let result = self
+                .sign_on_token(
+                    ctx,
+                    module,
+                    req,
+                    dialog_cancel,
+                    Box::new(provider),
+                    progress,
+                )
+                .await;
+            return match (result, outcome.error()) {
+                (Err(Failure::Token(pkcs11_shim::Error::UserCancelled)), Some(e)) => {
+                    Err(Failure::Dialog(e))
+                }
+                (other, _) => {
+                    if other.is_ok() {
+                        self.update_conn(ctx.connection, |c| c.consented = true);
+                    }
+                    other
+                }
+            };
+        }
+        // The consent and PIN dialog is shown here, off the module's worker thread; the token
+        // work starts only with the user's answer. A wrong PIN comes back here for the next
+        // dialog, with the token's warning.
+        let protected = state == LoginState::ProtectedPath;
+        let mut pin_state = match state {
+            LoginState::NeedsPin(st) => PinState {
+                wrong_pin: false,
+                count_low: st.count_low,
+                final_try: st.final_try,
+            },
+            _ => PinState::default(),
+        };
+        let mut progress = progress;
+        loop {
+            let unlock = if protected {
+                Unlock::PinPad(pin_state)
+            } else {
+                Unlock::Pin(pin_state)
+            };
+            let dialog = build(&self.texts, unlock);
+            let pinentry = self.pinentry.clone();
+            let c2 = dialog_cancel.clone();
+            let answer = run_cancellable(ctx, &dialog_cancel, move || dialog.ask(&pinentry, &c2))
+                .await?
+                .map_err(|e| Failure::Dialog(Arc::new(e)))?;
+            let first = match answer {
+                Consent::Pin(mut pin) => PinAnswer::Pin(SecretPin::from(std::mem::take(&mut *pin))),
+                Consent::Confirmed => PinAnswer::Confirmed,
+            };
+            let wrong = Arc::new(Mutex::new(None));
+            let outcome = DialogOutcome::default();
+            let fallback = DialogPinProvider::new(
+                self.pinentry.clone(),
+                dialog_cancel.clone(),
+                self.texts,
+                Arc::clone(&build),
+                outcome.clone(),
+            );
+            let provider = PreAsked::new(first, Arc::clone(&wrong), fallback);
+            let result = self
+                .sign_on_token(
+                    ctx,
+                    module.clone(),
+                    req.clone(),
+                    dialog_cancel.clone(),
+                    Box::new(provider),
+                    progress.take(),
+                )
+                .await;
+            let cancelled = matches!(
+                &result,
+                Err(Failure::Token(pkcs11_shim::Error::UserCancelled))
+            ) || matches!(
+                &result,
+                Err(Failure::Batch { error: pkcs11_shim::Error::UserCancelled, completed }) if completed.is_empty()
+            );
+            if cancelled {
+                if let Some(flags) = wrong.lock().ok().and_then(|w| *w) {
+                    // A wrong PIN: the user may try again, in a new dialog that says so.
+                    pin_state = PinState {
+                        wrong_pin: true,
+                        count_low: flags.count_low,
+                        final_try: flags.final_try,
+                    };
+                    if progress.is_none() && req.inputs.len() > 1 {
+                        progress = batch_progress_again(ctx);
+                    }
+                    continue;
+                }
+                if let Some(e) = outcome.error() {
+                    return Err(Failure::Dialog(e));
+                }
+            }
+            if result.is_ok() {
+                self.update_conn(ctx.connection, |c| c.consented = true);
+            }
+            return result;
         }
     }
 
@@ -812,7 +884,7 @@ impl Service {
         let holder = info.holder.clone();
         let issuer = common_name(&info.issuer);
         let token_label = self.token_label(&info.token_id).await.unwrap_or_default();
-        let build: DialogBuilder = Box::new(move |texts, unlock| {
+        let build: DialogBuilder = Arc::new(move |texts, unlock| {
             texts.login(
                 &Signer {
                     origin: &origin,
@@ -1219,9 +1291,9 @@ fn module_token(req: &SignRequest) -> pkcs11_shim::TokenId {
     req.certificate.token_id().clone()
 }
 
-/// A provider for when consent was already given and no PIN is expected.
-fn no_more_dialogs() -> Box<dyn pkcs11_shim::PinProvider> {
-    Box::new(|_: &pkcs11_shim::PinRequest<'_>| pkcs11_shim::PinAnswer::Cancel)
+/// A new progress sender for a batch started over after a wrong PIN.
+fn batch_progress_again(ctx: &RequestContext) -> Option<pkcs11_shim::Progress> {
+    Some(progress_sender(ctx))
 }
 
 /// `sign.progress` at most ten times a second, and always the last one.

@@ -305,7 +305,10 @@ impl Agent {
             .arg(&config)
             .arg("run")
             .env("SOFTHSM2_CONF", token.conf())
-            .env("KEYPORT_LOG", "info,cryptoki=off")
+            .env(
+                "KEYPORT_LOG",
+                std::env::var("KEYPORT_TEST_LOG").unwrap_or_else(|_| "info,cryptoki=off".into()),
+            )
             .envs(script.env())
             .env("KEYPORT_FAULT_TARGET", SOFTHSM)
             .env("KEYPORT_FAULT_CONTROL", dir.path().join("fault.control"))

@@ -120,10 +120,18 @@ async fn a_second_dialog_for_the_origin_is_busy_and_cancel_closes_the_first() {
         .unwrap();
     assert_eq!(e.code, 1009);
     assert_eq!(agent.script().dialogs().unwrap().len(), 1);
-    // Another origin is still served while the dialog is open (by the bridge; its token
-    // requests wait for the token's worker, which the open PIN dialog holds: see the report).
+    // Another origin is still served while the dialog is open, token requests included: the
+    // dialog runs before the token work, never on the module's worker thread.
     let mut other = agent.connect("https://other.example").await.unwrap();
     other.call_ok("hello", json!({})).await.unwrap();
+    let listed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        other.call_ok("certificates.list", json!({})),
+    )
+    .await
+    .expect("another origin's certificates.list must not wait for the open dialog")
+    .unwrap();
+    assert!(!listed["certificates"].as_array().unwrap().is_empty());
     // `cancel` ends the pending sign with USER_CANCELLED and closes its dialog.
     let cancel = first
         .call("cancel", json!({"requestId": pending}))
