@@ -104,7 +104,10 @@ impl Failure {
                     ),
                     E::MechanismNotSupported { algorithm, key } => RpcError::new(
                         Reason::AlgorithmNotSupported,
-                        format!("{algorithm} is not possible with a {key} key on this token"),
+                        format!(
+                            "{algorithm} is not possible with {} on this token",
+                            a_key(key)
+                        ),
                     ),
                     E::InvalidInput(m) => RpcError::invalid_params(m.clone()),
                     E::Pkcs11 { function, rv, .. } => {
@@ -874,8 +877,7 @@ impl Service {
                     .into(),
             ));
         }
-        let requested = p.algorithm.map(|a| format!("{a:?}"));
-        let alg = webeid::algorithm_for(info.key_algorithm, requested.as_deref())
+        let alg = webeid::algorithm_for(info.key_algorithm, p.algorithm.map(AuthAlgorithm::as_str))
             .map_err(Failure::Algorithm)?;
         let message = webeid::signed_message(&alg, ctx.origin.as_str(), p.challenge.as_str());
         let shown_digest = alg.hash.digest(&message);
@@ -1058,19 +1060,7 @@ impl SignPlan {
             (KeyAlgorithm::Ed25519, None | Some(SignatureAlgorithm::Ed25519)) => {
                 (SignAlgorithm::Ed25519, SignatureAlgorithm::Ed25519)
             }
-            (key, Some(asked)) => {
-                return Err(Failure::Algorithm(format!(
-                    "a {} key cannot sign {asked:?}",
-                    key.wire_name()
-                )))
-            }
-            #[allow(unreachable_patterns)]
-            (key, None) => {
-                return Err(Failure::Algorithm(format!(
-                    "a {} key cannot sign here",
-                    key.wire_name()
-                )))
-            }
+            (key, asked) => return Err(cannot_sign(key, asked)),
         };
         if options.ecdsa_encoding.is_some() && wire_algorithm != SignatureAlgorithm::Ecdsa {
             return Err(Failure::InvalidParams(
@@ -1161,6 +1151,22 @@ impl SignPlan {
             })
             .collect()
     }
+}
+
+/// ALGORITHM_NOT_SUPPORTED for a key asked for a signature it cannot make, in the protocol's
+/// names: "an EC-P256 key cannot sign RSA-PSS".
+fn cannot_sign(key: KeyAlgorithm, asked: Option<SignatureAlgorithm>) -> Failure {
+    let key = a_key(&key.wire_name());
+    Failure::Algorithm(match asked {
+        Some(asked) => format!("{key} cannot sign {}", asked.as_str()),
+        None => format!("{key} cannot sign here"),
+    })
+}
+
+/// "an RSA-2048 key": every key name the protocol has (RSA-…, EC-…, Ed25519) is read with a
+/// vowel sound first.
+fn a_key(name: &str) -> String {
+    format!("an {name} key")
 }
 
 fn hash_alg(d: DigestAlgorithm) -> HashAlg {
@@ -1337,4 +1343,42 @@ async fn run_cancellable<T: Send + 'static>(
         }
     };
     joined.map_err(|e| Failure::Internal(format!("dialog task failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_algorithm_mismatch_is_told_in_the_protocols_names() {
+        let message = |f: Failure| f.to_rpc().message;
+        assert_eq!(
+            message(cannot_sign(
+                KeyAlgorithm::EcP256,
+                Some(SignatureAlgorithm::RsaPss)
+            )),
+            "an EC-P256 key cannot sign RSA-PSS"
+        );
+        assert_eq!(
+            message(cannot_sign(
+                KeyAlgorithm::Rsa { bits: 2048 },
+                Some(SignatureAlgorithm::Ed25519)
+            )),
+            "an RSA-2048 key cannot sign Ed25519"
+        );
+        assert_eq!(
+            message(cannot_sign(
+                KeyAlgorithm::Ed25519,
+                Some(SignatureAlgorithm::RsaPkcs1v15)
+            )),
+            "an Ed25519 key cannot sign RSASSA-PKCS1-v1_5"
+        );
+        assert_eq!(
+            message(Failure::Token(pkcs11_shim::Error::MechanismNotSupported {
+                algorithm: "RSA-PSS-SHA256".into(),
+                key: "EC-P384".into(),
+            })),
+            "RSA-PSS-SHA256 is not possible with an EC-P384 key on this token"
+        );
+    }
 }

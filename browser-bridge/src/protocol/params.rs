@@ -171,6 +171,22 @@ pub enum DigestAlgorithm {
 }
 
 impl DigestAlgorithm {
+    /// Every digest algorithm.
+    pub const ALL: [DigestAlgorithm; 3] = [
+        DigestAlgorithm::Sha256,
+        DigestAlgorithm::Sha384,
+        DigestAlgorithm::Sha512,
+    ];
+
+    /// The protocol's name (`SHA-256`), as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Sha256 => "SHA-256",
+            DigestAlgorithm::Sha384 => "SHA-384",
+            DigestAlgorithm::Sha512 => "SHA-512",
+        }
+    }
+
     /// Digest length in bytes.
     pub fn output_len(self) -> usize {
         match self {
@@ -192,6 +208,26 @@ pub enum SignatureAlgorithm {
     #[serde(rename = "ECDSA")]
     Ecdsa,
     Ed25519,
+}
+
+impl SignatureAlgorithm {
+    /// Every signature algorithm.
+    pub const ALL: [SignatureAlgorithm; 4] = [
+        SignatureAlgorithm::RsaPkcs1v15,
+        SignatureAlgorithm::RsaPss,
+        SignatureAlgorithm::Ecdsa,
+        SignatureAlgorithm::Ed25519,
+    ];
+
+    /// The protocol's name (`RSA-PSS`), as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignatureAlgorithm::RsaPkcs1v15 => "RSASSA-PKCS1-v1_5",
+            SignatureAlgorithm::RsaPss => "RSA-PSS",
+            SignatureAlgorithm::Ecdsa => "ECDSA",
+            SignatureAlgorithm::Ed25519 => "Ed25519",
+        }
+    }
 }
 
 /// `sign.format`.
@@ -244,8 +280,8 @@ impl TryFrom<RawDigest> for Digest {
         let want = raw.algorithm.output_len();
         if raw.value.0.len() != want {
             return Err(format!(
-                "a {:?} digest is {want} bytes, got {}",
-                raw.algorithm,
+                "a {} digest is {want} bytes, got {}",
+                raw.algorithm.as_str(),
                 raw.value.0.len()
             ));
         }
@@ -537,6 +573,38 @@ pub enum AuthAlgorithm {
     EdDSA,
 }
 
+impl AuthAlgorithm {
+    /// Every Web eID token algorithm.
+    pub const ALL: [AuthAlgorithm; 10] = [
+        AuthAlgorithm::ES256,
+        AuthAlgorithm::ES384,
+        AuthAlgorithm::ES512,
+        AuthAlgorithm::RS256,
+        AuthAlgorithm::RS384,
+        AuthAlgorithm::RS512,
+        AuthAlgorithm::PS256,
+        AuthAlgorithm::PS384,
+        AuthAlgorithm::PS512,
+        AuthAlgorithm::EdDSA,
+    ];
+
+    /// The JWA name (`PS256`), as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthAlgorithm::ES256 => "ES256",
+            AuthAlgorithm::ES384 => "ES384",
+            AuthAlgorithm::ES512 => "ES512",
+            AuthAlgorithm::RS256 => "RS256",
+            AuthAlgorithm::RS384 => "RS384",
+            AuthAlgorithm::RS512 => "RS512",
+            AuthAlgorithm::PS256 => "PS256",
+            AuthAlgorithm::PS384 => "PS384",
+            AuthAlgorithm::PS512 => "PS512",
+            AuthAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
 /// `authenticate` params.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -606,5 +674,34 @@ fn deserialize_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Er
         Err(serde::de::Error::custom(
             "requestId must be a number or a string",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire<T: Serialize>(value: T) -> Value {
+        serde_json::to_value(value).unwrap()
+    }
+
+    #[test]
+    fn algorithm_names_are_the_wire_names() {
+        for d in DigestAlgorithm::ALL {
+            assert_eq!(wire(d), Value::from(d.as_str()));
+        }
+        for s in SignatureAlgorithm::ALL {
+            assert_eq!(wire(s), Value::from(s.as_str()));
+        }
+        for a in AuthAlgorithm::ALL {
+            assert_eq!(wire(a), Value::from(a.as_str()));
+        }
+    }
+
+    #[test]
+    fn a_digest_of_the_wrong_length_is_named_as_on_the_wire() {
+        let v = serde_json::json!({"algorithm": "SHA-384", "value": "AAEC"});
+        let err = serde_json::from_value::<Digest>(v).unwrap_err().to_string();
+        assert!(err.contains("a SHA-384 digest is 48 bytes, got 3"), "{err}");
     }
 }
