@@ -215,12 +215,26 @@ impl Config {
                 path: path.to_path_buf(),
                 message,
             },
+            ConfigError::Pin { key, .. } => ConfigError::Pin {
+                path: path.to_path_buf(),
+                key,
+            },
             other => other,
         })
     }
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        // A PIN is refused as such, before serde would call it an unknown field (and before a
+        // parser message could quote the line that holds it).
+        if let Ok(table) = text.parse::<toml::Table>() {
+            if let Some(key) = pin_key(&table) {
+                return Err(ConfigError::Pin {
+                    path: PathBuf::new(),
+                    key,
+                });
+            }
+        }
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string(),
@@ -280,6 +294,31 @@ fn looks_like_origin(s: &str) -> bool {
     matches!(rest, Some(host) if !host.is_empty() && !host.contains('/') && !host.contains('?') && !host.contains('#'))
 }
 
+/// The first key, at any depth, that names a PIN, PUK or password (`pin`, `user_pin`, `so-pin`,
+/// `puk`), dotted from the top. `pin_cache_seconds` is a duration, not a PIN.
+fn pin_key(table: &toml::Table) -> Option<String> {
+    const SECRET_WORDS: &[&str] = &["pin", "pins", "pincode", "puk", "password", "passphrase"];
+    for (key, value) in table {
+        let lower = key.to_ascii_lowercase();
+        let secret = lower != "pin_cache_seconds"
+            && lower
+                .split(['_', '-', '.'])
+                .any(|word| SECRET_WORDS.contains(&word));
+        if secret {
+            return Some(key.clone());
+        }
+        let nested: Vec<&toml::Table> = match value {
+            toml::Value::Table(t) => vec![t],
+            toml::Value::Array(items) => items.iter().filter_map(toml::Value::as_table).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(inner) = nested.into_iter().find_map(pin_key) {
+            return Some(format!("{key}.{inner}"));
+        }
+    }
+    None
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -293,6 +332,13 @@ pub enum ConfigError {
     },
     #[error("{}: {message}", DisplayPath(path))]
     Parse { path: PathBuf, message: String },
+    /// A PIN (or PUK, or password) written into the file; its value is never repeated.
+    #[error(
+        "{}: `{key}`: a PIN never belongs in the configuration; KeyPort asks for it in a \
+         dialog each time a token needs it",
+        DisplayPath(path)
+    )]
+    Pin { path: PathBuf, key: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -368,6 +414,43 @@ mod tests {
     #[test]
     fn a_pin_in_config_is_refused() {
         assert!(Config::parse("pin = \"123456\"").is_err());
+    }
+
+    #[test]
+    fn a_pin_anywhere_is_refused_as_a_pin_without_its_value() {
+        for (text, key) in [
+            ("pin = \"123456\"", "pin"),
+            ("user_pin = 123456", "user_pin"),
+            ("[limits]\nso-pin = \"123456\"", "limits.so-pin"),
+            ("[[modules]]\npath = \"/m.so\"\nPIN = \"123456\"", "modules.PIN"),
+            ("[[origin_policy]]\norigin = \"https://a.example\"\nconsent = \"session\"\npuk = \"12345678\"", "origin_policy.puk"),
+        ] {
+            let err = Config::parse(text).expect_err(text).to_string();
+            assert!(
+                err.contains(&format!("`{key}`: a PIN never belongs in the configuration")),
+                "{text}: {err}"
+            );
+            assert!(!err.contains("123456"), "the value is not repeated: {err}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "pin = \"123456\"").expect("write");
+        let err = Config::load(&file).expect_err("refused").to_string();
+        assert!(
+            err.starts_with(&format!("{}: `pin`", file.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keys_that_only_look_like_a_pin_are_not_called_one() {
+        Config::parse("pin_cache_seconds = 30\npinentry = \"/usr/bin/pinentry\"")
+            .expect("pin cache and pinentry are settings");
+        let err = Config::parse("mapping = 1")
+            .expect_err("unknown")
+            .to_string();
+        assert!(!err.contains("PIN"), "{err}");
+        assert!(err.contains("mapping"), "{err}");
     }
 
     #[test]
