@@ -6,8 +6,8 @@ use anyhow::Context;
 
 use crate::audit;
 use crate::config::{Config, Paths};
-use crate::daemon::audit_path;
-use crate::secrets::{self, AuditKeySource};
+use crate::daemon::{audit_key_source, audit_path};
+use crate::secrets;
 
 pub fn run(config: &Config, paths: &Paths, verify: bool) -> anyhow::Result<ExitCode> {
     let path = audit_path(config, paths);
@@ -23,14 +23,7 @@ pub fn run(config: &Config, paths: &Paths, verify: bool) -> anyhow::Result<ExitC
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let source = match &config.audit_key_file {
-        Some(file) => AuditKeySource::File(file.clone()),
-        None => AuditKeySource::Keyring {
-            service: config.keyring_service.clone(),
-            user: "audit-key".into(),
-        },
-    };
-    let key = secrets::audit_key(&source)?;
+    let key = secrets::audit_key(&audit_key_source(config))?;
     let report = audit::verify(&path, &key)?;
     print!("{report}");
     Ok(if report.is_ok() {

@@ -53,14 +53,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// The audit log's path and key, or why the agent must not start.
 pub fn open_audit(config: &Config, paths: &Paths) -> anyhow::Result<AuditLog> {
-    let source = match &config.audit_key_file {
-        Some(file) => AuditKeySource::File(file.clone()),
-        None => AuditKeySource::Keyring {
-            service: config.keyring_service.clone(),
-            user: "audit-key".into(),
-        },
-    };
-    let key = secrets::audit_key(&source).map_err(|e| {
+    let key = secrets::audit_key(&audit_key_source(config)).map_err(|e| {
         anyhow::anyhow!(
             "{}\nThe audit log needs a key: KeyPort keeps it in the OS keyring. Without one, set \
              `audit_key_file` in the configuration to a file of mode 0600 holding at least 32 \
@@ -73,6 +66,19 @@ pub fn open_audit(config: &Config, paths: &Paths) -> anyhow::Result<AuditLog> {
         .with_context(|| format!("cannot open the audit log {}", path.display()))
 }
 
+/// Where the audit key comes from: `audit_key_file` when set, else the OS keyring entry
+/// `keyring_service` / `audit-key`.
+pub fn audit_key_source(config: &Config) -> AuditKeySource {
+    match &config.audit_key_file {
+        Some(file) => AuditKeySource::File(file.clone()),
+        None => AuditKeySource::Keyring {
+            service: config.keyring_service.clone(),
+            user: secrets::AUDIT_KEY_USER.to_owned(),
+        },
+    }
+}
+
+/// The audit log: `audit_log` when set, else `DATA_DIR/audit.log`.
 pub fn audit_path(config: &Config, paths: &Paths) -> PathBuf {
     config
         .audit_log
@@ -92,14 +98,7 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
         let c = config.clone();
         tokio::task::spawn_blocking(move || TokenSet::load(&c)).await?
     };
-    for f in tokens.failures() {
-        eprintln!(
-            "keyport: module {} ({}) did not load: {}",
-            f.path.display(),
-            f.source,
-            f.error
-        );
-    }
+    tokens.report_failures();
     let texts = Texts::new(Language::from_config(config.language.as_deref()));
     let server_config = ServerConfig {
         port: config.port,

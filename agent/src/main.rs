@@ -209,7 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { port } => agent::demo::run(config, paths, port),
         Command::Tokens { json } => {
             let tokens = TokenSet::load(&config);
-            report_failures(&tokens);
+            tokens.report_failures();
             if json {
                 out!(
                     "{}",
@@ -238,7 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Certs { json } => {
             let tokens = TokenSet::load(&config);
-            report_failures(&tokens);
+            tokens.report_failures();
             if json {
                 out!(
                     "{}",
@@ -271,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pss,
         } => {
             let tokens = TokenSet::load(&config);
-            report_failures(&tokens);
+            tokens.report_failures();
             let pinentry = daemon::pinentry_for(&config)?;
             let texts = Texts::new(Language::from_config(config.language.as_deref()));
             let req = SignFileRequest {
@@ -333,15 +333,4 @@ fn check_origin(origin: &str) -> anyhow::Result<()> {
     browser_bridge::Origin::parse(origin, true)
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("{origin:?} is not an origin: {e}"))
-}
-
-fn report_failures(tokens: &TokenSet) {
-    for f in tokens.failures() {
-        eprintln!(
-            "keyport: module {} ({}) did not load: {}",
-            f.path.display(),
-            f.source,
-            f.error
-        );
-    }
 }

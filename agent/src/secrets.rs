@@ -85,6 +85,9 @@ pub enum SecretsError {
     Random(#[source] rand::rngs::SysError),
 }
 
+/// The keyring entry's user name for the audit key.
+pub const AUDIT_KEY_USER: &str = "audit-key";
+
 /// Where the audit key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditKeySource {
@@ -104,7 +107,7 @@ impl Default for AuditKeySource {
     fn default() -> Self {
         AuditKeySource::Keyring {
             service: "keyport".to_owned(),
-            user: "audit-key".to_owned(),
+            user: AUDIT_KEY_USER.to_owned(),
         }
     }
 }

@@ -124,6 +124,19 @@ impl TokenSet {
             .unwrap_or_default()
     }
 
+    /// Tells the user on stderr, a line each, which modules did not load (the others still
+    /// serve their tokens).
+    pub fn report_failures(&self) {
+        for f in self.failures() {
+            eprintln!(
+                "keyport: module {} ({}) did not load: {}",
+                f.path.display(),
+                f.source,
+                f.error
+            );
+        }
+    }
+
     pub fn discovery(&self) -> Discovery {
         self.inner
             .discovery
