@@ -286,6 +286,14 @@ impl Service {
         }
     }
 
+    /// Audits a request that failed before it reached a certificate; gives the failure back.
+    fn audit_failure(&self, origin: &str, operation: &Operation, failure: Failure) -> Failure {
+        self.audit(
+            AuditRecord::new(origin.to_owned(), operation.clone()).outcome(failure.outcome()),
+        );
+        failure
+    }
+
     async fn dispatch(&self, ctx: &RequestContext, request: Request) -> Result<Value, Failure> {
         match request {
             Request::Hello(_) => Ok(self.hello(ctx)),
@@ -407,11 +415,7 @@ impl Service {
                 if let Ok(mut d) = self.denied_now.lock() {
                     d.insert(origin.clone());
                 }
-                self.audit(
-                    AuditRecord::new(origin, Operation::OriginApprove)
-                        .outcome(Outcome::Refused("ORIGIN_DENIED".into())),
-                );
-                Err(Failure::OriginDenied)
+                Err(self.audit_failure(&origin, &Operation::OriginApprove, Failure::OriginDenied))
             }
         }
     }
@@ -500,20 +504,13 @@ impl Service {
         // The origin's one dialog slot is claimed before anything reaches the token: the
         // token's worker may be blocked by this origin's open dialog, and a second request must
         // get BUSY at once rather than queue behind it.
-        let _slot = match self.claim_dialog(&origin) {
-            Ok(slot) => slot,
-            Err(e) => {
-                self.audit(AuditRecord::new(origin, operation).outcome(e.outcome()));
-                return Err(e);
-            }
-        };
-        let cert = match self.find_certificate(certificate_id).await {
-            Ok(c) => c,
-            Err(e) => {
-                self.audit(AuditRecord::new(origin, operation).outcome(e.outcome()));
-                return Err(e);
-            }
-        };
+        let _slot = self
+            .claim_dialog(&origin)
+            .map_err(|e| self.audit_failure(&origin, &operation, e))?;
+        let cert = self
+            .find_certificate(certificate_id)
+            .await
+            .map_err(|e| self.audit_failure(&origin, &operation, e))?;
         let result = self.sign_with(ctx, &cert, items, options, batch).await;
         let mut record = AuditRecord::new(origin, operation)
             .certificate(cert.info.subject.clone(), &cert.info.der);
@@ -726,6 +723,8 @@ impl Service {
                 outcome.clone(),
             );
             let provider = PreAsked::new(first, Arc::clone(&wrong), fallback);
+            // `Module::sign` takes the request; a wrong PIN sends it again, so each attempt
+            // gets a copy of the inputs (at most `max_message_bytes`, next to a human dialog).
             let result = self
                 .sign_on_token(
                     ctx,
@@ -736,14 +735,12 @@ impl Service {
                     progress.take(),
                 )
                 .await;
-            let cancelled = matches!(
+            // (A batch cancelled before its first signature is a `Failure::Token`: see
+            // `sign_on_token`.)
+            if matches!(
                 &result,
                 Err(Failure::Token(pkcs11_shim::Error::UserCancelled))
-            ) || matches!(
-                &result,
-                Err(Failure::Batch { error: pkcs11_shim::Error::UserCancelled, completed }) if completed.is_empty()
-            );
-            if cancelled {
+            ) {
                 if let Some(flags) = wrong.lock().ok().and_then(|w| *w) {
                     // A wrong PIN: the user may try again, in a new dialog that says so.
                     pin_state = PinState {
@@ -752,7 +749,7 @@ impl Service {
                         final_try: flags.final_try,
                     };
                     if progress.is_none() && req.inputs.len() > 1 {
-                        progress = batch_progress_again(ctx);
+                        progress = Some(progress_sender(ctx));
                     }
                     continue;
                 }
@@ -777,7 +774,7 @@ impl Service {
         progress: Option<pkcs11_shim::Progress>,
     ) -> Result<Vec<Vec<u8>>, Failure> {
         let flag = Arc::new(AtomicBool::new(false));
-        let token_id = module_token(&req);
+        let token_id = req.certificate.token_id().clone();
         let f2 = Arc::clone(&flag);
         let m2 = module.clone();
         let logout_after = req.logout_after;
@@ -795,14 +792,13 @@ impl Service {
         if !logout_after {
             self.schedule_logout(module, token_id);
         }
-        result
-            .map_err(|SignFailure { error, completed }| Failure::Batch { error, completed })
-            .map_err(|f| match f {
-                Failure::Batch { error, completed } if completed.is_empty() => {
-                    Failure::Token(error)
-                }
-                other => other,
-            })
+        result.map_err(|SignFailure { error, completed }| {
+            if completed.is_empty() {
+                Failure::Token(error)
+            } else {
+                Failure::Batch { error, completed }
+            }
+        })
     }
 
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
@@ -835,24 +831,14 @@ impl Service {
     ) -> Result<Value, Failure> {
         let origin = ctx.origin.as_str().to_owned();
         // As in `sign_items`: BUSY before the token is touched.
-        let _slot = match self.claim_dialog(&origin) {
-            Ok(slot) => slot,
-            Err(e) => {
-                self.audit(AuditRecord::new(origin, Operation::Authenticate).outcome(e.outcome()));
-                return Err(e);
-            }
-        };
+        let _slot = self
+            .claim_dialog(&origin)
+            .map_err(|e| self.audit_failure(&origin, &Operation::Authenticate, e))?;
         let cert = match &p.certificate_id {
             Some(id) => self.find_certificate(id).await,
             None => self.pick_login_certificate().await,
-        };
-        let cert = match cert {
-            Ok(c) => c,
-            Err(e) => {
-                self.audit(AuditRecord::new(origin, Operation::Authenticate).outcome(e.outcome()));
-                return Err(e);
-            }
-        };
+        }
+        .map_err(|e| self.audit_failure(&origin, &Operation::Authenticate, e))?;
         let result = self.authenticate_with(ctx, &cert, &p).await;
         let mut record = AuditRecord::new(origin, Operation::Authenticate)
             .certificate(cert.info.subject.clone(), &cert.info.der);
@@ -1291,15 +1277,6 @@ pub fn common_name(dn: &str) -> String {
     dn.split(',')
         .find_map(|part| part.trim().strip_prefix("CN="))
         .map_or_else(|| dn.to_owned(), str::to_owned)
-}
-
-fn module_token(req: &SignRequest) -> pkcs11_shim::TokenId {
-    req.certificate.token_id().clone()
-}
-
-/// A new progress sender for a batch started over after a wrong PIN.
-fn batch_progress_again(ctx: &RequestContext) -> Option<pkcs11_shim::Progress> {
-    Some(progress_sender(ctx))
 }
 
 /// `sign.progress` at most ten times a second, and always the last one.
