@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream as StdTcpStream;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
@@ -252,6 +252,20 @@ impl AgentOptions {
     }
 }
 
+/// An audit key file as the agent wants it: 32 random bytes, mode 0600 from its creation.
+pub fn write_audit_key(path: &Path) -> Result<()> {
+    let mut key = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&key))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 fn toml_str(s: &str) -> String {
     // serde_json's string escaping is valid TOML basic-string escaping for these inputs.
     Value::String(s.to_owned()).to_string()
@@ -280,11 +294,7 @@ impl Agent {
         let dir = tempfile::Builder::new()
             .prefix("keyport-e2e-agent")
             .tempdir()?;
-        let key_path = dir.path().join("audit.key");
-        let mut key = [0u8; 32];
-        fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-        fs::write(&key_path, key)?;
-        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600))?;
+        write_audit_key(&dir.path().join("audit.key"))?;
         let config = dir.path().join("config.toml");
         fs::write(&config, options.to_toml(dir.path()))?;
         let script = Script::new(dir.path())?;
@@ -841,8 +851,7 @@ pub fn verify_raw(cert_pem: &Path, signed: &Signed, sig: &[u8], alg: RawAlg) -> 
 pub fn openssl_verify_raw(cert_pem: &Path, signed: &Signed, sig: &[u8], alg: RawAlg) -> Result<()> {
     let dir = TempDir::new()?;
     let public = public_key_pem(cert_pem, dir.path())?;
-    let (name, hash) = alg.python_name();
-    let _ = name;
+    let (_, hash) = alg.python_name();
     let input = match (alg, signed) {
         (RawAlg::Ed25519, Signed::Data(d)) => d.clone(),
         (RawAlg::Ed25519, Signed::Digest(_)) => bail!("Ed25519 signs data"),
@@ -856,17 +865,10 @@ pub fn openssl_verify_raw(cert_pem: &Path, signed: &Signed, sig: &[u8], alg: Raw
     fs::write(dir.path().join("in.bin"), &input)?;
     fs::write(dir.path().join("sig.bin"), &sig)?;
     let mut cmd = Command::new("openssl");
-    cmd.current_dir(dir.path()).args([
-        "pkeyutl",
-        "-verify",
-        "-pubin",
-        "-inkey",
-        public.to_str().unwrap_or_default(),
-        "-in",
-        "in.bin",
-        "-sigfile",
-        "sig.bin",
-    ]);
+    cmd.current_dir(dir.path())
+        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
+        .arg(&public)
+        .args(["-in", "in.bin", "-sigfile", "sig.bin"]);
     let digest_opt = format!("digest:{}", hash.openssl());
     match alg {
         RawAlg::RsaPkcs1(_) => {
@@ -924,47 +926,41 @@ pub fn python_verify_raw(cert_pem: &Path, signed: &Signed, sig: &[u8], alg: RawA
 /// signature with the embedded certificate, which must be `cert_pem`'s).
 pub fn verify_cms(der: &[u8], doc: &[u8], ca_pem: &Path, cert_pem: &Path) -> Result<()> {
     let dir = TempDir::new()?;
-    fs::write(dir.path().join("sig.der"), der)?;
-    fs::write(dir.path().join("doc.bin"), doc)?;
-    python(&[
-        "cms",
-        &dir.path().join("sig.der").to_string_lossy(),
-        &dir.path().join("doc.bin").to_string_lossy(),
-        &cert_pem.to_string_lossy(),
-    ])?;
-    let cert_text = fs::read_to_string(cert_pem)?;
+    let (sig, content) = (dir.path().join("sig.der"), dir.path().join("doc.bin"));
+    fs::write(&sig, der)?;
+    fs::write(&content, doc)?;
+    python_verify_cms(&sig, &content, cert_pem)?;
     let is_ed25519 = Command::new("openssl")
         .args(["x509", "-noout", "-text", "-in"])
         .arg(cert_pem)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("ED25519"))
         .unwrap_or(false);
-    let _ = cert_text;
     if !is_ed25519 {
-        openssl_verify_cms(dir.path(), ca_pem)?;
+        openssl_verify_cms(&sig, &content, ca_pem)?;
     }
     Ok(())
 }
 
-fn openssl_verify_cms(dir: &Path, ca_pem: &Path) -> Result<()> {
+/// `tests/verify/verify.py cms`: signed attributes, messageDigest over `content`, and the
+/// signature with the embedded certificate, which must be `cert_pem`'s. Ed25519 too.
+pub fn python_verify_cms(sig: &Path, content: &Path, cert_pem: &Path) -> Result<()> {
+    python(&[
+        "cms",
+        &sig.to_string_lossy(),
+        &content.to_string_lossy(),
+        &cert_pem.to_string_lossy(),
+    ])
+}
+
+/// `openssl cms -verify` of a detached DER SignedData over `content`, chained to `ca_pem`.
+pub fn openssl_verify_cms(sig: &Path, content: &Path, ca_pem: &Path) -> Result<()> {
     let out = Command::new("openssl")
-        .current_dir(dir)
-        .args([
-            "cms",
-            "-verify",
-            "-binary",
-            "-inform",
-            "DER",
-            "-in",
-            "sig.der",
-            "-content",
-            "doc.bin",
-            "-purpose",
-            "any",
-            "-out",
-            "/dev/null",
-            "-CAfile",
-        ])
+        .args(["cms", "-verify", "-binary", "-inform", "DER", "-in"])
+        .arg(sig)
+        .arg("-content")
+        .arg(content)
+        .args(["-purpose", "any", "-out", "/dev/null", "-CAfile"])
         .arg(ca_pem)
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1099,16 +1095,17 @@ pub fn certificate_id(list: &Value, der: &[u8]) -> Result<String> {
         .ok_or_else(|| anyhow!("no certificate entry for that DER in {list}"))
 }
 
-/// The labels of the provisioned token's key pairs.
-pub const LABELS: &[&str] = &[
-    "sign-rsa2048",
-    "sign-rsa3072",
-    "sign-p256",
-    "sign-p384",
-    "sign-ed25519",
-    "auth-p256",
-    "sign-p256-always",
-    "sign-rsa2048-always",
+/// The key pairs of the provisioned token (softhsm-config/provision.sh): CKA_LABEL, CKA_ID
+/// (hex), key algorithm (the protocol's name).
+pub const KEYS: [(&str, &str, &str); 8] = [
+    ("sign-rsa2048", "01", "RSA-2048"),
+    ("sign-rsa3072", "02", "RSA-3072"),
+    ("sign-p256", "03", "EC-P256"),
+    ("sign-p384", "04", "EC-P384"),
+    ("sign-ed25519", "05", "Ed25519"),
+    ("auth-p256", "06", "EC-P256"),
+    ("sign-p256-always", "07", "EC-P256"),
+    ("sign-rsa2048-always", "08", "RSA-2048"),
 ];
 
 /// `label → certificateId` from the agent's `certificates.list`, matched by certificate DER.
@@ -1121,9 +1118,9 @@ pub async fn certificate_ids(
         .await
         .context("certificates.list")?;
     let mut ids = std::collections::HashMap::new();
-    for label in LABELS {
+    for (label, _, _) in KEYS {
         ids.insert(
-            (*label).to_owned(),
+            label.to_owned(),
             certificate_id(&list, &token.cert_der(label)?)?,
         );
     }

@@ -6,7 +6,8 @@ mod cli_common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use cli_common::{config_text, keyport_bin, one_line_failure, Cli, SOFTHSM};
+use cli_common::{config_text, keyport_bin, one_line_failure, Cli};
+use keyport_e2e::harness::SOFTHSM;
 use keyport_e2e::pinentry::Step;
 
 /// The checks every case shares; returns the stderr line.
@@ -127,7 +128,7 @@ fn a_bad_config_stops_sign_before_anything_else() {
         .arg("--config")
         .arg(cli.dir())
         .arg("certs")
-        .env("SOFTHSM2_CONF", cli.token_dir.join("softhsm2.conf"))
+        .env("SOFTHSM2_CONF", cli.token().conf())
         .env_remove("KEYPORT_LOG")
         .output()
         .expect("run keyport");

@@ -5,14 +5,15 @@ mod cli_common;
 use std::process::{Command, Stdio};
 
 use base64::Engine as _;
-use cli_common::{one_line_failure, stderr, stdout, x509_field, Cli, Options, KEYS, SOFTHSM};
+use cli_common::{one_line_failure, stderr, stdout, x509_field, Cli, Options};
+use keyport_e2e::harness::{KEYS, SOFTHSM};
 use serde_json::{json, Value};
 
 /// The token's serial as pkcs11-tool sees it.
 fn serial_from_pkcs11_tool(cli: &Cli) -> String {
     let out = Command::new("pkcs11-tool")
         .args(["--module", SOFTHSM, "-L"])
-        .env("SOFTHSM2_CONF", cli.token_dir.join("softhsm2.conf"))
+        .env("SOFTHSM2_CONF", cli.token().conf())
         .output()
         .expect("pkcs11-tool -L");
     let text = stdout(&out);
@@ -42,8 +43,7 @@ fn certs_json_lists_the_eight_certificates_as_openssl_reads_them() {
         assert_eq!(c["id"], format!("{token_id}/{cka_id}"), "{label}");
         assert_eq!(c["tokenId"], token_id.as_str());
         assert_eq!(c["keyAlgorithm"], key_alg, "{label}");
-        let der = std::fs::read(cli.token_dir.join("certs").join(format!("{label}.der")))
-            .expect("certificate DER");
+        let der = cli.token().cert_der(label).expect("certificate DER");
         assert_eq!(
             c["certificate"],
             base64::engine::general_purpose::STANDARD.encode(der),

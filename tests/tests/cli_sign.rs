@@ -94,16 +94,10 @@ fn sign_and_verify(cli: &Cli, label: &str, id: &str, args: &[&str], check: Check
 
 /// tests/verify/verify.py cms SIG DOC CERT.
 fn verify_py_cms(sig: &Path, doc: &Path, cert: &Path) -> (bool, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("verify/verify.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg("cms")
-        .args([sig, doc, cert])
-        .output()
-        .expect("python3 verify.py");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&stderr(&out));
-    (out.status.success(), text)
+    match keyport_e2e::harness::python_verify_cms(sig, doc, cert) {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, format!("{e:#}")),
+    }
 }
 
 fn rsa_cases() -> Vec<(Vec<&'static str>, Check)> {

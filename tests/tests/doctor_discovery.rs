@@ -2,19 +2,14 @@
 //! dir (XDG_CONFIG_HOME/pkcs11/modules), with their source, and a module that fails to load with
 //! its path, the loader's error and a fix.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{ensure, Result};
-
-fn keyport_bin() -> PathBuf {
-    keyport_e2e::pinentry::program()
-        .with_file_name(format!("keyport{}", std::env::consts::EXE_SUFFIX))
-}
+use keyport_e2e::harness::{keyport_bin, SOFTHSM};
 
 #[test]
 fn a_p11kit_module_file_shows_up_in_doctor_with_its_source() -> Result<()> {
-    let softhsm = "/usr/lib/softhsm/libsofthsm2.so";
+    let softhsm = SOFTHSM;
     ensure!(
         std::path::Path::new(softhsm).exists(),
         "{softhsm} missing (apt install softhsm2)"

@@ -1,5 +1,7 @@
 //! What the `cli_*` tests share: a provisioned SoftHSM token per test, a config for it, the
-//! scripted pinentry, the real `keyport` binary run as a child process, and OpenSSL checks.
+//! scripted pinentry, the real `keyport` binary run as a child process, and OpenSSL checks of
+//! files. The token, the binaries' places and the signature checks are the harness's
+//! (`keyport_e2e::harness`); this module adds the one-shot command's side.
 //!
 //! The binaries are not built by `cargo test -p keyport-e2e` (the agent is only a library
 //! dev-dependency): build them first with
@@ -8,40 +10,15 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use keyport_e2e::harness::{self, Hash, RawAlg, Signed, TestToken, SOFTHSM};
 use keyport_e2e::pinentry::{self, Dialog, Script, Step};
 use serde_json::Value;
 use tempfile::TempDir;
 
-pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-/// The eight keys of softhsm-config/provision.sh: label, CKA_ID, key algorithm (wire name).
-pub const KEYS: [(&str, &str, &str); 8] = [
-    ("sign-rsa2048", "01", "RSA-2048"),
-    ("sign-rsa3072", "02", "RSA-3072"),
-    ("sign-p256", "03", "EC-P256"),
-    ("sign-p384", "04", "EC-P384"),
-    ("sign-ed25519", "05", "Ed25519"),
-    ("auth-p256", "06", "EC-P256"),
-    ("sign-p256-always", "07", "EC-P256"),
-    ("sign-rsa2048-always", "08", "RSA-2048"),
-];
-
-/// `target/debug` (or whichever profile runs the tests).
-pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir
-}
-
-fn built(name: &str) -> PathBuf {
-    let path = bin_dir().join(name);
+fn built(path: PathBuf) -> PathBuf {
     assert!(
         path.exists(),
         "{} is missing: run `cargo build -p agent -p keyport-e2e -p keyport-fault-pkcs11` first",
@@ -51,18 +28,11 @@ fn built(name: &str) -> PathBuf {
 }
 
 pub fn keyport_bin() -> PathBuf {
-    built("keyport")
+    built(harness::keyport_bin())
 }
 
 pub fn fault_module() -> PathBuf {
-    built("libkeyport_fault_pkcs11.so")
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    built(harness::fault_module())
 }
 
 /// How a test's `keyport` is set up.
@@ -92,7 +62,7 @@ impl Default for Options {
 /// One test's world: a token, a config, a pinentry script, a work folder.
 pub struct Cli {
     dir: TempDir,
-    pub token_dir: PathBuf,
+    token: TestToken,
     pub config: PathBuf,
     pub script: Script,
     fault: bool,
@@ -108,22 +78,8 @@ impl Cli {
             .prefix("keyport-cli-")
             .tempdir()
             .expect("tempdir");
-        let token_dir = dir.path().join("token");
-        let out = Command::new(repo_root().join("softhsm-config/provision.sh"))
-            .arg(&token_dir)
-            .output()
-            .expect("run provision.sh");
-        assert!(
-            out.status.success(),
-            "provision.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let key = dir.path().join("audit.key");
-        let mut random = [0u8; 32];
-        fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
-            .expect("random bytes");
-        write_private(&key, &random);
+        let token = TestToken::provision().expect("provision a token");
+        harness::write_audit_key(&dir.path().join("audit.key")).expect("audit key");
 
         let mut modules: Vec<PathBuf> = options.extra_modules.clone();
         if !options.no_token_module {
@@ -141,7 +97,7 @@ impl Cli {
         .expect("write config");
         let script = Script::new(dir.path()).expect("pinentry script");
         Cli {
-            token_dir,
+            token,
             config,
             script,
             fault: options.fault,
@@ -153,12 +109,17 @@ impl Cli {
         self.dir.path()
     }
 
+    /// The provisioned token (its folder, `SOFTHSM2_CONF`, certificates).
+    pub fn token(&self) -> &TestToken {
+        &self.token
+    }
+
     pub fn ca_pem(&self) -> PathBuf {
-        self.token_dir.join("ca.pem")
+        self.token.ca_pem()
     }
 
     pub fn cert_pem(&self, label: &str) -> PathBuf {
-        self.token_dir.join("certs").join(format!("{label}.pem"))
+        self.token.cert_pem(label)
     }
 
     pub fn fault_log(&self) -> PathBuf {
@@ -189,7 +150,7 @@ impl Cli {
         let mut cmd = Command::new(keyport_bin());
         cmd.arg("--config")
             .arg(&self.config)
-            .env("SOFTHSM2_CONF", self.token_dir.join("softhsm2.conf"))
+            .env("SOFTHSM2_CONF", self.token.conf())
             .env("RUST_BACKTRACE", "1")
             .env_remove("KEYPORT_LOG")
             .current_dir(self.dir.path());
@@ -294,18 +255,6 @@ handshake_timeout_seconds = 5
     text
 }
 
-fn write_private(path: &Path, bytes: &[u8]) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .expect("create key file");
-    f.write_all(bytes).expect("write key file");
-}
-
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -345,24 +294,6 @@ pub fn openssl<S: AsRef<OsStr>>(args: &[S]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The certificate's public key as PEM, in a file beside it.
-pub fn public_key(cert_pem: &Path) -> PathBuf {
-    let pub_pem = cert_pem.with_extension("pub.pem");
-    if !pub_pem.exists() {
-        let (ok, text) = openssl(&[
-            OsStr::new("x509"),
-            OsStr::new("-in"),
-            cert_pem.as_os_str(),
-            OsStr::new("-pubkey"),
-            OsStr::new("-noout"),
-            OsStr::new("-out"),
-            pub_pem.as_os_str(),
-        ]);
-        assert!(ok, "openssl x509 -pubkey: {text}");
-    }
-    pub_pem
-}
-
 /// How a raw signature is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
@@ -373,86 +304,43 @@ pub enum Scheme {
     Ed25519,
 }
 
-/// `openssl dgst -verify` (or `pkeyutl -verify -rawin` for Ed25519) of `sig` over `data`.
+/// OpenSSL's check of a raw signature in `sig` over the document in `data` (hashed with `hash`,
+/// `sha256`…, except Ed25519); `harness::openssl_verify_raw` runs it. A rejection is printed.
 pub fn verify_raw(cert_pem: &Path, scheme: Scheme, hash: &str, data: &Path, sig: &Path) -> bool {
-    let key = public_key(cert_pem);
-    let mut args: Vec<&OsStr> = Vec::new();
-    let digest_flag = format!("-{hash}");
-    match scheme {
-        Scheme::Ed25519 => {
-            args.extend(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"].map(OsStr::new));
-            args.extend([key.as_os_str(), OsStr::new("-in"), data.as_os_str()]);
-            args.extend([OsStr::new("-sigfile"), sig.as_os_str()]);
-        }
-        _ => {
-            args.extend([OsStr::new("dgst"), OsStr::new(&digest_flag)]);
-            if scheme == Scheme::Pss {
-                args.extend(
-                    [
-                        "-sigopt",
-                        "rsa_padding_mode:pss",
-                        "-sigopt",
-                        "rsa_pss_saltlen:digest",
-                    ]
-                    .map(OsStr::new),
-                );
-            }
-            args.extend([OsStr::new("-verify"), key.as_os_str()]);
-            args.extend([OsStr::new("-signature"), sig.as_os_str(), data.as_os_str()]);
-        }
-    }
-    openssl(&args).0
+    let hash = || match hash {
+        "sha256" => Hash::Sha256,
+        "sha384" => Hash::Sha384,
+        "sha512" => Hash::Sha512,
+        other => panic!("no such hash in the tests: {other:?}"),
+    };
+    let alg = match scheme {
+        Scheme::Pkcs1 => RawAlg::RsaPkcs1(hash()),
+        Scheme::Pss => RawAlg::RsaPss(hash()),
+        Scheme::Ecdsa => RawAlg::EcdsaDer(hash()),
+        // Ed25519 signs the document itself: no hash.
+        Scheme::Ed25519 => RawAlg::Ed25519,
+    };
+    let data = Signed::Data(fs::read(data).expect("read the signed document"));
+    let sig = fs::read(sig).expect("read the signature");
+    harness::openssl_verify_raw(cert_pem, &data, &sig, alg)
+        .inspect_err(|e| eprintln!("{e:#}"))
+        .is_ok()
 }
 
-/// `openssl cms -verify` of a detached DER SignedData over `content`, chained to `ca`.
+/// `openssl cms -verify` of a detached DER SignedData over `content`, chained to `ca`; the
+/// failure's text when it fails.
 pub fn verify_cms(ca: &Path, content: &Path, sig: &Path) -> (bool, String) {
-    openssl(&[
-        OsStr::new("cms"),
-        OsStr::new("-verify"),
-        OsStr::new("-binary"),
-        OsStr::new("-inform"),
-        OsStr::new("DER"),
-        OsStr::new("-in"),
-        sig.as_os_str(),
-        OsStr::new("-content"),
-        content.as_os_str(),
-        OsStr::new("-CAfile"),
-        ca.as_os_str(),
-        OsStr::new("-purpose"),
-        OsStr::new("any"),
-        OsStr::new("-out"),
-        OsStr::new("/dev/null"),
-    ])
+    match harness::openssl_verify_cms(sig, content, ca) {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, format!("{e:#}")),
+    }
 }
 
-/// Turns an r‖s (P1363) signature into DER with `openssl asn1parse -genconf`; writes it beside.
+/// Turns an r‖s (P1363) signature file into DER; writes it beside, returns its path.
 pub fn p1363_to_der(sig: &Path) -> PathBuf {
     let raw = fs::read(sig).expect("read p1363 signature");
-    assert!(
-        raw.len().is_multiple_of(2) && !raw.is_empty(),
-        "odd P1363 length"
-    );
-    let (r, s) = raw.split_at(raw.len() / 2);
-    let conf = sig.with_extension("genconf");
-    fs::write(
-        &conf,
-        format!(
-            "asn1=SEQUENCE:sig\n[sig]\nr=INTEGER:0x{}\ns=INTEGER:0x{}\n",
-            hex::encode_upper(r),
-            hex::encode_upper(s)
-        ),
-    )
-    .expect("write genconf");
     let der = sig.with_extension("der");
-    let (ok, text) = openssl(&[
-        OsStr::new("asn1parse"),
-        OsStr::new("-genconf"),
-        conf.as_os_str(),
-        OsStr::new("-out"),
-        der.as_os_str(),
-        OsStr::new("-noout"),
-    ]);
-    assert!(ok, "asn1parse -genconf: {text}");
+    fs::write(&der, harness::p1363_to_der(&raw).expect("r‖s")).expect("write DER signature");
     der
 }
 
