@@ -255,6 +255,13 @@ impl Loop {
             load_atr_module(&self.tokens, &self.atr, &r.name, atr);
         }
         self.tokens.set_readers(reader_map(readers));
+        self.tokens.set_cards(
+            readers
+                .iter()
+                .filter(|r| r.atr.is_some())
+                .map(|r| r.name.clone())
+                .collect(),
+        );
         let entries = token_entries(&self.tokens.tokens());
         if entries != self.last {
             tracing::debug!(tokens = entries.len(), "tokens changed");

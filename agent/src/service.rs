@@ -775,6 +775,7 @@ impl Service {
     ) -> Result<Vec<Vec<u8>>, Failure> {
         let flag = Arc::new(AtomicBool::new(false));
         let token_id = req.certificate.token_id().clone();
+        let card_mark = self.tokens.card_mark();
         let f2 = Arc::clone(&flag);
         let m2 = module.clone();
         let logout_after = req.logout_after;
@@ -788,7 +789,21 @@ impl Service {
                 task.await
             }
         };
-        let result = joined.map_err(|e| Failure::Internal(format!("signing task failed: {e}")))?;
+        let mut result =
+            joined.map_err(|e| Failure::Internal(format!("signing task failed: {e}")))?;
+        if let Err(failure) = &mut result {
+            // A device error may be a card pulled in the middle of a command.
+            if matches!(failure.error, pkcs11_shim::Error::Pkcs11 { .. }) {
+                let (tokens, m, t) = (self.tokens.clone(), module.clone(), token_id.clone());
+                if blocking(move || tokens.card_was_pulled(card_mark, &m, &t))
+                    .await
+                    .unwrap_or(false)
+                {
+                    tracing::info!(error = %failure.error, "the card was removed during the operation");
+                    failure.error = pkcs11_shim::Error::TokenNotPresent;
+                }
+            }
+        }
         if !logout_after {
             self.schedule_logout(module, token_id);
         }

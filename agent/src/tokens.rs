@@ -3,9 +3,10 @@
 //! Every call here blocks (it waits on a module's worker thread): async code reaches it through
 //! `tokio::task::spawn_blocking`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 use pkcs11_shim::{CertificateId, CertificateInfo, Module, TokenId, TokenInfo};
 
@@ -55,6 +56,27 @@ struct Inner {
     discovery: RwLock<Discovery>,
     /// Reader name per token serial, filled by the PC/SC watcher.
     readers: RwLock<HashMap<String, String>>,
+    /// The readers holding a card, as the PC/SC watcher last saw them, and its wake-up.
+    cards: Mutex<Cards>,
+    cards_changed: Condvar,
+}
+
+/// How long [`TokenSet::card_was_pulled`] waits for PC/SC to report a removal (pcscd polls
+/// some readers every 400 ms; the watcher's promise is one second).
+pub const CARD_REMOVAL_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Cards {
+    with_card: HashSet<String>,
+    /// Counts the times a reader was seen losing its card.
+    removals: u64,
+}
+
+/// What [`TokenSet::card_mark`] saw: a wait for a removal starts from here.
+#[derive(Debug, Clone, Copy)]
+pub struct CardMark {
+    removals: u64,
+    any_card: bool,
 }
 
 impl TokenSet {
@@ -150,6 +172,65 @@ impl TokenSet {
         if let Ok(mut r) = self.inner.readers.write() {
             *r = readers;
         }
+    }
+
+    /// The PC/SC watcher's view of which readers hold a card now; wakes [`Self::wait_card_removal`].
+    pub fn set_cards(&self, with_card: HashSet<String>) {
+        let Ok(mut c) = self.inner.cards.lock() else {
+            return;
+        };
+        if c.with_card.iter().any(|r| !with_card.contains(r)) {
+            c.removals += 1;
+        }
+        c.with_card = with_card;
+        self.inner.cards_changed.notify_all();
+    }
+
+    /// A mark to wait for a card removal from (no PKCS#11 call).
+    pub fn card_mark(&self) -> CardMark {
+        self.inner.cards.lock().map_or(
+            CardMark {
+                removals: 0,
+                any_card: false,
+            },
+            |c| CardMark {
+                removals: c.removals,
+                any_card: !c.with_card.is_empty(),
+            },
+        )
+    }
+
+    /// Waits, at most `bound`, until the PC/SC watcher sees a card leave its reader after
+    /// `mark`; true when one did. A card pulled in the middle of a command makes the module
+    /// fail with a device error before pcscd notices (it polls some readers, every 400 ms):
+    /// this tells that apart from a token that failed. Returns at once when no reader held a
+    /// card at `mark` (no PC/SC card involved).
+    pub fn wait_card_removal(&self, mark: CardMark, bound: Duration) -> bool {
+        if !mark.any_card {
+            return false;
+        }
+        let Ok(guard) = self.inner.cards.lock() else {
+            return false;
+        };
+        match self
+            .inner
+            .cards_changed
+            .wait_timeout_while(guard, bound, |c| c.removals == mark.removals)
+        {
+            Ok((c, _)) => c.removals != mark.removals,
+            Err(_) => false,
+        }
+    }
+
+    /// After a device error on `token`: was its card pulled out? A card removed in the middle
+    /// of a command fails that command before pcscd notices (it polls some readers every
+    /// 400 ms), so this waits, at most [`CARD_REMOVAL_GRACE`], for the watcher to see a card
+    /// leave its reader, then asks the module whether the token is still there. Blocking.
+    pub fn card_was_pulled(&self, mark: CardMark, module: &Module, token: &TokenId) -> bool {
+        self.wait_card_removal(mark, CARD_REMOVAL_GRACE)
+            && module
+                .tokens()
+                .is_ok_and(|list| list.iter().all(|t| &t.id != token))
     }
 
     /// Every present token of every module. A module that fails to answer is skipped (and
