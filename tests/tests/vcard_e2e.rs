@@ -142,6 +142,22 @@ impl Rig {
         Ok(())
     }
 
+    /// `rig.sh delay DIR MS`: the card waits `ms` before each command APDU (0: no wait).
+    fn delay(&self, ms: u32) -> Result<()> {
+        let out = Command::new(repo_root().join("tests/vcard/rig.sh"))
+            .arg("delay")
+            .arg(self.path())
+            .arg(ms.to_string())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "rig.sh delay {ms} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     fn cert_9a(&self) -> PathBuf {
         self.path().join("certs/piv-9a.pem")
     }
@@ -542,80 +558,158 @@ async fn the_9c_key_asks_the_pin_for_every_signature() -> Result<()> {
     Ok(())
 }
 
-// Not deterministic yet: with 9A the 1000 signatures (≈0.3 s) finish before the rig's removal
-// takes effect (125–350 ms in the bridge + a pcscd poll); with 9C (a PIN dialog per signature,
-// slow enough) a removal during the context-specific C_Login deadlocks OpenSC 0.23 in sc_lock.
-#[ignore = "OpenSC 0.23 deadlocks on removal during C_Login (9C); 9A batches outrun the removal"]
+/// Items in the removal batch, and the time the card takes per signature while it runs
+/// (`rig.sh delay`): the whole batch would take several seconds, so the removal lands in the
+/// middle of it.
+const BATCH_ITEMS: usize = 300;
+const SIGNATURE_DELAY_MS: u32 = 10;
+
+/// A removal in the middle of a `sign.batch` (9A key: one PIN for the batch) ends it with
+/// TOKEN_NOT_PRESENT and the signatures finished before it, at once; the card put back is used
+/// by the next `sign` without restarting the agent. The bridge slows the card's signatures down
+/// and pulls the card in the middle of one (`rig.sh delay`): timing only, every APDU and answer
+/// is the real one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removal_during_a_batch_keeps_finished_signatures_and_reinsertion_recovers() -> Result<()> {
     let Some(rig) = rig_or_skip("removal_during_a_batch") else {
         return Ok(());
     };
-    // The 9A key (one PIN for the batch). Not 9C: a removal while OpenSC 0.23 is inside the
-    // context-specific C_Login of 9C deadlocks the module (C_Login → sc_pkcs15_verify_pin →
-    // sc_lock waits forever on a mutex of the same thread); see tests/vcard/README.md.
-    let agent = Agent::start(&rig, OPENSC_MODULE, &pins(1000 + 5))?;
+    // One dialog for the batch, one for the sign after reinsertion (pin_cache_seconds = 0).
+    let agent = Agent::start(&rig, OPENSC_MODULE, &pins(2))?;
     let mut client = agent.connect().await?;
     let cert = cert_9a(&mut client).await?;
-    let items: Vec<Value> = (0..1000)
+    let (sigs, completed, total) =
+        removal_during_batch(&rig, &agent, &mut client, &cert, BATCH_ITEMS).await?;
+    for (i, sig) in sigs.iter().enumerate() {
+        openssl_verifies(&rig.cert_9a(), &digest(i), sig)
+            .with_context(|| format!("batch signature {i}"))?;
+    }
+    println!("9A batch: {completed} of {total} signatures returned, all verified by OpenSSL");
+    reinsert_and_sign(&rig, &mut client, &cert, &rig.cert_9a()).await?;
+    ensure!(
+        agent.getpin_dialogs() == 2,
+        "{} GETPIN dialogs",
+        agent.getpin_dialogs()
+    );
+    Ok(())
+}
+
+/// Slows the card, starts a batch of `n` items, removes the card when the first
+/// `sign.progress` arrives, and checks the answer: TOKEN_NOT_PRESENT, `0 < completed < n`,
+/// `results` as long as `completed`, the answer promptly after the removal, and a
+/// `tokens.changed` without the card. Returns the signatures (DER) and `(completed, n)`.
+async fn removal_during_batch(
+    rig: &Rig,
+    agent: &Agent,
+    client: &mut Client,
+    cert: &str,
+    n: usize,
+) -> Result<(Vec<Vec<u8>>, usize, usize)> {
+    let items: Vec<Value> = (0..n)
         .map(|i| json!({"digest": {"algorithm": "SHA-256", "value": B64.encode(digest(i))}, "label": format!("doc {i}")}))
         .collect();
+    rig.delay(SIGNATURE_DELAY_MS)?;
+    let sent = Instant::now();
     let id = client
         .send(
             "sign.batch",
-            json!({"certificateId": cert, "items": items, "display": {"title": "A thousand documents"}}),
+            json!({"certificateId": cert, "items": items, "display": {"title": "Documents"}}),
         )
         .await?;
     let until = Instant::now() + DEADLINE;
-    let mut removal = None;
+    let mut removal: Option<(Instant, tokio::task::JoinHandle<Result<()>>)> = None;
+    let mut progress_events = 0usize;
     let answer = loop {
         let v = match client.next(until).await {
             Ok(v) => v,
             Err(e) => bail!(
-                "{e:#}; {} GETPIN dialogs; agent log:\n{}\npcscd log:\n{}",
+                "{e:#}; {} GETPIN dialogs; agent log:\n{}\nbridge log:\n{}",
                 agent.getpin_dialogs(),
                 agent.log(),
-                std::fs::read_to_string(rig.path().join("logs/pcscd.log")).unwrap_or_default()
+                std::fs::read_to_string(rig.path().join("logs/bridge.log")).unwrap_or_default()
             ),
         };
         if v["id"] == json!(id) {
             break v;
         }
-        if v["method"] == "sign.progress"
-            && removal.is_none()
-            && v["params"]["done"].as_u64() >= Some(1)
-        {
-            removal = Some(rig_async(&rig, "remove"));
+        if v["method"] == "sign.progress" && v["params"]["requestId"] == json!(id) {
+            progress_events += 1;
+            if removal.is_none() {
+                removal = Some((Instant::now(), rig_async(rig, "remove")));
+            }
         }
     };
-    removal
-        .context("no sign.progress before the batch ended")?
-        .await??;
+    let answered = Instant::now();
+    let (removed_at, job) = removal.context("no sign.progress before the batch ended")?;
+    job.await??;
+    // The card is out; the rest of the test runs at full speed.
+    rig.delay(0)?;
     let error = &answer["error"];
-    ensure!(error["data"]["reason"] == "TOKEN_NOT_PRESENT", "{answer}");
+    ensure!(
+        error["data"]["reason"] == "TOKEN_NOT_PRESENT",
+        "{answer}\n{}",
+        agent.log()
+    );
     let results = error["data"]["results"]
         .as_array()
         .cloned()
         .unwrap_or_default();
-    let completed = error["data"]["completed"].as_u64().context("completed")? as usize;
+    let completed = usize::try_from(error["data"]["completed"].as_u64().context("completed")?)?;
     ensure!(
-        completed == results.len() && (1..1000).contains(&completed),
-        "{answer}"
+        completed == results.len() && (1..n).contains(&completed),
+        "completed {completed}, {} results of {n}",
+        results.len()
     );
-    for (i, r) in results.iter().enumerate() {
-        let sig = B64.decode(r["signature"].as_str().context("signature")?)?;
-        openssl_verifies(&rig.cert_9a(), &digest(i), &sig)?;
-    }
-    println!("batch ended by the removal after {completed} of 1000 signatures, all verified");
-
-    let t0 = Instant::now();
-    rig_async(&rig, "insert").await??;
+    ensure!(
+        progress_events <= completed,
+        "{progress_events} progress events but {completed} signatures returned"
+    );
+    let after_removal = answered - removed_at;
+    println!(
+        "batch of {n}: first progress after {:?}, removal started then; the batch ended \
+         {after_removal:?} later with {completed} signatures ({progress_events} progress events)",
+        removed_at - sent
+    );
+    ensure!(
+        after_removal < EVENT_BOUND,
+        "the batch went on for {after_removal:?} after the removal"
+    );
+    // Events flow after the batch: the removal reaches the page.
     client
-        .tokens_changed(t0 - Duration::from_secs(5), |t| card_token(t).is_some())
+        .tokens_changed(removed_at, |t| card_token(t).is_none())
+        .await
+        .context("tokens.changed without the card after the removal")?;
+    let sigs = results
+        .iter()
+        .map(|r| {
+            B64.decode(r["signature"].as_str().context("signature")?)
+                .map_err(Into::into)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((sigs, completed, n))
+}
+
+/// Puts the card back, waits for the `tokens.changed` that lists it, and signs once more in the
+/// same agent; OpenSSL verifies the signature against `cert_pem`.
+async fn reinsert_and_sign(
+    rig: &Rig,
+    client: &mut Client,
+    cert: &str,
+    cert_pem: &Path,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let job = rig_async(rig, "insert");
+    let (at, _) = client
+        .tokens_changed(t0, |t| card_token(t).is_some())
         .await?;
-    let r = client.result("sign", sign_params(&cert, 5000)).await?;
+    job.await??;
+    println!(
+        "reinsertion -> tokens.changed with the card after {:?}",
+        at - t0
+    );
+    let r = client.result("sign", sign_params(cert, 5000)).await?;
     let sig = B64.decode(r["signature"].as_str().context("signature")?)?;
-    openssl_verifies(&rig.cert_9a(), &digest(5000), &sig)?;
+    openssl_verifies(cert_pem, &digest(5000), &sig).context("the signature after reinsertion")?;
     Ok(())
 }
 

@@ -8,6 +8,8 @@
 #   rig.sh insert DIR         insert the card; returns when pcscd reports it
 #   rig.sh remove DIR         remove the card; returns when pcscd reports it gone
 #   rig.sh status DIR         bridge status line
+#   rig.sh delay DIR MS       the card waits MS ms before each command APDU
+#                             (0: off); a removal during the wait hangs up
 #
 # Env: RIG_DEBUG=1 -> pcscd -d and APDU traces in DIR/logs/;
 #      RIG_DEADLINE (seconds, default 20) bounds every wait; PYTHON (python3).
@@ -20,11 +22,18 @@ VPCD_DRIVER=/usr/lib/pcsc/drivers/serial/libifdvpcd.so
 
 die() { echo "rig.sh: $*" >&2; exit 1; }
 
-usage() { sed -n '2,14p' "$0" >&2; exit 2; }
+usage() { sed -n '2,16p' "$0" >&2; exit 2; }
 
-[ $# -eq 2 ] || usage
+[ $# -ge 2 ] || usage
 CMD=$1
 DIR=$(realpath -m "$2")
+if [ "$CMD" = delay ]; then
+  [ $# -eq 3 ] || usage
+  case $3 in ''|*[!0-9]*) usage ;; esac
+  DELAY_MS=$3
+else
+  [ $# -eq 2 ] || usage
+fi
 
 # alive PID: running and not a zombie (our daemons are reparented to init once
 # rig.sh exits; kill -0 also succeeds on a zombie that init has not reaped yet).
@@ -184,5 +193,6 @@ case "$CMD" in
   insert) do_insert ;;
   remove) do_remove ;;
   status) ctl status ;;
+  delay) ctl "delay $DELAY_MS" ;;
   *) usage ;;
 esac

@@ -27,7 +27,16 @@ one answer line per command, sent when the command has taken effect:
   insert  -> "ok inserted"  once pcscd has powered the card and read its ATR
   remove  -> "ok removed"   once the bridge has hung up on vpcd (pcscd notices
              at its next presence poll, <= 400 ms later: rig.sh remove waits for it)
-  status  -> "ok inserted connected=1 powered=1" etc.
+  status  -> "ok inserted connected=1 powered=1 delay_ms=0" etc.
+  delay MS -> "ok delay_ms=MS": from now on the card takes MS milliseconds
+             to compute each signature (GENERAL AUTHENTICATE, INS 87) before
+             answering it (timing only: the protocol and the answers are
+             unchanged; 0 turns it off). While a delay is set, `remove` pulls
+             the card in the middle of a signature: during the pending one,
+             or at the next one (commands before it are answered as usual);
+             that command goes unanswered. OpenSC 0.23 deadlocks when a card
+             is pulled during the PIV re-SELECT it sends on taking the reader
+             lock (see README.md), so the rig pins the moment.
   quit    -> "ok bye", then the bridge exits
 Errors answer "err MESSAGE".  The card object lives for the whole bridge
 process, so PIV keys survive remove/insert and pcscd restarts (they do not
@@ -222,6 +231,8 @@ class Bridge:
         self.atr_served = 0  # count of ATRs handed to pcscd while powered
         self.sock: Optional[socket.socket] = None
         self.stop = False
+        self.delay_s = 0.0  # time to compute a signature (control `delay MS`)
+        self.pull_at_signature = False  # `remove` waits for a signature command
 
     # ---- vpcd side -------------------------------------------------------
     def _connect(self) -> Optional[socket.socket]:
@@ -300,6 +311,9 @@ class Bridge:
                     continue
             else:
                 LOG.debug(">>> %s", _trace_cmd(msg))
+                if len(msg) >= 4 and msg[1] == 0x87 and not self._signature_delay():
+                    LOG.info("card pulled during a signature (INS 87): hanging up unanswered")
+                    return
                 out = self.card.transmit(msg)
                 LOG.debug("<<< %s", _hex(out))
             s.sendall(struct.pack(">H", len(out)) + out)
@@ -308,6 +322,24 @@ class Bridge:
                     if self.powered:
                         self.atr_served += 1
                     self.cv.notify_all()
+
+    def _signature_delay(self) -> bool:
+        """Waits the configured signature time; False when the card is pulled
+        meanwhile (the command then goes unanswered)."""
+        with self.cv:
+            if self.delay_s <= 0:
+                return True
+            end = time.monotonic() + self.delay_s
+            while not self.pull_at_signature and not self.stop:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            if self.pull_at_signature:
+                self.pull_at_signature = False
+                self.want_inserted = False
+                return False
+            return not self.stop
 
     def _control(self, code: int) -> Optional[bytes]:
         LOG.debug("ctrl %d", code)
@@ -356,6 +388,17 @@ class Bridge:
         # Done when the connection is closed; rig.sh then waits for pcscd.
         deadline = time.monotonic() + EVENT_DEADLINE_S
         with self.cv:
+            if self.delay_s > 0 and self.connected:
+                # Pull the card in the middle of a signature (see `delay`); if
+                # none comes before the deadline, pull it anyway.
+                self.pull_at_signature = True
+                self.cv.notify_all()
+                while self.connected and self.pull_at_signature:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cv.wait(left)
+                self.pull_at_signature = False
             self.want_inserted = False
             self.cv.notify_all()
             if self.sock is not None:
@@ -373,11 +416,24 @@ class Bridge:
     def status(self) -> str:
         with self.cv:
             state = "inserted" if self.want_inserted else "removed"
-            return "ok %s connected=%d powered=%d" % (
+            return "ok %s connected=%d powered=%d delay_ms=%d" % (
                 state,
                 int(self.connected),
                 int(self.powered),
+                round(self.delay_s * 1000),
             )
+
+    def set_delay(self, arg: str) -> str:
+        try:
+            ms = int(arg)
+        except ValueError:
+            return "err delay wants whole milliseconds, not %r" % arg
+        if not 0 <= ms <= 10_000:
+            return "err delay must be 0..10000 ms"
+        with self.cv:
+            self.delay_s = ms / 1000.0
+            self.cv.notify_all()
+        return "ok delay_ms=%d" % ms
 
     def handle(self, line: str) -> str:
         cmd = line.strip().lower()
@@ -387,6 +443,8 @@ class Bridge:
             return self.remove()
         if cmd == "status":
             return self.status()
+        if cmd.startswith("delay "):
+            return self.set_delay(cmd[len("delay "):].strip())
         if cmd == "quit":
             return "ok bye"
         return "err unknown command %r" % cmd
@@ -449,7 +507,10 @@ def ctl(path: str, command: str, timeout: float) -> int:
 def main() -> int:
     if len(sys.argv) >= 2 and sys.argv[1] == "ctl":
         if len(sys.argv) != 4:
-            print("usage: vpcd_bridge.py ctl SOCKET insert|remove|status|quit", file=sys.stderr)
+            print(
+                "usage: vpcd_bridge.py ctl SOCKET 'insert'|'remove'|'status'|'delay MS'|'quit'",
+                file=sys.stderr,
+            )
             return 2
         return ctl(sys.argv[2], sys.argv[3], EVENT_DEADLINE_S + 5.0)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
