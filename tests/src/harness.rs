@@ -1095,6 +1095,19 @@ pub fn certificate_id(list: &Value, der: &[u8]) -> Result<String> {
         .ok_or_else(|| anyhow!("no certificate entry for that DER in {list}"))
 }
 
+/// The members of a `tokens.list` entry (PROTOCOL.md), sorted; `keyport tokens --json` has
+/// the same.
+pub const TOKEN_ENTRY_FIELDS: [&str; 8] = [
+    "id",
+    "label",
+    "manufacturer",
+    "model",
+    "pin",
+    "pinPad",
+    "reader",
+    "serial",
+];
+
 /// The key pairs of the provisioned token (softhsm-config/provision.sh): CKA_LABEL, CKA_ID
 /// (hex), key algorithm (the protocol's name).
 pub const KEYS: [(&str, &str, &str); 8] = [

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use base64::Engine as _;
 use cli_common::{one_line_failure, stderr, stdout, x509_field, Cli, Options};
-use keyport_e2e::harness::{KEYS, SOFTHSM};
+use keyport_e2e::harness::{KEYS, SOFTHSM, TOKEN_ENTRY_FIELDS};
 use serde_json::{json, Value};
 
 /// The token's serial as pkcs11-tool sees it.
@@ -107,19 +107,7 @@ fn tokens_json_has_the_fields_of_tokens_list() {
         .map(String::as_str)
         .collect();
     keys.sort_unstable();
-    assert_eq!(
-        keys,
-        [
-            "id",
-            "label",
-            "manufacturer",
-            "model",
-            "pin",
-            "pinPad",
-            "reader",
-            "serial"
-        ]
-    );
+    assert_eq!(keys, TOKEN_ENTRY_FIELDS);
     assert_eq!(t["label"], "KeyPort Test");
     assert_eq!(t["manufacturer"], "SoftHSM project");
     assert_eq!(t["model"], "SoftHSM v2");

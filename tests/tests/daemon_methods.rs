@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use keyport_e2e::harness::{
     b64, certificate_ids, nonce, unb64, verify_cms, verify_raw, verify_webeid, Agent, AgentOptions,
-    Client, Hash, RawAlg, Signed, TestToken, PORTAL, TOKEN_LABEL, USER_PIN,
+    Client, Hash, RawAlg, Signed, TestToken, PORTAL, TOKEN_ENTRY_FIELDS, TOKEN_LABEL, USER_PIN,
 };
 use keyport_e2e::pinentry::{Button, Command, Step};
 use serde_json::{json, Value};
@@ -98,19 +98,7 @@ async fn tokens_list_has_the_documented_shape() {
     );
     let mut keys: Vec<&str> = t.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(
-        keys,
-        [
-            "id",
-            "label",
-            "manufacturer",
-            "model",
-            "pin",
-            "pinPad",
-            "reader",
-            "serial"
-        ]
-    );
+    assert_eq!(keys, TOKEN_ENTRY_FIELDS);
     // The id is stable: a second agent on the same token reports the same one.
     let again = Agent::start(&tk, AgentOptions::default()).unwrap();
     let mut c2 = again.connect(PORTAL).await.unwrap();
