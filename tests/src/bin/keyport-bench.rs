@@ -20,7 +20,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -30,6 +30,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
+use keyport_e2e::harness::{
+    self, repo_root, Hash, RawAlg, Signed, TestToken, SOFTHSM as MODULE, TOKEN_LABEL, USER_PIN,
+};
 use pkcs11_shim::{
     CertificateInfo, EcdsaEncoding, HashAlg, Module, PinAnswer, PinRequest, SecretPin,
     SignAlgorithm, SignInput, SignRequest,
@@ -40,9 +43,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const TOKEN_LABEL: &str = "KeyPort Test";
-const USER_PIN: &str = "123456";
 /// Origin with `consent = "session"`: one dialog per connection, none after.
 const SESSION_ORIGIN: &str = "https://intranet.example";
 /// Origin with the default per-request consent: a CONFIRM dialog for every request.
@@ -109,9 +109,8 @@ const CASES: [KeyCase; 5] = [
 fn main() -> Result<()> {
     let root = repo_root();
     let work = tempfile::tempdir()?;
-    let token_dir = work.path().join("token");
-    provision(&root, &token_dir)?;
-    let softhsm_conf = token_dir.join("softhsm2.conf");
+    let token = TestToken::provision()?;
+    let softhsm_conf = token.conf();
     // Set before any thread exists and before SoftHSM is loaded, which reads it in C_Initialize.
     std::env::set_var("SOFTHSM2_CONF", &softhsm_conf);
     let spy_log = work.path().join("spy.log");
@@ -125,7 +124,7 @@ fn main() -> Result<()> {
     eprintln!("raw cryptoki baseline …");
     let (raw, probes) = raw_cryptoki_rates()?;
     eprintln!("pkcs11-shim …");
-    let shim = shim_rates(&token_dir)?;
+    let shim = shim_rates(&token)?;
     eprintln!("PKCS#11 calls of one shim request (pkcs11-spy) …");
     let calls = spy_calls_per_request(&spy_log)?;
     writeln!(
@@ -161,7 +160,7 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(agent_bench(&root, work.path(), &softhsm_conf))?;
+        .block_on(agent_bench(&root, work.path(), &token))?;
     writeln!(
         out,
         "| agent (release `keyport`, loopback WebSocket) | value |"
@@ -176,24 +175,6 @@ fn main() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // Token and machine
-
-/// The workspace root (this package lives in `tests/`).
-fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
-}
-
-fn provision(root: &Path, dir: &Path) -> Result<()> {
-    let script = root.join("softhsm-config/provision.sh");
-    let status = Command::new(&script)
-        .arg(dir)
-        .status()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !status.success() {
-        bail!("{} failed: {status}", script.display());
-    }
-    Ok(())
-}
 
 fn machine_line() -> String {
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
@@ -345,7 +326,7 @@ struct ShimRate {
     per_call: f64,
 }
 
-fn shim_rates(token_dir: &Path) -> Result<Vec<ShimRate>> {
+fn shim_rates(token: &TestToken) -> Result<Vec<ShimRate>> {
     let module = Module::load(Path::new(MODULE))?;
     let certs = module.certificates(None)?;
     let mut rates = Vec::new();
@@ -360,7 +341,7 @@ fn shim_rates(token_dir: &Path) -> Result<Vec<ShimRate>> {
         // Warm the shim's caches (certificate/key scan, mechanism list) and check one
         // signature with OpenSSL.
         let first = sign_once(&module, cert, case, vec![inputs[0].0.clone()], true)?;
-        verify_with_openssl(token_dir, cert, case, &inputs[0].1, &first[0])?;
+        verify_with_openssl(token, case, &inputs[0].1, &first[0])?;
 
         // N digests, one request: login, N × C_Sign, logout — all inside the timed call.
         let batch = median_of(RUNS, || {
@@ -498,59 +479,29 @@ fn sign_no_pin(
         .ok_or_else(|| anyhow!("{}: no signature", case.name))
 }
 
-/// `openssl pkeyutl -verify` over the certificate's public key. `signed` is the digest (or the
-/// Ed25519 message); ECDSA signatures arrive as P1363 and are converted to DER for OpenSSL.
-fn verify_with_openssl(
-    dir: &Path,
-    cert: &CertificateInfo,
-    case: &KeyCase,
-    signed: &[u8],
-    sig: &[u8],
-) -> Result<()> {
-    let cert_file = dir.join(format!("{}.bench.der", case.label));
-    let pub_file = dir.join(format!("{}.bench.pub.pem", case.label));
-    let in_file = dir.join(format!("{}.bench.in", case.label));
-    let sig_file = dir.join(format!("{}.bench.sig", case.label));
-    std::fs::write(&cert_file, &cert.der)?;
-    let pubkey = Command::new("openssl")
-        .args(["x509", "-inform", "DER", "-noout", "-pubkey", "-in"])
-        .arg(&cert_file)
-        .output()?;
-    if !pubkey.status.success() {
-        bail!("openssl x509 -pubkey failed for {}", case.label);
-    }
-    std::fs::write(&pub_file, &pubkey.stdout)?;
-    std::fs::write(&in_file, signed)?;
-    let sig = match case.algorithm {
-        SignAlgorithm::Ecdsa(..) => pkcs11_shim::ecdsa_p1363_to_der(sig)?,
-        _ => sig.to_vec(),
+/// `openssl pkeyutl -verify` (`harness::openssl_verify_raw`) with the certificate of the
+/// case's key. `signed` is the digest (or the Ed25519 message); ECDSA signatures arrive as P1363.
+fn verify_with_openssl(token: &TestToken, case: &KeyCase, signed: &[u8], sig: &[u8]) -> Result<()> {
+    let hash = |h: HashAlg| match h {
+        HashAlg::Sha256 => Hash::Sha256,
+        HashAlg::Sha384 => Hash::Sha384,
+        HashAlg::Sha512 => Hash::Sha512,
     };
-    std::fs::write(&sig_file, sig)?;
-    let mut cmd = Command::new("openssl");
-    cmd.args(["pkeyutl", "-verify", "-pubin", "-inkey"])
-        .arg(&pub_file)
-        .arg("-in")
-        .arg(&in_file)
-        .arg("-sigfile")
-        .arg(&sig_file);
-    match case.algorithm {
-        SignAlgorithm::Ed25519 => {
-            cmd.arg("-rawin");
-        }
+    let (alg, signed) = match case.algorithm {
         SignAlgorithm::RsaPkcs1v15(h) => {
-            cmd.args(["-pkeyopt", &format!("digest:{}", h.name().to_lowercase())]);
+            (RawAlg::RsaPkcs1(hash(h)), Signed::Digest(signed.to_vec()))
         }
-        _ => {}
-    }
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!(
-            "OpenSSL rejects the {} signature: {}",
-            case.name,
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    Ok(())
+        SignAlgorithm::RsaPss(h) => (RawAlg::RsaPss(hash(h)), Signed::Digest(signed.to_vec())),
+        SignAlgorithm::Ecdsa(h, EcdsaEncoding::P1363) => {
+            (RawAlg::EcdsaP1363(hash(h)), Signed::Digest(signed.to_vec()))
+        }
+        SignAlgorithm::Ecdsa(h, EcdsaEncoding::Der) => {
+            (RawAlg::EcdsaDer(hash(h)), Signed::Digest(signed.to_vec()))
+        }
+        SignAlgorithm::Ed25519 => (RawAlg::Ed25519, Signed::Data(signed.to_vec())),
+    };
+    harness::openssl_verify_raw(&token.cert_pem(case.label), &signed, sig, alg)
+        .with_context(|| format!("OpenSSL rejects the {} signature", case.name))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -597,15 +548,10 @@ fn binary(root: &Path, name: &str, profiles: &[&str]) -> Result<PathBuf> {
         })
 }
 
-fn write_config(dir: &Path, pinentry: &Path, softhsm_conf: &Path) -> Result<PathBuf> {
+fn write_config(dir: &Path, pinentry: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let key_file = dir.join("audit.key");
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-    std::fs::write(&key_file, key)?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
-    let _ = softhsm_conf;
+    harness::write_audit_key(&key_file)?;
     let config = format!(
         r#"port = 0
 discover_modules = false
@@ -800,41 +746,28 @@ async fn batch(client: &mut Client, cert_id: &str) -> Result<(Duration, Vec<Vec<
     Ok((elapsed, vec![digests[0].clone(), B64.decode(first)?]))
 }
 
-/// Checks a DER ECDSA signature over a SHA-256 digest with the certificate from an answer.
-fn verify_agent_signature(dir: &Path, cert_b64: &str, digest: &[u8], sig_der: &[u8]) -> Result<()> {
-    let cert_file = dir.join("agent-cert.der");
-    let pub_file = dir.join("agent-pub.pem");
-    let in_file = dir.join("agent-digest.bin");
-    let sig_file = dir.join("agent-sig.der");
-    std::fs::write(&cert_file, B64.decode(cert_b64)?)?;
-    let pubkey = Command::new("openssl")
-        .args(["x509", "-inform", "DER", "-noout", "-pubkey", "-in"])
-        .arg(&cert_file)
-        .output()?;
-    std::fs::write(&pub_file, pubkey.stdout)?;
-    std::fs::write(&in_file, digest)?;
-    std::fs::write(&sig_file, sig_der)?;
-    let ok = Command::new("openssl")
-        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
-        .arg(&pub_file)
-        .arg("-in")
-        .arg(&in_file)
-        .arg("-sigfile")
-        .arg(&sig_file)
-        .output()?
-        .status
-        .success();
-    if !ok {
-        bail!("OpenSSL rejects a signature the agent returned");
+/// Checks a DER ECDSA signature over a SHA-256 digest: the answer's certificate must be the
+/// token's `sign-p256`, whose public key OpenSSL verifies it with.
+fn verify_agent_signature(
+    token: &TestToken,
+    cert_b64: &str,
+    digest: &[u8],
+    sig_der: &[u8],
+) -> Result<()> {
+    if B64.decode(cert_b64)? != token.cert_der("sign-p256")? {
+        bail!("the agent answered with another certificate than sign-p256's");
     }
-    Ok(())
+    harness::openssl_verify_raw(
+        &token.cert_pem("sign-p256"),
+        &Signed::Digest(digest.to_vec()),
+        sig_der,
+        RawAlg::EcdsaDer(Hash::Sha256),
+    )
+    .context("OpenSSL rejects a signature the agent returned")
 }
 
-async fn agent_bench(
-    root: &Path,
-    work: &Path,
-    softhsm_conf: &Path,
-) -> Result<Vec<(String, String)>> {
+async fn agent_bench(root: &Path, work: &Path, token: &TestToken) -> Result<Vec<(String, String)>> {
+    let softhsm_conf = &token.conf();
     use keyport_e2e::pinentry::{Button, Command as Dialog, Script, Step};
 
     let keyport = binary(root, "keyport", &["release"])?;
@@ -844,7 +777,7 @@ async fn agent_bench(
         &["release", "debug"],
     )?;
     let dir = work.join("agent");
-    let config = write_config(&dir, &pinentry, softhsm_conf)?;
+    let config = write_config(&dir, &pinentry)?;
     let script = Script::new(&dir)?;
     let stderr_log = dir.join("keyport.stderr");
     let mut rows = Vec::new();
@@ -905,7 +838,7 @@ async fn agent_bench(
         .call("sign", sign_params(&cert_id, &first_digest))
         .await?;
     verify_agent_signature(
-        &dir,
+        token,
         first["certificate"].as_str().unwrap_or_default(),
         &first_digest,
         &B64.decode(first["signature"].as_str().unwrap_or_default())?,
@@ -946,14 +879,14 @@ async fn agent_bench(
 
     // sign.batch of 1000 digests: session consent (no dialog), then per-request (one CONFIRM).
     let (elapsed, check) = batch(&mut session, &cert_id).await?;
-    verify_agent_signature(&dir, &cert_b64, &check[0], &check[1])?;
+    verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
     rows.push((
         format!("`sign.batch` {BATCH_SIZE} P-256 digests, session consent: total, signatures/s"),
         format!("{}, {:.0}/s", ms(elapsed), rate(BATCH_SIZE, elapsed)),
     ));
     script.push(&Step::confirm(Button::Ok).expect(Dialog::Confirm))?;
     let (elapsed, check) = batch(&mut portal, &cert_id).await?;
-    verify_agent_signature(&dir, &cert_b64, &check[0], &check[1])?;
+    verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
     rows.push((
         format!("`sign.batch` {BATCH_SIZE} P-256 digests, per-request consent (1 CONFIRM): total, signatures/s"),
         format!("{}, {:.0}/s", ms(elapsed), rate(BATCH_SIZE, elapsed)),
