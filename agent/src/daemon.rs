@@ -275,8 +275,16 @@ pub async fn serve_demo(port: u16) -> anyhow::Result<(SocketAddr, tokio::task::J
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+            let mut stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors and the like: the pending connection stays queued, so
+                    // accepting again at once would spin a core. Wait a little, as the bridge's
+                    // acceptor does, and keep serving.
+                    tracing::warn!(error = %e, "demo portal: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];

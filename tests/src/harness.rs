@@ -161,6 +161,10 @@ pub struct AgentOptions {
     pub fault: bool,
     /// The scripted user's answers, in order.
     pub steps: Vec<Step>,
+    /// Also serve the demo portal (`--demo-port 0`); [`Agent::demo_port`] says where.
+    pub demo: bool,
+    /// Run the agent under `prlimit --nofile=N:N`: at most N open file descriptors.
+    pub max_open_files: Option<u32>,
 }
 
 impl Default for AgentOptions {
@@ -177,6 +181,8 @@ impl Default for AgentOptions {
             limits: Vec::new(),
             fault: false,
             steps: Vec::new(),
+            demo: false,
+            max_open_files: None,
         }
     }
 }
@@ -281,6 +287,7 @@ pub struct Agent {
     dir: TempDir,
     child: Option<Child>,
     port: u16,
+    demo_port: Option<u16>,
     config: PathBuf,
     script: Script,
     softhsm_conf: PathBuf,
@@ -310,11 +317,20 @@ impl Agent {
             bail!("{} is missing: cargo build -p agent", bin.display());
         }
         let stderr = fs::File::create(dir.path().join("stderr.log"))?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("SOFTHSM2_CONF", token.conf())
+        let mut cmd = match options.max_open_files {
+            // prlimit sets the limit and then runs (execs) the agent: the same process id.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("--config").arg(&config).arg("run");
+        if options.demo {
+            cmd.args(["--demo-port", "0"]);
+        }
+        cmd.env("SOFTHSM2_CONF", token.conf())
             .env(
                 "KEYPORT_LOG",
                 std::env::var("KEYPORT_TEST_LOG").unwrap_or_else(|_| "info,cryptoki=off".into()),
@@ -341,6 +357,7 @@ impl Agent {
             dir,
             child: Some(child),
             port: 0,
+            demo_port: None,
             config,
             script,
             softhsm_conf: token.conf(),
@@ -365,12 +382,35 @@ impl Agent {
                 ),
             }
         }
+        if options.demo {
+            // `demo portal on http://127.0.0.1:PORT/?agent=…` comes next.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .context("keyport never named its demo portal")?;
+            let port = line
+                .strip_prefix("demo portal on http://127.0.0.1:")
+                .and_then(|r| r.split_once('/'))
+                .and_then(|(port, _)| port.parse().ok())
+                .with_context(|| format!("not the demo portal line: {line:?}"))?;
+            agent.demo_port = Some(port);
+        }
         agent.stdout_rest = Some(rx);
         Ok(agent)
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The demo portal's port, with [`AgentOptions::demo`].
+    pub fn demo_port(&self) -> Option<u16> {
+        self.demo_port
+    }
+
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn dir(&self) -> &Path {

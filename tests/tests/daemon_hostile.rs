@@ -429,3 +429,43 @@ async fn request_rate_and_connection_limits() {
     other.call_ok("hello", json!({})).await.unwrap();
     assert_untouched(&agent);
 }
+
+/// CPU time (user + system, clock ticks) the process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After `(comm)` comes field 3 (state): utime (field 14) and stime (15) are at 11 and 12.
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A page that opens connections to the demo portal until the agent runs out of descriptors:
+/// the portal's accept fails (EMFILE) with connections still queued. The agent waits before
+/// accepting again rather than spinning a core, and serves again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_portal_out_of_descriptors_does_not_spin() {
+    let options = AgentOptions {
+        demo: true,
+        max_open_files: Some(40),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(token(), options).unwrap();
+    let (pid, demo) = (agent.pid().unwrap(), agent.demo_port().unwrap());
+    // More connections than the agent has descriptors; each accepted one waits for a request.
+    let held: Vec<std::net::TcpStream> = (0..60)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", demo)).unwrap())
+        .collect();
+    // Measured over one second: a spinning acceptor uses all of it (100 ticks), measured 99.
+    let before = cpu_ticks(pid);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    assert!(used < 30, "{used} ticks of CPU in 1 s with accept failing");
+    drop(held);
+    let (status, body) = http_exchange(demo, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        agent.stderr().contains("demo portal: accept failed"),
+        "{}",
+        agent.stderr()
+    );
+}
