@@ -1,5 +1,6 @@
-//! The agent's configuration: a TOML file read into a raw, strict serde struct, then turned into
-//! validated types. Every default lives in `Config::default()`; nothing else invents one.
+//! The agent's configuration: a TOML file read into a strict serde struct (an unknown key, or a
+//! PIN, is refused) whose enums and limits are then checked by `Config::validate`. Every default
+//! lives in `Config::default()`; nothing else invents one.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
