@@ -594,6 +594,32 @@ async fn removal_during_a_batch_keeps_finished_signatures_and_reinsertion_recove
     Ok(())
 }
 
+/// The same with the 9C key (CKA_ALWAYS_AUTHENTICATE): a PIN dialog and a context-specific
+/// C_Login before every signature, and the card pulled in the middle of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_during_a_9c_batch_keeps_finished_signatures_and_reinsertion_recovers() -> Result<()>
+{
+    let Some(rig) = rig_or_skip("removal_during_a_9c_batch") else {
+        return Ok(());
+    };
+    let n = 40;
+    let agent = Agent::start(&rig, OPENSC_MODULE, &pins(2 * n + 4))?;
+    let mut client = agent.connect().await?;
+    let cert = cert_9c(&mut client).await?;
+    let (sigs, completed, total) =
+        removal_during_batch(&rig, &agent, &mut client, &cert, n).await?;
+    for (i, sig) in sigs.iter().enumerate() {
+        openssl_verifies(&rig.cert_9c(), &digest(i), sig)
+            .with_context(|| format!("batch signature {i}"))?;
+    }
+    println!(
+        "9C batch: {completed} of {total} signatures returned, all verified by OpenSSL; {} GETPIN dialogs",
+        agent.getpin_dialogs()
+    );
+    reinsert_and_sign(&rig, &mut client, &cert, &rig.cert_9c()).await?;
+    Ok(())
+}
+
 /// Slows the card, starts a batch of `n` items, removes the card when the first
 /// `sign.progress` arrives, and checks the answer: TOKEN_NOT_PRESENT, `0 < completed < n`,
 /// `results` as long as `completed`, the answer promptly after the removal, and a
