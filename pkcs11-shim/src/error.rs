@@ -74,6 +74,13 @@ pub enum Error {
         #[source]
         source: CkError,
     },
+    /// The module did not answer within the call timeout: it hangs, or is busy with a long
+    /// operation (a batch, a PIN pad). The request may still run later; its answer is dropped.
+    #[error("the token's module did not answer within {} s", waited.as_secs_f64())]
+    Busy {
+        /// How long the caller waited.
+        waited: std::time::Duration,
+    },
     /// The module's worker thread is gone (it panicked or the module was finalised).
     #[error("the PKCS#11 worker thread is gone")]
     WorkerGone,

@@ -23,6 +23,6 @@ pub use algorithm::{
 };
 pub use certificate::{CertificateId, CertificateInfo, KeyAlgorithm, KeyUsage};
 pub use error::{Error, SignFailure};
-pub use module::{Module, Progress};
+pub use module::{LoadOptions, Module, Progress, DEFAULT_CALL_TIMEOUT};
 pub use pin::{LoginKind, PinAnswer, PinProvider, PinRequest, SecretPin};
 pub use token::{LoginState, ModuleInfo, ParseIdError, PinStatus, TokenId, TokenInfo};

@@ -1,12 +1,19 @@
 //! The public handle to one loaded PKCS#11 module, and the messages it sends to the module's
 //! worker thread. Every public method is a blocking request/reply over a channel, so the worker
 //! could later live in a child process without changing this API.
+//!
+//! A module may hang inside a call (a deadlocked driver, a card that stopped answering). Every
+//! call but the signatures themselves therefore waits at most [`LoadOptions::call_timeout`] for
+//! its answer and then fails with [`Error::Busy`]; the worker keeps its queue and the late
+//! answer is dropped. Until the worker has caught up with a request given up on, no new work is
+//! queued behind it: a call waits (within its own deadline) for the worker to catch up.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
@@ -18,6 +25,26 @@ use crate::worker;
 /// A progress callback: `(done, total)` after each signature.
 pub type Progress = Box<dyn FnMut(usize, usize) + Send>;
 
+/// How long a call waits for the module when nothing else is said.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a module is loaded and driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The longest wait for the module's answer to a call (loading included): past it the call
+    /// fails with [`Error::Busy`]. A signature waits this long for the worker to *start* it,
+    /// then as long as it takes (a batch, or a PIN pad, may take minutes).
+    pub call_timeout: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+        }
+    }
+}
+
 /// A loaded PKCS#11 module. Cheap to clone; all clones talk to the same worker thread, which
 /// owns the module's context. The worker finalises the module (C_Finalize) and exits when the
 /// last clone is dropped.
@@ -28,20 +55,44 @@ pub struct Module {
 
 struct Inner {
     path: PathBuf,
-    tx: Option<mpsc::Sender<Request>>,
+    call_timeout: Duration,
+    queue: Mutex<Queue>,
+    pace: Arc<Pace>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnects when the worker thread ends (in a Mutex only to make `Inner` Sync).
+    finished: Mutex<mpsc::Receiver<()>>,
+}
+
+/// The way to the worker, and how many requests went down it. Sending and counting happen
+/// under one lock, so the n-th request sent is the n-th the worker receives.
+struct Queue {
+    tx: Option<mpsc::Sender<Request>>,
+    sent: u64,
 }
 
 impl Module {
     /// Loads the module at `path` (dlopen) and initialises it (C_Initialize with
-    /// CKF_OS_LOCKING_OK), both on the new worker thread.
+    /// CKF_OS_LOCKING_OK), both on the new worker thread, with the default options.
     pub fn load(path: &Path) -> Result<Module, Error> {
-        let (tx, thread) = worker::spawn(path.to_path_buf())?;
+        Module::load_with(path, LoadOptions::default())
+    }
+
+    /// Loads the module at `path` with `options`. A module that does not finish loading within
+    /// the call timeout is [`Error::Busy`] (its thread is left to finish or hang alone).
+    pub fn load_with(path: &Path, options: LoadOptions) -> Result<Module, Error> {
+        let pace = Arc::new(Pace::default());
+        let spawned = worker::spawn(path.to_path_buf(), Arc::clone(&pace), options.call_timeout)?;
         Ok(Module {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
-                tx: Some(tx),
-                thread: Some(thread),
+                call_timeout: options.call_timeout,
+                queue: Mutex::new(Queue {
+                    tx: Some(spawned.tx),
+                    sent: 0,
+                }),
+                pace,
+                thread: Some(spawned.thread),
+                finished: Mutex::new(spawned.finished),
             }),
         })
     }
@@ -49,6 +100,18 @@ impl Module {
     /// The path the module was loaded from.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The longest wait for one of this module's answers.
+    pub fn call_timeout(&self) -> Duration {
+        self.inner.call_timeout
+    }
+
+    /// True while the worker is still behind a request whose caller gave up waiting (the module
+    /// hangs, or is busy with a long signature): a call now would wait and likely fail with
+    /// [`Error::Busy`]. No PKCS#11 call; for callers that would rather skip such a module.
+    pub fn is_behind(&self) -> bool {
+        self.inner.pace.is_behind()
     }
 
     /// C_GetInfo: the library's description, manufacturer and versions.
@@ -77,6 +140,9 @@ impl Module {
     /// then one signature per input, in order. `progress(done, total)` runs after each
     /// signature; `cancel` is checked before each one. On failure, the signatures completed
     /// before it are in [`SignFailure::completed`].
+    ///
+    /// The worker must *start* the request within the call timeout, else [`Error::Busy`] (and
+    /// the worker drops the request when it reaches it); once started it runs to its end.
     pub fn sign(
         &self,
         req: SignRequest,
@@ -84,6 +150,8 @@ impl Module {
         progress: Option<Progress>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
+        let deadline = Instant::now() + self.inner.call_timeout;
+        let (started, started_rx) = mpsc::channel();
         let (reply, rx) = mpsc::channel();
         let job = SignJob {
             req,
@@ -91,7 +159,19 @@ impl Module {
             progress,
             cancel,
         };
-        self.send(Request::Sign { job, reply })?;
+        let seq = self.send(
+            Request::Sign {
+                job,
+                started,
+                reply,
+            },
+            deadline,
+        )?;
+        match started_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(()) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => return Err(self.gave_up(seq, "sign").into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::WorkerGone.into()),
+        }
         rx.recv()
             .map_err(|_| SignFailure::from(Error::WorkerGone))?
     }
@@ -102,19 +182,53 @@ impl Module {
         self.call(|reply| Request::Logout { token, reply })
     }
 
+    /// Sends a request and waits, at most the call timeout, for its answer.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
+        let deadline = Instant::now() + self.inner.call_timeout;
         let (reply, rx) = mpsc::channel();
-        self.send(make(reply))?;
-        rx.recv().map_err(|_| Error::WorkerGone)?
+        let request = make(reply);
+        let what = request.name();
+        let seq = self.send(request, deadline)?;
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(answer) => answer,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(self.gave_up(seq, what)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::WorkerGone),
+        }
     }
 
-    fn send(&self, req: Request) -> Result<(), Error> {
-        self.inner
+    /// Queues a request once the worker has caught up (waiting until `deadline` at most);
+    /// returns its sequence number.
+    fn send(&self, req: Request, deadline: Instant) -> Result<u64, Error> {
+        if !self.inner.pace.wait_caught_up(deadline) {
+            return Err(self.busy());
+        }
+        let mut queue = lock(&self.inner.queue);
+        queue
             .tx
             .as_ref()
             .ok_or(Error::WorkerGone)?
             .send(req)
-            .map_err(|_| Error::WorkerGone)
+            .map_err(|_| Error::WorkerGone)?;
+        queue.sent += 1;
+        Ok(queue.sent)
+    }
+
+    /// Gives up on request `seq`: later calls wait for the worker to get past it.
+    fn gave_up(&self, seq: u64, what: &'static str) -> Error {
+        self.inner.pace.gave_up(seq);
+        tracing::warn!(
+            path = %self.inner.path.display(),
+            request = what,
+            timeout_s = self.inner.call_timeout.as_secs_f64(),
+            "the PKCS#11 module did not answer in time"
+        );
+        self.busy()
+    }
+
+    fn busy(&self) -> Error {
+        Error::Busy {
+            waited: self.inner.call_timeout,
+        }
     }
 }
 
@@ -129,14 +243,79 @@ impl fmt::Debug for Module {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel ends the worker's loop; it then finalises the module.
-        drop(self.tx.take());
-        if let Some(thread) = self.thread.take() {
-            // A PinProvider or progress callback could hold the last clone and drop it on the
-            // worker itself: joining there would wait for ourselves.
-            if thread.thread().id() != std::thread::current().id() && thread.join().is_err() {
-                tracing::error!(path = %self.path.display(), "PKCS#11 worker panicked");
+        drop(lock(&self.queue).tx.take());
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // A PinProvider or progress callback could hold the last clone and drop it on the
+        // worker itself: joining there would wait for ourselves.
+        if thread.thread().id() == std::thread::current().id() {
+            return;
+        }
+        // A worker stuck in the module would never end: wait for it a bounded time only.
+        match lock(&self.finished).recv_timeout(self.call_timeout) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "the PKCS#11 worker did not finish; leaving it behind"
+                );
+            }
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if thread.join().is_err() {
+                    tracing::error!(path = %self.path.display(), "PKCS#11 worker panicked");
+                }
             }
         }
+    }
+}
+
+/// A lock on state that stays consistent after a panic elsewhere (each update is one step).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How far the worker is: requests finished, and the last one a caller gave up waiting for.
+/// Shared by the module's handles and its worker.
+#[derive(Debug, Default)]
+pub(crate) struct Pace {
+    counts: Mutex<Counts>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Requests the worker finished (the n-th received is request n).
+    done: u64,
+    /// The last request a caller stopped waiting for.
+    given_up: u64,
+}
+
+impl Pace {
+    /// The worker finished one more request.
+    pub(crate) fn finished_one(&self) {
+        lock(&self.counts).done += 1;
+        self.changed.notify_all();
+    }
+
+    fn gave_up(&self, seq: u64) {
+        let mut c = lock(&self.counts);
+        c.given_up = c.given_up.max(seq);
+    }
+
+    fn is_behind(&self) -> bool {
+        let c = lock(&self.counts);
+        c.done < c.given_up
+    }
+
+    /// Waits until the worker got past every request given up on, or `deadline`; true when it did.
+    fn wait_caught_up(&self, deadline: Instant) -> bool {
+        let guard = lock(&self.counts);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (c, _) = self
+            .changed
+            .wait_timeout_while(guard, left, |c| c.done < c.given_up)
+            .unwrap_or_else(PoisonError::into_inner);
+        c.done >= c.given_up
     }
 }
 
@@ -157,12 +336,29 @@ pub(crate) enum Request {
     },
     Sign {
         job: SignJob,
+        /// Told when the worker takes the job up; a send that fails means the caller gave up
+        /// waiting, and the job is dropped unsigned.
+        started: mpsc::Sender<()>,
         reply: mpsc::Sender<Result<Vec<Vec<u8>>, SignFailure>>,
     },
     Logout {
         token: TokenId,
         reply: Reply<()>,
     },
+}
+
+impl Request {
+    /// The operation, for logs.
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Info(_) => "info",
+            Request::Tokens(_) => "tokens",
+            Request::Certificates { .. } => "certificates",
+            Request::LoginState { .. } => "login_state",
+            Request::Sign { .. } => "sign",
+            Request::Logout { .. } => "logout",
+        }
+    }
 }
 
 /// A signing request with its callbacks, as the worker receives it.

@@ -6,8 +6,9 @@ mod sign;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -18,18 +19,33 @@ use cryptoki::slot::Slot;
 
 use crate::certificate::{CertificateId, CertificateInfo, ParsedCertificate, PublicKeyMaterial};
 use crate::error::{from_cryptoki, Error};
-use crate::module::Request;
+use crate::module::{Pace, Request};
 use crate::token::{LoginState, ModuleInfo, PinStatus, TokenId, TokenInfo};
 
+/// A started worker: its request queue, its thread, and a channel that disconnects when the
+/// thread ends.
+pub(crate) struct Spawned {
+    pub(crate) tx: mpsc::Sender<Request>,
+    pub(crate) thread: JoinHandle<()>,
+    pub(crate) finished: mpsc::Receiver<()>,
+}
+
 /// Starts the worker for the module at `path`; returns once the module is loaded and
-/// initialised (or failed to).
-pub(crate) fn spawn(path: PathBuf) -> Result<(mpsc::Sender<Request>, JoinHandle<()>), Error> {
+/// initialised (or failed to), or [`Error::Busy`] when that takes longer than `load_timeout`.
+pub(crate) fn spawn(
+    path: PathBuf,
+    pace: Arc<Pace>,
+    load_timeout: Duration,
+) -> Result<Spawned, Error> {
     let (tx, rx) = mpsc::channel::<Request>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
+    let (finished_tx, finished) = mpsc::channel::<()>();
     let name = format!("pkcs11:{}", path.display());
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            // Dropped when this thread ends, however it ends.
+            let _finished = finished_tx;
             let ctx = match open(&path) {
                 Ok(ctx) => ctx,
                 Err(e) => {
@@ -43,16 +59,25 @@ pub(crate) fn spawn(path: PathBuf) -> Result<(mpsc::Sender<Request>, JoinHandle<
                 path,
                 tokens: HashMap::new(),
             };
-            worker.run(rx);
+            worker.run(rx, &pace);
         })
         .map_err(|_| Error::WorkerGone)?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok((tx, thread)),
+    match ready_rx.recv_timeout(load_timeout) {
+        Ok(Ok(())) => Ok(Spawned {
+            tx,
+            thread,
+            finished,
+        }),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
         }
-        Err(_) => Err(Error::WorkerGone),
+        // The thread is left to finish loading (it then finds no requests and finalises) or
+        // to hang alone.
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Busy {
+            waited: load_timeout,
+        }),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::WorkerGone),
     }
 }
 
@@ -96,9 +121,10 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self, rx: mpsc::Receiver<Request>) {
+    fn run(&mut self, rx: mpsc::Receiver<Request>, pace: &Pace) {
         while let Ok(req) = rx.recv() {
             self.handle(req);
+            pace.finished_one();
         }
         // All Module handles are gone: close sessions, then C_Finalize.
         self.tokens.clear();
@@ -123,7 +149,15 @@ impl Worker {
             Request::LoginState { token, reply } => {
                 let _ = reply.send(self.login_state(&token));
             }
-            Request::Sign { job, reply } => {
+            Request::Sign {
+                job,
+                started,
+                reply,
+            } => {
+                if started.send(()).is_err() {
+                    tracing::debug!("a signing request given up on before it started is dropped");
+                    return;
+                }
                 let _ = reply.send(self.sign(job));
             }
             Request::Logout { token, reply } => {

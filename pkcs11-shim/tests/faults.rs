@@ -6,12 +6,14 @@
 mod rig;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use pkcs11_shim::{
-    EcdsaEncoding, Error, HashAlg, LoginState, Module, SignAlgorithm, SignInput, SignRequest,
+    EcdsaEncoding, Error, HashAlg, LoadOptions, LoginState, Module, PinAnswer, PinRequest,
+    SecretPin, SignAlgorithm, SignInput, SignRequest,
 };
-use rig::{no_pin, openssl_verify, ScriptedPin, SOFTHSM, TOKEN_LABEL};
+use rig::{no_pin, openssl_verify, ScriptedPin, SOFTHSM, TOKEN_LABEL, USER_PIN};
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -40,6 +42,10 @@ fn fault_module() -> PathBuf {
 
 impl FaultRig {
     fn new() -> FaultRig {
+        FaultRig::with_options(LoadOptions::default())
+    }
+
+    fn with_options(options: LoadOptions) -> FaultRig {
         let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
         let dir = tempfile::Builder::new()
             .prefix("shim-fault-")
@@ -65,7 +71,7 @@ impl FaultRig {
         std::env::set_var("KEYPORT_FAULT_TARGET", &softhsm);
         std::env::set_var("KEYPORT_FAULT_CONTROL", &control);
         std::env::set_var("KEYPORT_FAULT_LOG", &log);
-        let module = Module::load(&fault).expect("load the fault module");
+        let module = Module::load_with(&fault, options).expect("load the fault module");
         FaultRig {
             dir,
             module,
@@ -198,4 +204,69 @@ fn final_try_flag_reaches_the_provider_after_a_wrong_pin() {
     let prev = asked[1].previous_error.expect("previous error");
     assert!(prev.final_try && prev.count_low);
     assert_eq!(rig.calls("C_Login"), 1);
+}
+
+#[test]
+fn a_hanging_module_answers_busy_within_the_call_timeout_and_recovers() {
+    let timeout = Duration::from_millis(500);
+    let rig = FaultRig::with_options(LoadOptions {
+        call_timeout: timeout,
+    });
+    let req = rig.p256(vec![SignInput::Data(b"hung".to_vec())]);
+    let token = req.certificate.token_id().clone();
+    FaultRig::set_control(&rig.control, "hang_sign=1\n");
+    // The worker asks for the PIN inside the signing request: from then on it is in that
+    // request, and its C_Sign hangs.
+    let (asked_tx, asked) = mpsc::channel();
+    let module = rig.module.clone();
+    let first = req.clone();
+    let signer = std::thread::spawn(move || {
+        let pin = move |_: &PinRequest<'_>| {
+            let _ = asked_tx.send(());
+            PinAnswer::Pin(SecretPin::from(USER_PIN.to_owned()))
+        };
+        module.sign(first, Box::new(pin), None, None)
+    });
+    asked
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the worker took the signature up");
+
+    // A second signature is queued behind the hung one: BUSY once it is not started in time.
+    let t = Instant::now();
+    let (second_pin, second_asked) = ScriptedPin::right();
+    let f = rig
+        .module
+        .sign(req, second_pin, None, None)
+        .expect_err("not started within the timeout");
+    let waited = t.elapsed();
+    assert!(matches!(f.error, Error::Busy { .. }), "{f:?}");
+    assert!(waited >= timeout && waited < timeout * 4, "{waited:?}");
+    assert!(rig.module.is_behind());
+    assert_eq!(
+        f.error.to_string(),
+        "the token's module did not answer within 0.5 s"
+    );
+
+    // Every other call waits its own deadline for the worker, then BUSY: nothing hangs.
+    let t = Instant::now();
+    let e = rig.module.tokens().expect_err("the worker is still hung");
+    assert!(matches!(e, Error::Busy { .. }), "{e:?}");
+    let e = rig.module.login_state(&token).expect_err("still hung");
+    assert!(matches!(e, Error::Busy { .. }), "{e:?}");
+    let waited = t.elapsed();
+    assert!(waited >= timeout * 2 && waited < timeout * 6, "{waited:?}");
+
+    // Released: the hung signature completes, the one given up on is dropped unsigned, and
+    // the module answers again.
+    FaultRig::set_control(&rig.control, "");
+    let sigs = signer
+        .join()
+        .expect("signer thread")
+        .expect("the hung signature completes once released");
+    assert_eq!(sigs.len(), 1);
+    let tokens = rig.module.tokens().expect("the module answers again");
+    assert!(tokens.iter().any(|t| t.id == token));
+    assert!(!rig.module.is_behind());
+    assert!(second_asked.lock().expect("log").is_empty());
+    assert_eq!(rig.calls("C_SignInit"), 1, "the second signature never ran");
 }
