@@ -157,6 +157,9 @@ pub struct Config {
     pub pin_cache_seconds: u64,
     /// How long a dialog may stay open.
     pub dialog_timeout_seconds: u64,
+    /// The longest wait for a token's module to answer (a listing, a login check, the start of
+    /// a signature); past it the request is BUSY and a listing goes on without that module.
+    pub token_wait_seconds: u64,
     pub allowed_origins: Vec<String>,
     pub denied_origins: Vec<String>,
     pub unknown_origins: UnknownOrigins,
@@ -183,6 +186,7 @@ impl Default for Config {
             language: None,
             pin_cache_seconds: 0,
             dialog_timeout_seconds: 120,
+            token_wait_seconds: 30,
             allowed_origins: Vec::new(),
             denied_origins: Vec::new(),
             unknown_origins: UnknownOrigins::Prompt,
@@ -272,11 +276,21 @@ impl Config {
                 "dialog_timeout_seconds must be at least 1".into(),
             ));
         }
+        if self.token_wait_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "token_wait_seconds must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
     pub fn dialog_timeout(&self) -> Duration {
         Duration::from_secs(self.dialog_timeout_seconds)
+    }
+
+    /// How long a call waits for a token's module (`token_wait_seconds`).
+    pub fn token_wait(&self) -> Duration {
+        Duration::from_secs(self.token_wait_seconds)
     }
 
     pub fn consent_mode(&self, origin: &str) -> ConsentMode {
@@ -452,6 +466,15 @@ mod tests {
             .to_string();
         assert!(!err.contains("PIN"), "{err}");
         assert!(err.contains("mapping"), "{err}");
+    }
+
+    #[test]
+    fn token_wait_is_read_and_must_be_positive() {
+        let config = Config::parse("token_wait_seconds = 2").expect("parses");
+        assert_eq!(config.token_wait(), Duration::from_secs(2));
+        assert_eq!(Config::default().token_wait(), Duration::from_secs(30));
+        let err = Config::parse("token_wait_seconds = 0").expect_err("refused");
+        assert!(err.to_string().contains("token_wait_seconds"), "{err}");
     }
 
     #[test]
