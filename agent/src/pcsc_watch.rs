@@ -3,6 +3,9 @@
 //! the token list (loading the module the ATR table names for a new card) and reports the new
 //! list when it differs from the last one reported.
 //!
+//! A module that does not answer in time is left out of a round (its last known tokens stand)
+//! and asked again at the next wait slice, so one hung module never stops the others' events.
+//!
 //! pcscd may be absent, killed or restarted: the watcher then retries with exponential backoff
 //! (100 ms doubling to 5 s) and recovers by itself; PKCS#11 tokens are served all the while.
 
@@ -18,7 +21,7 @@ use browser_bridge::protocol::TokenEntry;
 use pcsc::{Context, ReaderState, Scope, State};
 
 use crate::discovery::{AtrTable, Candidate, Source};
-use crate::tokens::{TokenSet, TokenView};
+use crate::tokens::{TokenSet, TokenView, WhenBehind};
 
 /// First wait after pcscd failed; doubled after each failure up to [`BACKOFF_MAX`].
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -70,6 +73,7 @@ impl Watcher {
         let state = Loop {
             ready: Some(ready_tx),
             last: Vec::new(),
+            retry: false,
             tokens,
             atr,
             on_change,
@@ -127,6 +131,8 @@ struct Loop {
     atr: AtrTable,
     on_change: OnChange,
     last: Vec<TokenEntry>,
+    /// A module did not answer in the last round: list again at the next wait slice.
+    retry: bool,
     stop_flag: Arc<AtomicBool>,
     context: Arc<Mutex<Option<Context>>>,
     wake: mpsc::Receiver<()>,
@@ -143,7 +149,9 @@ enum End {
 impl Loop {
     fn run(mut self) {
         // The list as it is now: only a difference from it is reported.
-        self.last = token_entries(&self.tokens.tokens());
+        let listing = self.tokens.listing(WhenBehind::Skip);
+        self.retry = listing.unanswered > 0;
+        self.last = token_entries(&listing.tokens);
         let mut backoff = BACKOFF_START;
         loop {
             if self.stopped() {
@@ -242,6 +250,8 @@ impl Loop {
                 tracing::debug!(readers = ?now.iter().map(|r| (&r.name, r.atr.is_some())).collect::<Vec<_>>(), "PC/SC change");
                 self.refresh(&now);
                 seen = Some(now);
+            } else if self.retry {
+                self.refresh(&now);
             }
             self.first_look_done();
         }
@@ -262,7 +272,9 @@ impl Loop {
                 .map(|r| r.name.clone())
                 .collect(),
         );
-        let entries = token_entries(&self.tokens.tokens());
+        let listing = self.tokens.listing(WhenBehind::Skip);
+        self.retry = listing.unanswered > 0;
+        let entries = token_entries(&listing.tokens);
         if entries != self.last {
             tracing::debug!(tokens = entries.len(), "tokens changed");
             (self.on_change)(entries.clone());

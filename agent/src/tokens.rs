@@ -5,10 +5,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use pkcs11_shim::{CertificateId, CertificateInfo, Module, TokenId, TokenInfo};
+use pkcs11_shim::{CertificateId, CertificateInfo, LoadOptions, Module, TokenId, TokenInfo};
 
 use crate::config::Config;
 use crate::discovery::{self, Candidate, Discovery, Source};
@@ -51,6 +51,8 @@ pub struct TokenSet {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// How modules are loaded: the call deadline (`token_wait_seconds`).
+    options: LoadOptions,
     modules: RwLock<Vec<LoadedModule>>,
     failures: RwLock<Vec<LoadFailure>>,
     discovery: RwLock<Discovery>,
@@ -59,6 +61,28 @@ struct Inner {
     /// The readers holding a card, as the PC/SC watcher last saw them, and its wake-up.
     cards: Mutex<Cards>,
     cards_changed: Condvar,
+    /// Each module's last answer to a token listing, shown while it does not answer.
+    last_tokens: Mutex<HashMap<PathBuf, Vec<TokenInfo>>>,
+    /// Modules that did not answer their last call in time (each is logged once).
+    unanswered: Mutex<HashSet<PathBuf>>,
+}
+
+/// What a listing does with a module whose worker is still behind a call given up on (see
+/// [`Module::is_behind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenBehind {
+    /// Wait for it, at most the call deadline (a request from a page).
+    Wait,
+    /// Skip it at once (the PC/SC watcher, which serves every module's events).
+    Skip,
+}
+
+/// Every present token, and how many modules did not answer in time.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// A module that did not answer is represented by the tokens of its last answer.
+    pub tokens: Vec<TokenView>,
+    pub unanswered: usize,
 }
 
 /// How long [`TokenSet::card_was_pulled`] waits for PC/SC to report a removal (pcscd polls
@@ -83,7 +107,9 @@ impl TokenSet {
     /// Discovers and loads modules; one that fails is recorded and the others still load.
     pub fn load(config: &Config) -> TokenSet {
         let found = discovery::discover(config);
-        let set = TokenSet::default();
+        let set = TokenSet::with_options(LoadOptions {
+            call_timeout: config.token_wait(),
+        });
         for candidate in &found.candidates {
             set.add(candidate.clone());
         }
@@ -91,6 +117,16 @@ impl TokenSet {
             *d = found;
         }
         set
+    }
+
+    /// An empty set whose modules will be loaded with `options`.
+    pub fn with_options(options: LoadOptions) -> TokenSet {
+        TokenSet {
+            inner: Arc::new(Inner {
+                options,
+                ..Inner::default()
+            }),
+        }
     }
 
     /// Loads one more module (an ATR match, say) unless it is loaded already. Returns whether it
@@ -103,7 +139,7 @@ impl TokenSet {
         {
             return true;
         }
-        match Module::load(&candidate.path) {
+        match Module::load_with(&candidate.path, self.inner.options) {
             Ok(module) => {
                 tracing::info!(path = %candidate.path.display(), source = %candidate.source, "module loaded");
                 if let Ok(mut m) = self.inner.modules.write() {
@@ -234,42 +270,76 @@ impl TokenSet {
     }
 
     /// Every present token of every module. A module that fails to answer is skipped (and
-    /// logged): one broken module must not hide the others.
+    /// logged): one broken module must not hide the others. One that does not answer in time
+    /// shows its last known tokens. Waits for a module that is behind (see [`Self::listing`]).
     pub fn tokens(&self) -> Vec<TokenView> {
+        self.listing(WhenBehind::Wait).tokens
+    }
+
+    /// Every present token of every module, and how many modules did not answer in time (a
+    /// listing then worth repeating). A module that does not answer within its deadline is
+    /// represented by its last answer, and logged once until it answers again.
+    pub fn listing(&self, when_behind: WhenBehind) -> Listing {
         let readers = self
             .inner
             .readers
             .read()
             .map(|r| r.clone())
             .unwrap_or_default();
-        let mut out = Vec::new();
+        let mut listing = Listing::default();
         for m in self.modules() {
-            match m.module.tokens() {
-                Ok(tokens) => out.extend(tokens.into_iter().map(|info| {
-                    let reader = reader_for(&readers, &info);
-                    TokenView {
-                        info,
-                        module: m.module.clone(),
-                        reader,
-                    }
-                })),
-                Err(e) => {
-                    tracing::warn!(path = %m.module.path().display(), error = %e, "listing tokens failed")
+            let module = &m.module;
+            let answer = if when_behind == WhenBehind::Skip && module.is_behind() {
+                Err(pkcs11_shim::Error::Busy {
+                    waited: module.call_timeout(),
+                })
+            } else {
+                module.tokens()
+            };
+            let tokens = match answer {
+                Ok(tokens) => {
+                    self.answered(module);
+                    lock(&self.inner.last_tokens).insert(module.path().to_owned(), tokens.clone());
+                    tokens
                 }
-            }
+                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                    self.not_answered(module, &e);
+                    listing.unanswered += 1;
+                    lock(&self.inner.last_tokens)
+                        .get(module.path())
+                        .cloned()
+                        .unwrap_or_default()
+                }
+                Err(e) => {
+                    tracing::warn!(path = %module.path().display(), error = %e, "listing tokens failed");
+                    continue;
+                }
+            };
+            listing
+                .tokens
+                .extend(tokens.into_iter().map(|info| TokenView {
+                    reader: reader_for(&readers, &info),
+                    info,
+                    module: module.clone(),
+                }));
         }
-        out
+        listing
     }
 
-    /// Every certificate with its key on a present token.
+    /// Every certificate with its key on a present token. A module that does not answer in
+    /// time is left out.
     pub fn certificates(&self) -> Vec<CertificateView> {
         let mut out = Vec::new();
         for m in self.modules() {
             match m.module.certificates(None) {
-                Ok(certs) => out.extend(certs.into_iter().map(|info| CertificateView {
-                    info,
-                    module: m.module.clone(),
-                })),
+                Ok(certs) => {
+                    self.answered(&m.module);
+                    out.extend(certs.into_iter().map(|info| CertificateView {
+                        info,
+                        module: m.module.clone(),
+                    }));
+                }
+                Err(e @ pkcs11_shim::Error::Busy { .. }) => self.not_answered(&m.module, &e),
                 Err(e) => {
                     tracing::warn!(path = %m.module.path().display(), error = %e, "listing certificates failed")
                 }
@@ -278,13 +348,16 @@ impl TokenSet {
         out
     }
 
-    /// The certificate with this id, looked up on its own token only.
+    /// The certificate with this id, looked up on its own token only. [`pkcs11_shim::Error::Busy`]
+    /// when it was not found and a module did not answer in time.
     pub fn certificate(&self, id: &CertificateId) -> Result<CertificateView, pkcs11_shim::Error> {
         let token = id.token_id().clone();
         let mut last_err = None;
+        let mut busy = None;
         for m in self.modules() {
             match m.module.certificates(Some(&token)) {
                 Ok(certs) => {
+                    self.answered(&m.module);
                     if let Some(info) = certs.into_iter().find(|c| &c.id == id) {
                         return Ok(CertificateView {
                             info,
@@ -293,12 +366,35 @@ impl TokenSet {
                     }
                 }
                 Err(pkcs11_shim::Error::TokenNotFound(_)) => {}
+                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                    self.not_answered(&m.module, &e);
+                    busy = Some(e);
+                }
                 Err(e) => last_err = Some(e),
             }
         }
-        match last_err {
-            Some(e) if e.is_removal() => Err(e),
+        match (busy, last_err) {
+            (Some(e), _) => Err(e),
+            (None, Some(e)) if e.is_removal() => Err(e),
             _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
+        }
+    }
+
+    /// A module answered: if it had not before, say so once.
+    fn answered(&self, module: &Module) {
+        if lock(&self.inner.unanswered).remove(module.path()) {
+            tracing::info!(path = %module.path().display(), "the PKCS#11 module answers again");
+        }
+    }
+
+    /// A module did not answer in time: say so once, until it answers again.
+    fn not_answered(&self, module: &Module, e: &pkcs11_shim::Error) {
+        if lock(&self.inner.unanswered).insert(module.path().to_owned()) {
+            tracing::warn!(
+                path = %module.path().display(),
+                error = %e,
+                "the PKCS#11 module does not answer; going on without it until it does"
+            );
         }
     }
 
@@ -306,6 +402,11 @@ impl TokenSet {
     pub fn token(&self, id: &TokenId) -> Option<TokenView> {
         self.tokens().into_iter().find(|t| &t.info.id == id)
     }
+}
+
+/// A lock on state that stays consistent after a panic elsewhere (each update is one step).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn reader_for(readers: &HashMap<String, String>, info: &TokenInfo) -> Option<String> {
