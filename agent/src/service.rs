@@ -48,6 +48,10 @@ const CAPABILITIES: &[&str] = &[
 /// At most this many `sign.progress` events a second.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
+/// After a `cancel` (or the connection's end) during a signature, how long the token gets to
+/// stop before the page is told USER_CANCELLED anyway (a module may hang in C_Sign).
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
 /// Everything that can end a request, mapped to the wire in one place: [`Failure::to_rpc`].
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
@@ -113,6 +117,10 @@ impl Failure {
                     E::Pkcs11 { function, rv, .. } => {
                         RpcError::token_error(function, format!("{function} failed: {rv}"))
                     }
+                    E::Busy { .. } => RpcError::new(
+                        Reason::Busy,
+                        "the token is busy: its module did not answer in time",
+                    ),
                     E::ModuleLoad { .. } | E::WorkerGone => {
                         RpcError::new(Reason::TokenError, "the token's module is not working")
                     }
@@ -777,20 +785,42 @@ impl Service {
         let token_id = req.certificate.token_id().clone();
         let card_mark = self.tokens.card_mark();
         let f2 = Arc::clone(&flag);
-        let m2 = module.clone();
+        let (m2, t2) = (module.clone(), token_id.clone());
         let logout_after = req.logout_after;
-        let mut task =
-            tokio::task::spawn_blocking(move || m2.sign(req, provider, progress, Some(f2)));
+        // A thread of its own rather than a blocking task: a module that hangs in C_Sign must
+        // hold up neither this answer (see the cancel below) nor the runtime's shutdown.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("keyport-sign".into())
+            .spawn(move || {
+                let result = m2.sign(req, provider, progress, Some(f2));
+                if tx.send(result).is_err() && !logout_after {
+                    // Given up on after a cancel; a login it made is not left cached.
+                    let _ = m2.logout(&t2);
+                }
+            })
+            .map_err(|e| Failure::Internal(format!("cannot start a signing thread: {e}")))?;
         let joined = tokio::select! {
-            r = &mut task => r,
+            r = &mut rx => r,
             () = ctx.cancel.cancelled() => {
                 flag.store(true, Ordering::SeqCst);
                 dialog_cancel.cancel();
-                task.await
+                match tokio::time::timeout(CANCEL_GRACE, &mut rx).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(
+                            path = %module.path().display(),
+                            token = %token_id,
+                            "the token did not stop within {} s of the cancel; the signature is left to end in the background",
+                            CANCEL_GRACE.as_secs()
+                        );
+                        return Err(Failure::Token(pkcs11_shim::Error::Cancelled));
+                    }
+                }
             }
         };
-        let mut result =
-            joined.map_err(|e| Failure::Internal(format!("signing task failed: {e}")))?;
+        let mut result = joined
+            .map_err(|_| Failure::Internal("the signing thread ended without an answer".into()))?;
         if let Err(failure) = &mut result {
             // A device error may be a card pulled in the middle of a command.
             if matches!(failure.error, pkcs11_shim::Error::Pkcs11 { .. }) {
