@@ -165,6 +165,8 @@ pub struct AgentOptions {
     pub demo: bool,
     /// Run the agent under `prlimit --nofile=N:N`: at most N open file descriptors.
     pub max_open_files: Option<u32>,
+    /// `token_wait_seconds` when set (else the agent's default).
+    pub token_wait_seconds: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -183,6 +185,7 @@ impl Default for AgentOptions {
             steps: Vec::new(),
             demo: false,
             max_open_files: None,
+            token_wait_seconds: None,
         }
     }
 }
@@ -227,6 +230,7 @@ impl AgentOptions {
              pin_cache_seconds = {cache}\n\
              dialog_timeout_seconds = {timeout}\n\
              signing_key_usage = {usage}\n\
+             {token_wait}\
              [[modules]]\n\
              path = {module}\n",
             pinentry = toml_path(&crate::pinentry::program()),
@@ -240,6 +244,10 @@ impl AgentOptions {
             timeout = self.dialog_timeout_seconds,
             usage = toml_str(&self.signing_key_usage),
             module = toml_path(&module),
+            token_wait = self
+                .token_wait_seconds
+                .map(|s| format!("token_wait_seconds = {s}\n"))
+                .unwrap_or_default(),
         );
         for origin in &self.session_consent_origins {
             text.push_str(&format!(
