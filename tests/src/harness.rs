@@ -167,6 +167,8 @@ pub struct AgentOptions {
     pub max_open_files: Option<u32>,
     /// `token_wait_seconds` when set (else the agent's default).
     pub token_wait_seconds: Option<u64>,
+    /// Keep the audit key in the OS keyring under this service name instead of a key file.
+    pub os_keyring: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -186,6 +188,7 @@ impl Default for AgentOptions {
             demo: false,
             max_open_files: None,
             token_wait_seconds: None,
+            os_keyring: None,
         }
     }
 }
@@ -221,7 +224,7 @@ impl AgentOptions {
              discover_modules = false\n\
              language = \"en\"\n\
              pinentry = {pinentry}\n\
-             audit_key_file = {key}\n\
+             {key_source}\
              audit_log = {log}\n\
              allowed_origins = {allowed}\n\
              denied_origins = {denied}\n\
@@ -234,7 +237,10 @@ impl AgentOptions {
              [[modules]]\n\
              path = {module}\n",
             pinentry = toml_path(&crate::pinentry::program()),
-            key = toml_path(&dir.join("audit.key")),
+            key_source = match &self.os_keyring {
+                Some(service) => format!("keyring_service = {}\n", toml_str(service)),
+                None => format!("audit_key_file = {}\n", toml_path(&dir.join("audit.key"))),
+            },
             log = toml_path(&dir.join("audit.log")),
             allowed = list(&self.allowed_origins),
             denied = list(&self.denied_origins),
