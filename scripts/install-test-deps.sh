@@ -7,7 +7,7 @@ apt-get install -y -q --no-install-recommends \
   softhsm2 opensc opensc-pkcs11 openssl p11-kit \
   pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd iproute2 util-linux procps \
   dbus gnome-keyring libsecret-tools \
-  pinentry-tty tmux \
+  pinentry-tty tmux systemd \
   chromium fonts-dejavu-core ca-certificates pkg-config python3-cryptography
 # The virtual PIV card (tests/vcard) and the certificate tooling (softhsm-config) run on python3.
 python3 -m pip install --quiet --disable-pip-version-check jcecard==0.1.0 cryptography
