@@ -111,21 +111,22 @@ impl Dialog {
 /// The user's answer to the origin approval dialog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OriginDecision {
-    /// "Allow always" — the OK button: remember the origin.
+    /// "Allow always" — the third (NOTOK) button: remember the origin.
     AllowAlways,
-    /// "Allow once" — the third (NOTOK) button: allow for this connection only.
+    /// "Allow once" — the OK button, the one Enter presses: this connection only. The default
+    /// grants the least; remembering an origin takes a deliberate choice.
     AllowOnce,
     /// "Deny" — the Cancel button, or closing the dialog.
     Deny,
 }
 
 impl OriginDecision {
-    /// Maps the answer of [`Texts::origin_approval`]: OK → always, NOTOK → once, cancel →
+    /// Maps the answer of [`Texts::origin_approval`]: OK → once, NOTOK → always, cancel →
     /// deny. A timeout or a broken pinentry stays an error: it is not the user's "no".
     pub fn from_answer(answer: Result<Choice, DialogError>) -> Result<Self, DialogError> {
         match answer {
-            Ok(Choice::Ok) => Ok(Self::AllowAlways),
-            Ok(Choice::NotOk) => Ok(Self::AllowOnce),
+            Ok(Choice::Ok) => Ok(Self::AllowOnce),
+            Ok(Choice::NotOk) => Ok(Self::AllowAlways),
             Err(DialogError::Cancelled) => Ok(Self::Deny),
             Err(other) => Err(other),
         }
@@ -201,8 +202,8 @@ impl Texts {
         self.language == Language::ZhCn
     }
 
-    /// "Allow https://portal.example to use your certificates?" with the buttons Allow always
-    /// (OK), Allow once (NOTOK) and Deny (Cancel); read the answer with
+    /// "Allow https://portal.example to use your certificates?" with the buttons Allow once
+    /// (OK, the default), Allow always (NOTOK) and Deny (Cancel); read the answer with
     /// [`OriginDecision::from_answer`].
     pub fn origin_approval(&self, origin: &str) -> ConfirmDialog {
         if self.zh() {
@@ -213,9 +214,9 @@ impl Texts {
                      该网站将能查看您的证书并请求签名。每次签名前仍会征求您的同意。"
                 ),
                 error: None,
-                ok: "始终允许".into(),
+                ok: "仅允许这一次".into(),
                 cancel: "拒绝".into(),
-                not_ok: Some("仅允许这一次".into()),
+                not_ok: Some("始终允许".into()),
             }
         } else {
             ConfirmDialog {
@@ -226,9 +227,9 @@ impl Texts {
                      You will still be asked before each signature."
                 ),
                 error: None,
-                ok: "Allow always".into(),
+                ok: "Allow once".into(),
                 cancel: "Deny".into(),
-                not_ok: Some("Allow once".into()),
+                not_ok: Some("Allow always".into()),
             }
         }
     }
@@ -817,15 +818,15 @@ mod tests {
             .starts_with("Allow https://portal.example to use your certificates?"));
         assert_eq!(
             (en.ok.as_str(), en.not_ok.as_deref(), en.cancel.as_str()),
-            ("Allow always", Some("Allow once"), "Deny")
+            ("Allow once", Some("Allow always"), "Deny")
         );
         assert_eq!(
             OriginDecision::from_answer(Ok(Choice::Ok)).unwrap(),
-            OriginDecision::AllowAlways
+            OriginDecision::AllowOnce
         );
         assert_eq!(
             OriginDecision::from_answer(Ok(Choice::NotOk)).unwrap(),
-            OriginDecision::AllowOnce
+            OriginDecision::AllowAlways
         );
         assert_eq!(
             OriginDecision::from_answer(Err(DialogError::Cancelled)).unwrap(),

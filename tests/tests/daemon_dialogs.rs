@@ -401,9 +401,10 @@ async fn allow_always_persists_and_shows_in_origins_list() {
     let newcomer = "https://newcomer.example";
     let agent = Agent::start(&tk, AgentOptions::default()).unwrap();
     let mut client = agent.connect(newcomer).await.unwrap();
+    // "Allow always" is the third button: remembering takes a deliberate choice.
     agent
         .script()
-        .push_all(&[Step::confirm(Button::Ok).expect(Command::Confirm)])
+        .push_all(&[Step::confirm(Button::Notok).expect(Command::Confirm)])
         .unwrap();
     let access = client
         .call_ok("origin.requestAccess", json!({}))
@@ -441,10 +442,10 @@ async fn allow_once_lasts_for_the_connection_only() {
     let newcomer = "https://once.example";
     let agent = Agent::start(&tk, AgentOptions::default()).unwrap();
     let mut client = agent.connect(newcomer).await.unwrap();
-    // A method that needs approval asks for it first.
+    // A method that needs approval asks for it first; OK (Enter) allows this connection only.
     agent
         .script()
-        .push(&Step::confirm(Button::Notok).expect(Command::Confirm))
+        .push(&Step::confirm(Button::Ok).expect(Command::Confirm))
         .unwrap();
     client.call_ok("tokens.list", json!({})).await.unwrap();
     let hello = client.call_ok("hello", json!({})).await.unwrap();

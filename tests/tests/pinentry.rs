@@ -359,8 +359,8 @@ mod dialogs {
         assert_eq!(
             decisions,
             [
-                OriginDecision::AllowAlways,
                 OriginDecision::AllowOnce,
+                OriginDecision::AllowAlways,
                 OriginDecision::Deny
             ]
         );
@@ -371,7 +371,7 @@ mod dialogs {
                 "Allow https://portal.example to use your certificates?"
             ))
         );
-        assert_eq!(shown.not_ok.as_deref(), Some("Allow once"));
+        assert_eq!(shown.not_ok.as_deref(), Some("Allow always"));
     }
 
     #[test]
