@@ -107,11 +107,31 @@ struct TokenState {
     single_part_only: Vec<MechanismType>,
 }
 
+impl TokenState {
+    fn new(slot: Slot) -> Self {
+        TokenState {
+            slot,
+            session: None,
+            mechanisms: None,
+            entries: None,
+            single_part_only: Vec::new(),
+        }
+    }
+}
+
 /// One certificate with what was found of its key.
 #[derive(Clone, Debug)]
 struct Entry {
     info: CertificateInfo,
     private_key: Option<ObjectHandle>,
+}
+
+/// A token as this request's health probe found it: the slot it is in now and what one
+/// C_GetTokenInfo said. Taken once per request and reused within it; taken again after
+/// anything that may change it (a PIN dialog, a C_Login that failed).
+pub(super) struct Found {
+    pub(super) slot: Slot,
+    pub(super) info: cryptoki::slot::TokenInfo,
 }
 
 pub(crate) struct Worker {
@@ -181,17 +201,17 @@ impl Worker {
         let slots = self.ctx.get_slots_with_token().map_err(from_cryptoki)?;
         let mut out = Vec::with_capacity(slots.len());
         for slot in slots {
-            // A blank token (SoftHSM always offers one in a free slot) holds nothing to use.
-            match self.ctx.get_token_info(slot) {
-                Ok(t) if !t.token_initialized() => continue,
-                _ => {}
-            }
-            match self.describe(slot) {
-                Ok(info) => out.push(info),
+            let info = match self.ctx.get_token_info(slot).map_err(from_cryptoki) {
+                Ok(info) => info,
                 // A token pulled between C_GetSlotList and C_GetTokenInfo is simply not listed.
                 Err(Error::TokenNotPresent) => continue,
                 Err(e) => return Err(e),
+            };
+            // A blank token (SoftHSM always offers one in a free slot) holds nothing to use.
+            if !info.token_initialized() {
+                continue;
             }
+            out.push(self.describe_found(&Found { slot, info }));
         }
         Ok(out)
     }
@@ -218,8 +238,8 @@ impl Worker {
     }
 
     fn login_state(&mut self, id: &TokenId) -> Result<LoginState, Error> {
-        let slot = self.slot(id)?;
-        let info = self.describe(slot)?;
+        let found = self.find(id)?;
+        let info = self.describe_found(&found);
         Ok(if info.logged_in {
             LoginState::LoggedIn
         } else if info.pin.locked {
@@ -266,50 +286,41 @@ impl Worker {
         TokenId::derive(&self.path, t.serial_number(), t.label(), t.model())
     }
 
-    /// The slot holding the token now. Doubles as the health probe before each operation:
-    /// a cached slot is re-checked with C_GetTokenInfo, and on a mismatch all slots are
-    /// scanned again (slot numbers change on reinsertion).
-    fn slot(&mut self, id: &TokenId) -> Result<Slot, Error> {
+    /// Where the token is now, with its C_GetTokenInfo: the health probe, made once per
+    /// request (see [`Found`]). A cached slot is re-checked with C_GetTokenInfo, and on a
+    /// mismatch all slots are scanned again (slot numbers change on reinsertion).
+    pub(super) fn find(&mut self, id: &TokenId) -> Result<Found, Error> {
         if let Some(state) = self.tokens.get(id) {
             let slot = state.slot;
             match self.ctx.get_token_info(slot) {
-                Ok(t) if &self.token_id_of(&t) == id => return Ok(slot),
+                Ok(info) if &self.token_id_of(&info) == id => return Ok(Found { slot, info }),
                 _ => self.forget(id),
             }
         }
         let slots = self.ctx.get_slots_with_token().map_err(from_cryptoki)?;
         for slot in slots {
-            let Ok(t) = self.ctx.get_token_info(slot) else {
+            let Ok(info) = self.ctx.get_token_info(slot) else {
                 continue;
             };
-            if &self.token_id_of(&t) == id {
-                self.tokens.insert(
-                    id.clone(),
-                    TokenState {
-                        slot,
-                        session: None,
-                        mechanisms: None,
-                        entries: None,
-                        single_part_only: Vec::new(),
-                    },
-                );
-                return Ok(slot);
+            if &self.token_id_of(&info) == id {
+                self.tokens.insert(id.clone(), TokenState::new(slot));
+                return Ok(Found { slot, info });
             }
         }
         Err(Error::TokenNotFound(id.clone()))
     }
 
-    /// The token in `slot` as the public API describes it.
-    fn describe(&mut self, slot: Slot) -> Result<TokenInfo, Error> {
-        let t = self.ctx.get_token_info(slot).map_err(from_cryptoki)?;
+    /// The token as the public API describes it, from its probe's C_GetTokenInfo.
+    pub(super) fn describe_found(&mut self, found: &Found) -> TokenInfo {
+        let t = &found.info;
         let slot_description = self
             .ctx
-            .get_slot_info(slot)
+            .get_slot_info(found.slot)
             .map(|s| s.slot_description().trim().to_owned())
             .unwrap_or_default();
-        let id = self.token_id_of(&t);
+        let id = self.token_id_of(t);
         let logged_in = self.logged_in(&id);
-        Ok(TokenInfo {
+        TokenInfo {
             id,
             slot_description,
             label: t.label().trim().to_owned(),
@@ -317,14 +328,9 @@ impl Worker {
             model: t.model().trim().to_owned(),
             serial: t.serial_number().trim().to_owned(),
             pin_pad: t.protected_authentication_path(),
-            pin: PinStatus {
-                initialized: t.user_pin_initialized(),
-                count_low: t.user_pin_count_low(),
-                final_try: t.user_pin_final_try(),
-                locked: t.user_pin_locked(),
-            },
+            pin: pin_status(t),
             logged_in,
-        })
+        }
     }
 
     /// Is this process logged in to the token? Only a cached session can carry a login.
@@ -345,14 +351,15 @@ impl Worker {
         }
     }
 
-    /// The token's cached session, opened on first use.
-    fn session(&mut self, id: &TokenId) -> Result<&Session, Error> {
-        let slot = self.slot(id)?;
+    /// The token's cached session, opened on first use in `slot` (the request's probe; no
+    /// probe of its own). A token whose state was dropped since the probe (its session
+    /// died) starts over in that slot.
+    pub(super) fn session_at(&mut self, id: &TokenId, slot: Slot) -> Result<&Session, Error> {
         let ctx = self.ctx.clone();
         let state = self
             .tokens
-            .get_mut(id)
-            .ok_or_else(|| Error::TokenNotFound(id.clone()))?;
+            .entry(id.clone())
+            .or_insert_with(|| TokenState::new(slot));
         if state.session.is_none() {
             let session = ctx.open_ro_session(slot).map_err(from_cryptoki)?;
             tracing::debug!(token = %id, "session opened");
@@ -379,9 +386,9 @@ impl Worker {
         }
     }
 
-    /// The mechanisms the token offers (cached; empty if the module will not say).
-    fn mechanisms(&mut self, id: &TokenId) -> Result<Vec<MechanismType>, Error> {
-        let slot = self.slot(id)?;
+    /// The mechanisms the token in `slot` (the request's probe) offers (cached; empty if the
+    /// module will not say).
+    fn mechanisms_at(&mut self, id: &TokenId, slot: Slot) -> Result<Vec<MechanismType>, Error> {
         if let Some(m) = self.tokens.get(id).and_then(|s| s.mechanisms.clone()) {
             return Ok(m);
         }
@@ -405,19 +412,18 @@ impl Worker {
     /// The certificates on the token with their keys (cached until login/logout/error).
     fn entries(&mut self, id: &TokenId) -> Result<Vec<Entry>, Error> {
         // Probe first: a cached scan of a token that is gone must not be served.
-        self.slot(id)?;
+        let found = self.find(id)?;
+        self.entries_at(id, &found)
+    }
+
+    /// [`Worker::entries`] for a token this request has probed already.
+    fn entries_at(&mut self, id: &TokenId, found: &Found) -> Result<Vec<Entry>, Error> {
         if let Some(e) = self.tokens.get(id).and_then(|s| s.entries.clone()) {
             return Ok(e);
         }
         let logged_in = self.logged_in(id);
-        let login_required = {
-            let slot = self.slot(id)?;
-            self.ctx
-                .get_token_info(slot)
-                .map(|t| t.login_required())
-                .unwrap_or(true)
-        };
-        let session = self.session(id)?;
+        let login_required = found.info.login_required();
+        let session = self.session_at(id, found.slot)?;
         let entries = scan(session, id, !logged_in && login_required)?;
         if let Some(state) = self.tokens.get_mut(id) {
             state.entries = Some(entries.clone());
@@ -425,12 +431,22 @@ impl Worker {
         Ok(entries)
     }
 
-    /// The entry for one certificate id.
-    fn entry(&mut self, cert: &CertificateId) -> Result<Entry, Error> {
-        self.entries(cert.token_id())?
+    /// The entry for one certificate id, on a token this request has probed already.
+    fn entry_at(&mut self, cert: &CertificateId, found: &Found) -> Result<Entry, Error> {
+        self.entries_at(cert.token_id(), found)?
             .into_iter()
             .find(|e| &e.info.id == cert)
             .ok_or_else(|| Error::CertificateNotFound(cert.clone()))
+    }
+}
+
+/// The user PIN's flags in a C_GetTokenInfo answer.
+fn pin_status(t: &cryptoki::slot::TokenInfo) -> PinStatus {
+    PinStatus {
+        initialized: t.user_pin_initialized(),
+        count_low: t.user_pin_count_low(),
+        final_try: t.user_pin_final_try(),
+        locked: t.user_pin_locked(),
     }
 }
 

@@ -5,7 +5,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
-use super::Worker;
+use super::{Found, Worker};
 use crate::certificate::CertificateInfo;
 use crate::error::{from_cryptoki, Error};
 use crate::pin::{LoginKind, PinAnswer, PinProvider, PinRequest};
@@ -13,45 +13,49 @@ use crate::token::TokenId;
 
 impl Worker {
     /// Makes sure this process is logged in as the user. No provider call when the login is
-    /// cached; no C_Login at all when the PIN is locked.
+    /// cached; no C_Login at all when the PIN is locked. `found` is the request's probe;
+    /// returned is the latest one (a PIN dialog is followed by a new probe).
     pub(super) fn ensure_user_login(
         &mut self,
         id: &TokenId,
+        found: Found,
         certificate: &CertificateInfo,
         provider: &mut dyn PinProvider,
-    ) -> Result<(), Error> {
+    ) -> Result<Found, Error> {
         // Open the session first: a login only lasts while a session is open.
-        self.session(id)?;
+        self.session_at(id, found.slot)?;
         if self.logged_in(id) {
             tracing::debug!(token = %id, "already logged in");
-            return Ok(());
+            return Ok(found);
         }
-        let slot = self.slot(id)?;
-        let needs_login = self
-            .ctx
-            .get_token_info(slot)
-            .map_err(from_cryptoki)?
-            .login_required();
-        if !needs_login {
-            return Ok(());
+        // A session that died took the token's state with it: probe again.
+        let found = if self.tokens.contains_key(id) {
+            found
+        } else {
+            self.find(id)?
+        };
+        if !found.info.login_required() {
+            return Ok(found);
         }
-        self.login_loop(id, certificate, provider, LoginKind::User)?;
+        let found = self.login_loop(id, found, certificate, provider, LoginKind::User)?;
         // Private objects just became visible.
         if let Some(state) = self.tokens.get_mut(id) {
             state.entries = None;
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Asks the provider and logs in until success, cancel, lock or a non-PIN error.
-    /// For `ContextSpecific`, the signing operation must already be initialised.
+    /// For `ContextSpecific`, the signing operation must already be initialised. `found` is
+    /// a fresh probe (no dialog since); returned is the probe the successful C_Login used.
     pub(super) fn login_loop(
         &mut self,
         id: &TokenId,
+        mut found: Found,
         certificate: &CertificateInfo,
         provider: &mut dyn PinProvider,
         kind: LoginKind,
-    ) -> Result<(), Error> {
+    ) -> Result<Found, Error> {
         let user_type = match kind {
             LoginKind::User => UserType::User,
             LoginKind::ContextSpecific => UserType::ContextSpecific,
@@ -59,8 +63,7 @@ impl Worker {
         let mut previous_error = None;
         let mut attempt = 1u32;
         loop {
-            let slot = self.slot(id)?;
-            let token = self.describe(slot)?;
+            let token = self.describe_found(&found);
             if token.pin.locked {
                 return Err(Error::PinLocked);
             }
@@ -86,14 +89,19 @@ impl Worker {
                 PinAnswer::Pin(pin) => Some(AuthPin::from(pin.expose())),
             };
             tracing::debug!(token = %id, ?kind, attempt, pin_pad = token.pin_pad, "C_Login");
-            let session = self.session(id)?;
+            // The dialog took the user's time: find the token again before the PIN goes to it.
+            found = self.find(id)?;
+            let session = self.session_at(id, found.slot)?;
             let result = session.login(user_type, pin.as_ref());
             drop(pin);
             match result {
-                Ok(()) => return Ok(()),
-                Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => return Ok(()),
+                Ok(()) => return Ok(found),
+                Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => return Ok(found),
                 Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                    let after = self.describe(slot)?.pin;
+                    // The PIN flags changed: read them again (this answer serves the next
+                    // round's lock check and dialog).
+                    found.info = self.ctx.get_token_info(found.slot).map_err(from_cryptoki)?;
+                    let after = super::pin_status(&found.info);
                     tracing::info!(
                         token = %id,
                         count_low = after.count_low,

@@ -94,10 +94,13 @@ impl Worker {
         for input in &req.inputs {
             check_input(req.algorithm, input)?;
         }
-        let entry = self.entry(&req.certificate)?;
+        // The one health probe of the request (its C_GetTokenInfo serves every step up to a
+        // PIN dialog): a token that moved is found in its new slot, a removed one fails here.
+        let found = self.find(token)?;
+        let entry = self.entry_at(&req.certificate, &found)?;
         let key_alg = entry.info.key_algorithm;
         check_key(req.algorithm, key_alg)?;
-        let mechanisms = self.mechanisms(token)?;
+        let mechanisms = self.mechanisms_at(token, found.slot)?;
         // Fail on an unsupported mechanism before asking anyone for a PIN.
         for input in &req.inputs {
             let planned = plan(req.algorithm, input, &mechanisms)?;
@@ -109,12 +112,12 @@ impl Worker {
         if cancelled() {
             return Err(Error::Cancelled);
         }
-        self.ensure_user_login(token, &entry.info, provider)?;
+        let found = self.ensure_user_login(token, found, &entry.info, provider)?;
 
         // After login the private key is visible; scan again if it was not before.
         let entry = match entry.private_key {
             Some(_) => entry,
-            None => self.entry(&req.certificate)?,
+            None => self.entry_at(&req.certificate, &found)?,
         };
         let key = entry.private_key.ok_or(Error::KeyNotFound)?;
         let always_auth = entry.info.always_authenticate;
@@ -167,7 +170,15 @@ impl Worker {
                 self.cached_session(token)?
                     .sign_init(&mechanism, key)
                     .map_err(from_cryptoki)?;
-                self.login_loop(token, certificate, provider, LoginKind::ContextSpecific)?;
+                // A PIN dialog may have passed since the request's probe: probe again.
+                let found = self.find(token)?;
+                self.login_loop(
+                    token,
+                    found,
+                    certificate,
+                    provider,
+                    LoginKind::ContextSpecific,
+                )?;
                 let session = self.cached_session(token)?;
                 // cryptoki 0.12 offers no bare C_Sign after C_SignInit, so the signature is
                 // made in two parts; tokens that do a mechanism single-part only (SoftHSM's
