@@ -1,0 +1,140 @@
+//! What can end a request, and its one mapping to the wire (PROTOCOL.md's reasons) and to
+//! the audit outcome.
+
+use std::sync::Arc;
+
+use browser_bridge::protocol::{Base64Bytes, BatchSignature, Reason, RpcError};
+
+use crate::audit::Outcome;
+use crate::pinentry::DialogError;
+
+/// Everything that can end a request, mapped to the wire in one place: [`Failure::to_rpc`].
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Token(#[from] pkcs11_shim::Error),
+    #[error("{error} after {} signatures", completed.len())]
+    Batch {
+        error: pkcs11_shim::Error,
+        completed: Vec<Vec<u8>>,
+    },
+    #[error(transparent)]
+    Dialog(Arc<DialogError>),
+    #[error("the origin is not approved and no dialog could ask")]
+    OriginNotApproved,
+    #[error("the origin was denied")]
+    OriginDenied,
+    #[error("a dialog for this origin is already open")]
+    Busy,
+    #[error("{0}")]
+    KeyUsage(String),
+    #[error("{0}")]
+    Algorithm(String),
+    #[error("{0}")]
+    InvalidParams(String),
+    #[error("{0} is not built yet in this agent")]
+    NotBuilt(&'static str),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Failure {
+    /// The one mapping from internal errors to PROTOCOL.md's reasons. The page learns what it
+    /// needs to act, never internal detail.
+    pub fn to_rpc(&self) -> RpcError {
+        use pkcs11_shim::Error as E;
+        match self {
+            Failure::Token(e) | Failure::Batch { error: e, .. } => {
+                let base = match e {
+                    E::PinIncorrect {
+                        count_low,
+                        final_try,
+                    } => RpcError::pin_incorrect(*count_low, *final_try),
+                    E::PinLocked => RpcError::new(Reason::PinLocked, "the token's PIN is locked"),
+                    E::PinNotInitialized => {
+                        RpcError::new(Reason::PinLocked, "the token's PIN is not initialised")
+                    }
+                    E::UserCancelled | E::Cancelled => RpcError::user_cancelled(),
+                    E::TokenNotPresent | E::TokenNotFound(_) => {
+                        RpcError::new(Reason::TokenNotPresent, "the token is not present")
+                    }
+                    E::CertificateNotFound(_) | E::KeyNotFound => RpcError::new(
+                        Reason::CertificateNotFound,
+                        "no such certificate with its key on a present token",
+                    ),
+                    E::MechanismNotSupported { algorithm, key } => RpcError::new(
+                        Reason::AlgorithmNotSupported,
+                        format!(
+                            "{algorithm} is not possible with {} on this token",
+                            a_key(key)
+                        ),
+                    ),
+                    E::InvalidInput(m) => RpcError::invalid_params(m.clone()),
+                    E::Pkcs11 { function, rv, .. } => {
+                        RpcError::token_error(function, format!("{function} failed: {rv}"))
+                    }
+                    E::Busy { .. } => RpcError::new(
+                        Reason::Busy,
+                        "the token is busy: its module did not answer in time",
+                    ),
+                    E::ModuleLoad { .. } | E::WorkerGone => {
+                        RpcError::new(Reason::TokenError, "the token's module is not working")
+                    }
+                    _ => RpcError::new(Reason::TokenError, e.to_string()),
+                };
+                match self {
+                    Failure::Batch { completed, .. } => {
+                        let results: Vec<BatchSignature> = completed
+                            .iter()
+                            .map(|s| BatchSignature {
+                                signature: Base64Bytes(s.clone()),
+                            })
+                            .collect();
+                        base.batch_failed(&results)
+                    }
+                    _ => base,
+                }
+            }
+            Failure::Dialog(e) => match e.as_ref() {
+                DialogError::Cancelled => RpcError::user_cancelled(),
+                DialogError::Timeout => {
+                    RpcError::new(Reason::Timeout, "the user did not answer in time")
+                }
+                other => RpcError::internal(format!("no dialog could be shown: {other}")),
+            },
+            Failure::OriginNotApproved => RpcError::new(
+                Reason::OriginNotApproved,
+                "this origin is not approved and no approval dialog was shown",
+            ),
+            Failure::OriginDenied => RpcError::new(Reason::OriginDenied, "this origin was denied"),
+            Failure::Busy => {
+                RpcError::new(Reason::Busy, "a dialog for this origin is already open")
+            }
+            Failure::KeyUsage(m) => RpcError::new(Reason::KeyUsageNotAllowed, m.clone()),
+            Failure::Algorithm(m) => RpcError::new(Reason::AlgorithmNotSupported, m.clone()),
+            Failure::InvalidParams(m) => RpcError::invalid_params(m.clone()),
+            Failure::NotBuilt(method) => RpcError::new(
+                Reason::MethodNotFound,
+                format!("{method} is not built yet in this agent"),
+            ),
+            Failure::Internal(m) => RpcError::internal(m.clone()),
+        }
+    }
+
+    /// The audit outcome of a failed request.
+    pub(super) fn outcome(&self) -> Outcome {
+        let reason = self.to_rpc().reason;
+        match reason {
+            Reason::UserCancelled | Reason::OriginDenied | Reason::Timeout | Reason::Busy => {
+                Outcome::Refused(reason.as_str().to_owned())
+            }
+            _ => Outcome::Error(reason.as_str().to_owned()),
+        }
+    }
+}
+
+/// "an RSA-2048 key": every key name the protocol has (RSA-…, EC-…, Ed25519) is read with a
+/// vowel sound first.
+pub(super) fn a_key(name: &str) -> String {
+    format!("an {name} key")
+}
