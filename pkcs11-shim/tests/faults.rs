@@ -207,6 +207,41 @@ fn final_try_flag_reaches_the_provider_after_a_wrong_pin() {
 }
 
 #[test]
+fn a_request_on_a_cached_login_probes_the_token_once() {
+    let rig = FaultRig::new();
+    let (pin, _) = ScriptedPin::right();
+    let req = rig.p256(vec![SignInput::Data(b"first".to_vec())]);
+    rig.module
+        .sign(req.clone(), pin, None, None)
+        .expect("first sign logs in");
+    let before: Vec<usize> = ["C_GetTokenInfo", "C_Login", "C_SignInit", "C_Sign"]
+        .iter()
+        .map(|f| rig.calls(f))
+        .collect();
+    let sigs = rig
+        .module
+        .sign(
+            SignRequest {
+                inputs: vec![SignInput::Data(b"second".to_vec())],
+                ..req
+            },
+            no_pin(),
+            None,
+            None,
+        )
+        .expect("second sign on the cached login");
+    let pem = rig.dir.path().join("certs/sign-p256.pem");
+    assert!(openssl_verify(&pem, "ecdsa", "sha256", b"second", &sigs[0]));
+    let after: Vec<usize> = ["C_GetTokenInfo", "C_Login", "C_SignInit", "C_Sign"]
+        .iter()
+        .map(|f| rig.calls(f))
+        .collect();
+    let made: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    // One health probe, no login, C_SignInit and cryptoki's two C_Sign (length, signature).
+    assert_eq!(made, vec![1, 0, 1, 2]);
+}
+
+#[test]
 fn a_hanging_module_answers_busy_within_the_call_timeout_and_recovers() {
     let timeout = Duration::from_millis(500);
     let rig = FaultRig::with_options(LoadOptions {
