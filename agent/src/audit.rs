@@ -20,6 +20,10 @@
 //! continues the chain from the last whole line, so a crash never breaks verification.
 //!
 //! Thread safety: [`AuditLog`] is `Send`; share it behind a `Mutex`.
+//!
+//! Several processes (the agent and `keyport sign`) may append to one log: each append holds an
+//! exclusive lock on the file (`flock`) and, if the file grew since this handle last wrote,
+//! first re-reads the head so that the chain continues from the other writer's last line.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -479,6 +483,41 @@ impl AuditLog {
     /// Append one record: one `write_all` of the whole line, then `sync_data`. If the write
     /// fails the file is cut back to its previous length and the chain does not advance.
     pub fn append(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
+        let lock_err = |source| AuditError::Io {
+            path: self.path.clone(),
+            action: "locking",
+            source,
+        };
+        self.file.lock().map_err(lock_err)?;
+        let appended = self.resync().and_then(|()| self.append_locked(rec));
+        if let Err(e) = self.file.unlock() {
+            tracing::warn!(error = %e, "could not unlock the audit log");
+        }
+        appended
+    }
+
+    /// Continues the chain from another writer's last line if the file changed under us.
+    fn resync(&mut self) -> Result<(), AuditError> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|source| AuditError::Io {
+                path: self.path.clone(),
+                action: "reading metadata of",
+                source,
+            })?
+            .len();
+        if len == self.len {
+            return Ok(());
+        }
+        let fresh = AuditLog::open(&self.path, self.key.clone())?;
+        self.next_seq = fresh.next_seq;
+        self.prev_mac = fresh.prev_mac;
+        self.len = fresh.len;
+        Ok(())
+    }
+
+    fn append_locked(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
         let time = rec
             .time
             .to_offset(time::UtcOffset::UTC)
@@ -689,7 +728,7 @@ mod tests {
         AuditRecord::new("https://portal.example", Operation::Sign)
             .certificate("CN=Signer", b"cert")
             .digest(&[i as u8; 32])
-            .outcome(if i % 3 == 0 {
+            .outcome(if i.is_multiple_of(3) {
                 Outcome::Refused("USER_CANCELLED".into())
             } else {
                 Outcome::Granted

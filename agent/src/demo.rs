@@ -88,10 +88,8 @@ pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCo
     }
     // A terminal pinentry (curses, tty) needs to know the terminal: tell it ours.
     if std::env::var_os("GPG_TTY").is_none() {
-        if let Ok(tty) = std::fs::read_link("/proc/self/fd/0") {
-            if tty.starts_with("/dev/pts") || tty.starts_with("/dev/tty") {
-                std::env::set_var("GPG_TTY", tty);
-            }
+        if let Some(tty) = crate::local::terminal_name() {
+            std::env::set_var("GPG_TTY", tty);
         }
     }
     eprintln!(
