@@ -7,6 +7,7 @@ pub mod audit;
 pub mod audit_cli;
 pub mod cms;
 pub mod config;
+pub mod config_keys;
 pub mod consent;
 pub mod daemon;
 pub mod demo;

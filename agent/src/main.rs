@@ -23,6 +23,10 @@ struct Cli {
     /// The configuration file (default: the OS config dir, e.g. ~/.config/keyport/config.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Use the demo token that `keyport demo` made, and its audit log (for tokens, certs,
+    /// sign, audit, doctor).
+    #[arg(long, global = true)]
+    demo: bool,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -225,9 +229,18 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-fn load(cli_config: Option<&std::path::Path>) -> anyhow::Result<(Config, Paths)> {
+fn load(cli_config: Option<&std::path::Path>, demo: bool) -> anyhow::Result<(Config, Paths)> {
     let paths = Paths::resolve(cli_config)?;
-    let config = Config::load(&paths.config_file)?;
+    if cli_config.is_some() && !paths.config_file.exists() {
+        anyhow::bail!(
+            "{}: no such configuration file (without --config the defaults apply)",
+            paths.config_file.display()
+        );
+    }
+    let mut config = Config::load(&paths.config_file)?;
+    if demo {
+        agent::demo::apply(&mut config, &paths)?;
+    }
     Ok((config, paths))
 }
 
@@ -236,7 +249,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         generate_assets(out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let (config, paths) = load(cli.config.as_deref())?;
+    let (config, paths) = load(cli.config.as_deref(), cli.demo)?;
     match cli.command {
         Command::Run { demo_port } => {
             let rt = tokio::runtime::Runtime::new()?;
@@ -389,7 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { verify } => agent::audit_cli::run(&config, &paths, verify),
-        Command::Doctor => agent::doctor::run(&config, &paths),
+        Command::Doctor => agent::doctor::run(&config, &paths, cli.demo),
         Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
     }
 }
