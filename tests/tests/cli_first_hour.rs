@@ -310,3 +310,73 @@ fn doctor_checks_the_pinentry_the_display_and_the_terminal() {
     );
     assert!(report.contains("display: none"), "{report}");
 }
+
+/// Snag 13: the JS guide's first step works from the repository (the package is not
+/// published): `npm pack` there and `npm install` of the tarball, offline, in a fresh project,
+/// after which `import { KeyPort } from '@keyport/client'` loads.
+#[test]
+fn the_js_client_installs_from_the_repository_as_the_guide_says() {
+    let js = harness::repo_root().join("browser-bridge/js");
+    let guide = std::fs::read_to_string(js.join("README.md")).expect("guide");
+    assert!(
+        guide.contains("is not on the npm\n   registry yet"),
+        "{guide}"
+    );
+    assert!(guide.contains("npm pack"), "{guide}");
+    let work = tempfile::tempdir().expect("tempdir");
+    let npm = |dir: &std::path::Path, args: &[&str]| {
+        let out = Command::new("npm")
+            .args(args)
+            .current_dir(dir)
+            .env("npm_config_cache", work.path().join("npm-cache"))
+            .output()
+            .expect("npm runs");
+        assert!(out.status.success(), "npm {args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let packed = npm(
+        &js,
+        &[
+            "pack",
+            "--pack-destination",
+            &work.path().display().to_string(),
+        ],
+    );
+    let tarball = work.path().join(
+        packed
+            .lines()
+            .last()
+            .expect("npm pack names the file")
+            .trim(),
+    );
+    assert!(tarball.exists(), "{packed}");
+    let project = work.path().join("portal");
+    std::fs::create_dir(&project).expect("mkdir");
+    std::fs::write(
+        project.join("package.json"),
+        r#"{"name":"portal","private":true}"#,
+    )
+    .expect("write");
+    npm(
+        &project,
+        &[
+            "install",
+            "--offline",
+            "--no-audit",
+            "--no-fund",
+            &tarball.display().to_string(),
+        ],
+    );
+    let out = Command::new("node")
+        .args([
+            "--input-type=module",
+            "-e",
+            "import { KeyPort, KeyPortError } from '@keyport/client'; \
+             console.log(typeof KeyPort.connect, typeof KeyPortError)",
+        ])
+        .current_dir(&project)
+        .output()
+        .expect("node runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "function function\n");
+}
