@@ -387,6 +387,8 @@ pub struct AuditLog {
     next_seq: u64,
     prev_mac: [u8; MAC_LEN],
     len: u64,
+    /// A copy of each durable line goes to the system journal (`crate::journal`).
+    journal: Option<crate::journal::Journal>,
 }
 
 impl AuditLog {
@@ -477,7 +479,14 @@ impl AuditLog {
             next_seq,
             prev_mac,
             len,
+            journal: None,
         })
+    }
+
+    /// Also send every record, once it is durable here, to the system journal.
+    pub fn with_journal(mut self, journal: Option<crate::journal::Journal>) -> AuditLog {
+        self.journal = journal;
+        self
     }
 
     /// Append one record: one `write_all` of the whole line, then `sync_data`. If the write
@@ -557,6 +566,9 @@ impl AuditLog {
         self.len += bytes.len() as u64;
         self.next_seq += 1;
         self.prev_mac = mac;
+        if let Some(journal) = &self.journal {
+            journal.send(&line);
+        }
         Ok(())
     }
 

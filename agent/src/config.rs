@@ -173,6 +173,8 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// The OS keyring service name under which the agent keeps its own secrets.
     pub keyring_service: String,
+    /// Send every audit record to the system journal too, when its socket exists.
+    pub audit_journal: bool,
     pub atr: Vec<AtrEntry>,
     pub limits: LimitsConfig,
 }
@@ -197,6 +199,7 @@ impl Default for Config {
             audit_key_file: None,
             audit_log: None,
             keyring_service: "keyport".into(),
+            audit_journal: true,
             atr: Vec::new(),
             limits: LimitsConfig::default(),
         }

@@ -67,7 +67,13 @@ pub fn open_audit(config: &Config, paths: &Paths) -> anyhow::Result<AuditLog> {
         ),
     })?;
     let path = audit_path(config, paths);
+    let journal = if config.audit_journal {
+        crate::journal::Journal::connect()
+    } else {
+        None
+    };
     AuditLog::open(&path, key)
+        .map(|log| log.with_journal(journal))
         .with_context(|| format!("cannot open the audit log {}", path.display()))
 }
 

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod dialog;
 pub mod discovery;
 pub mod doctor;
+pub mod journal;
 pub mod local;
 pub mod origins;
 pub mod pcsc_watch;
