@@ -177,6 +177,10 @@ pub struct Config {
     pub audit_journal: bool,
     pub atr: Vec<AtrEntry>,
     pub limits: LimitsConfig,
+    /// Set by the administrator's policy (`crate::policy`), never by the file: the only origins
+    /// that may be approved, when the policy says so.
+    #[serde(skip)]
+    pub origin_ceiling: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Config {
@@ -202,6 +206,7 @@ impl Default for Config {
             audit_journal: true,
             atr: Vec::new(),
             limits: LimitsConfig::default(),
+            origin_ceiling: None,
         }
     }
 }

@@ -23,7 +23,12 @@ const SOFTHSM_MODULES: &[&str] = &[
     "/usr/local/lib/softhsm/libsofthsm2.so",
 ];
 
-pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCode> {
+pub fn run(
+    mut config: Config,
+    paths: Paths,
+    port: u16,
+    policy: &crate::policy::Loaded,
+) -> anyhow::Result<ExitCode> {
     let module = match find_softhsm() {
         Some(m) if have("pkcs11-tool") && have("openssl") => m,
         _ => {
@@ -87,6 +92,8 @@ pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCo
         "keyport demo: afterwards `keyport --demo tokens`, `keyport --demo certs` and \
          `keyport --demo audit --verify` show the demo token and its audit log."
     );
+    // The demo's own settings are the user's: the administrator's policy bounds them too.
+    let (config, _) = policy.apply(config);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(daemon::run(
         config,

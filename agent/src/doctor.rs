@@ -17,11 +17,37 @@ macro_rules! say {
     }};
 }
 
-pub fn run(config: &Config, paths: &Paths, demo: bool) -> anyhow::Result<ExitCode> {
+/// The administrator's policy as `doctor` shows it.
+#[derive(Debug)]
+pub struct PolicyView<'a> {
+    pub file: Option<&'a std::path::Path>,
+    pub settings: &'a [crate::policy::Setting],
+}
+
+pub fn run(
+    config: &Config,
+    paths: &Paths,
+    demo: bool,
+    policy: &PolicyView<'_>,
+) -> anyhow::Result<ExitCode> {
     let mut problems: Vec<String> = Vec::new();
     say!("configuration: {}", paths.config_file.display());
     if !paths.config_file.exists() {
         say!("  (no file: defaults apply)");
+    }
+    match policy.file {
+        Some(file) => say!(
+            "policy: {} (the administrator's; it bounds yours)",
+            file.display()
+        ),
+        None => say!(
+            "policy: none ({} does not exist)",
+            crate::policy::POLICY_PATH
+        ),
+    }
+    say!("effective settings:");
+    for s in policy.settings {
+        say!("  {} = {}  ({})", s.key, s.value, s.source);
     }
     say!(
         "data folder: {} (audit log: {})",

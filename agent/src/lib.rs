@@ -19,6 +19,7 @@ pub mod local;
 pub mod origins;
 pub mod pcsc_watch;
 pub mod pinentry;
+pub mod policy;
 pub mod secrets;
 pub mod service;
 pub mod tokens;

@@ -229,7 +229,17 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-fn load(cli_config: Option<&std::path::Path>, demo: bool) -> anyhow::Result<(Config, Paths)> {
+/// The configuration in force: the user's file (or the defaults), the demo's settings with
+/// --demo, then the administrator's policy, which only narrows.
+fn load(
+    cli_config: Option<&std::path::Path>,
+    demo: bool,
+) -> anyhow::Result<(
+    Config,
+    Paths,
+    agent::policy::Loaded,
+    Vec<agent::policy::Setting>,
+)> {
     let paths = Paths::resolve(cli_config)?;
     if cli_config.is_some() && !paths.config_file.exists() {
         anyhow::bail!(
@@ -241,7 +251,9 @@ fn load(cli_config: Option<&std::path::Path>, demo: bool) -> anyhow::Result<(Con
     if demo {
         agent::demo::apply(&mut config, &paths)?;
     }
-    Ok((config, paths))
+    let policy = agent::policy::Loaded::system()?;
+    let (config, report) = policy.apply(config);
+    Ok((config, paths, policy, report))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -249,14 +261,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         generate_assets(out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let (config, paths) = load(cli.config.as_deref(), cli.demo)?;
+    let (config, paths, policy, policy_report) = load(cli.config.as_deref(), cli.demo)?;
     match cli.command {
         Command::Run { demo_port } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(daemon::run(config, paths, RunOptions { demo_port }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { port } => agent::demo::run(config, paths, port),
+        Command::Demo { port } => agent::demo::run(config, paths, port, &policy),
         Command::Tokens { json } => {
             let tokens = TokenSet::load(&config);
             tokens.report_failures();
@@ -383,6 +395,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 OriginsAction::Allow { origin } => {
                     check_origin(&origin)?;
+                    if !store.may_approve(&origin) {
+                        anyhow::bail!(
+                            "the administrator's policy ({}) allows only its own origins: \
+                             {origin} cannot be allowed",
+                            policy
+                                .file
+                                .as_ref()
+                                .map_or_else(String::new, |f| f.display().to_string())
+                        );
+                    }
                     store.allow(&origin)?;
                     out!("allowed {origin}");
                 }
@@ -402,7 +424,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { verify } => agent::audit_cli::run(&config, &paths, verify),
-        Command::Doctor => agent::doctor::run(&config, &paths, cli.demo),
+        Command::Doctor => agent::doctor::run(
+            &config,
+            &paths,
+            cli.demo,
+            &agent::doctor::PolicyView {
+                file: policy.file.as_deref(),
+                settings: &policy_report,
+            },
+        ),
         Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -43,6 +43,8 @@ pub struct OriginStore {
     config_allowed: BTreeSet<String>,
     config_denied: BTreeSet<String>,
     unknown: UnknownOrigins,
+    /// The administrator's policy: the only origins the user's approvals count for.
+    ceiling: Option<BTreeSet<String>>,
     /// Behind a `RefCell` so that a check (`&self`) can pick up a change of the file; the store
     /// itself lives behind the service's `Mutex`.
     user: RefCell<UserState>,
@@ -88,6 +90,7 @@ impl OriginStore {
             config_allowed: config.allowed_origins.iter().cloned().collect(),
             config_denied: config.denied_origins.iter().cloned().collect(),
             unknown: config.unknown_origins,
+            ceiling: config.origin_ceiling.clone(),
             user: RefCell::new(UserState {
                 decisions,
                 stamp,
@@ -102,11 +105,18 @@ impl OriginStore {
         let user = self.user.borrow();
         if self.config_denied.contains(origin) || user.decisions.denied.contains(origin) {
             Standing::Denied
-        } else if self.config_allowed.contains(origin) || user.decisions.allowed.contains(origin) {
+        } else if self.config_allowed.contains(origin)
+            || (user.decisions.allowed.contains(origin) && self.may_approve(origin))
+        {
             Standing::Allowed
         } else {
             Standing::Unknown
         }
+    }
+
+    /// Whether the administrator's policy lets the user approve this origin.
+    pub fn may_approve(&self, origin: &str) -> bool {
+        self.ceiling.as_ref().is_none_or(|c| c.contains(origin))
     }
 
     /// May a connection from this origin be upgraded at all?

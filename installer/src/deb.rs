@@ -35,6 +35,7 @@ const RECOMMENDS: &str = "pcscd, opensc-pkcs11, p11-kit-modules";
 
 const ATR_TABLE: &str = include_str!("../../agent/data/atr.toml");
 const EXAMPLE_CONFIG: &str = include_str!("../../docs/config.example.toml");
+const EXAMPLE_POLICY: &str = include_str!("../../docs/policy.example.toml");
 const README: &str = include_str!("../../README.md");
 
 const POSTINST: &str = "\
@@ -145,6 +146,11 @@ pub fn build(inputs: &DebInputs) -> Result<PathBuf, Error> {
     put(
         "usr/share/doc/keyport/examples/config.toml",
         EXAMPLE_CONFIG.as_bytes(),
+        0o644,
+    )?;
+    put(
+        "usr/share/doc/keyport/examples/policy.toml",
+        EXAMPLE_POLICY.as_bytes(),
         0o644,
     )?;
     put("usr/share/doc/keyport/README.md", README.as_bytes(), 0o644)?;
