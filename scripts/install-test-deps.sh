@@ -23,7 +23,7 @@ apt-get install -y -q --no-install-recommends \
   pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd iproute2 util-linux procps \
   dbus gnome-keyring libsecret-tools \
   pinentry-tty tmux systemd \
-  chromium fonts-dejavu-core python3 python3-venv python3-cryptography \
+  chromium fonts-dejavu-core fonts-wqy-microhei python3 python3-venv python3-cryptography \
   dpkg-dev binutils gzip man-db
 # The JS client's and the browser test's runner: Node 20 or newer.
 if ! command -v node >/dev/null; then

@@ -267,6 +267,11 @@ const DEMO_FILES: &[(&str, &str, &str)] = &[
         include_str!("../../browser-bridge/js/demo/verify.js"),
     ),
     (
+        "/texts.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../browser-bridge/js/demo/texts.js"),
+    ),
+    (
         "/demo.css",
         "text/css; charset=utf-8",
         include_str!("../../browser-bridge/js/demo/demo.css"),
