@@ -160,7 +160,8 @@ fn sign_with(
     if !signing_allowed(&cert.info.key_usage, config.signing_key_usage) {
         return Err(SignFileError::Failure(Failure::KeyUsage(
             "this certificate is not for document signatures (keyUsage lacks nonRepudiation); \
-             `signing_key_usage = \"any\"` in the configuration allows it"
+             `signing_key_usage = \"any\"` in the configuration allows it, unless the \
+             administrator's policy forbids it (`keyport doctor` shows which)"
                 .into(),
         )));
     }
