@@ -390,7 +390,7 @@ fn print_dialogs(config: &Config, problems: &mut Vec<String>) -> anyhow::Result<
         Kind::Either if display.is_none() && tty.is_none() => problems.push(format!(
             "{name} has neither a display nor a terminal to show its dialog on"
         )),
-        _ => {}
+        Kind::Graphical | Kind::Terminal | Kind::Either | Kind::Unknown => {}
     }
     Ok(())
 }
@@ -399,8 +399,10 @@ fn print_dialogs(config: &Config, problems: &mut Vec<String>) -> anyhow::Result<
 enum Kind {
     Graphical,
     Terminal,
-    /// `pinentry-gnome3` and friends fall back to curses without a display; unknown programs.
+    /// `pinentry-gnome3`, `-gtk2`: a window, else curses in a terminal.
     Either,
+    /// A program of another name (a wrapper, a vendor's): nothing is assumed.
+    Unknown,
 }
 
 fn pinentry_kind(name: &str) -> Kind {
@@ -409,6 +411,7 @@ fn pinentry_kind(name: &str) -> Kind {
         "pinentry-qt" | "pinentry-qt5" | "pinentry-fltk" | "pinentry-x2go" | "pinentry-mac" => {
             Kind::Graphical
         }
-        _ => Kind::Either,
+        "pinentry-gnome3" | "pinentry-gtk2" | "pinentry-gtk-2" => Kind::Either,
+        _ => Kind::Unknown,
     }
 }
