@@ -25,8 +25,11 @@ use std::process::Command;
 use crate::error::Error;
 use crate::systemd;
 
-/// The project's home page (Homepage:, and the unit's Documentation=).
-pub const HOMEPAGE: &str = env!("CARGO_PKG_REPOSITORY");
+/// The project's home page (the package's Homepage:), from Cargo.toml.
+pub const HOMEPAGE: &str = env!("CARGO_PKG_HOMEPAGE");
+/// The user documentation (the unit's Documentation=, after the man page); Cargo.toml's
+/// `documentation` says the same (Cargo passes no variable for it).
+pub const DOCUMENTATION: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/blob/main/README.md");
 
 /// A dialog program: every consent and PIN needs one.
 const PINENTRY: &str =
@@ -434,6 +437,7 @@ mod tests {
         );
         assert!(text.contains("pinentry-curses"), "{text}");
         assert!(text.contains(&format!("Homepage: {HOMEPAGE}\n")), "{text}");
+        assert!(!HOMEPAGE.is_empty() && !DOCUMENTATION.is_empty());
     }
 
     /// `dpkg-shlibdeps` names the package of every library a real binary links.

@@ -92,7 +92,7 @@ SystemCallArchitectures=native
 [Install]
 WantedBy=default.target
 ",
-        docs = crate::deb::HOMEPAGE,
+        docs = crate::deb::DOCUMENTATION,
     )
 }
 
