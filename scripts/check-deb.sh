@@ -42,6 +42,9 @@ man_check=--man=yes
 command -v man >/dev/null || man_check=--man=no
 XDG_RUNTIME_DIR=$runtime systemd-analyze --user "$man_check" verify /usr/lib/systemd/user/keyport.service
 rm -rf "$runtime"
+echo "==> keyport-install status --system; man keyport"
+keyport-install status --system | tee /dev/stderr | grep -q "present  /usr/lib/systemd/user/keyport.service"
+if command -v man >/dev/null; then man -w keyport keyport-sign keyport-install; fi
 echo "==> enabled for every user by the preset"
 test "$(readlink "$wants")" = /usr/lib/systemd/user/keyport.service
 systemctl --global is-enabled keyport.service

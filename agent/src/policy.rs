@@ -309,6 +309,21 @@ impl Loaded {
                 .map(|path| ModuleConfig { path: path.clone() })
                 .collect();
             config.discover_modules = false;
+            // A user's [[atr]] entry loads its module when the card goes in: only allowed ones.
+            let atr_dropped: Vec<String> = config
+                .atr
+                .iter()
+                .filter(|a| !allowed.contains(&a.module))
+                .map(|a| a.module.display().to_string())
+                .collect();
+            config.atr.retain(|a| allowed.contains(&a.module));
+            if !atr_dropped.is_empty() {
+                report.push(Setting {
+                    key: "atr (yours, ignored)",
+                    value: atr_dropped.join(", "),
+                    source: "policy: the module is not among its modules".into(),
+                });
+            }
             report.push(Setting {
                 key: "modules",
                 value: kept
@@ -438,6 +453,10 @@ mod tests {
             consent = "session"
             [[modules]]
             path = "/home/ann/evil.so"
+            [[atr]]
+            atr = "3B 88"
+            name = "my card"
+            module = "/home/ann/evil.so"
             "#,
         )
         .expect("config");
@@ -466,6 +485,10 @@ mod tests {
             }]
         );
         assert!(!eff.discover_modules);
+        assert!(
+            eff.atr.is_empty(),
+            "an [[atr]] entry cannot load a module off the list"
+        );
         assert_eq!(
             eff.origin_ceiling,
             Some(BTreeSet::from(["https://portal.example.gov".to_owned()]))
