@@ -43,7 +43,9 @@ command -v man >/dev/null || man_check=--man=no
 XDG_RUNTIME_DIR=$runtime systemd-analyze --user "$man_check" verify /usr/lib/systemd/user/keyport.service
 rm -rf "$runtime"
 echo "==> keyport-install status --system; man keyport"
-keyport-install status --system | tee /dev/stderr | grep -q "present  /usr/lib/systemd/user/keyport.service"
+status=$(keyport-install status --system)
+echo "$status"
+grep -q "present  /usr/lib/systemd/user/keyport.service" <<<"$status"
 if command -v man >/dev/null; then man -w keyport keyport-sign keyport-install; fi
 echo "==> enabled for every user by the preset"
 test "$(readlink "$wants")" = /usr/lib/systemd/user/keyport.service
