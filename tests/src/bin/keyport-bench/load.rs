@@ -302,10 +302,17 @@ print(n)
     Ok(())
 }
 
-/// The load rows, in order. `before` is the token's rate measured just before.
-pub async fn rows(target: &Target<'_>, work: &Path, before: TokenRate) -> Result<Vec<Row>> {
+/// The load rows, in order, and the problems seen (failed requests): a row with a problem is
+/// printed with it, and the benchmark fails at the end. `before` is the token's rate measured
+/// just before.
+pub async fn rows(
+    target: &Target<'_>,
+    work: &Path,
+    before: TokenRate,
+) -> Result<(Vec<Row>, Vec<String>)> {
     let ticks = clock_ticks()?;
     let mut rows = Vec::new();
+    let mut problems = Vec::new();
     let total = target.scale.of(4000);
     let mut signed_so_far = 0usize;
     let mut one_conn_p50 = None;
@@ -314,15 +321,23 @@ pub async fn rows(target: &Target<'_>, work: &Path, before: TokenRate) -> Result
         let per_conn = total.div_ceil(conns);
         let tag = format!("{conns}x{origins}");
         let run = load_run(target, conns, origins, per_conn, ticks, &tag).await?;
-        if !run.failures.is_empty() {
-            bail!(
-                "{conns} connections from {origins} origin(s): {} of {} requests failed, first: {}",
+        let failed = if run.failures.is_empty() {
+            String::new()
+        } else {
+            let problem = format!(
+                "{} of {} requests failed, first: {}",
                 run.failures.len(),
                 conns * per_conn,
                 run.failures[0]
             );
+            problems.push(format!(
+                "{conns} connections from {origins} origin(s): {problem}"
+            ));
+            format!("; FAILED: {problem}")
+        };
+        if !run.signatures.is_empty() {
+            verify_all(target, work, &run.signatures)?;
         }
-        verify_all(target, work, &run.signatures)?;
         signed_so_far += run.signatures.len() + conns;
         let n = run.signatures.len();
         let per_s = rate(n, run.elapsed);
@@ -338,7 +353,7 @@ pub async fn rows(target: &Target<'_>, work: &Path, before: TokenRate) -> Result
                 if conns == 1 { "" } else { "s" }
             ),
             format!(
-                "{per_s:.0}/s (× {:.2}), {} / {}, {cpu_per:.0} µs",
+                "{per_s:.0}/s (× {:.2}), {} / {}, {cpu_per:.0} µs{failed}",
                 per_s / before.per_s,
                 ms(percentile(&run.latencies, 50.0)),
                 ms(percentile(&run.latencies, 99.0)),
@@ -396,11 +411,11 @@ pub async fn rows(target: &Target<'_>, work: &Path, before: TokenRate) -> Result
     for round in ["first", "second"] {
         let run = load_run(target, 8, 8, soak.div_ceil(8), ticks, round).await?;
         if !run.failures.is_empty() {
-            bail!(
+            problems.push(format!(
                 "soak: {} requests failed, first: {}",
                 run.failures.len(),
                 run.failures[0]
-            );
+            ));
         }
         verify_all(target, work, &run.signatures)?;
         signed_so_far += run.signatures.len() + 8;
@@ -426,7 +441,7 @@ pub async fn rows(target: &Target<'_>, work: &Path, before: TokenRate) -> Result
         format!("{} KiB", rss_kib(target.pid)?),
     ));
     drop(held);
-    Ok(rows)
+    Ok((rows, problems))
 }
 
 fn now_us() -> u64 {

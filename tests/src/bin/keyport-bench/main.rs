@@ -212,7 +212,7 @@ fn main() -> Result<()> {
     writeln!(out)?;
 
     eprintln!("agent over WebSocket …");
-    let agent = tokio::runtime::Builder::new_multi_thread()
+    let (agent, problems) = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
@@ -227,6 +227,13 @@ fn main() -> Result<()> {
         writeln!(out, "| {what} | {value} |")?;
     }
     print!("{out}");
+    if !problems.is_empty() {
+        bail!(
+            "{} row(s) saw failed requests:\n{}",
+            problems.len(),
+            problems.join("\n")
+        );
+    }
     Ok(())
 }
 
@@ -843,7 +850,7 @@ async fn agent_bench(
     work: &Path,
     token: &TestToken,
     scale: Scale,
-) -> Result<Vec<(String, String)>> {
+) -> Result<(Vec<(String, String)>, Vec<String>)> {
     let softhsm_conf = &token.conf();
     use keyport_e2e::pinentry::{Button, Command as Dialog, Script, Step};
 
@@ -858,6 +865,7 @@ async fn agent_bench(
     let script = Script::new(&dir)?;
     let stderr_log = dir.join("keyport.stderr");
     let mut rows = Vec::new();
+    let mut problems = Vec::new();
 
     // Start-up: spawn → `listening` line, a few times; the last agent stays up.
     let mut starts = Vec::new();
@@ -996,7 +1004,9 @@ async fn agent_bench(
         request_origin: REQUEST_ORIGIN,
         scale,
     };
-    rows.extend(load::rows(&target, &dir, token_before).await?);
+    let (load_rows, load_problems) = load::rows(&target, &dir, token_before).await?;
+    rows.extend(load_rows);
+    problems.extend(load_problems);
     let token_after = load::token_rate(scale.of(6000))?;
     rows.push((
         "the token's own P-256 rate again, after the load rows: rate, p50".into(),
@@ -1048,5 +1058,5 @@ async fn agent_bench(
     drop(session);
     drop(portal);
     drop(agent);
-    Ok(rows)
+    Ok((rows, problems))
 }
