@@ -13,6 +13,7 @@ pub mod demo;
 pub mod dialog;
 pub mod discovery;
 pub mod doctor;
+pub mod enroll;
 pub mod local;
 pub mod origins;
 pub mod pcsc_watch;
