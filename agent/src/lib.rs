@@ -13,7 +13,6 @@ pub mod demo;
 pub mod dialog;
 pub mod discovery;
 pub mod doctor;
-pub mod doctor;
 pub mod enroll;
 pub mod host;
 pub mod local;
