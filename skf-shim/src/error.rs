@@ -78,6 +78,10 @@ pub enum Error {
         /// The return code.
         code: u32,
     },
+    /// [`crate::Library::events`] while a watch of the same library runs: SKF has one wait per
+    /// library (SKF_CancelWaitForDevEvent would end both), so it has one watcher.
+    #[error("device events of this SKF library are already being watched")]
+    AlreadyWatching,
     /// The library did not answer within the call timeout.
     #[error("the SKF library did not answer within {} s", waited.as_secs_f64())]
     Busy {

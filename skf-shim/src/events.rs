@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{from_sar, Error};
 use crate::ffi::{RawEvent, Skf};
@@ -35,13 +35,19 @@ pub struct DeviceEvents {
     rx: mpsc::Receiver<Result<DeviceEvent, Error>>,
     skf: Arc<Skf>,
     stop: Arc<AtomicBool>,
+    /// The library's "a watch runs" flag, cleared when this one ends.
+    watching: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     finished: mpsc::Receiver<()>,
     stop_timeout: Duration,
 }
 
 impl DeviceEvents {
-    pub(crate) fn start(skf: Arc<Skf>, stop_timeout: Duration) -> Result<DeviceEvents, Error> {
+    pub(crate) fn start(
+        skf: Arc<Skf>,
+        watching: Arc<AtomicBool>,
+        stop_timeout: Duration,
+    ) -> Result<DeviceEvents, Error> {
         let (tx, rx) = mpsc::channel();
         let (finished_tx, finished) = mpsc::channel::<()>();
         let stop = Arc::new(AtomicBool::new(false));
@@ -60,6 +66,7 @@ impl DeviceEvents {
             rx,
             skf,
             stop,
+            watching,
             thread: Some(thread),
             finished,
             stop_timeout,
@@ -111,20 +118,33 @@ fn watch(skf: &Skf, stop: &AtomicBool, tx: &mpsc::Sender<Result<DeviceEvent, Err
 impl Drop for DeviceEvents {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Err(sar) = self.skf.cancel_wait_for_dev_event() {
-            tracing::debug!(error = %from_sar(sar), "SKF_CancelWaitForDevEvent failed");
-        }
         let Some(thread) = self.thread.take() else {
+            self.watching.store(false, Ordering::SeqCst);
             return;
         };
-        // A library that ignores the cancel would keep its thread: wait a bounded time only.
-        match self.finished.recv_timeout(self.stop_timeout) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                tracing::warn!("SKF_WaitForDevEvent did not return after the cancel; leaving its thread behind");
+        // A cancel only ends a wait in progress: the thread may be between two waits when the
+        // first one comes, so cancel again until it is out, within a bounded time (a library that
+        // ignores cancels keeps its thread, which is then left behind).
+        let deadline = Instant::now() + self.stop_timeout;
+        loop {
+            if let Err(sar) = self.skf.cancel_wait_for_dev_event() {
+                tracing::debug!(error = %from_sar(sar), "SKF_CancelWaitForDevEvent failed");
             }
-            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = thread.join();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.finished.recv_timeout(left.min(CANCEL_REPEAT)) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) if left > CANCEL_REPEAT => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::warn!("SKF_WaitForDevEvent did not return after the cancel; leaving its thread behind");
+                    return;
+                }
             }
         }
+        let _ = thread.join();
+        // Only a finished wait frees the library for the next watch.
+        self.watching.store(false, Ordering::SeqCst);
     }
 }
+
+/// How often the cancel is repeated while the event thread has not ended.
+const CANCEL_REPEAT: Duration = Duration::from_millis(100);

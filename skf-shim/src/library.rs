@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -55,6 +55,8 @@ struct Inner {
     path: PathBuf,
     call_timeout: Duration,
     skf: Arc<Skf>,
+    /// Set while a [`DeviceEvents`] of this library lives.
+    watching: Arc<AtomicBool>,
     queue: Mutex<Queue>,
     pace: Arc<Pace>,
     thread: Option<JoinHandle<()>>,
@@ -84,6 +86,7 @@ impl Library {
                 path: path.to_path_buf(),
                 call_timeout: options.call_timeout,
                 skf: spawned.skf,
+                watching: Arc::new(AtomicBool::new(false)),
                 queue: Mutex::new(Queue {
                     tx: Some(spawned.tx),
                     sent: 0,
@@ -182,9 +185,18 @@ impl Library {
     }
 
     /// Starts watching device insertion and removal (SKF_WaitForDevEvent on a thread of its
-    /// own); dropping the returned value cancels the wait (SKF_CancelWaitForDevEvent).
+    /// own); dropping the returned value cancels the wait (SKF_CancelWaitForDevEvent). One
+    /// watch per library at a time ([`Error::AlreadyWatching`]): the cancel is library-wide.
     pub fn events(&self) -> Result<DeviceEvents, Error> {
-        DeviceEvents::start(Arc::clone(&self.inner.skf), self.inner.call_timeout)
+        if self.inner.watching.swap(true, Ordering::SeqCst) {
+            return Err(Error::AlreadyWatching);
+        }
+        DeviceEvents::start(
+            Arc::clone(&self.inner.skf),
+            Arc::clone(&self.inner.watching),
+            self.inner.call_timeout,
+        )
+        .inspect_err(|_| self.inner.watching.store(false, Ordering::SeqCst))
     }
 
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, PoisonError};
 
-use skf_shim::{ApplicationId, CertificateInfo, Library, SecretPin, TokenId};
+use skf_shim::{ApplicationId, CertificateInfo, Library, LoadOptions, SecretPin, TokenId};
 
 pub const USER_PIN: &str = "123456";
 pub const MAX_RETRIES: u32 = 6;
@@ -31,12 +31,17 @@ pub struct SoftSkf {
 impl SoftSkf {
     /// A fresh store with SKF-KEY-0 plugged in, loaded through a private library copy.
     pub fn new() -> SoftSkf {
+        SoftSkf::with_options(LoadOptions::default())
+    }
+
+    /// [`SoftSkf::new`] with the library loaded with `options`.
+    pub fn with_options(options: LoadOptions) -> SoftSkf {
         let dir = tempfile::Builder::new()
             .prefix("skf-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("tempdir");
         provision(dir.path());
-        let library = load(dir.path(), "libsoftskf.so");
+        let library = load(dir.path(), "libsoftskf.so", options);
         let tokens = library.tokens().expect("tokens");
         let token = tokens
             .iter()
@@ -53,7 +58,7 @@ impl SoftSkf {
 
     /// The same store through another instance of the library (a restart).
     pub fn reload(&self, copy_name: &str) -> Library {
-        let lib = load(self.dir.path(), copy_name);
+        let lib = load(self.dir.path(), copy_name, LoadOptions::default());
         lib.tokens().expect("first call of the new instance");
         lib
     }
@@ -87,6 +92,29 @@ impl SoftSkf {
             n.to_string(),
         )
         .expect("write remove_after_signs");
+    }
+
+    /// Makes the key's signatures hang until [`SoftSkf::release_sign`].
+    pub fn hang_sign(&self) {
+        std::fs::write(self.device_dir(DEVICE).join("hang_sign"), b"").expect("hang_sign");
+    }
+
+    pub fn release_sign(&self) {
+        std::fs::remove_file(self.device_dir(DEVICE).join("hang_sign")).expect("release");
+    }
+
+    /// Waits until a signature is inside the library and hanging (the library's marker file).
+    /// `bound` only limits a failure; the wait ends when the marker appears.
+    pub fn wait_until_hanging(&self, bound: std::time::Duration) {
+        let marker = self.device_dir(DEVICE).join("hanging");
+        let end = std::time::Instant::now() + bound;
+        while !marker.exists() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the signature never reached the library"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// How many times `function` was called so far (the library's call log).
@@ -138,12 +166,12 @@ fn provision(dir: &Path) {
 }
 
 /// Copies the built soft SKF library into `dir` as `name` and loads it over `dir/skf`.
-fn load(dir: &Path, name: &str) -> Library {
+fn load(dir: &Path, name: &str, options: LoadOptions) -> Library {
     let copy = dir.join(name);
     std::fs::copy(soft_skf_library(), &copy).expect("copy the soft SKF library");
     let _turn = LOAD_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     std::env::set_var("KEYPORT_SOFT_SKF_DIR", dir.join("skf"));
-    let library = Library::load(&copy).expect("load the soft SKF library");
+    let library = Library::load_with(&copy, options).expect("load the soft SKF library");
     // The first SKF call fixes this instance's state directory; make it under the lock.
     library.tokens().expect("first SKF call");
     library

@@ -469,7 +469,7 @@ pub unsafe extern "system" fn SKF_WaitForDevEvent(
     })
 }
 
-/// Makes the current (or next) SKF_WaitForDevEvent return SAR_NOT_EVENTERR.
+/// Makes the SKF_WaitForDevEvent calls in progress return SAR_NOT_EVENTERR (later ones wait).
 ///
 /// # Safety
 /// No arguments; always safe to call.

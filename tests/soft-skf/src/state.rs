@@ -6,6 +6,8 @@
 //! ROOT/devices/<device>/present            exists = the key is plugged in
 //! ROOT/devices/<device>/device.conf        label= serial= manufacturer= issuer=
 //! ROOT/devices/<device>/remove_after_signs N: after N more signatures the key is "pulled"
+//! ROOT/devices/<device>/hang_sign          exists = SKF_ECCSignData / SKF_RSASignData block
+//!                                          (writing `hanging` beside it) until it is removed
 //! ROOT/devices/<device>/apps/<app>/pin.conf                 user_pin= max_retries= remaining=
 //! ROOT/devices/<device>/apps/<app>/containers/<name>/type   sm2 | rsa
 //! .../containers/<name>/sign.key.pem sign.cert.der [enc.key.pem enc.cert.der]
@@ -15,7 +17,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -60,7 +62,8 @@ pub struct Soft {
     /// The devices SKF_WaitForDevEvent last reported as present (starts as the set present at
     /// the library's first call, so no change is lost between two waits).
     known_present: Mutex<BTreeSet<String>>,
-    cancel_wait: AtomicBool,
+    /// Bumped by SKF_CancelWaitForDevEvent: ends the waits in progress (not later ones).
+    cancel_generation: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -75,7 +78,7 @@ impl Soft {
             next_handle: Mutex::new(0x1000),
             logged_in: Mutex::new(HashSet::new()),
             known_present: Mutex::new(BTreeSet::new()),
-            cancel_wait: AtomicBool::new(false),
+            cancel_generation: AtomicU64::new(0),
         };
         *lock(&soft.known_present) = soft.present_devices();
         soft
@@ -426,6 +429,7 @@ impl Soft {
         if e.len() != 32 {
             return Err(SAR_INDATALENERR);
         }
+        self.hang_while_asked(&c.dev);
         let secret = load_sm2(&c.dir.join("sign.key.pem"))?;
         // The distinguishing ID only matters for Z, which the caller already folded into e.
         let key = sm2::dsa::SigningKey::new("1234567812345678", &secret).map_err(|_| SAR_FAIL)?;
@@ -447,6 +451,7 @@ impl Soft {
             return Err(SAR_KEYINFOTYPEERR);
         }
         self.require_login(&c)?;
+        self.hang_while_asked(&c.dev);
         let key = load_rsa(&c.dir.join("sign.key.pem"))?;
         if data.is_empty() || data.len() + 11 > key.size() {
             return Err(SAR_INDATALENERR);
@@ -472,6 +477,23 @@ impl Soft {
         }
     }
 
+    /// A device that hangs in a signature (a stuck driver, a key waiting for a button): blocks
+    /// while `hang_sign` exists, with a `hanging` marker so a test knows the call is inside.
+    fn hang_while_asked(&self, dev: &str) {
+        let switch = self.device_dir(dev).join("hang_sign");
+        if !switch.exists() {
+            return;
+        }
+        let marker = self.device_dir(dev).join("hanging");
+        if let Err(e) = std::fs::write(&marker, b"") {
+            eprintln!("keyport-soft-skf: cannot write {}: {e}", marker.display());
+        }
+        while switch.exists() {
+            std::thread::sleep(EVENT_POLL);
+        }
+        let _ = std::fs::remove_file(&marker);
+    }
+
     /// Counts down `remove_after_signs`; at zero the key is pulled (its `present` file goes).
     fn count_signature(&self, dev: &str) -> Result<(), Sar> {
         let file = self.device_dir(dev).join("remove_after_signs");
@@ -494,8 +516,9 @@ impl Soft {
     /// Blocks until a device is inserted or removed (compared with the last reported set), or
     /// the wait is cancelled. `Ok((device, event))`.
     pub fn wait_for_event(&self) -> Result<(String, ULONG), Sar> {
+        let generation = self.cancel_generation.load(Ordering::SeqCst);
         loop {
-            if self.cancel_wait.swap(false, Ordering::SeqCst) {
+            if self.cancel_generation.load(Ordering::SeqCst) != generation {
                 return Err(SAR_NOT_EVENTERR);
             }
             if let Some(found) = self.next_event() {
@@ -533,7 +556,7 @@ impl Soft {
     }
 
     pub fn cancel_wait(&self) {
-        self.cancel_wait.store(true, Ordering::SeqCst);
+        self.cancel_generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 
