@@ -41,3 +41,17 @@ pub use events::{DeviceEvent, DeviceEventKind, DeviceEvents};
 pub use library::{Library, LoadOptions, DEFAULT_CALL_TIMEOUT};
 pub use pin::SecretPin;
 pub use token::{ApplicationId, ApplicationInfo, ParseIdError, PinStatus, TokenId, TokenInfo};
+
+#[cfg(test)]
+mod tests {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn handles_cross_threads_as_async_callers_need() {
+        send_sync::<crate::Library>();
+        send::<crate::DeviceEvents>();
+        send_sync::<crate::Error>();
+        send_sync::<crate::SignRequest>();
+    }
+}

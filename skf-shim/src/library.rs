@@ -103,6 +103,13 @@ impl Library {
         &self.inner.path
     }
 
+    /// The optional SKF functions this library lacks (SKF_WaitForDevEvent and
+    /// SKF_CancelWaitForDevEvent: no events, poll the token list instead; SKF_RSASignData: no RSA
+    /// containers). For `keyport doctor`; the required ones are checked at load.
+    pub fn missing_functions(&self) -> Vec<&'static str> {
+        self.inner.skf.missing()
+    }
+
     /// True while the worker is still behind a request whose caller gave up waiting.
     pub fn is_behind(&self) -> bool {
         self.inner.pace.is_behind()

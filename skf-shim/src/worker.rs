@@ -385,7 +385,12 @@ impl Worker {
         };
         // The public key Z is computed from: the signing certificate's (checked against the
         // container's key when listed).
+        let needs_z = req
+            .inputs
+            .iter()
+            .any(|i| matches!(i, SignInput::Message(_)));
         let public_key = match (&req.algorithm, key) {
+            (SignAlgorithm::Sm2 { .. }, KeyAlgorithm::Sm2) if !needs_z => None,
             (SignAlgorithm::Sm2 { .. }, KeyAlgorithm::Sm2) => {
                 let der = skf
                     .certificate(c, true)

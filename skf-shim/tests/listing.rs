@@ -18,6 +18,7 @@ fn only_the_plugged_in_device_is_a_token() {
     assert_eq!(t.manufacturer, "KeyPort Soft SKF");
     assert_eq!(t.id, skf.token);
     assert!(t.id.as_str().starts_with("skf-"));
+    assert!(skf.library.missing_functions().is_empty());
 }
 
 #[test]

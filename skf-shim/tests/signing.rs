@@ -140,17 +140,18 @@ fn a_given_e_is_signed_as_is() {
     // e computed by Python gmssl, not by the shim.
     let e = verify::gmssl_e(&public, DEFAULT_SM2_USER_ID, DOC);
     assert_eq!(e.len(), 32);
-    let sigs = skf
-        .library
-        .sign(
-            sm2_request(
-                &skf,
-                SignAlgorithm::sm2(Sm2Encoding::Der),
-                vec![SignInput::Digest(e)],
-            ),
-            None,
-        )
-        .expect("sign");
+    let req = sm2_request(
+        &skf,
+        SignAlgorithm::sm2(Sm2Encoding::Der),
+        vec![SignInput::Digest(e)],
+    );
+    let exports = skf.calls("SKF_ExportCertificate");
+    let sigs = skf.library.sign(req, None).expect("sign");
+    assert_eq!(
+        skf.calls("SKF_ExportCertificate"),
+        exports,
+        "a given e needs no Z, so no certificate is read"
+    );
     assert!(verify::openssl_sm2(
         &public,
         DEFAULT_SM2_USER_ID,
