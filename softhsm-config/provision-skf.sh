@@ -13,6 +13,8 @@
 #     application KEYPORT_APP, user PIN 123456, 6 tries
 #       container SM2-SIGN   SM2 signing key + certificate (CN 张三), SM2 encryption certificate
 #       container RSA-SIGN   RSA-2048 signing key + certificate (issued by the same SM2 CA)
+#       container 王五的签名 (its name in GBK bytes, as some vendors' tools write it): SM2 signing
+#                            key + certificate (CN 王五), no encryption certificate
 #   device SKF-KEY-1 (not plugged in) label "KeyPort Spare Key", serial KP-SKF-0002
 #     application KEYPORT_APP, user PIN 123456, 6 tries
 #       container SM2-SIGN   SM2 signing key + certificate (CN 李四), SM2 encryption certificate
@@ -107,19 +109,21 @@ device() {
     if [[ $4 == 1 ]]; then : >"$d/present"; fi
 }
 
-# sm2_container DEVICE CONTAINER CERTNAME CN: SM2 signing + encryption pair.
+# sm2_container DEVICE CONTAINER CERTNAME CN [sign-only]: SM2 signing + encryption pair (only
+# the signing one with "sign-only", as single-certificate keys have).
 sm2_container() {
-    local c="$dir/skf/devices/$1/apps/$APP/containers/$2" name=$3 cn=$4
+    local c="$dir/skf/devices/$1/apps/$APP/containers/$2" name=$3 cn=$4 only=${5:-}
     mkdir -p "$c"
     echo sm2 >"$c/type"
     sm2_key "$c/sign.key.pem"
-    sm2_key "$c/enc.key.pem"
     issue "$c/sign.key.pem" "/C=CN/O=KeyPort 测试/CN=$cn" "digitalSignature,nonRepudiation" "$dir/certs/$name"
+    cp "$dir/certs/$name.der" "$c/sign.cert.der"
+    run "public key $name" openssl pkey -in "$c/sign.key.pem" -pubout -out "$dir/pub/$name.pem"
+    if [[ $only == sign-only ]]; then return; fi
+    sm2_key "$c/enc.key.pem"
     issue "$c/enc.key.pem" "/C=CN/O=KeyPort 测试/CN=$cn" "keyEncipherment,dataEncipherment,keyAgreement" \
         "$dir/certs/$name-enc"
-    cp "$dir/certs/$name.der" "$c/sign.cert.der"
     cp "$dir/certs/$name-enc.der" "$c/enc.cert.der"
-    run "public key $name" openssl pkey -in "$c/sign.key.pem" -pubout -out "$dir/pub/$name.pem"
 }
 
 rsa_container() {
@@ -135,6 +139,7 @@ rsa_container() {
 device SKF-KEY-0 "KeyPort SM2 Key" KP-SKF-0001 1
 sm2_container SKF-KEY-0 SM2-SIGN sm2-sign "张三"
 rsa_container SKF-KEY-0 RSA-SIGN rsa-sign "张三 RSA"
+sm2_container SKF-KEY-0 $'\xcd\xf5\xce\xe5\xb5\xc4\xc7\xa9\xc3\xfb' gbk-sm2-sign "王五" sign-only
 device SKF-KEY-1 "KeyPort Spare Key" KP-SKF-0002 0
 sm2_container SKF-KEY-1 SM2-SIGN spare-sm2-sign "李四"
 

@@ -19,19 +19,25 @@ use crate::token::{hex_name, ApplicationId, ParseIdError, TokenId};
 pub const SM2_CURVE_OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.301");
 
 /// A certificate's stable identity: its application and container.
-/// String form: `skf-…/<hex of the application name>/<hex of the container name>`.
+/// String form: `skf-…/<hex of the application name>/<hex of the container name>` (the names'
+/// bytes as the library gave them).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CertificateId {
     application: ApplicationId,
-    container: String,
+    container: Vec<u8>,
 }
 
 impl CertificateId {
     /// The signing certificate of `container` in `application`.
     pub fn new(application: ApplicationId, container: &str) -> CertificateId {
+        CertificateId::from_raw(application, container.as_bytes())
+    }
+
+    /// The signing certificate of the container whose name is these bytes.
+    pub fn from_raw(application: ApplicationId, container: &[u8]) -> CertificateId {
         CertificateId {
             application,
-            container: container.to_owned(),
+            container: container.to_vec(),
         }
     }
 
@@ -45,20 +51,20 @@ impl CertificateId {
         &self.application
     }
 
-    /// The container's name.
-    pub fn container(&self) -> &str {
+    /// The container's name for display (non-UTF-8 bytes replaced).
+    pub fn container(&self) -> String {
+        String::from_utf8_lossy(&self.container).into_owned()
+    }
+
+    /// The container name's bytes, as the library reported them.
+    pub fn raw_container(&self) -> &[u8] {
         &self.container
     }
 }
 
 impl fmt::Display for CertificateId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            self.application,
-            hex::encode(self.container.as_bytes())
-        )
+        write!(f, "{}/{}", self.application, hex::encode(&self.container))
     }
 }
 

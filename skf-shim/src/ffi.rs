@@ -277,8 +277,9 @@ impl Skf {
             .collect()
     }
 
-    /// SKF_EnumDev(TRUE): the names of the devices present.
-    pub(crate) fn enum_dev(&self) -> Result<Vec<String>, Sar> {
+    /// SKF_EnumDev(TRUE): the names of the devices present (raw bytes: vendors use ASCII,
+    /// UTF-8 or GBK, and a name must go back to the library byte for byte).
+    pub(crate) fn enum_dev(&self) -> Result<Vec<Vec<u8>>, Sar> {
         const NAME: &str = "SKF_EnumDev";
         let f = need(self.f.enum_dev, NAME)?;
         read_list(NAME, |buf, len| {
@@ -289,7 +290,7 @@ impl Skf {
     }
 
     /// SKF_ConnectDev.
-    pub(crate) fn connect_dev(&self, name: &str) -> Result<DevHandle, Sar> {
+    pub(crate) fn connect_dev(&self, name: &[u8]) -> Result<DevHandle, Sar> {
         const NAME: &str = "SKF_ConnectDev";
         let f = need(self.f.connect_dev, NAME)?;
         let name = c_string(NAME, name)?;
@@ -344,7 +345,7 @@ impl Skf {
     }
 
     /// SKF_EnumApplication.
-    pub(crate) fn applications(&self, dev: &DevHandle) -> Result<Vec<String>, Sar> {
+    pub(crate) fn applications(&self, dev: &DevHandle) -> Result<Vec<Vec<u8>>, Sar> {
         const NAME: &str = "SKF_EnumApplication";
         let f = need(self.f.enum_application, NAME)?;
         read_list(NAME, |buf, len| {
@@ -354,7 +355,7 @@ impl Skf {
     }
 
     /// SKF_OpenApplication.
-    pub(crate) fn open_application(&self, dev: &DevHandle, name: &str) -> Result<AppHandle, Sar> {
+    pub(crate) fn open_application(&self, dev: &DevHandle, name: &[u8]) -> Result<AppHandle, Sar> {
         const NAME: &str = "SKF_OpenApplication";
         let f = need(self.f.open_application, NAME)?;
         let name = c_string(NAME, name)?;
@@ -374,7 +375,7 @@ impl Skf {
     }
 
     /// SKF_EnumContainer.
-    pub(crate) fn containers(&self, app: &AppHandle) -> Result<Vec<String>, Sar> {
+    pub(crate) fn containers(&self, app: &AppHandle) -> Result<Vec<Vec<u8>>, Sar> {
         const NAME: &str = "SKF_EnumContainer";
         let f = need(self.f.enum_container, NAME)?;
         read_list(NAME, |buf, len| {
@@ -387,7 +388,7 @@ impl Skf {
     pub(crate) fn open_container(
         &self,
         app: &AppHandle,
-        name: &str,
+        name: &[u8],
     ) -> Result<ContainerHandle, Sar> {
         const NAME: &str = "SKF_OpenContainer";
         let f = need(self.f.open_container, NAME)?;
@@ -646,7 +647,7 @@ fn log_close(function: &'static str, rv: Ulong) {
     }
 }
 
-fn c_string(function: &'static str, s: &str) -> Result<CString, Sar> {
+fn c_string(function: &'static str, s: &[u8]) -> Result<CString, Sar> {
     CString::new(s).map_err(|_| Sar {
         function,
         code: 0x0A00_0006, // SAR_INVALIDPARAMERR
@@ -699,18 +700,17 @@ fn read_bytes(
 fn read_list(
     function: &'static str,
     call: impl FnMut(*mut u8, *mut Ulong) -> Ulong,
-) -> Result<Vec<String>, Sar> {
+) -> Result<Vec<Vec<u8>>, Sar> {
     let bytes = read_bytes(function, call)?;
     Ok(split_list(&bytes))
 }
 
-/// `a\0bc\0\0` → ["a", "bc"]; stops at the first empty name; lossy for non-UTF-8 names
-/// (vendors use ASCII or GBK; a GBK name is shown with replacement characters).
-pub(crate) fn split_list(bytes: &[u8]) -> Vec<String> {
+/// `a\0bc\0\0` → ["a", "bc"]; stops at the first empty name. Names stay bytes.
+pub(crate) fn split_list(bytes: &[u8]) -> Vec<Vec<u8>> {
     bytes
         .split(|&b| b == 0)
         .take_while(|name| !name.is_empty())
-        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .map(<[u8]>::to_vec)
         .collect()
 }
 
@@ -726,9 +726,13 @@ mod tests {
 
     #[test]
     fn name_lists_split_at_nul_and_stop_at_the_double_nul() {
-        assert_eq!(split_list(b"dev0\0dev1\0\0junk"), vec!["dev0", "dev1"]);
-        assert_eq!(split_list(b"\0"), Vec::<String>::new());
-        assert_eq!(split_list(b""), Vec::<String>::new());
+        assert_eq!(
+            split_list(b"dev0\0\xd5\xc5\0\0junk"),
+            vec![b"dev0".to_vec(), b"\xd5\xc5".to_vec()],
+            "a GBK name stays as it was"
+        );
+        assert_eq!(split_list(b"\0"), Vec::<Vec<u8>>::new());
+        assert_eq!(split_list(b""), Vec::<Vec<u8>>::new());
     }
 
     #[test]

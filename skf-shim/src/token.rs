@@ -75,19 +75,25 @@ impl FromStr for TokenId {
 }
 
 /// An application on a token: the unit an SKF user PIN belongs to.
-/// String form: `skf-…/<hex of the application name>`.
+/// String form: `skf-…/<hex of the application name's bytes>`. The name is kept as the library
+/// gave it (ASCII, UTF-8 or GBK), so it goes back to the library byte for byte.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ApplicationId {
     token: TokenId,
-    name: String,
+    name: Vec<u8>,
 }
 
 impl ApplicationId {
     /// The application `name` on `token`.
     pub fn new(token: TokenId, name: &str) -> ApplicationId {
+        ApplicationId::from_raw(token, name.as_bytes())
+    }
+
+    /// The application whose name is these bytes.
+    pub fn from_raw(token: TokenId, name: &[u8]) -> ApplicationId {
         ApplicationId {
             token,
-            name: name.to_owned(),
+            name: name.to_vec(),
         }
     }
 
@@ -96,15 +102,20 @@ impl ApplicationId {
         &self.token
     }
 
-    /// The application's name as the library reports it.
-    pub fn name(&self) -> &str {
+    /// The application's name for display (non-UTF-8 bytes replaced).
+    pub fn name(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+
+    /// The name's bytes, as the library reported them.
+    pub fn raw_name(&self) -> &[u8] {
         &self.name
     }
 }
 
 impl fmt::Display for ApplicationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.token, hex::encode(self.name.as_bytes()))
+        write!(f, "{}/{}", self.token, hex::encode(&self.name))
     }
 }
 
@@ -121,11 +132,13 @@ impl FromStr for ApplicationId {
     }
 }
 
-/// Decodes a hex-encoded, non-empty UTF-8 name.
-pub(crate) fn hex_name(h: &str) -> Option<String> {
+/// Decodes a hex-encoded, non-empty name (lowercase hex, as we write it).
+pub(crate) fn hex_name(h: &str) -> Option<Vec<u8>> {
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
     let bytes = hex::decode(h).ok()?;
-    let name = String::from_utf8(bytes).ok()?;
-    (!name.is_empty()).then_some(name)
+    (!bytes.is_empty()).then_some(bytes)
 }
 
 /// A device as SKF_GetDevInfo describes it.
@@ -133,7 +146,7 @@ pub(crate) fn hex_name(h: &str) -> Option<String> {
 pub struct TokenInfo {
     /// Stable id.
     pub id: TokenId,
-    /// The device name SKF_EnumDev gave (may change between insertions).
+    /// The device name SKF_EnumDev gave, for display (may change between insertions).
     pub device_name: String,
     /// DEVINFO.Label.
     pub label: String,
@@ -201,7 +214,11 @@ mod tests {
     #[test]
     fn application_ids_round_trip_any_name() {
         let t = TokenId::derive(Path::new("/l.so"), "S", "", "");
-        let app = ApplicationId::new(t, "应用/1");
+        let app = ApplicationId::new(t.clone(), "应用/1");
         assert_eq!(app.to_string().parse::<ApplicationId>(), Ok(app));
+        // GBK bytes (not UTF-8) survive the round trip exactly.
+        let gbk = ApplicationId::from_raw(t, b"\xd3\xa6\xd3\xc3");
+        assert_eq!(gbk.to_string().parse::<ApplicationId>(), Ok(gbk.clone()));
+        assert_eq!(gbk.raw_name(), b"\xd3\xa6\xd3\xc3");
     }
 }

@@ -98,10 +98,11 @@ fn open(path: &Path) -> Result<Skf, Error> {
 
 /// A connected device and the applications opened on it.
 struct Device {
-    name: String,
+    /// SKF_EnumDev's name, as bytes (it goes back to SKF_ConnectDev as is).
+    name: Vec<u8>,
     handle: DevHandle,
     info: DeviceInfo,
-    apps: HashMap<String, AppHandle>,
+    apps: HashMap<Vec<u8>, AppHandle>,
 }
 
 struct Worker {
@@ -190,7 +191,7 @@ impl Worker {
                     }
                 }
                 // Pulled between SKF_EnumDev and SKF_ConnectDev, or not a usable device.
-                Err(e) => tracing::debug!(device = %name, error = %e, "device skipped"),
+                Err(e) => tracing::debug!(device = %show(&name), error = %e, "device skipped"),
             }
         }
         Ok(out)
@@ -205,7 +206,7 @@ impl Worker {
         .map_err(|e| self.failed(token, e))?;
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            let id = ApplicationId::new(token.clone(), &name);
+            let id = ApplicationId::from_raw(token.clone(), &name);
             let pin = self.pin_status(&id)?;
             out.push(ApplicationInfo { id, pin });
         }
@@ -239,7 +240,7 @@ impl Worker {
         let skf = Arc::clone(&self.skf);
         let mut out = Vec::new();
         for app_name in apps {
-            let app = ApplicationId::new(token.clone(), &app_name);
+            let app = ApplicationId::from_raw(token.clone(), &app_name);
             let containers = {
                 let handle = self.app(&app)?;
                 skf.containers(handle)
@@ -251,7 +252,7 @@ impl Worker {
                     Ok(None) => {}
                     Err(e) if e.is_removal() => return Err(e),
                     Err(e) => {
-                        tracing::debug!(container = %name, error = %e, "container skipped");
+                        tracing::debug!(container = %show(&name), error = %e, "container skipped");
                     }
                 }
             }
@@ -263,7 +264,7 @@ impl Worker {
     fn container_certificate(
         &mut self,
         app: &ApplicationId,
-        name: &str,
+        name: &[u8],
     ) -> Result<Option<CertificateInfo>, Error> {
         let token = app.token().clone();
         let skf = Arc::clone(&self.skf);
@@ -272,7 +273,7 @@ impl Worker {
             skf.open_container(handle, name)
         }
         .map_err(|e| self.failed(&token, e))?;
-        let result = read_container(&skf, &c, CertificateId::new(app.clone(), name));
+        let result = read_container(&skf, &c, CertificateId::from_raw(app.clone(), name));
         skf.close_container(c);
         result.map_err(|e| match e {
             ContainerError::Sar(sar) => self.failed(&token, sar),
@@ -355,7 +356,7 @@ impl Worker {
         self.find(&token)?;
         let c = {
             let handle = self.app(&app)?;
-            skf.open_container(handle, req.certificate.container())
+            skf.open_container(handle, req.certificate.raw_container())
         }
         .map_err(|e| self.failed(&token, e))?;
         let result = self.sign_in(&c, req, cancel);
@@ -474,7 +475,7 @@ impl Worker {
     // ---- handles ----
 
     /// Connects device `name` and remembers it under its token id.
-    fn connect(&mut self, name: &str) -> Result<TokenId, Error> {
+    fn connect(&mut self, name: &[u8]) -> Result<TokenId, Error> {
         let handle = self.skf.connect_dev(name).map_err(from_sar)?;
         let info = match self.skf.dev_info(&handle) {
             Ok(info) => info,
@@ -490,7 +491,7 @@ impl Worker {
         self.devices.insert(
             id.clone(),
             Device {
-                name: name.to_owned(),
+                name: name.to_vec(),
                 handle,
                 info,
                 apps: HashMap::new(),
@@ -538,18 +539,20 @@ impl Worker {
             .devices
             .get_mut(app.token())
             .ok_or_else(|| Error::TokenNotFound(app.token().clone()))?;
-        if !d.apps.contains_key(app.name()) {
-            let handle = skf.open_application(&d.handle, app.name()).map_err(|sar| {
-                if sar.code == 0x0A00_002E {
-                    Error::ApplicationNotFound(app.clone())
-                } else {
-                    from_sar(sar)
-                }
-            })?;
-            d.apps.insert(app.name().to_owned(), handle);
+        if !d.apps.contains_key(app.raw_name()) {
+            let handle = skf
+                .open_application(&d.handle, app.raw_name())
+                .map_err(|sar| {
+                    if sar.code == 0x0A00_002E {
+                        Error::ApplicationNotFound(app.clone())
+                    } else {
+                        from_sar(sar)
+                    }
+                })?;
+            d.apps.insert(app.raw_name().to_vec(), handle);
         }
         d.apps
-            .get(app.name())
+            .get(app.raw_name())
             .ok_or_else(|| Error::ApplicationNotFound(app.clone()))
     }
 
@@ -587,10 +590,15 @@ impl Worker {
     }
 }
 
+/// A name for display and logs.
+fn show(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
 fn describe(id: &TokenId, d: &Device) -> TokenInfo {
     TokenInfo {
         id: id.clone(),
-        device_name: d.name.clone(),
+        device_name: show(&d.name),
         label: d.info.label.clone(),
         manufacturer: d.info.manufacturer.clone(),
         issuer: d.info.issuer.clone(),

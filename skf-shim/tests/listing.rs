@@ -4,7 +4,9 @@
 mod soft_skf;
 
 use skf_shim::{CertificateId, KeyAlgorithm, KeyUsage, Library};
-use soft_skf::{SoftSkf, APP, DEVICE, MAX_RETRIES, RSA_CONTAINER, SM2_CONTAINER, SPARE_DEVICE};
+use soft_skf::{
+    SoftSkf, APP, DEVICE, GBK_CONTAINER, MAX_RETRIES, RSA_CONTAINER, SM2_CONTAINER, SPARE_DEVICE,
+};
 
 #[test]
 fn only_the_plugged_in_device_is_a_token() {
@@ -36,8 +38,18 @@ fn the_application_reports_its_pin_state() {
 fn certificates_are_parsed_with_their_key_and_encryption_certificate() {
     let skf = SoftSkf::new();
     let certs = skf.library.certificates(None).expect("certificates");
-    let names: Vec<&str> = certs.iter().map(|c| c.id.container()).collect();
-    assert_eq!(names, vec![RSA_CONTAINER, SM2_CONTAINER]);
+    let names: Vec<Vec<u8>> = certs
+        .iter()
+        .map(|c| c.id.raw_container().to_vec())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            RSA_CONTAINER.as_bytes().to_vec(),
+            SM2_CONTAINER.as_bytes().to_vec(),
+            GBK_CONTAINER.to_vec(),
+        ]
+    );
 
     let sm2 = skf.certificate(SM2_CONTAINER);
     assert_eq!(sm2.key_algorithm, KeyAlgorithm::Sm2);
@@ -97,4 +109,27 @@ fn a_plugged_in_spare_key_is_listed_with_its_own_id() {
         .expect("certificates");
     assert_eq!(certs.len(), 1);
     assert_eq!(certs[0].holder, "李四");
+}
+
+#[test]
+fn a_container_named_in_gbk_keeps_its_bytes_and_has_no_encryption_certificate() {
+    let skf = SoftSkf::new();
+    let cert = skf
+        .library
+        .certificates(Some(&skf.token))
+        .expect("certificates")
+        .into_iter()
+        .find(|c| c.holder == "王五")
+        .expect("the GBK-named container is listed");
+    assert_eq!(cert.id.raw_container(), GBK_CONTAINER);
+    assert!(
+        cert.id.container().contains('\u{FFFD}'),
+        "shown lossily, used exactly"
+    );
+    assert_eq!(
+        cert.encryption_certificate, None,
+        "a single-certificate container"
+    );
+    let parsed: CertificateId = cert.id.to_string().parse().expect("id parses");
+    assert_eq!(parsed.raw_container(), GBK_CONTAINER);
 }

@@ -285,3 +285,37 @@ fn sm2_with_an_rsa_key_is_refused_before_signing() {
         0
     );
 }
+
+#[test]
+fn a_gbk_named_container_signs_through_its_exact_name() {
+    let skf = SoftSkf::new();
+    skf.verify_right_pin();
+    let cert = skf
+        .library
+        .certificates(Some(&skf.token))
+        .expect("certificates")
+        .into_iter()
+        .find(|c| c.id.raw_container() == soft_skf::GBK_CONTAINER)
+        .expect("listed");
+    // Through the id's string form, as the agent will hold it.
+    let id = cert.id.to_string().parse().expect("id parses");
+    let sigs = skf
+        .library
+        .sign(
+            SignRequest {
+                certificate: id,
+                algorithm: SignAlgorithm::sm2(Sm2Encoding::Der),
+                inputs: vec![SignInput::Message(DOC.to_vec())],
+                logout_after: false,
+            },
+            None,
+        )
+        .expect("sign");
+    let public = skf.public_key_pem("gbk-sm2-sign");
+    assert!(verify::openssl_sm2(
+        &public,
+        DEFAULT_SM2_USER_ID,
+        DOC,
+        &sigs[0]
+    ));
+}

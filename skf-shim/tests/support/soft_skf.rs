@@ -16,6 +16,8 @@ pub const SPARE_DEVICE: &str = "SKF-KEY-1";
 pub const APP: &str = "KEYPORT_APP";
 pub const SM2_CONTAINER: &str = "SM2-SIGN";
 pub const RSA_CONTAINER: &str = "RSA-SIGN";
+/// "王五的签名" in GBK: a container name that is not UTF-8.
+pub const GBK_CONTAINER: &[u8] = b"\xcd\xf5\xce\xe5\xb5\xc4\xc7\xa9\xc3\xfb";
 
 /// Serialises "set the environment, then the library's first call".
 static LOAD_LOCK: Mutex<()> = Mutex::new(());
@@ -130,7 +132,7 @@ impl SoftSkf {
             .certificates(Some(&self.token))
             .expect("certificates")
             .into_iter()
-            .find(|c| c.id.container() == container)
+            .find(|c| c.id.raw_container() == container.as_bytes())
             .unwrap_or_else(|| panic!("no certificate for {container}"))
     }
 

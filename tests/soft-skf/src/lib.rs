@@ -17,7 +17,8 @@
 pub mod abi;
 pub mod state;
 
-use std::ffi::{c_void, CStr};
+use std::ffi::{c_void, CStr, OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -64,17 +65,18 @@ fn make_handle(id: usize) -> HANDLE {
     std::ptr::without_provenance_mut::<c_void>(id)
 }
 
-/// Reads a NUL-terminated name argument.
+/// Reads a NUL-terminated name argument, as the bytes it is (names are ASCII, UTF-8 or GBK on
+/// real keys; they are file names here, which Unix keeps as bytes).
 ///
 /// # Safety
 /// `p` must be null or point to a NUL-terminated string valid for the call.
-unsafe fn name_arg<'a>(p: *const u8) -> Result<&'a str, Sar> {
+unsafe fn name_arg<'a>(p: *const u8) -> Result<&'a OsStr, Sar> {
     if p.is_null() {
         return Err(SAR_INVALIDPARAMERR);
     }
     // SAFETY: non-null and, by the caller's contract, NUL-terminated and valid for the call.
     let text = unsafe { CStr::from_ptr(p.cast()) };
-    text.to_str().map_err(|_| SAR_INVALIDPARAMERR)
+    Ok(OsStr::from_bytes(text.to_bytes()))
 }
 
 /// Writes `value` through an out-pointer.
@@ -119,7 +121,7 @@ unsafe fn put_bytes(bytes: &[u8], buf: *mut u8, len: *mut ULONG) -> Result<(), S
 }
 
 /// A name list: each name NUL-terminated, the list ended by a second NUL.
-fn name_list<I: IntoIterator<Item = String>>(names: I) -> Vec<u8> {
+fn name_list<I: IntoIterator<Item = OsString>>(names: I) -> Vec<u8> {
     let mut out = Vec::new();
     for n in names {
         out.extend_from_slice(n.as_bytes());
@@ -457,7 +459,7 @@ pub unsafe extern "system" fn SKF_WaitForDevEvent(
             return Err(SAR_INVALIDPARAMERR);
         }
         let (dev, event) = soft.wait_for_event()?;
-        let mut name = dev.clone().into_bytes();
+        let mut name = dev.clone().into_vec();
         name.push(0);
         // SAFETY: the caller's contract is put_bytes' contract.
         if let Err(e) = unsafe { put_bytes(&name, sz_dev_name, pul_dev_name_len) } {
@@ -502,7 +504,10 @@ mod tests {
 
     #[test]
     fn name_lists_end_with_a_double_nul() {
-        assert_eq!(name_list(["a".to_owned(), "bc".to_owned()]), b"a\0bc\0\0");
-        assert_eq!(name_list(Vec::<String>::new()), b"\0");
+        assert_eq!(
+            name_list([OsString::from("a"), OsString::from("bc")]),
+            b"a\0bc\0\0"
+        );
+        assert_eq!(name_list(Vec::<OsString>::new()), b"\0");
     }
 }

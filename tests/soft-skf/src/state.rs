@@ -15,6 +15,7 @@
 //! ```
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,16 +39,16 @@ pub type Sar = ULONG;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Handle {
     Device {
-        dev: String,
+        dev: OsString,
     },
     App {
-        dev: String,
-        app: String,
+        dev: OsString,
+        app: OsString,
     },
     Container {
-        dev: String,
-        app: String,
-        name: String,
+        dev: OsString,
+        app: OsString,
+        name: OsString,
     },
 }
 
@@ -58,10 +59,10 @@ pub struct Soft {
     handles: Mutex<HashMap<usize, Handle>>,
     next_handle: Mutex<usize>,
     /// Applications whose user PIN was verified (device, application).
-    logged_in: Mutex<HashSet<(String, String)>>,
+    logged_in: Mutex<HashSet<(OsString, OsString)>>,
     /// The devices SKF_WaitForDevEvent last reported as present (starts as the set present at
     /// the library's first call, so no change is lost between two waits).
-    known_present: Mutex<BTreeSet<String>>,
+    known_present: Mutex<BTreeSet<OsString>>,
     /// Bumped by SKF_CancelWaitForDevEvent: ends the waits in progress (not later ones).
     cancel_generation: AtomicU64,
 }
@@ -103,28 +104,28 @@ impl Soft {
         self.root.join("devices")
     }
 
-    fn device_dir(&self, dev: &str) -> PathBuf {
+    fn device_dir(&self, dev: &OsStr) -> PathBuf {
         self.devices_dir().join(dev)
     }
 
     /// Every provisioned device, present or not.
-    pub fn all_devices(&self) -> BTreeSet<String> {
+    pub fn all_devices(&self) -> BTreeSet<OsString> {
         list_dirs(&self.devices_dir())
     }
 
-    pub fn present_devices(&self) -> BTreeSet<String> {
+    pub fn present_devices(&self) -> BTreeSet<OsString> {
         self.all_devices()
             .into_iter()
             .filter(|d| self.is_present(d))
             .collect()
     }
 
-    pub fn is_present(&self, dev: &str) -> bool {
+    pub fn is_present(&self, dev: &OsStr) -> bool {
         self.device_dir(dev).join("present").exists()
     }
 
     /// Checks that `dev` is plugged in; if not, its logins are gone (as on a real key).
-    fn require_present(&self, dev: &str) -> Result<(), Sar> {
+    fn require_present(&self, dev: &OsStr) -> Result<(), Sar> {
         if self.is_present(dev) {
             Ok(())
         } else {
@@ -133,7 +134,7 @@ impl Soft {
         }
     }
 
-    pub fn connect(&self, name: &str) -> Result<usize, Sar> {
+    pub fn connect(&self, name: &OsStr) -> Result<usize, Sar> {
         if !self.all_devices().contains(name) {
             return Err(SAR_INVALIDPARAMERR);
         }
@@ -204,14 +205,14 @@ impl Soft {
             .ok_or(SAR_INVALIDHANDLEERR)
     }
 
-    fn device_of(&self, handle: usize) -> Result<String, Sar> {
+    fn device_of(&self, handle: usize) -> Result<OsString, Sar> {
         match self.get(handle)? {
             Handle::Device { dev } => Ok(dev),
             _ => Err(SAR_INVALIDHANDLEERR),
         }
     }
 
-    fn app_of(&self, handle: usize) -> Result<(String, String), Sar> {
+    fn app_of(&self, handle: usize) -> Result<(OsString, OsString), Sar> {
         match self.get(handle)? {
             Handle::App { dev, app } => Ok((dev, app)),
             _ => Err(SAR_INVALIDHANDLEERR),
@@ -231,11 +232,11 @@ impl Soft {
 
     // ---- applications ----
 
-    fn app_dir(&self, dev: &str, app: &str) -> PathBuf {
+    fn app_dir(&self, dev: &OsStr, app: &OsStr) -> PathBuf {
         self.device_dir(dev).join("apps").join(app)
     }
 
-    pub fn applications(&self, handle: usize) -> Result<Vec<String>, Sar> {
+    pub fn applications(&self, handle: usize) -> Result<Vec<OsString>, Sar> {
         let dev = self.device_of(handle)?;
         self.require_present(&dev)?;
         Ok(list_dirs(&self.device_dir(&dev).join("apps"))
@@ -243,7 +244,7 @@ impl Soft {
             .collect())
     }
 
-    pub fn open_application(&self, handle: usize, app: &str) -> Result<usize, Sar> {
+    pub fn open_application(&self, handle: usize, app: &OsStr) -> Result<usize, Sar> {
         let dev = self.device_of(handle)?;
         self.require_present(&dev)?;
         if app.is_empty() {
@@ -258,7 +259,7 @@ impl Soft {
         }))
     }
 
-    pub fn containers(&self, handle: usize) -> Result<Vec<String>, Sar> {
+    pub fn containers(&self, handle: usize) -> Result<Vec<OsString>, Sar> {
         let (dev, app) = self.app_of(handle)?;
         self.require_present(&dev)?;
         Ok(list_dirs(&self.app_dir(&dev, &app).join("containers"))
@@ -266,7 +267,7 @@ impl Soft {
             .collect())
     }
 
-    pub fn open_container(&self, handle: usize, name: &str) -> Result<usize, Sar> {
+    pub fn open_container(&self, handle: usize, name: &OsStr) -> Result<usize, Sar> {
         let (dev, app) = self.app_of(handle)?;
         self.require_present(&dev)?;
         if !self
@@ -286,11 +287,11 @@ impl Soft {
 
     // ---- PIN ----
 
-    fn pin_file(&self, dev: &str, app: &str) -> PathBuf {
+    fn pin_file(&self, dev: &OsStr, app: &OsStr) -> PathBuf {
         self.app_dir(dev, app).join("pin.conf")
     }
 
-    fn read_pin(&self, dev: &str, app: &str) -> Result<PinState, Sar> {
+    fn read_pin(&self, dev: &OsStr, app: &OsStr) -> Result<PinState, Sar> {
         let conf = read_conf(&self.pin_file(dev, app))?;
         let num = |k: &str| -> Result<u32, Sar> {
             conf.get(k).and_then(|v| v.parse().ok()).ok_or(SAR_FILEERR)
@@ -303,7 +304,7 @@ impl Soft {
         })
     }
 
-    fn write_pin(&self, dev: &str, app: &str, pin: &PinState) -> Result<(), Sar> {
+    fn write_pin(&self, dev: &OsStr, app: &OsStr, pin: &PinState) -> Result<(), Sar> {
         let text = format!(
             "user_pin={}\nmax_retries={}\nremaining={}\ndefault_pin={}\n",
             pin.user_pin,
@@ -479,7 +480,7 @@ impl Soft {
 
     /// A device that hangs in a signature (a stuck driver, a key waiting for a button): blocks
     /// while `hang_sign` exists, with a `hanging` marker so a test knows the call is inside.
-    fn hang_while_asked(&self, dev: &str) {
+    fn hang_while_asked(&self, dev: &OsStr) {
         let switch = self.device_dir(dev).join("hang_sign");
         if !switch.exists() {
             return;
@@ -495,7 +496,7 @@ impl Soft {
     }
 
     /// Counts down `remove_after_signs`; at zero the key is pulled (its `present` file goes).
-    fn count_signature(&self, dev: &str) -> Result<(), Sar> {
+    fn count_signature(&self, dev: &OsStr) -> Result<(), Sar> {
         let file = self.device_dir(dev).join("remove_after_signs");
         let Ok(text) = std::fs::read_to_string(&file) else {
             return Ok(());
@@ -515,7 +516,7 @@ impl Soft {
 
     /// Blocks until a device is inserted or removed (compared with the last reported set), or
     /// the wait is cancelled. `Ok((device, event))`.
-    pub fn wait_for_event(&self) -> Result<(String, ULONG), Sar> {
+    pub fn wait_for_event(&self) -> Result<(OsString, ULONG), Sar> {
         let generation = self.cancel_generation.load(Ordering::SeqCst);
         loop {
             if self.cancel_generation.load(Ordering::SeqCst) != generation {
@@ -530,7 +531,7 @@ impl Soft {
 
     /// The first difference between the devices present now and the last reported set; it
     /// becomes part of the reported set.
-    fn next_event(&self) -> Option<(String, ULONG)> {
+    fn next_event(&self) -> Option<(OsString, ULONG)> {
         let now = self.present_devices();
         let mut known = lock(&self.known_present);
         if let Some(added) = now.difference(&known).next().cloned() {
@@ -546,7 +547,7 @@ impl Soft {
     }
 
     /// Puts an event back (the caller's buffer was too small for its name).
-    pub fn unreport(&self, dev: &str, event: ULONG) {
+    pub fn unreport(&self, dev: &OsStr, event: ULONG) {
         let mut known = lock(&self.known_present);
         if event == EVENT_INSERTED {
             known.remove(dev);
@@ -576,8 +577,8 @@ enum Kind {
 
 #[derive(Debug)]
 struct Container {
-    dev: String,
-    app: String,
+    dev: OsString,
+    app: OsString,
     dir: PathBuf,
 }
 
@@ -627,14 +628,14 @@ fn as_bytes<T: Copy>(value: &T) -> Vec<u8> {
     out
 }
 
-fn list_dirs(dir: &Path) -> BTreeSet<String> {
+fn list_dirs(dir: &Path) -> BTreeSet<OsString> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return BTreeSet::new();
     };
     entries
         .filter_map(Result::ok)
         .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok())
+        .map(|e| e.file_name())
         .collect()
 }
 
