@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::certificate::CertificateId;
-use crate::ffi::{Sar, Ulong};
+use crate::ffi::{Sar, SAR_DEVICE_REMOVED, SAR_PIN_INCORRECT, SAR_PIN_LOCKED};
 use crate::token::{ApplicationId, TokenId};
 
 /// Everything that can go wrong in the shim, shaped so that a caller can act on it.
@@ -125,12 +125,6 @@ impl Error {
         matches!(self, Error::TokenNotPresent)
     }
 }
-
-pub(crate) const SAR_DEVICE_REMOVED: Ulong = 0x0A00_0023;
-pub(crate) const SAR_INVALIDHANDLEERR: Ulong = 0x0A00_0005;
-pub(crate) const SAR_PIN_INCORRECT: Ulong = 0x0A00_0024;
-pub(crate) const SAR_PIN_LOCKED: Ulong = 0x0A00_0025;
-pub(crate) const SAR_USER_NOT_LOGGED_IN: Ulong = 0x0A00_002D;
 
 /// The one translation from an SKF return code into our error. PIN answers are translated by
 /// [`pin_failure`]; `SAR_USER_NOT_LOGGED_IN` needs the application and is mapped by the caller.
@@ -273,7 +267,7 @@ mod tests {
     fn errors_name_the_function_and_the_code() {
         let e = from_sar(Sar {
             function: "SKF_ECCSignData",
-            code: 0x0A00_0010,
+            code: crate::ffi::SAR_INDATALENERR,
         });
         assert_eq!(
             e.to_string(),

@@ -33,8 +33,22 @@ pub(crate) struct Sar {
     pub(crate) code: Ulong,
 }
 
+/// The return codes the shim itself tests for or reports (GM/T 0016-2012 Appendix A).
 pub(crate) const SAR_OK: Ulong = 0;
+pub(crate) const SAR_NOTSUPPORTYETERR: Ulong = 0x0A00_0003;
+pub(crate) const SAR_INVALIDHANDLEERR: Ulong = 0x0A00_0005;
+pub(crate) const SAR_INVALIDPARAMERR: Ulong = 0x0A00_0006;
+pub(crate) const SAR_INDATALENERR: Ulong = 0x0A00_0010;
+pub(crate) const SAR_INDATAERR: Ulong = 0x0A00_0011;
+pub(crate) const SAR_CERTNOTFOUNTERR: Ulong = 0x0A00_001C;
 pub(crate) const SAR_BUFFER_TOO_SMALL: Ulong = 0x0A00_0020;
+pub(crate) const SAR_DEVICE_REMOVED: Ulong = 0x0A00_0023;
+pub(crate) const SAR_PIN_INCORRECT: Ulong = 0x0A00_0024;
+pub(crate) const SAR_PIN_LOCKED: Ulong = 0x0A00_0025;
+pub(crate) const SAR_PIN_INVALID: Ulong = 0x0A00_0026;
+pub(crate) const SAR_USER_NOT_LOGGED_IN: Ulong = 0x0A00_002D;
+pub(crate) const SAR_APPLICATION_NOT_EXISTS: Ulong = 0x0A00_002E;
+pub(crate) const SAR_FILE_NOT_EXIST: Ulong = 0x0A00_0031;
 
 const TRUE: Bool = 1;
 const FALSE: Bool = 0;
@@ -449,7 +463,7 @@ impl Skf {
         check(NAME, rv)?;
         let bad = Sar {
             function: NAME,
-            code: 0x0A00_0011, // SAR_INDATAERR: the blob is not a 256-bit point
+            code: SAR_INDATAERR, // the blob is not a 256-bit point
         };
         let bit_len = blob.bit_len;
         if bit_len != 256 || blob.x[..32].iter().chain(&blob.y[..32]).any(|&b| b != 0) {
@@ -493,7 +507,7 @@ impl Skf {
         if pin.as_bytes().contains(&0) {
             return Err(Sar {
                 function: NAME,
-                code: 0x0A00_0026, // SAR_PIN_INVALID
+                code: SAR_PIN_INVALID,
             });
         }
         let mut c_pin: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::with_capacity(pin.len() + 1));
@@ -544,7 +558,7 @@ impl Skf {
             // A value wider than the SM2 order: not an SM2 signature.
             return Err(Sar {
                 function: NAME,
-                code: 0x0A00_0011,
+                code: SAR_INDATAERR,
             });
         }
         let mut out = ([0u8; 32], [0u8; 32]);
@@ -559,7 +573,7 @@ impl Skf {
         let f = need(self.f.rsa_sign_data, NAME)?;
         let data_len = Ulong::try_from(data.len()).map_err(|_| Sar {
             function: NAME,
-            code: 0x0A00_0010, // SAR_INDATALENERR
+            code: SAR_INDATALENERR,
         })?;
         // One call with a buffer for the largest RSA key the standard allows (4096 bits);
         // vendors differ on whether a NULL output is a length query.
@@ -610,10 +624,10 @@ impl Skf {
 }
 
 fn need<F>(f: Option<F>, function: &'static str) -> Result<F, Sar> {
-    // SAR_NOTSUPPORTYETERR: the library does not export the function.
+    // The library does not export the function.
     f.ok_or(Sar {
         function,
-        code: 0x0A00_0003,
+        code: SAR_NOTSUPPORTYETERR,
     })
 }
 
@@ -627,10 +641,10 @@ fn check(function: &'static str, rv: Ulong) -> Result<(), Sar> {
 
 fn non_null(function: &'static str, h: RawHandle) -> Result<RawHandle, Sar> {
     if h.is_null() {
-        // SAR_INVALIDHANDLEERR: success with no handle.
+        // Success with no handle.
         Err(Sar {
             function,
-            code: 0x0A00_0005,
+            code: SAR_INVALIDHANDLEERR,
         })
     } else {
         Ok(h)
@@ -650,7 +664,7 @@ fn log_close(function: &'static str, rv: Ulong) {
 fn c_string(function: &'static str, s: &[u8]) -> Result<CString, Sar> {
     CString::new(s).map_err(|_| Sar {
         function,
-        code: 0x0A00_0006, // SAR_INVALIDPARAMERR
+        code: SAR_INVALIDPARAMERR,
     })
 }
 

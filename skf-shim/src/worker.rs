@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use crate::algorithm::{digest_info, sm2_e, sm2_signature, SignAlgorithm, SignInput, SignRequest};
 use crate::certificate::{CertificateId, CertificateInfo, KeyAlgorithm, ParsedCertificate};
-use crate::error::{
-    from_sar, pin_failure, Error, SignFailure, SAR_INVALIDHANDLEERR, SAR_USER_NOT_LOGGED_IN,
-};
+use crate::error::{from_sar, pin_failure, Error, SignFailure};
 use crate::ffi::{
     AppHandle, ContainerHandle, ContainerType, DevHandle, DeviceInfo, Sar, Skf, Verify,
+    SAR_APPLICATION_NOT_EXISTS, SAR_CERTNOTFOUNTERR, SAR_FILE_NOT_EXIST, SAR_INVALIDHANDLEERR,
+    SAR_USER_NOT_LOGGED_IN,
 };
 use crate::library::{Pace, Request};
 use crate::token::{ApplicationId, ApplicationInfo, PinStatus, TokenId, TokenInfo};
@@ -543,7 +543,7 @@ impl Worker {
             let handle = skf
                 .open_application(&d.handle, app.raw_name())
                 .map_err(|sar| {
-                    if sar.code == 0x0A00_002E {
+                    if sar.code == SAR_APPLICATION_NOT_EXISTS {
                         Error::ApplicationNotFound(app.clone())
                     } else {
                         from_sar(sar)
@@ -637,7 +637,9 @@ fn read_container(
     let der = match skf.certificate(c, true) {
         Ok(der) if !der.is_empty() => der,
         Ok(_) => return Ok(None),
-        Err(sar) if sar.code == 0x0A00_001C || sar.code == 0x0A00_0031 => return Ok(None),
+        Err(sar) if sar.code == SAR_CERTNOTFOUNTERR || sar.code == SAR_FILE_NOT_EXIST => {
+            return Ok(None)
+        }
         Err(sar) => return Err(sar.into()),
     };
     let parsed = ParsedCertificate::parse(&der)?;
