@@ -15,7 +15,8 @@ pub enum Error {
     PinIncorrect {
         /// The retry count SKF_VerifyPIN reported.
         retries_left: u32,
-        /// Few tries left (at most half of the maximum, or 2 or fewer): warn the user.
+        /// Fewer tries left than a fresh PIN has: at least one wrong PIN since the last right
+        /// one (the meaning of PKCS#11's CKF_USER_PIN_COUNT_LOW, so both back ends warn alike).
         count_low: bool,
         /// One try left: the next wrong PIN locks the key.
         final_try: bool,
@@ -152,10 +153,15 @@ pub(crate) fn pin_failure(sar: Sar, retries_left: u32, max_retries: u32) -> Erro
     }
 }
 
-/// "Few tries left": 2 or fewer, or at most half of the maximum (a key with 3 tries is low
-/// after the first wrong PIN; one with 10 after the fifth).
+/// "The count is low": fewer tries left than the maximum, i.e. a wrong PIN was entered since the
+/// last right one — PKCS#11's CKF_USER_PIN_COUNT_LOW, from SKF's exact counts. A library that
+/// reports no maximum (0) is low at 2 tries or fewer.
 pub(crate) fn count_low(retries_left: u32, max_retries: u32) -> bool {
-    retries_left <= 2 || (max_retries > 0 && retries_left.saturating_mul(2) <= max_retries)
+    if max_retries == 0 {
+        retries_left <= 2
+    } else {
+        retries_left < max_retries
+    }
 }
 
 /// The standard's name of a return code ("SAR_PIN_INCORRECT"), or "SAR_(unknown)".
@@ -232,11 +238,13 @@ mod tests {
         match pin_failure(sar(SAR_PIN_INCORRECT), 5, 6) {
             Error::PinIncorrect {
                 retries_left: 5,
-                count_low: false,
+                count_low: true,
                 final_try: false,
             } => {}
             other => panic!("unexpected {other:?}"),
         }
+        assert!(!count_low(6, 6), "untouched");
+        assert!(!count_low(5, 0) && count_low(2, 0), "no maximum reported");
         match pin_failure(sar(SAR_PIN_INCORRECT), 3, 6) {
             Error::PinIncorrect {
                 count_low: true,

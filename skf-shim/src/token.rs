@@ -167,7 +167,7 @@ pub struct PinStatus {
     pub retries_left: u32,
     /// The PIN is still the issuer's default.
     pub default_pin: bool,
-    /// Few tries left (see [`crate::Error::PinIncorrect`]).
+    /// A wrong PIN was entered since the last right one (see [`crate::Error::PinIncorrect`]).
     pub count_low: bool,
     /// One try left.
     pub final_try: bool,

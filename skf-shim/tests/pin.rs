@@ -22,7 +22,8 @@ fn wrong_then_right_pin_is_two_verify_calls() {
             final_try,
         }) => {
             assert_eq!(retries_left, MAX_RETRIES - 1);
-            assert!(!count_low && !final_try);
+            assert!(count_low, "a wrong PIN since the last right one");
+            assert!(!final_try);
         }
         other => panic!("expected PinIncorrect, got {other:?}"),
     }
@@ -42,6 +43,7 @@ fn wrong_then_right_pin_is_two_verify_calls() {
     // The right PIN resets the counter.
     let status = skf.library.pin_status(&app).expect("status");
     assert_eq!(status.retries_left, MAX_RETRIES);
+    assert!(!status.count_low, "a right PIN resets the count");
 }
 
 #[test]
@@ -60,12 +62,12 @@ fn the_retry_count_goes_low_then_final_then_locked() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // 6 tries: low from half (3 left), final at 1, locked by the sixth wrong PIN.
+    // 6 tries: low from the first wrong PIN, final at 1, locked by the sixth wrong PIN.
     assert_eq!(
         seen,
         vec![
-            (5, false, false),
-            (4, false, false),
+            (5, true, false),
+            (4, true, false),
             (3, true, false),
             (2, true, false),
             (1, true, true),
