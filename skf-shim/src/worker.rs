@@ -136,7 +136,10 @@ impl Worker {
                 let _ = reply.send(self.certificates(token.as_ref()));
             }
             Request::PinStatus { application, reply } => {
-                let _ = reply.send(self.pin_status(&application));
+                let answer = self
+                    .find(application.token())
+                    .and_then(|()| self.pin_status(&application));
+                let _ = reply.send(answer);
             }
             Request::VerifyPin {
                 application,
@@ -296,6 +299,8 @@ impl Worker {
     }
 
     fn verify_pin(&mut self, app: &ApplicationId, pin: &str) -> Result<(), Error> {
+        // Probe first: a key pulled and plugged in again has new handles, not an error.
+        self.find(app.token())?;
         let skf = Arc::clone(&self.skf);
         let info = {
             let handle = self.app(app)?;

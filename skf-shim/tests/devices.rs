@@ -131,3 +131,21 @@ fn events_and_signing_run_side_by_side() {
     assert_eq!(sigs[0].len(), 64);
     assert!(events.try_recv().is_none());
 }
+
+#[test]
+fn a_key_plugged_in_again_takes_a_pin_at_once() {
+    // The worker holds handles of the first insertion; the PIN after reinsertion must reach
+    // the key (one SKF_VerifyPIN), not fail on the dead handles.
+    let skf = SoftSkf::new();
+    skf.verify_right_pin();
+    skf.set_present(DEVICE, false);
+    skf.set_present(DEVICE, true);
+    let before = skf.calls("SKF_VerifyPIN");
+    skf.verify_right_pin();
+    assert_eq!(skf.calls("SKF_VerifyPIN"), before + 1);
+    let status = skf
+        .library
+        .pin_status(&skf.app())
+        .expect("status after reinsertion");
+    assert!(!status.locked);
+}

@@ -81,7 +81,12 @@ impl SoftSkf {
     pub fn set_present(&self, device: &str, present: bool) {
         let switch = self.device_dir(device).join("present");
         if present {
-            std::fs::write(&switch, b"").expect("plug in");
+            // A new insertion: the switch's content names it, so old handles die.
+            let insertion = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos();
+            std::fs::write(&switch, insertion.to_string()).expect("plug in");
         } else {
             std::fs::remove_file(&switch).expect("pull out");
         }

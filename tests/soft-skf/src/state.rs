@@ -3,7 +3,8 @@
 //! safe Rust; `lib.rs` does the C side.
 //!
 //! ```text
-//! ROOT/devices/<device>/present            exists = the key is plugged in
+//! ROOT/devices/<device>/present            exists = the key is plugged in; its content names
+//!                                          the insertion (handles die with it)
 //! ROOT/devices/<device>/device.conf        label= serial= manufacturer= issuer=
 //! ROOT/devices/<device>/remove_after_signs N: after N more signatures the key is "pulled"
 //! ROOT/devices/<device>/hang_sign          exists = SKF_ECCSignData / SKF_RSASignData block
@@ -36,19 +37,26 @@ const EVENT_POLL: Duration = Duration::from_millis(20);
 pub type Sar = ULONG;
 
 /// What a handle stands for.
+///
+/// Every handle remembers the insertion it was opened in (the `present` file's content): once
+/// the key is pulled its handles are dead, even after it is plugged in again (a USB device that
+/// comes back is a new device to its driver).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Handle {
     Device {
         dev: OsString,
+        insertion: Vec<u8>,
     },
     App {
         dev: OsString,
         app: OsString,
+        insertion: Vec<u8>,
     },
     Container {
         dev: OsString,
         app: OsString,
         name: OsString,
+        insertion: Vec<u8>,
     },
 }
 
@@ -124,6 +132,22 @@ impl Soft {
         self.device_dir(dev).join("present").exists()
     }
 
+    /// The current insertion of `dev` (the `present` file's content), `None` when pulled out.
+    fn insertion(&self, dev: &OsStr) -> Option<Vec<u8>> {
+        std::fs::read(self.device_dir(dev).join("present")).ok()
+    }
+
+    /// Checks that a handle's insertion is the current one; if not, the key was pulled (and
+    /// maybe plugged in again) since, and its logins are gone.
+    fn live(&self, dev: &OsStr, insertion: &[u8]) -> Result<(), Sar> {
+        if self.insertion(dev).as_deref() == Some(insertion) {
+            Ok(())
+        } else {
+            lock(&self.logged_in).retain(|(d, _)| d != dev);
+            Err(SAR_DEVICE_REMOVED)
+        }
+    }
+
     /// Checks that `dev` is plugged in; if not, its logins are gone (as on a real key).
     fn require_present(&self, dev: &OsStr) -> Result<(), Sar> {
         if self.is_present(dev) {
@@ -139,14 +163,15 @@ impl Soft {
             return Err(SAR_INVALIDPARAMERR);
         }
         self.require_present(name)?;
+        let insertion = self.insertion(name).ok_or(SAR_DEVICE_REMOVED)?;
         Ok(self.new_handle(Handle::Device {
             dev: name.to_owned(),
+            insertion,
         }))
     }
 
     pub fn device_info(&self, handle: usize) -> Result<DEVINFO, Sar> {
         let dev = self.device_of(handle)?;
-        self.require_present(&dev)?;
         let conf = read_conf(&self.device_dir(&dev).join("device.conf"))?;
         let get = |k: &str| conf.get(k).map(String::as_str).unwrap_or("");
         let mut info = DEVINFO {
@@ -189,8 +214,8 @@ impl Soft {
             .ok_or(SAR_INVALIDHANDLEERR)?;
         // Closing an application (or its device) ends its login, as the standard says.
         match &h {
-            Handle::Device { dev } => lock(&self.logged_in).retain(|(d, _)| d != dev),
-            Handle::App { dev, app } => {
+            Handle::Device { dev, .. } => lock(&self.logged_in).retain(|(d, _)| d != dev),
+            Handle::App { dev, app, .. } => {
                 lock(&self.logged_in).remove(&(dev.clone(), app.clone()));
             }
             Handle::Container { .. } => {}
@@ -205,24 +230,48 @@ impl Soft {
             .ok_or(SAR_INVALIDHANDLEERR)
     }
 
+    /// The device of a live device handle.
     fn device_of(&self, handle: usize) -> Result<OsString, Sar> {
         match self.get(handle)? {
-            Handle::Device { dev } => Ok(dev),
+            Handle::Device { dev, insertion } => {
+                self.live(&dev, &insertion)?;
+                Ok(dev)
+            }
             _ => Err(SAR_INVALIDHANDLEERR),
+        }
+    }
+
+    fn insertion_of(&self, handle: usize) -> Result<Vec<u8>, Sar> {
+        match self.get(handle)? {
+            Handle::Device { insertion, .. }
+            | Handle::App { insertion, .. }
+            | Handle::Container { insertion, .. } => Ok(insertion),
         }
     }
 
     fn app_of(&self, handle: usize) -> Result<(OsString, OsString), Sar> {
         match self.get(handle)? {
-            Handle::App { dev, app } => Ok((dev, app)),
+            Handle::App {
+                dev,
+                app,
+                insertion,
+            } => {
+                self.live(&dev, &insertion)?;
+                Ok((dev, app))
+            }
             _ => Err(SAR_INVALIDHANDLEERR),
         }
     }
 
     fn container_of(&self, handle: usize) -> Result<Container, Sar> {
         match self.get(handle)? {
-            Handle::Container { dev, app, name } => {
-                self.require_present(&dev)?;
+            Handle::Container {
+                dev,
+                app,
+                name,
+                insertion,
+            } => {
+                self.live(&dev, &insertion)?;
                 let dir = self.app_dir(&dev, &app).join("containers").join(&name);
                 Ok(Container { dev, app, dir })
             }
@@ -238,7 +287,6 @@ impl Soft {
 
     pub fn applications(&self, handle: usize) -> Result<Vec<OsString>, Sar> {
         let dev = self.device_of(handle)?;
-        self.require_present(&dev)?;
         Ok(list_dirs(&self.device_dir(&dev).join("apps"))
             .into_iter()
             .collect())
@@ -246,7 +294,6 @@ impl Soft {
 
     pub fn open_application(&self, handle: usize, app: &OsStr) -> Result<usize, Sar> {
         let dev = self.device_of(handle)?;
-        self.require_present(&dev)?;
         if app.is_empty() {
             return Err(SAR_APPLICATION_NAME_INVALID);
         }
@@ -256,12 +303,12 @@ impl Soft {
         Ok(self.new_handle(Handle::App {
             dev,
             app: app.to_owned(),
+            insertion: self.insertion_of(handle)?,
         }))
     }
 
     pub fn containers(&self, handle: usize) -> Result<Vec<OsString>, Sar> {
         let (dev, app) = self.app_of(handle)?;
-        self.require_present(&dev)?;
         Ok(list_dirs(&self.app_dir(&dev, &app).join("containers"))
             .into_iter()
             .collect())
@@ -269,7 +316,6 @@ impl Soft {
 
     pub fn open_container(&self, handle: usize, name: &OsStr) -> Result<usize, Sar> {
         let (dev, app) = self.app_of(handle)?;
-        self.require_present(&dev)?;
         if !self
             .app_dir(&dev, &app)
             .join("containers")
@@ -282,6 +328,7 @@ impl Soft {
             dev,
             app,
             name: name.to_owned(),
+            insertion: self.insertion_of(handle)?,
         }))
     }
 
@@ -318,7 +365,6 @@ impl Soft {
     /// (max retries, remaining retries, default PIN)
     pub fn pin_info(&self, handle: usize, pin_type: ULONG) -> Result<(u32, u32, bool), Sar> {
         let (dev, app) = self.app_of(handle)?;
-        self.require_present(&dev)?;
         if pin_type != USER_TYPE {
             return Err(SAR_USER_TYPE_INVALID);
         }
@@ -334,7 +380,6 @@ impl Soft {
         given: &[u8],
     ) -> Result<(), (Sar, u32)> {
         let (dev, app) = self.app_of(handle).map_err(|e| (e, 0))?;
-        self.require_present(&dev).map_err(|e| (e, 0))?;
         if pin_type != USER_TYPE {
             return Err((SAR_USER_TYPE_INVALID, 0));
         }
