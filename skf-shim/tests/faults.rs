@@ -31,10 +31,10 @@ fn a_hanging_signature_makes_other_calls_busy_then_finishes() {
     });
     skf.verify_right_pin();
     let req = one_doc(&skf, b"slow");
-    skf.hang_sign();
+    let hanging = skf.hang_sign();
     let library = skf.library.clone();
     let signer = std::thread::spawn(move || library.sign(req, None));
-    skf.wait_until_hanging(Duration::from_secs(20));
+    hanging.wait(Duration::from_secs(20));
 
     // The worker is inside SKF_ECCSignData: a listing gives up after the call timeout.
     match skf.library.tokens() {

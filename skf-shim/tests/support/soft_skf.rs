@@ -101,27 +101,30 @@ impl SoftSkf {
         .expect("write remove_after_signs");
     }
 
-    /// Makes the key's signatures hang until [`SoftSkf::release_sign`].
-    pub fn hang_sign(&self) {
+    /// Makes the key's signatures hang until [`SoftSkf::release_sign`]; returns what tells when
+    /// one is inside the library (a FIFO the library writes a line to).
+    pub fn hang_sign(&self) -> Hanging {
+        let fifo = self.device_dir(DEVICE).join("hanging");
+        let made = Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo failed");
+        // The reader waits on its own thread: opening a FIFO blocks until the writer comes.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let read = std::fs::File::open(&fifo).and_then(|f| {
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(f), &mut line)
+            });
+            let _ = tx.send(read.map(|_| line));
+        });
         std::fs::write(self.device_dir(DEVICE).join("hang_sign"), b"").expect("hang_sign");
+        Hanging(rx)
     }
 
     pub fn release_sign(&self) {
         std::fs::remove_file(self.device_dir(DEVICE).join("hang_sign")).expect("release");
-    }
-
-    /// Waits until a signature is inside the library and hanging (the library's marker file).
-    /// `bound` only limits a failure; the wait ends when the marker appears.
-    pub fn wait_until_hanging(&self, bound: std::time::Duration) {
-        let marker = self.device_dir(DEVICE).join("hanging");
-        let end = std::time::Instant::now() + bound;
-        while !marker.exists() {
-            assert!(
-                std::time::Instant::now() < end,
-                "the signature never reached the library"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
     }
 
     /// How many times `function` was called so far (the library's call log).
@@ -154,6 +157,21 @@ impl SoftSkf {
 
     pub fn cert_der(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.dir.path().join("certs").join(format!("{name}.der"))).expect("der")
+    }
+}
+
+/// Tells when a signature is inside the library and hanging.
+pub struct Hanging(std::sync::mpsc::Receiver<std::io::Result<String>>);
+
+impl Hanging {
+    /// Waits for the library's line; `bound` only limits a failure.
+    pub fn wait(&self, bound: std::time::Duration) {
+        let line = self
+            .0
+            .recv_timeout(bound)
+            .expect("the signature reached the library")
+            .expect("read the FIFO");
+        assert_eq!(line, "hanging\n");
     }
 }
 

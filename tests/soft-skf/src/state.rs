@@ -8,7 +8,8 @@
 //! ROOT/devices/<device>/device.conf        label= serial= manufacturer= issuer=
 //! ROOT/devices/<device>/remove_after_signs N: after N more signatures the key is "pulled"
 //! ROOT/devices/<device>/hang_sign          exists = SKF_ECCSignData / SKF_RSASignData block
-//!                                          (writing `hanging` beside it) until it is removed
+//!                                          until it is removed (first writing a line to the
+//!                                          FIFO `hanging` beside it, if the test made one)
 //! ROOT/devices/<device>/apps/<app>/pin.conf                 user_pin= max_retries= remaining=
 //! ROOT/devices/<device>/apps/<app>/containers/<name>/type   sm2 | rsa
 //! .../containers/<name>/sign.key.pem sign.cert.der [enc.key.pem enc.cert.der]
@@ -524,20 +525,27 @@ impl Soft {
     }
 
     /// A device that hangs in a signature (a stuck driver, a key waiting for a button): blocks
-    /// while `hang_sign` exists, with a `hanging` marker so a test knows the call is inside.
+    /// while `hang_sign` exists. If the test made a FIFO `hanging` beside it, one line is
+    /// written to it first, so the test learns that the call is inside without polling.
     fn hang_while_asked(&self, dev: &OsStr) {
         let switch = self.device_dir(dev).join("hang_sign");
         if !switch.exists() {
             return;
         }
-        let marker = self.device_dir(dev).join("hanging");
-        if let Err(e) = std::fs::write(&marker, b"") {
-            eprintln!("keyport-soft-skf: cannot write {}: {e}", marker.display());
+        let fifo = self.device_dir(dev).join("hanging");
+        if fifo.exists() {
+            // Opening a FIFO for writing waits for its reader: the test.
+            let told = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&fifo)
+                .and_then(|mut f| f.write_all(b"hanging\n"));
+            if let Err(e) = told {
+                eprintln!("keyport-soft-skf: cannot write {}: {e}", fifo.display());
+            }
         }
         while switch.exists() {
             std::thread::sleep(EVENT_POLL);
         }
-        let _ = std::fs::remove_file(&marker);
     }
 
     /// Counts down `remove_after_signs`; at zero the key is pulled (its `present` file goes).
