@@ -50,7 +50,7 @@ impl Default for ServerConfig {
     }
 }
 
-/// Resource limits (PROTOCOL.md "Limits").
+/// Resource limits (docs/protocol.md "Limits").
 ///
 /// Connections over `max_connections` in all, or over `max_connections_per_origin` for one
 /// origin, are refused before the upgrade with **503 Service Unavailable** (no body), after the

@@ -8,7 +8,7 @@ export type SignatureAlgorithm = 'RSASSA-PKCS1-v1_5' | 'RSA-PSS' | 'ECDSA' | 'Ed
 export type KeyAlgorithm = 'RSA-2048' | 'RSA-3072' | 'RSA-4096' | 'EC-P256' | 'EC-P384' | 'EC-P521' | 'Ed25519';
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
-/** Reasons sent by the agent (PROTOCOL.md, "Errors"). */
+/** Reasons sent by the agent (docs/protocol.md, "Errors"). */
 export type AgentReason =
   | 'PARSE_ERROR' | 'INVALID_REQUEST' | 'METHOD_NOT_FOUND' | 'INVALID_PARAMS'
   | 'ORIGIN_NOT_APPROVED' | 'ORIGIN_DENIED' | 'USER_CANCELLED' | 'PIN_INCORRECT' | 'PIN_LOCKED'

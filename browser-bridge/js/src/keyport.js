@@ -1,4 +1,4 @@
-// KeyPort browser client, protocol v1 (see PROTOCOL.md in the KeyPort repository).
+// KeyPort browser client, protocol v1 (see docs/protocol.md in the KeyPort repository).
 //
 // One `KeyPort` object holds one WebSocket to the local agent. Requests are JSON-RPC 2.0 with
 // ids counting up from 1 for the life of the object; answers are matched by id; events
@@ -12,7 +12,7 @@ export const DEFAULT_URL = 'ws://127.0.0.1:47333/v1';
 /** The protocol version this client speaks. */
 export const PROTOCOL_VERSION = 1;
 
-/** Wire error codes of PROTOCOL.md, by code, used when an error arrives without `data.reason`. */
+/** Wire error codes of docs/protocol.md, by code, used when an error arrives without `data.reason`. */
 const REASON_BY_CODE = Object.freeze({
   [-32700]: 'PARSE_ERROR',
   [-32600]: 'INVALID_REQUEST',
@@ -36,7 +36,7 @@ const REASON_BY_CODE = Object.freeze({
 });
 
 /**
- * Every reason a KeyPortError can carry: the agent's (PROTOCOL.md) and the client's own.
+ * Every reason a KeyPortError can carry: the agent's (docs/protocol.md) and the client's own.
  * The client's own have `code === null`.
  */
 export const Reason = Object.freeze({
