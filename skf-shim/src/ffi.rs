@@ -738,6 +738,107 @@ fn fixed_text(field: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// A fake SKF output function: answers a size query with `sizes[call]`, and a fetch with
+    /// `data` if it fits, as the standard says — or lies, as `lie` says.
+    struct Fake {
+        sizes: Vec<Ulong>,
+        data: Vec<u8>,
+        calls: usize,
+        lie: Option<Ulong>,
+    }
+
+    impl Fake {
+        fn call(&mut self, buf: *mut u8, len: *mut Ulong) -> Ulong {
+            let size = self.sizes[self.calls.min(self.sizes.len() - 1)];
+            self.calls += 1;
+            // SAFETY: `len` is read_bytes' live slot, valid for reads and writes of a ULONG.
+            let capacity = unsafe { len.read() };
+            // SAFETY: as above.
+            unsafe { len.write(self.lie.unwrap_or(size)) };
+            if buf.is_null() {
+                return SAR_OK;
+            }
+            if capacity < size {
+                return SAR_BUFFER_TOO_SMALL;
+            }
+            let n = self.data.len().min(size as usize);
+            // SAFETY: read_bytes made `buf` writable for `capacity >= size >= n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(self.data.as_ptr(), buf, n) };
+            SAR_OK
+        }
+    }
+
+    fn fake(sizes: &[Ulong], data: &[u8], lie: Option<Ulong>) -> Fake {
+        Fake {
+            sizes: sizes.to_vec(),
+            data: data.to_vec(),
+            calls: 0,
+            lie,
+        }
+    }
+
+    #[test]
+    fn the_two_call_convention_reads_exactly_the_answer() {
+        let mut f = fake(&[4], b"abcd", None);
+        assert_eq!(
+            read_bytes("SKF_T", |b, l| f.call(b, l)),
+            Ok(b"abcd".to_vec())
+        );
+        assert_eq!(f.calls, 2);
+    }
+
+    #[test]
+    fn an_answer_that_grew_between_the_calls_is_fetched_again() {
+        // Size query says 2, the fetch finds 4 (a device changed meanwhile).
+        let mut f = fake(&[2, 4, 4], b"abcd", None);
+        assert_eq!(
+            read_bytes("SKF_T", |b, l| f.call(b, l)),
+            Ok(b"abcd".to_vec())
+        );
+        assert_eq!(f.calls, 3);
+    }
+
+    #[test]
+    fn a_library_claiming_more_than_it_was_given_is_refused() {
+        // It answers OK but says it wrote 100 bytes into a 4-byte buffer: never read past it.
+        let mut f = fake(&[4], b"abcd", None);
+        let mut first = true;
+        let result = read_bytes("SKF_T", |b, l| {
+            let rv = f.call(b, l);
+            if !b.is_null() && first {
+                first = false;
+                // SAFETY: `l` is read_bytes' live slot.
+                unsafe { l.write(100) };
+            }
+            rv
+        });
+        assert_eq!(
+            result,
+            Err(Sar {
+                function: "SKF_T",
+                code: SAR_BUFFER_TOO_SMALL
+            })
+        );
+    }
+
+    #[test]
+    fn a_huge_or_ever_growing_answer_is_refused_not_allocated() {
+        let mut f = fake(&[MAX_BUFFER + 1], b"", None);
+        assert!(read_bytes("SKF_T", |b, l| f.call(b, l)).is_err());
+        // Grows at every call: gives up after one retry.
+        let mut f = fake(&[2, 4, 8, 16], b"abcdefghijklmnop", None);
+        assert!(read_bytes("SKF_T", |b, l| f.call(b, l)).is_err());
+        assert_eq!(f.calls, 3);
+    }
+
+    #[test]
+    fn an_out_slot_written_as_64_bits_reads_back() {
+        let mut slot = Out::default();
+        // SAFETY: the slot is 8 bytes, as a library with a 64-bit ULONG would write.
+        unsafe { slot.ptr().cast::<u64>().write_unaligned(300) };
+        assert_eq!(slot.get(), 300);
+    }
+
     #[test]
     fn name_lists_split_at_nul_and_stop_at_the_double_nul() {
         assert_eq!(
