@@ -37,9 +37,10 @@ if [ "$node_major" -lt 20 ]; then
 fi
 
 echo "==> Python packages in $venv"
-# The virtual PIV card (tests/vcard) and the certificate tooling (softhsm-config) run on it.
+# The virtual PIV card (tests/vcard) and the certificate tooling (softhsm-config) run on it;
+# gmssl (pure-Python SM2/SM3) is the second verifier of SM2 signatures (skf-shim tests).
 python3 -m venv "$venv"
 "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check \
-  jcecard==0.1.0 cryptography
+  jcecard==0.1.0 cryptography gmssl==3.2.2
 sha256sum scripts/install-test-deps.sh | cut -d' ' -f1 > "$venv/.keyport-test-deps"
 echo "==> test dependencies installed"

@@ -14,6 +14,8 @@ pub mod demo;
 pub mod dialog;
 pub mod discovery;
 pub mod doctor;
+pub mod enroll;
+pub mod host;
 pub mod journal;
 pub mod local;
 pub mod origins;
