@@ -13,7 +13,8 @@
 //! - `/usr/lib/systemd/user/keyport.service` (hardened user unit) and
 //!   `/usr/lib/systemd/user-preset/90-keyport.preset` (enables it for every user: `postinst`
 //!   runs `systemctl --global preset` on first install, `prerm` `--global disable` on removal);
-//! - `/usr/share/keyport/atr.toml` (the ATR table the binary has built in, for reading);
+//! - `/usr/share/keyport/atr.toml` (the ATR table the binary has built in, for reading) and
+//!   `skf.toml` (the table of well-known SKF libraries; the agent does not read it yet);
 //! - man pages (`clap_mangen`) and bash, zsh and fish completions (`clap_complete`), made by
 //!   the `keyport` binary being packaged (`keyport generate-assets`);
 //! - `/usr/share/doc/keyport/`: copyright, README, the example configuration and policy.
@@ -37,6 +38,7 @@ const PINENTRY: &str =
 const RECOMMENDS: &str = "pcscd, opensc-pkcs11, p11-kit-modules";
 
 const ATR_TABLE: &str = include_str!("../../agent/data/atr.toml");
+const SKF_TABLE: &str = include_str!("../../agent/data/skf.toml");
 const EXAMPLE_CONFIG: &str = include_str!("../../docs/config.example.toml");
 const EXAMPLE_POLICY: &str = include_str!("../../docs/policy.example.toml");
 const README: &str = include_str!("../../README.md");
@@ -146,6 +148,7 @@ pub fn build(inputs: &DebInputs) -> Result<PathBuf, Error> {
         0o644,
     )?;
     put("usr/share/keyport/atr.toml", ATR_TABLE.as_bytes(), 0o644)?;
+    put("usr/share/keyport/skf.toml", SKF_TABLE.as_bytes(), 0o644)?;
     put(
         "usr/share/doc/keyport/examples/config.toml",
         EXAMPLE_CONFIG.as_bytes(),
