@@ -239,6 +239,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     }
+    #[cfg(not(unix))]
+    let _ = mode; // Windows: the folder's ACL decides
     Ok(())
 }
 
