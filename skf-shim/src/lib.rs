@@ -54,4 +54,35 @@ mod tests {
         send_sync::<crate::Error>();
         send_sync::<crate::SignRequest>();
     }
+
+    /// Jobs and answers cross the host process's postcard frames (issue 11) unchanged, and an
+    /// id that arrives malformed is refused, not trusted.
+    #[test]
+    fn jobs_and_answers_round_trip_through_postcard() {
+        use crate::*;
+        let token = TokenId::derive(std::path::Path::new("/l.so"), "S", "", "");
+        let app = ApplicationId::from_raw(token.clone(), b"\xd3\xa6\xd3\xc3");
+        let req = SignRequest {
+            certificate: CertificateId::new(app.clone(), "SM2/签名"),
+            algorithm: SignAlgorithm::sm2(Sm2Encoding::Raw),
+            inputs: vec![
+                SignInput::Message(b"m".to_vec()),
+                SignInput::Digest(vec![7; 32]),
+            ],
+            logout_after: true,
+        };
+        let bytes = postcard::to_allocvec(&req).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<SignRequest>(&bytes).expect("decode"),
+            req
+        );
+        let status = PinStatus::from_counts(6, 5, false);
+        let bytes = postcard::to_allocvec(&status).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<PinStatus>(&bytes).expect("decode"),
+            status
+        );
+        let forged = postcard::to_allocvec("skf-NOT-HEX").expect("encode");
+        assert!(postcard::from_bytes::<TokenId>(&forged).is_err());
+    }
 }
