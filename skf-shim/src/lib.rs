@@ -14,6 +14,10 @@
 //!   certificate's public key and the user ID (default `1234567812345678`) and e from the
 //!   message, or takes e as given. Output is DER `SEQUENCE { r, s }` or `r ‖ s`.
 //! - RSA containers: `SKF_RSASignData` over a PKCS#1 DigestInfo.
+//! - Enrollment: [`Library::generate_sm2`] makes an SM2 signing key pair in a new container
+//!   (`SKF_CreateContainer`, `SKF_GenECCKeyPair`) and gives its SubjectPublicKeyInfo for the
+//!   certificate request; [`Library::import_certificate`] checks the issued certificate against
+//!   the container's key and writes it (`SKF_ImportCertificate`), never replacing one silently.
 //! - Device events: [`Library::events`] (`SKF_WaitForDevEvent` on its own thread).
 //!
 //! Bindings: written here from the standard's header (`ffi.rs`, the crate's only `unsafe`);
@@ -23,6 +27,7 @@
 
 mod algorithm;
 mod certificate;
+mod enroll;
 mod error;
 mod events;
 mod ffi;
@@ -36,6 +41,7 @@ pub use algorithm::{
     Sm2Encoding, DEFAULT_SM2_USER_ID,
 };
 pub use certificate::{CertificateId, CertificateInfo, KeyAlgorithm, KeyUsage, SM2_CURVE_OID};
+pub use enroll::{sm2_spki, GeneratedKey, ImportMode, NewContainer};
 pub use error::{sar_name, Error, SignFailure};
 pub use events::{DeviceEvent, DeviceEventKind, DeviceEvents};
 pub use library::{Library, LoadOptions, DEFAULT_CALL_TIMEOUT};
