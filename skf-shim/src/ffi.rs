@@ -931,6 +931,38 @@ mod tests {
     }
 
     #[test]
+    fn only_a_256_bit_right_aligned_blob_is_an_sm2_point() {
+        let mut blob = EccPublicKeyBlob {
+            bit_len: 256,
+            x: [0; 64],
+            y: [0; 64],
+        };
+        blob.x[32..].fill(0x11);
+        blob.y[32..].fill(0x22);
+        let point = sm2_point("SKF_GenECCKeyPair", &blob).expect("a point");
+        assert_eq!(point[0], 0x04);
+        assert_eq!(&point[1..33], &[0x11; 32]);
+        assert_eq!(&point[33..], &[0x22; 32]);
+        let refused = Err(Sar {
+            function: "SKF_GenECCKeyPair",
+            code: SAR_INDATAERR,
+        });
+        blob.bit_len = 384;
+        assert_eq!(
+            sm2_point("SKF_GenECCKeyPair", &blob),
+            refused,
+            "not 256 bits"
+        );
+        blob.bit_len = 256;
+        blob.x[31] = 1;
+        assert_eq!(
+            sm2_point("SKF_GenECCKeyPair", &blob),
+            refused,
+            "a coordinate wider than 32 bytes"
+        );
+    }
+
+    #[test]
     fn fixed_text_stops_at_nul() {
         assert_eq!(fixed_text(b"KP-0001\0\0garbage"), "KP-0001");
         assert_eq!(fixed_text(b"  padded  "), "padded");

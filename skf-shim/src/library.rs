@@ -106,7 +106,9 @@ impl Library {
 
     /// The optional SKF functions this library lacks (SKF_WaitForDevEvent and
     /// SKF_CancelWaitForDevEvent: no events, poll the token list instead; SKF_RSASignData: no RSA
-    /// containers). For `keyport doctor`; the required ones are checked at load.
+    /// containers; SKF_CreateContainer, SKF_DeleteContainer, SKF_GenECCKeyPair,
+    /// SKF_ImportCertificate: no enrollment). For `keyport doctor`; the required ones are
+    /// checked at load.
     pub fn missing_functions(&self) -> Vec<&'static str> {
         self.inner.skf.missing()
     }

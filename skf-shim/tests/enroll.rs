@@ -171,6 +171,53 @@ fn a_named_container_is_created_once_and_a_key_is_never_overwritten() {
 }
 
 #[test]
+fn an_existing_empty_container_is_used_and_a_bad_name_is_the_keys_refusal() {
+    let skf = SoftSkf::new();
+    // A container a vendor tool made and left empty (written behind the library's back).
+    let slot = skf.container_file(b"VENDOR-SLOT", "type");
+    std::fs::create_dir_all(slot.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&slot, "empty\n").expect("type");
+    let key = generate(&skf, NewContainer::Named(b"VENDOR-SLOT".to_vec()));
+    assert!(!key.created_container);
+    assert_eq!(skf.calls("SKF_CreateContainer"), 0, "opened, not created");
+    assert_eq!(
+        key.public_key_der,
+        openssl_spki_of_stored_key(&skf, b"VENDOR-SLOT")
+    );
+
+    // Names are the key's business: one it refuses comes back naming the call and the code.
+    match skf.library.generate_sm2(
+        &skf.app(),
+        NewContainer::Named(vec![b'n'; 65]),
+        pin(USER_PIN),
+    ) {
+        Err(Error::Skf { function, code }) => {
+            assert_eq!(function, "SKF_CreateContainer");
+            assert_eq!(skf_shim::sar_name(code), "SAR_NAMELENERR");
+        }
+        other => panic!("expected the key's refusal, got {other:?}"),
+    }
+    let verifies = skf.calls("SKF_VerifyPIN");
+    for bad in [b"a\0b".to_vec(), Vec::new()] {
+        assert!(matches!(
+            skf.library
+                .generate_sm2(&skf.app(), NewContainer::Named(bad), pin(USER_PIN)),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+    assert_eq!(
+        skf.calls("SKF_VerifyPIN"),
+        verifies,
+        "refused before the key is asked"
+    );
+    assert_eq!(
+        skf.calls("SKF_GenECCKeyPair"),
+        1,
+        "only the first one generated"
+    );
+}
+
+#[test]
 fn a_wrong_or_locked_pin_creates_nothing() {
     let skf = SoftSkf::new();
     let before = skf.container_dirs();

@@ -24,6 +24,13 @@ impl Worker {
         container: &NewContainer,
         pin: &str,
     ) -> Result<GeneratedKey, Error> {
+        if let NewContainer::Named(name) = container {
+            if name.is_empty() || name.contains(&0) {
+                return Err(Error::InvalidInput(
+                    "a container name is non-empty and has no NUL byte".to_owned(),
+                ));
+            }
+        }
         // Probes the key, then exactly one SKF_VerifyPIN (none when locked). Nothing exists
         // yet, so a wrong or locked PIN leaves the key as it was.
         self.verify_pin(app, pin)?;
@@ -34,11 +41,6 @@ impl Worker {
         }
         .map_err(|e| self.failed(app.token(), e))?;
         let (name, c, created) = match container {
-            NewContainer::Named(name) if name.is_empty() || name.contains(&0) => {
-                return Err(Error::InvalidInput(
-                    "a container name is non-empty and has no NUL byte".to_owned(),
-                ))
-            }
             NewContainer::Named(name) if existing.contains(name) => {
                 (name.clone(), self.open_empty(app, name)?, false)
             }
