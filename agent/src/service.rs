@@ -47,9 +47,8 @@ struct ConnState {
 pub struct Service {
     config: Config,
     tokens: TokenSet,
+    /// The configuration's and user's origin lists, and this run's dialog denials.
     origins: Mutex<OriginStore>,
-    /// Origins the user denied in a dialog: refused until the agent restarts.
-    denied_now: Mutex<HashSet<String>>,
     pinentry: Pinentry,
     texts: Texts,
     audit: Option<Mutex<AuditLog>>,
@@ -72,7 +71,6 @@ impl Service {
             config,
             tokens,
             origins: Mutex::new(origins),
-            denied_now: Mutex::new(HashSet::new()),
             pinentry,
             texts,
             audit: audit.map(Mutex::new),

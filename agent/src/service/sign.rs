@@ -39,7 +39,7 @@ impl Service {
     pub(super) async fn sign(&self, ctx: &RequestContext, p: SignParams) -> Result<Value, Failure> {
         let items = vec![p.input];
         let (sigs, plan) = self
-            .sign_items(ctx, &p.certificate_id, items, &p.options, false)
+            .sign_items(ctx, &p.certificate_id, items, Vec::new(), &p.options, false)
             .await?;
         let signature = sigs
             .into_iter()
@@ -59,9 +59,19 @@ impl Service {
         ctx: &RequestContext,
         p: SignBatchParams,
     ) -> Result<Value, Failure> {
+        let labels = p
+            .items
+            .iter()
+            .map(|i| {
+                i.label
+                    .as_ref()
+                    .map(|l| l.as_str().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
         let items = p.items.into_iter().map(|i| i.input).collect();
         let (sigs, _plan) = self
-            .sign_items(ctx, &p.certificate_id, items, &p.options, true)
+            .sign_items(ctx, &p.certificate_id, items, labels, &p.options, true)
             .await?;
         Ok(protocol::to_json(&SignBatchResult {
             results: sigs
@@ -79,6 +89,7 @@ impl Service {
         ctx: &RequestContext,
         certificate_id: &str,
         items: Vec<WireInput>,
+        labels: Vec<String>,
         options: &SignOptions,
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), Failure> {
@@ -98,7 +109,9 @@ impl Service {
             .find_certificate(certificate_id)
             .await
             .map_err(|e| self.audit_failure(&origin, &operation, e))?;
-        let result = self.sign_with(ctx, &cert, items, options, batch).await;
+        let result = self
+            .sign_with(ctx, &cert, items, labels, options, batch)
+            .await;
         let mut record = AuditRecord::new(origin, operation)
             .certificate(cert.info.subject.clone(), &cert.info.der);
         match &result {
@@ -124,6 +137,7 @@ impl Service {
         ctx: &RequestContext,
         cert: &CertificateView,
         items: Vec<WireInput>,
+        labels: Vec<String>,
         options: &SignOptions,
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), (Failure, Vec<Vec<u8>>)> {
@@ -168,7 +182,7 @@ impl Service {
                 digest: &first_digest,
             };
             if batch {
-                texts.sign_batch(&signer, &doc, count, unlock)
+                texts.sign_batch(&signer, &doc, count, &labels, unlock)
             } else {
                 texts.sign(&signer, &doc, unlock)
             }
