@@ -53,7 +53,8 @@ pub struct Service {
     pinentry: Pinentry,
     texts: Texts,
     audit: Option<Mutex<AuditLog>>,
-    busy: Arc<Mutex<HashSet<String>>>,
+    /// Each origin's dialogs: one shown, at most `origin::MAX_WAITING` waiting.
+    dialog_lines: origin::DialogLines,
     connections: Mutex<HashMap<ConnectionId, ConnState>>,
     /// A generation per token, so a delayed logout does not end a newer cached login.
     pin_cache: Arc<Mutex<HashMap<String, u64>>>,
@@ -76,7 +77,7 @@ impl Service {
             pinentry,
             texts,
             audit: audit.map(Mutex::new),
-            busy: Arc::new(Mutex::new(HashSet::new())),
+            dialog_lines: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
             pin_cache: Arc::new(Mutex::new(HashMap::new())),
         }
