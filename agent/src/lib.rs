@@ -13,6 +13,8 @@ pub mod demo;
 pub mod dialog;
 pub mod discovery;
 pub mod doctor;
+pub mod enroll;
+pub mod host;
 pub mod local;
 pub mod origins;
 pub mod pcsc_watch;
