@@ -14,7 +14,7 @@ pub use failure::Failure;
 pub use listing::{certificate_entry, token_entry};
 pub(crate) use sign::{signing_allowed, SignPlan};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use browser_bridge::protocol::{Request, RpcError};
@@ -47,9 +47,8 @@ struct ConnState {
 pub struct Service {
     config: Config,
     tokens: TokenSet,
+    /// The configuration's and user's origin lists, and this run's dialog denials.
     origins: Mutex<OriginStore>,
-    /// Origins the user denied in a dialog: refused until the agent restarts.
-    denied_now: Mutex<HashSet<String>>,
     pinentry: Pinentry,
     texts: Texts,
     audit: Option<Mutex<AuditLog>>,
@@ -73,7 +72,6 @@ impl Service {
             config,
             tokens,
             origins: Mutex::new(origins),
-            denied_now: Mutex::new(HashSet::new()),
             pinentry,
             texts,
             audit: audit.map(Mutex::new),

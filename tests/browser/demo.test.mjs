@@ -177,6 +177,13 @@ test('the demo portal lists, signs with every signing certificate, signs a batch
   assert.deepEqual([...shown].sort(), cliCerts.map((c) => c.id).sort(), 'the page lists exactly what `keyport certs` lists');
   assert.match(await page.textContent('#status'), new RegExp(`Ready: ${cliCerts.length} certificate`));
 
+  // What a clerk chooses by (issue 14, snag 9): holder, purpose and issuer, not key usage bits.
+  const options = await page.$$eval('#certs option', (o) => o.map((x) => x.textContent));
+  assert.ok(options.includes('Test Signer P-256 — signing documents — issued by KeyPort Test CA'), options.join('\n'));
+  assert.ok(options.some((o) => o.startsWith('Test Client P-256 — logging in — ')), options.join('\n'));
+  assert.ok(options.every((o) => !o.includes('CN=') && !o.includes('nonRepudiation')), options.join('\n'));
+  assert.equal(await page.getAttribute('html', 'lang'), 'en');
+
   const contract = await page.textContent('#contract');
   for (const cert of signing) {
     const label = cert.label;
@@ -217,12 +224,28 @@ test('the demo portal lists, signs with every signing certificate, signs a batch
   assert.deepEqual(done, [...done].sort((a, b) => a - b), 'progress never goes back');
   assert.ok(progressEvents.every((e) => e.endsWith('/10')));
 
+  // While a request is open (its dialog showing), every action waits: the click handler disables
+  // them before its first await, so this reads their state right after the click.
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  const whileOpen = await page.evaluate(() => {
+    document.getElementById('sign').click();
+    return ['sign', 'batch', 'login', 'certs'].map((id) => document.getElementById(id).disabled);
+  });
+  assert.deepEqual(whileOpen, [true, true, true, true]);
+  await page.waitForFunction(() => document.getElementById('verify-result').className !== '', null, { timeout: 30_000 });
+  assert.equal(await page.isDisabled('#batch'), false, 'enabled again once the request is answered');
+  assert.match(await page.textContent('#verify-result'), /^Signature verified ✓/);
+
   const login = await step('login (authenticate)', () => clickAndSettle(page, '#login', 'login-result'));
   assert.equal(login.error, null);
   assert.ok(login.ok, `page says: ${login.text}`);
   assert.match(login.text, /token verified ✓/);
   const webEid = JSON.parse(await page.textContent('#login-token'));
   assert.equal(webEid.format, 'web-eid:1.0');
+  // The token's long base64 lines wrap: the page is no wider than the window.
+  await page.evaluate(() => { document.querySelector('#login-token').closest('details').open = true; });
+  const widths = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+  assert.ok(widths[0] <= widths[1], `page ${widths[0]} px wide in a ${widths[1]} px window`);
 
   // The README screenshot: every section verified (the contract signed last with P-256).
   await step('screenshot', async () => {
@@ -230,10 +253,10 @@ test('the demo portal lists, signs with every signing certificate, signs a batch
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
   });
 
-  // One dialog per signing certificate, the batch's and the login's: each a GETPIN for the demo
-  // origin answered with the PIN.
+  // One dialog per signing certificate, the batch's, the sign made while checking the buttons,
+  // and the login's: each a GETPIN for the demo origin answered with the PIN.
   const dialogs = pinentry.dialogs();
-  assert.equal(dialogs.length, signing.length + 2, JSON.stringify(dialogs, null, 1));
+  assert.equal(dialogs.length, signing.length + 3, JSON.stringify(dialogs, null, 1));
   for (const d of dialogs) {
     assert.deepEqual(d.errors, []);
     assert.equal(d.command, 'GETPIN');
@@ -242,7 +265,42 @@ test('the demo portal lists, signs with every signing certificate, signs a batch
   }
   for (const d of dialogs.slice(0, signing.length)) assert.ok(d.description.includes('Loan contract 2026-114'));
   assert.ok(dialogs[signing.length].description.includes('Invoices March 2026'));
+  assert.ok(dialogs[signing.length + 1].description.includes('Loan contract 2026-114'));
   await page.close();
+});
+
+test('the demo portal speaks Chinese to a Chinese browser (issue 14, snag 9)', async (t) => {
+  dumpOnFailure(t);
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  const zhContext = await step('launch Chromium in zh-CN', () =>
+    chromium.launchPersistentContext(path.join(dir, 'chromium-profile-zh'), {
+      executablePath: rig.CHROMIUM,
+      headless: false,
+      args: [...rig.CHROMIUM_ARGS, '--lang=zh-CN'],
+      locale: 'zh-CN',
+      viewport: { width: 1100, height: 900 },
+    }),
+  );
+  try {
+    const page = await openPage(demoUrl, zhContext);
+    await page.waitForSelector('#status[data-state=ready]', { timeout: 30_000 });
+    assert.equal(await page.getAttribute('html', 'lang'), 'zh-CN');
+    assert.equal(await page.title(), 'KeyPort 演示门户');
+    assert.match(await page.textContent('#status'), new RegExp(`^就绪：找到 ${cliCerts.length} 张证书$`));
+    await page.selectOption('#certs', certByLabel('sign-p256').id);
+    const option = await page.$eval('#certs', (s) => s.selectedOptions[0].textContent);
+    assert.equal(option, 'Test Signer P-256 — 签署文件 — 颁发者：KeyPort Test CA');
+    assert.match(await page.textContent('#contract'), /^借款合同 2026-114/);
+    const result = await step('sign in Chinese', () => clickAndSettle(page, '#sign', 'verify-result'));
+    assert.equal(result.error, null);
+    assert.ok(result.ok, result.text);
+    assert.match(result.text, /^签名已验证 ✓（ECDSA P-256 with SHA-256）$/);
+    const shown = pinentry.dialogs().at(-1);
+    assert.ok(shown.description.includes('借款合同 2026-114'), shown.description);
+    await page.screenshot({ path: path.join(rig.ROOT, 'docs', 'demo-portal-zh.png'), fullPage: true });
+  } finally {
+    await zhContext.close();
+  }
 });
 
 test('a page from an origin off the list gets ORIGIN_NOT_APPROVED and no dialog', async (t) => {

@@ -137,7 +137,7 @@ impl Failure {
     }
 
     /// The audit outcome of a failed request.
-    pub(super) fn outcome(&self) -> Outcome {
+    pub fn outcome(&self) -> Outcome {
         let reason = self.to_rpc().reason;
         match reason {
             Reason::UserCancelled | Reason::OriginDenied | Reason::Timeout | Reason::Busy => {

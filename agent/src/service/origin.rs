@@ -120,8 +120,8 @@ impl Service {
                 Ok(false)
             }
             OriginDecision::Deny => {
-                if let Ok(mut d) = self.denied_now.lock() {
-                    d.insert(origin.clone());
+                if let Ok(o) = self.origins.lock() {
+                    o.deny_for_now(&origin);
                 }
                 Err(self.audit_failure(&origin, &Operation::OriginApprove, Failure::OriginDenied))
             }
@@ -140,9 +140,9 @@ impl Service {
     }
 
     fn is_denied_now(&self, origin: &str) -> bool {
-        self.denied_now
+        self.origins
             .lock()
-            .map(|d| d.contains(origin))
+            .map(|o| o.is_denied_for_now(origin))
             .unwrap_or(true)
     }
 

@@ -41,7 +41,7 @@ impl Service {
     pub(super) async fn sign(&self, ctx: &RequestContext, p: SignParams) -> Result<Value, Failure> {
         let items = vec![p.input];
         let (sigs, plan) = self
-            .sign_items(ctx, &p.certificate_id, items, &p.options, false)
+            .sign_items(ctx, &p.certificate_id, items, Vec::new(), &p.options, false)
             .await?;
         let signature = sigs
             .into_iter()
@@ -61,9 +61,19 @@ impl Service {
         ctx: &RequestContext,
         p: SignBatchParams,
     ) -> Result<Value, Failure> {
+        let labels = p
+            .items
+            .iter()
+            .map(|i| {
+                i.label
+                    .as_ref()
+                    .map(|l| l.as_str().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
         let items = p.items.into_iter().map(|i| i.input).collect();
         let (sigs, _plan) = self
-            .sign_items(ctx, &p.certificate_id, items, &p.options, true)
+            .sign_items(ctx, &p.certificate_id, items, labels, &p.options, true)
             .await?;
         Ok(protocol::to_json(&SignBatchResult {
             results: sigs
@@ -81,6 +91,7 @@ impl Service {
         ctx: &RequestContext,
         certificate_id: &str,
         items: Vec<WireInput>,
+        labels: Vec<String>,
         options: &SignOptions,
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), Failure> {
@@ -96,7 +107,9 @@ impl Service {
             .find_certificate(certificate_id)
             .await
             .map_err(|e| self.audit_failure(&origin, &operation, e))?;
-        let result = self.sign_with(ctx, &cert, items, options, batch).await;
+        let result = self
+            .sign_with(ctx, &cert, items, labels, options, batch)
+            .await;
         let mut record = AuditRecord::new(origin, operation)
             .certificate(cert.info.subject.clone(), &cert.info.der);
         match &result {
@@ -122,6 +135,7 @@ impl Service {
         ctx: &RequestContext,
         cert: &CertificateView,
         items: Vec<WireInput>,
+        labels: Vec<String>,
         options: &SignOptions,
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), (Failure, Vec<Vec<u8>>)> {
@@ -171,9 +185,10 @@ impl Service {
             };
             match scope {
                 Scope::Item { index, count } if batch => {
-                    texts.sign_batch_item(&signer, &doc, index, count, unlock)
+                    let label = labels.get(index).map(String::as_str);
+                    texts.sign_batch_item(&signer, &doc, label, index, count, unlock)
                 }
-                _ if batch => texts.sign_batch(&signer, &doc, count, unlock),
+                _ if batch => texts.sign_batch(&signer, &doc, count, &labels, unlock),
                 _ => texts.sign(&signer, &doc, unlock),
             }
         });
