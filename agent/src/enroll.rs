@@ -302,7 +302,9 @@ mod tests {
         verify_with_openssl(dir.path(), &[]);
         let (dir, _, kind) = request_signed_by_openssl(
             &["-algorithm", "ED25519"],
-            &["pkeyutl", "-sign", "-rawin", "-inkey", "key.pem", "-in", "tbs"],
+            &[
+                "pkeyutl", "-sign", "-rawin", "-inkey", "key.pem", "-in", "tbs",
+            ],
             "CN=Ed Signer",
         );
         assert_eq!(kind, RequestSignature::Ed25519);
