@@ -312,6 +312,65 @@ impl Texts {
         self.finish(title, lines, first.summary, ok, unlock)
     }
 
+    /// Consent (and the PIN) for one document of a batch whose key asks for its PIN for every
+    /// signature: one dialog per document, and the first one says so. `label` is the item's
+    /// label from the page, if it gave one.
+    pub fn sign_batch_item(
+        &self,
+        signer: &Signer<'_>,
+        document: &Document<'_>,
+        label: Option<&str>,
+        index: usize,
+        count: usize,
+        unlock: Unlock,
+    ) -> Dialog {
+        let n = index + 1;
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：批量签署",
+                format!("{} 请求您签署 {count} 份文件。", signer.origin),
+                format!("签署第 {n} 份"),
+            )
+        } else {
+            (
+                "KeyPort: sign documents",
+                format!("{} asks you to sign {count} documents.", signer.origin),
+                format!("Sign document {n}"),
+            )
+        };
+        let mut lines = vec![header];
+        if index == 0 {
+            lines.push(if self.zh() {
+                format!("此密钥每签一份文件都要输入一次 PIN 码，共 {count} 份。")
+            } else {
+                format!("This key asks for your PIN for each of the {count} documents.")
+            });
+        }
+        lines.push(String::new());
+        lines.push(format!(
+            "{}{}",
+            self.pick("Batch: ", "批次："),
+            quote(document.title, TITLE_CHARS)
+        ));
+        let item = label
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| quote(l, LABEL_CHARS));
+        lines.push(match (self.zh(), item) {
+            (true, Some(item)) => format!("第 {n} 份（共 {count} 份）：{item}"),
+            (true, None) => format!("第 {n} 份（共 {count} 份）"),
+            (false, Some(item)) => format!("Document {n} of {count}: {item}"),
+            (false, None) => format!("Document {n} of {count}"),
+        });
+        lines.push(self.signer_line(signer));
+        lines.push(format!(
+            "{}{}",
+            self.pick("Digest: ", "哈希值："),
+            digest_prefix(document.digest)
+        ));
+        lines.push(self.token_line(signer.token_label));
+        self.finish(title, lines, document.summary, ok, unlock)
+    }
+
     /// Consent to log in: "Log in to https://portal.example as «holder»".
     pub fn login(&self, signer: &Signer<'_>, unlock: Unlock) -> Dialog {
         let holder = quote(signer.holder, NAME_CHARS);
@@ -544,9 +603,9 @@ impl Texts {
             Unlock::PinPad(state) => {
                 lines.push(String::new());
                 lines.push(if self.zh() {
-                    format!("点击“{ok}”后，请在读卡器上输入 PIN 码。")
+                    format!("点击“{ok}”后，请在读卡器的键盘上输入 PIN 码。")
                 } else {
-                    format!("Enter your PIN on the reader after you choose {ok}.")
+                    format!("Enter your PIN on the reader's keypad after you choose {ok}.")
                 });
                 let warning = self.pin_warning(state);
                 lines.extend(warning.clone());
@@ -785,7 +844,7 @@ mod tests {
         assert_has(
             &en.description,
             &[
-                "Enter your PIN on the reader after you choose Sign.",
+                "Enter your PIN on the reader's keypad after you choose Sign.",
                 "FINAL TRY: one more wrong PIN locks the token.",
                 "«Loan contract 2026-114»",
             ],
@@ -799,8 +858,58 @@ mod tests {
         ));
         assert_has(
             &zh.description,
-            &["点击“签署”后，请在读卡器上输入 PIN 码。"],
+            &["点击“签署”后，请在读卡器的键盘上输入 PIN 码。"],
         );
+    }
+
+    #[test]
+    fn a_per_signature_key_asks_per_document_and_says_so_first() {
+        let first = pin(Texts::new(Language::En).sign_batch_item(
+            &signer(),
+            &document(),
+            Some("Invoice 17"),
+            0,
+            25,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &first.description,
+            &[
+                "asks you to sign 25 documents.",
+                "This key asks for your PIN for each of the 25 documents.",
+                "Batch: «Loan contract 2026-114»",
+                "Document 1 of 25: «Invoice 17»",
+                "3f2a9c0d11aa22bb",
+            ],
+        );
+        assert_eq!(first.ok, "Sign document 1");
+        let second = pin(Texts::new(Language::En).sign_batch_item(
+            &signer(),
+            &document(),
+            None,
+            1,
+            25,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert!(!second.description.contains("for each of"));
+        assert_has(&second.description, &["Document 2 of 25\n"]);
+        let zh = pin(Texts::new(Language::ZhCn).sign_batch_item(
+            &signer(),
+            &document(),
+            Some("发票 17"),
+            0,
+            3,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &zh.description,
+            &[
+                "此密钥每签一份文件都要输入一次 PIN 码，共 3 份。",
+                "批次：“Loan contract 2026-114”",
+                "第 1 份（共 3 份）：“发票 17”",
+            ],
+        );
+        assert_eq!(zh.ok, "签署第 1 份");
     }
 
     #[test]

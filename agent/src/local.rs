@@ -7,14 +7,12 @@ use browser_bridge::protocol::{
     Base64Bytes, DigestAlgorithm, Display, EcdsaEncoding as WireEcdsa, SignFormat,
     SignInput as WireInput, SignOptions, SignatureAlgorithm, Title,
 };
-use pkcs11_shim::{
-    CertificateId, LoginKind, PinAnswer, PinProvider, PinRequest, SecretPin, SignRequest,
-};
+use pkcs11_shim::{CertificateId, Credential, LoginState, SignFailure, SignRequest};
 use serde_json::Value;
 
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::config::Config;
-use crate::consent::{DialogBuilder, DialogOutcome, DialogPinProvider};
+use crate::consent::{self, credential as credential_from, first_question, DialogBuilder, Next};
 use crate::dialog::{Document, Signer, Texts};
 use crate::pinentry::{DialogCancel, Pinentry};
 use crate::service::{
@@ -195,7 +193,7 @@ fn sign_with(
         .unwrap_or_default();
     let holder = cert.info.holder.clone();
     let issuer = common_name(&cert.info.issuer);
-    let build: DialogBuilder = std::sync::Arc::new(move |texts, unlock| {
+    let build: DialogBuilder = std::sync::Arc::new(move |texts, unlock, _scope| {
         texts.sign(
             &Signer {
                 origin: "keyport sign (command line)",
@@ -213,29 +211,14 @@ fn sign_with(
     });
     // The output must be writable before anyone is asked for a PIN.
     let output = PendingOutput::create(req.output)?;
-    let outcome = DialogOutcome::default();
-    let provider = OnePinPerSignature::new(DialogPinProvider::new(
-        pinentry.clone(),
-        DialogCancel::new(),
-        texts,
-        build,
-        outcome.clone(),
-    ));
     let sign_req = SignRequest {
         certificate: cert.info.id.clone(),
         algorithm: plan.algorithm,
         inputs,
         logout_after: true,
     };
-    let sigs = cert
-        .module
-        .sign(sign_req, Box::new(provider), None, None)
-        .map_err(|f| match (&f.error, outcome.error()) {
-            (pkcs11_shim::Error::UserCancelled, Some(dialog)) => {
-                SignFileError::Failure(Failure::Dialog(dialog))
-            }
-            _ => SignFileError::Failure(Failure::Token(f.error)),
-        })?;
+    let sigs = sign_with_dialogs(&cert.module, sign_req, pinentry, texts, &build)
+        .map_err(SignFileError::Failure)?;
     let out = plan
         .finish(sigs, &attrs, &cert.info)
         .map_err(SignFileError::Failure)?;
@@ -246,47 +229,41 @@ fn sign_with(
     Ok((sig, output))
 }
 
-/// The PIN typed for the user login also answers the context-specific login
-/// (CKA_ALWAYS_AUTHENTICATE) that follows it for the same signature: one document, one dialog.
-/// The copy is used at most once, and never after a wrong PIN; every later signature of such a
-/// key asks again.
-pub struct OnePinPerSignature<P> {
-    inner: P,
-    user_pin: Option<SecretPin>,
-}
-
-impl<P> std::fmt::Debug for OnePinPerSignature<P> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OnePinPerSignature")
-            .field("holds_a_pin", &self.user_pin.is_some())
-            .finish_non_exhaustive()
+/// The command line's consent and PIN loop, the service's without a page: ask (consent and
+/// PIN in one dialog), sign with the answer, on a wrong PIN ask again with the token's warning,
+/// stop at a cancel, a lock or any other error. One file, so one signature: a key that asks for
+/// its PIN per signature is served by the same dialog.
+fn sign_with_dialogs(
+    module: &pkcs11_shim::Module,
+    req: SignRequest,
+    pinentry: &Pinentry,
+    texts: Texts,
+    build: &DialogBuilder,
+) -> Result<Vec<Vec<u8>>, Failure> {
+    let state = module
+        .login_state(req.certificate.token_id())
+        .map_err(Failure::Token)?;
+    if state == LoginState::Locked {
+        return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
     }
-}
-
-impl<P: PinProvider> OnePinPerSignature<P> {
-    pub fn new(inner: P) -> Self {
-        OnePinPerSignature {
-            inner,
-            user_pin: None,
+    let mut question = first_question(state, false);
+    let mut last = None;
+    loop {
+        let mut credential = Credential::None;
+        if let Some(unlock) = question.take() {
+            let consent = build(&texts, unlock, consent::Scope::All)
+                .ask(pinentry, &DialogCancel::new())
+                .map_err(|e| Failure::Dialog(std::sync::Arc::new(e)))?;
+            credential = credential_from(consent, unlock);
+            last = Some(unlock);
         }
-    }
-}
-
-impl<P: PinProvider> PinProvider for OnePinPerSignature<P> {
-    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer {
-        let reuse = self.user_pin.take();
-        if req.kind == LoginKind::ContextSpecific && req.previous_error.is_none() {
-            if let Some(pin) = reuse {
-                return PinAnswer::Pin(pin);
-            }
+        match module.sign(req.clone(), credential, None, None) {
+            Ok(sigs) => return Ok(sigs),
+            Err(SignFailure { error, .. }) => match consent::after(error, last) {
+                Next::Ask(unlock) => question = Some(unlock),
+                Next::Stop(error) => return Err(Failure::Token(error)),
+            },
         }
-        let answer = self.inner.request(req);
-        if req.kind == LoginKind::User {
-            if let PinAnswer::Pin(pin) = &answer {
-                self.user_pin = Some(pin.duplicate());
-            }
-        }
-        answer
     }
 }
 

@@ -14,7 +14,7 @@ pub use failure::Failure;
 pub use listing::{certificate_entry, token_entry};
 pub(crate) use sign::{signing_allowed, SignPlan};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use browser_bridge::protocol::{Request, RpcError};
@@ -52,7 +52,8 @@ pub struct Service {
     pinentry: Pinentry,
     texts: Texts,
     audit: Option<Mutex<AuditLog>>,
-    busy: Arc<Mutex<HashSet<String>>>,
+    /// Each origin's dialogs: one shown, at most `origin::MAX_WAITING` waiting.
+    dialog_lines: origin::DialogLines,
     connections: Mutex<HashMap<ConnectionId, ConnState>>,
     /// A generation per token, so a delayed logout does not end a newer cached login.
     pin_cache: Arc<Mutex<HashMap<String, u64>>>,
@@ -74,7 +75,7 @@ impl Service {
             pinentry,
             texts,
             audit: audit.map(Mutex::new),
-            busy: Arc::new(Mutex::new(HashSet::new())),
+            dialog_lines: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
             pin_cache: Arc::new(Mutex::new(HashMap::new())),
         }

@@ -5,7 +5,7 @@
 // Needs `cargo build -p agent -p keyport-e2e`, /usr/bin/chromium and `npm ci` here (run.sh).
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { createVerify } from 'node:crypto';
+import { verify as cryptoVerify } from 'node:crypto';
 import fs from 'node:fs';
 import https from 'node:https';
 import path from 'node:path';
@@ -134,18 +134,34 @@ async function clickAndSettle(page, button, resultId) {
 }
 
 /** Checks the page's signature again outside the browser, with Node's crypto and the CA-issued PEM. */
-function verifyInNode(label, documentText, signatureBase64, ecdsa) {
-  const pem = fs.readFileSync(path.join(token.certDir, `${label}.pem`), 'utf8');
-  const verifier = createVerify('SHA256');
-  verifier.update(documentText);
-  const key = ecdsa ? { key: pem, dsaEncoding: 'ieee-p1363' } : pem;
-  return verifier.verify(key, Buffer.from(signatureBase64, 'base64'));
+function verifyInNode(cert, documentText, signatureBase64) {
+  const pem = fs.readFileSync(path.join(token.certDir, `${cert.label}.pem`), 'utf8');
+  const signature = Buffer.from(signatureBase64, 'base64');
+  const data = Buffer.from(documentText);
+  if (cert.keyAlgorithm === 'Ed25519') return cryptoVerify(null, data, pem, signature);
+  const hash = cert.keyAlgorithm === 'EC-P384' ? 'SHA384' : 'SHA256';
+  const key = cert.keyAlgorithm.startsWith('EC-') ? { key: pem, dsaEncoding: 'ieee-p1363' } : pem;
+  return cryptoVerify(hash, data, key, signature);
 }
 
-test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in, verified in the page', async (t) => {
+/** What the demo says it signed with, for each key algorithm of the test token. */
+function schemeLabel(keyAlgorithm) {
+  if (keyAlgorithm === 'EC-P256') return 'ECDSA P-256 with SHA-256';
+  if (keyAlgorithm === 'EC-P384') return 'ECDSA P-384 with SHA-384';
+  if (keyAlgorithm === 'Ed25519') return 'Ed25519';
+  return `${keyAlgorithm} PKCS#1 v1.5 with SHA-256`;
+}
+
+test('the demo portal lists, signs with every signing certificate, signs a batch of 10 and logs in, verified in the page', async (t) => {
   dumpOnFailure(t);
+  // Every signing certificate of the token, the always-authenticate ones included; P-256 last,
+  // so that the screenshot shows its result beside the certificate the page pre-selects.
+  const signing = cliCerts
+    .filter((c) => c.keyUsage.includes('nonRepudiation'))
+    .sort((a, b) => (a.label === 'sign-p256') - (b.label === 'sign-p256') || a.label.localeCompare(b.label));
+  assert.ok(signing.length >= 9, `signing certificates: ${signing.map((c) => c.label)}`);
   // One GETPIN per operation (pin_cache_seconds = 0, the demo origin is on the allowed list).
-  for (let i = 0; i < 4; i++) pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  for (let i = 0; i < signing.length + 2; i++) pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
 
   const page = await step('open the demo and list certificates', async () => {
     const p = await openPage(demoUrl);
@@ -169,12 +185,9 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
   assert.equal(await page.getAttribute('html', 'lang'), 'en');
 
   const contract = await page.textContent('#contract');
-  for (const [label, scheme, ecdsa] of [
-    // RSA first, so that the screenshot shows the P-256 result beside the P-256 certificate.
-    ['sign-rsa2048', 'RSA-2048 PKCS#1 v1.5 with SHA-256', false],
-    ['sign-p256', 'ECDSA P-256 with SHA-256', true],
-  ]) {
-    const cert = certByLabel(label);
+  for (const cert of signing) {
+    const label = cert.label;
+    const scheme = schemeLabel(cert.keyAlgorithm);
     await page.selectOption('#certs', cert.id);
     const result = await step(`sign with ${label}`, () => clickAndSettle(page, '#sign', 'verify-result'));
     assert.equal(result.error, null);
@@ -182,7 +195,7 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
     assert.match(result.text, /^Signature verified ✓/);
     assert.ok(result.text.includes(`(${scheme})`), result.text);
     const signature = await page.textContent('#signature');
-    assert.ok(verifyInNode(label, contract, signature, ecdsa), `Node's crypto also verifies the ${label} signature`);
+    assert.ok(verifyInNode(cert, contract, signature), `Node's crypto also verifies the ${label} signature`);
   }
 
   // Batch of 10 with P-256; record every value the progress bar takes.
@@ -240,18 +253,19 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
   });
 
-  // Five dialogs, each a GETPIN for the demo origin answered with the PIN.
+  // One dialog per signing certificate, the batch's, the sign made while checking the buttons,
+  // and the login's: each a GETPIN for the demo origin answered with the PIN.
   const dialogs = pinentry.dialogs();
-  assert.equal(dialogs.length, 5, JSON.stringify(dialogs, null, 1));
+  assert.equal(dialogs.length, signing.length + 3, JSON.stringify(dialogs, null, 1));
   for (const d of dialogs) {
     assert.deepEqual(d.errors, []);
     assert.equal(d.command, 'GETPIN');
     assert.equal(d.answered, 'pin');
     assert.ok(d.description.includes(demoOrigin), d.description);
   }
-  assert.ok(dialogs[0].description.includes('Loan contract 2026-114'));
-  assert.ok(dialogs[1].description.includes('Loan contract 2026-114'));
-  assert.ok(dialogs[2].description.includes('Invoices March 2026'));
+  for (const d of dialogs.slice(0, signing.length)) assert.ok(d.description.includes('Loan contract 2026-114'));
+  assert.ok(dialogs[signing.length].description.includes('Invoices March 2026'));
+  assert.ok(dialogs[signing.length + 1].description.includes('Loan contract 2026-114'));
   await page.close();
 });
 

@@ -388,7 +388,9 @@ mod dialogs {
         assert_eq!(shown.prompt, None);
         let description = shown.description.as_deref().unwrap();
         assert!(description.contains("Log in to https://portal.example as «张伟»?"));
-        assert!(description.contains("Enter your PIN on the reader after you choose Log in."));
+        assert!(
+            description.contains("Enter your PIN on the reader's keypad after you choose Log in.")
+        );
     }
 }
 
