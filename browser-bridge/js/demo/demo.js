@@ -223,10 +223,13 @@ function logIn() {
   });
 }
 
-// Login needs digitalSignature: the selected certificate if it allows it, else the first that does.
+// Login needs a login certificate (digitalSignature, not a document-signing nonRepudiation one:
+// a key has one purpose, as the list says): the selected one if it is one, else the first.
 function loginCertificate() {
-  const ok = (c) => c && (c.keyUsage.length === 0 || c.keyUsage.includes('digitalSignature'));
-  return ok(selected()) ? selected() : certificates.find(ok);
+  const forLogin = (c) => c && (c.keyUsage.length === 0 || (c.keyUsage.includes('digitalSignature') && !c.keyUsage.includes('nonRepudiation')));
+  const anyLogin = (c) => c && (c.keyUsage.length === 0 || c.keyUsage.includes('digitalSignature'));
+  if (forLogin(selected())) return selected();
+  return certificates.find(forLogin) ?? (anyLogin(selected()) ? selected() : certificates.find(anyLogin));
 }
 
 // ---- display helpers ------------------------------------------------------------------------
