@@ -30,7 +30,8 @@ pub enum TestJob {
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TestAnswer {
     Echo(Vec<u8>),
-    Descriptors(Vec<String>),
+    /// Each open descriptor: its number and what it points at.
+    Descriptors(Vec<(u32, String)>),
     Tcp(Result<(), i32>),
 }
 
@@ -97,8 +98,11 @@ pub fn run_host_if_asked() {
         TestJob::Descriptors => TestAnswer::Descriptors(
             std::fs::read_dir("/proc/self/fd")
                 .unwrap()
-                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .map(|p| p.display().to_string())
+                .filter_map(|e| {
+                    let e = e.ok()?;
+                    let fd = e.file_name().to_str()?.parse().ok()?;
+                    Some((fd, std::fs::read_link(e.path()).ok()?.display().to_string()))
+                })
                 .collect(),
         ),
         TestJob::Tcp => TestAnswer::Tcp(
