@@ -91,6 +91,10 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<ExitCode> {
         println!("  {}  {}", c.info.subject, c.info.key_algorithm.wire_name());
     }
 
+    let audit_log = crate::daemon::audit_path(config, paths);
+    println!("\nAudit log: {}", audit_log.display());
+    problems.extend(crate::audit::write_problem(&audit_log));
+
     println!("\nProblems:");
     if problems.is_empty() {
         println!("  none");

@@ -58,6 +58,7 @@ pub(crate) fn spawn(
                 ctx,
                 path,
                 tokens: HashMap::new(),
+                needs_reinit: false,
             };
             worker.run(rx, &pace);
         })
@@ -138,6 +139,23 @@ pub(crate) struct Worker {
     ctx: Pkcs11,
     path: PathBuf,
     tokens: HashMap<TokenId, TokenState>,
+    /// The module answered CKR_GENERAL_ERROR, CKR_DEVICE_ERROR or CKR_CRYPTOKI_NOT_INITIALIZED:
+    /// before the next request it is finalised and initialised again (SoftHSM, once out of
+    /// descriptors, fails every call until then).
+    needs_reinit: bool,
+}
+
+/// Whether an answer means the module's state is broken until C_Finalize / C_Initialize.
+fn breaks_module<T>(result: &Result<T, Error>) -> bool {
+    result.as_ref().err().is_some_and(breaks)
+}
+
+fn breaks(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Pkcs11 { rv, .. }
+            if matches!(rv.as_str(), "CKR_GENERAL_ERROR" | "CKR_DEVICE_ERROR" | "CKR_CRYPTOKI_NOT_INITIALIZED")
+    )
 }
 
 impl Worker {
@@ -154,20 +172,50 @@ impl Worker {
         }
     }
 
+    /// C_Finalize, then C_Initialize; every session, slot and cache is forgotten, so tokens
+    /// are listed again by the next request. Tried again before each request until it works.
+    fn reinitialise(&mut self) {
+        self.tokens.clear();
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::debug!(error = %e, "C_Finalize before re-initialising");
+        }
+        match self
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+                tracing::info!(path = %self.path.display(), "module re-initialised after it failed");
+                self.needs_reinit = false;
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "re-initialising the module failed; trying again at the next request");
+            }
+        }
+    }
+
     fn handle(&mut self, req: Request) {
+        if self.needs_reinit {
+            self.reinitialise();
+        }
         // A send fails only when the caller stopped waiting; nothing to do then.
         match req {
             Request::Info(reply) => {
                 let _ = reply.send(self.info());
             }
             Request::Tokens(reply) => {
-                let _ = reply.send(self.tokens());
+                let r = self.tokens();
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
             Request::Certificates { token, reply } => {
-                let _ = reply.send(self.certificates(token.as_ref()));
+                let r = self.certificates(token.as_ref());
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
             Request::LoginState { token, reply } => {
-                let _ = reply.send(self.login_state(&token));
+                let r = self.login_state(&token);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
             Request::Sign {
                 job,
@@ -178,7 +226,11 @@ impl Worker {
                     tracing::debug!("a signing request given up on before it started is dropped");
                     return;
                 }
-                let _ = reply.send(self.sign(job));
+                let r = self.sign(job);
+                if let Err(failure) = &r {
+                    self.needs_reinit |= breaks(&failure.error);
+                }
+                let _ = reply.send(r);
             }
             Request::Logout { token, reply } => {
                 let _ = reply.send(self.logout(&token));

@@ -23,6 +23,7 @@ use crate::config::{ConsentMode, SigningKeyUsage};
 use crate::consent::{confirm_only, DialogBuilder, DialogOutcome, DialogPinProvider, PreAsked};
 use crate::dialog::{Consent, Document, PinState, Signer, Unlock};
 use crate::pinentry::DialogCancel;
+use crate::purpose::{ConsentKind, SessionConsent};
 use crate::tokens::CertificateView;
 
 use super::failure::a_key;
@@ -115,7 +116,12 @@ impl Service {
                 record = record.outcome(e.outcome());
             }
         }
-        self.audit(record);
+        if result.is_ok() {
+            // Fails closed: no signature leaves without its durable audit record.
+            self.audit_durable(record)?;
+        } else {
+            self.audit(record);
+        }
         result.map_err(|(e, _)| e)
     }
 
@@ -128,11 +134,10 @@ impl Service {
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), (Failure, Vec<Vec<u8>>)> {
         let info = &cert.info;
-        if !signing_allowed(&info.key_usage, self.config.signing_key_usage) {
+        if !crate::purpose::may_sign_documents(info, &self.config) {
             return Err((
                 Failure::KeyUsage(
-                    "this certificate is not for document signatures (keyUsage lacks nonRepudiation)"
-                        .into(),
+                    "this certificate is for logging in, not for document signatures".into(),
                 ),
                 Vec::new(),
             ));
@@ -181,8 +186,13 @@ impl Service {
             inputs,
             logout_after: self.config.pin_cache_seconds == 0,
         };
+        let kind = if batch {
+            ConsentKind::SignBatch
+        } else {
+            ConsentKind::Sign
+        };
         let sigs = self
-            .run_token(ctx, cert, req, build, progress)
+            .run_token(ctx, cert, req, build, progress, kind)
             .await
             .map_err(|e| (e, digests.clone()))?;
         let sigs = plan
@@ -200,7 +210,9 @@ impl Service {
         req: SignRequest,
         build: DialogBuilder,
         progress: Option<pkcs11_shim::Progress>,
+        kind: ConsentKind,
     ) -> Result<Vec<Vec<u8>>, Failure> {
+        let this_consent = SessionConsent::new(kind, &cert.info);
         let module = cert.module.clone();
         let token_id = cert.info.token_id.clone();
         let dialog_cancel = DialogCancel::new();
@@ -211,7 +223,7 @@ impl Service {
             blocking(move || module.login_state(&token_id)).await??
         };
         let session_consent = self.config.consent_mode(ctx.origin.as_str()) == ConsentMode::Session
-            && self.conn(ctx.connection).consented;
+            && self.conn(ctx.connection).consented == Some(this_consent);
         tracing::debug!(?state, session_consent, "token login state");
         if state == LoginState::Locked {
             return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
@@ -255,7 +267,7 @@ impl Service {
                 }
                 (other, _) => {
                     if other.is_ok() {
-                        self.update_conn(ctx.connection, |c| c.consented = true);
+                        self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
                     }
                     other
                 }
@@ -335,7 +347,7 @@ impl Service {
                 }
             }
             if result.is_ok() {
-                self.update_conn(ctx.connection, |c| c.consented = true);
+                self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
             }
             return result;
         }
@@ -460,6 +472,12 @@ impl SignPlan {
         let format = options.format.unwrap_or_default();
         let key = info.key_algorithm;
         let ed = matches!(key, KeyAlgorithm::Ed25519);
+        if ed && options.hash.is_some() {
+            return Err(Failure::InvalidParams(
+                "hash does not apply to Ed25519, which signs the data itself: leave hash out"
+                    .into(),
+            ));
+        }
         // One hash for the whole request.
         let mut hash: Option<DigestAlgorithm> = None;
         for item in items {

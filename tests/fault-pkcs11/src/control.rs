@@ -26,6 +26,9 @@ pub(crate) struct Control {
     pub(crate) hang_sign: bool,
     /// Abort the process when one of these functions is called (`crash_on=C_Sign,C_Login`).
     pub(crate) crash_on: Vec<String>,
+    /// C_GetTokenInfo fails with CKR_GENERAL_ERROR — and, as SoftHSM does once the process ran
+    /// out of descriptors, keeps failing after this is cleared, until the next C_Initialize.
+    pub(crate) general_error: bool,
 }
 
 /// Why a control file could not be used.
@@ -78,6 +81,9 @@ impl Control {
                     control.token_removed = flag(value).ok_or_else(|| bad("not 0/1"))?;
                 }
                 "hang_sign" => control.hang_sign = flag(value).ok_or_else(|| bad("not 0/1"))?,
+                "general_error" => {
+                    control.general_error = flag(value).ok_or_else(|| bad("not 0/1"))?;
+                }
                 "fail_sign_after" => {
                     let n = value.parse().map_err(|_| bad("not a number"))?;
                     control.fail_sign_after = Some(n);
@@ -143,6 +149,7 @@ mod tests {
                 fail_sign_after: Some(3),
                 hang_sign: true,
                 crash_on: vec!["C_Sign".to_owned(), "C_Login".to_owned()],
+                general_error: false,
             }
         );
         assert!(control.crashes_on("C_Login"));
