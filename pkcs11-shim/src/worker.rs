@@ -140,8 +140,8 @@ pub(crate) struct Worker {
     path: PathBuf,
     tokens: HashMap<TokenId, TokenState>,
     /// The module answered CKR_GENERAL_ERROR, CKR_DEVICE_ERROR or CKR_CRYPTOKI_NOT_INITIALIZED:
-    /// before the next request it is finalised and initialised again (SoftHSM, once out of
-    /// descriptors, fails every call until then).
+    /// before the next request it is probed, and finalised and initialised again if it still
+    /// fails (SoftHSM, once out of descriptors, fails every call until then).
     needs_reinit: bool,
 }
 
@@ -172,6 +172,33 @@ impl Worker {
         }
     }
 
+    /// After an answer that may mean a broken module: a cheap probe (C_GetSlotList, then
+    /// C_GetTokenInfo of each slot with a token). Only when the probe fails the same way is the
+    /// module re-initialised: a card pulled in the middle of a command (CKR_DEVICE_ERROR once,
+    /// then CKR_TOKEN_NOT_PRESENT) needs no restart of the module; SoftHSM out of descriptors
+    /// (CKR_GENERAL_ERROR on every C_GetTokenInfo until C_Initialize) does.
+    fn recover(&mut self) {
+        let probe = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(from_cryptoki)
+            .and_then(|slots| {
+                slots.into_iter().try_for_each(|slot| {
+                    match self.ctx.get_token_info(slot).map_err(from_cryptoki) {
+                        Err(e) if breaks(&e) => Err(e),
+                        _ => Ok(()),
+                    }
+                })
+            });
+        match probe {
+            Err(e) if breaks(&e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "the module keeps failing; re-initialising it");
+                self.reinitialise();
+            }
+            _ => self.needs_reinit = false,
+        }
+    }
+
     /// C_Finalize, then C_Initialize; every session, slot and cache is forgotten, so tokens
     /// are listed again by the next request. Tried again before each request until it works.
     fn reinitialise(&mut self) {
@@ -195,7 +222,7 @@ impl Worker {
 
     fn handle(&mut self, req: Request) {
         if self.needs_reinit {
-            self.reinitialise();
+            self.recover();
         }
         // A send fails only when the caller stopped waiting; nothing to do then.
         match req {
