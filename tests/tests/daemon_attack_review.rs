@@ -418,11 +418,11 @@ async fn finding_05_a_flood_of_idle_sockets_before_the_handshake_is_capped() {
     );
 }
 
-/// Finding 5 (module): a module that starts failing with CKR_GENERAL_ERROR is finalised and
-/// initialised again, and its token listed again, without a restart. SoftHSM does this once the
-/// process ran out of descriptors and keeps failing until C_Initialize (TEST-RIG-FACTS); the
-/// fault module reproduces exactly that (`general_error=1`, latched until C_Initialize), since
-/// at the moment of exhaustion the pre-handshake cap above no longer lets idle sockets cause it.
+/// Finding 5 (module), deterministic: a module that starts failing with CKR_GENERAL_ERROR is
+/// finalised and initialised again, and its token listed again, without a restart. SoftHSM does
+/// this once the process ran out of descriptors and keeps failing until C_Initialize
+/// (TEST-RIG-FACTS); the fault module reproduces exactly that (`general_error=1`, latched until
+/// C_Initialize). The next test reproduces it with SoftHSM itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finding_05_a_module_failing_with_general_error_is_reinitialised() {
     let tk = new_token();
@@ -442,6 +442,83 @@ async fn finding_05_a_module_failing_with_general_error_is_reinitialised() {
     agent.script().push(&Step::pin(USER_PIN)).unwrap();
     client
         .call_ok("sign", sign_digest(&ids["sign-p256"], &[6; 32], "After"))
+        .await
+        .unwrap();
+}
+
+/// Finding 5 (module), the review's own way: with the handshake cap lifted, a continuous flood
+/// of silent sockets under a low descriptor limit makes SoftHSM fail (CKR_GENERAL_ERROR) while it
+/// lasts; once it stops, the module is re-initialised and the token is back without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_05_descriptor_exhaustion_then_recovery_without_a_restart() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tk = new_token();
+    let options = AgentOptions {
+        max_open_files: Some(48),
+        limits: vec![
+            "max_pending_handshakes = 10000".into(),
+            "handshake_timeout_seconds = 60".into(),
+            "requests_per_second = 1000".into(),
+        ],
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(&tk, options).unwrap();
+    let port = agent.port();
+    let mut client = agent.connect(PORTAL).await.unwrap();
+    let ids = certificate_ids(&mut client, &tk).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    held.push_back(s);
+                }
+                if held.len() > 400 {
+                    held.pop_front();
+                }
+            }
+        })
+    };
+    // While the flood lasts, a listing finds the module failing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let during = client.call_ok("tokens.list", json!({})).await.unwrap();
+        if during["tokens"] == json!([]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood never made the module fail"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    flood.join().unwrap();
+    // The flood is over (its sockets closed): the token comes back without a restart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = client.call_ok("tokens.list", json!({})).await.unwrap();
+        if list["tokens"].as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token never came back: {list}; {}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = agent.stderr();
+    assert!(log.contains("CKR_GENERAL_ERROR"), "{log}");
+    assert!(log.contains("module re-initialised"), "{log}");
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    client
+        .call_ok(
+            "sign",
+            sign_digest(&ids["sign-p256"], &[7; 32], "After the flood"),
+        )
         .await
         .unwrap();
 }
