@@ -117,7 +117,7 @@ pub struct AtrEntry {
     pub module: PathBuf,
 }
 
-/// Server limits (PROTOCOL.md "Limits").
+/// Server limits (docs/protocol.md "Limits").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {

@@ -1,4 +1,4 @@
-//! KeyPort's wire layer: the loopback WebSocket server, the JSON-RPC types of PROTOCOL.md v1, and
+//! KeyPort's wire layer: the loopback WebSocket server, the JSON-RPC types of docs/protocol.md v1, and
 //! the [`Backend`] trait the agent implements. It knows nothing of tokens.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

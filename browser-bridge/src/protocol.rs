@@ -1,4 +1,4 @@
-//! The JSON-RPC 2.0 messages of PROTOCOL.md v1: requests parsed strictly from a text frame,
+//! The JSON-RPC 2.0 messages of docs/protocol.md v1: requests parsed strictly from a text frame,
 //! results, events and errors.
 //!
 //! Checking order, which decides the reason when a message breaks several rules:

@@ -75,7 +75,7 @@ impl Default for ServerConfig {
     }
 }
 
-/// Resource limits (PROTOCOL.md "Limits").
+/// Resource limits (docs/protocol.md "Limits").
 ///
 /// Connections over `max_connections` in all, over `max_connections_per_origin` for one
 /// origin, or — for origins the backend does not call approved ([`Backend::is_approved`]) — over

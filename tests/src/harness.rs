@@ -1187,7 +1187,7 @@ pub fn certificate_id(list: &Value, der: &[u8]) -> Result<String> {
         .ok_or_else(|| anyhow!("no certificate entry for that DER in {list}"))
 }
 
-/// The members of a `tokens.list` entry (PROTOCOL.md), sorted; `keyport tokens --json` has
+/// The members of a `tokens.list` entry (docs/protocol.md), sorted; `keyport tokens --json` has
 /// the same.
 pub const TOKEN_ENTRY_FIELDS: [&str; 8] = [
     "id",

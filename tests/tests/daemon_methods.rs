@@ -1,4 +1,4 @@
-//! Every method of PROTOCOL.md through the real `keyport run` over WebSocket, against a
+//! Every method of docs/protocol.md through the real `keyport run` over WebSocket, against a
 //! provisioned SoftHSM token, every signature verified by OpenSSL and Python `cryptography`.
 #![allow(clippy::unwrap_used)] // a test fails by panicking
 

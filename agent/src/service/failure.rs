@@ -1,4 +1,4 @@
-//! What can end a request, and its one mapping to the wire (PROTOCOL.md's reasons) and to
+//! What can end a request, and its one mapping to the wire (docs/protocol.md's reasons) and to
 //! the audit outcome.
 
 use std::sync::Arc;
@@ -39,7 +39,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// The one mapping from internal errors to PROTOCOL.md's reasons. The page learns what it
+    /// The one mapping from internal errors to docs/protocol.md's reasons. The page learns what it
     /// needs to act, never internal detail.
     pub fn to_rpc(&self) -> RpcError {
         use pkcs11_shim::Error as E;

@@ -201,7 +201,7 @@ async function logIn() {
 }
 
 // Login needs digitalSignature: the selected certificate if it allows it, else the first that does.
-// A certificate either signs documents or logs in (docs/protocol-notes.md "One key, one
+// A certificate either signs documents or logs in (docs/protocol.md, "One key, one
 // purpose"): login certificates have the clientAuth usage, or digitalSignature without
 // nonRepudiation. The selected one is used when it is such a certificate, else the first one.
 function loginCertificate() {

@@ -18,7 +18,7 @@ export declare const CloseCode: Readonly<{
   MESSAGE_TOO_BIG: 1009;
 }>;
 
-/** Reasons sent by the agent (PROTOCOL.md, "Errors"). */
+/** Reasons sent by the agent (docs/protocol.md, "Errors"). */
 export type AgentReason =
   | 'PARSE_ERROR' | 'INVALID_REQUEST' | 'METHOD_NOT_FOUND' | 'INVALID_PARAMS'
   | 'ORIGIN_NOT_APPROVED' | 'ORIGIN_DENIED' | 'USER_CANCELLED' | 'PIN_INCORRECT' | 'PIN_LOCKED'

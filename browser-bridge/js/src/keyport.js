@@ -1,4 +1,4 @@
-// KeyPort browser client, protocol v1 (see PROTOCOL.md in the KeyPort repository).
+// KeyPort browser client, protocol v1 (see docs/protocol.md in the KeyPort repository).
 //
 // One `KeyPort` object holds one WebSocket to the local agent. Requests are JSON-RPC 2.0 with
 // ids counting up from 1 for the life of the object; answers are matched by id; events
@@ -13,7 +13,7 @@ export const DEFAULT_URL = 'ws://127.0.0.1:47333/v1';
 export const PROTOCOL_VERSION = 1;
 
 /**
- * WebSocket close codes the agent sends (docs/protocol-notes.md). 1000 closes an idle connection
+ * WebSocket close codes the agent sends (docs/protocol.md). 1000 closes an idle connection
  * of an origin not approved: the client does not reconnect then, the next call opens again.
  */
 export const CloseCode = Object.freeze({
@@ -25,7 +25,7 @@ export const CloseCode = Object.freeze({
   MESSAGE_TOO_BIG: 1009,
 });
 
-/** Wire error codes of PROTOCOL.md, by code, used when an error arrives without `data.reason`. */
+/** Wire error codes of docs/protocol.md, by code, used when an error arrives without `data.reason`. */
 const REASON_BY_CODE = Object.freeze({
   [-32700]: 'PARSE_ERROR',
   [-32600]: 'INVALID_REQUEST',
@@ -49,7 +49,7 @@ const REASON_BY_CODE = Object.freeze({
 });
 
 /**
- * Every reason a KeyPortError can carry: the agent's (PROTOCOL.md) and the client's own.
+ * Every reason a KeyPortError can carry: the agent's (docs/protocol.md) and the client's own.
  * The client's own have `code === null`.
  */
 export const Reason = Object.freeze({

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use super::results::BatchSignature;
 
-/// The stable error reasons of PROTOCOL.md's error table. Pages match on these names, never on
+/// The stable error reasons of docs/protocol.md's error table. Pages match on these names, never on
 /// the message text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
