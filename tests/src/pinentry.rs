@@ -142,6 +142,9 @@ pub struct Entry {
     /// A scenario problem: `script exhausted`, an `expect` mismatch, a bad line.
     #[serde(default)]
     pub error: Option<String>,
+    /// When the line was written: microseconds since the Unix epoch.
+    #[serde(default)]
+    pub at_us: Option<u64>,
 }
 
 /// Everything one pinentry process (one dialog) was told and answered.

@@ -103,11 +103,19 @@ fn serve() -> io::Result<()> {
 }
 
 impl Pinentry {
-    fn log(&self, entry: serde_json::Value) -> io::Result<()> {
-        match &self.log {
-            Some(log) => append_log(log, &entry),
-            None => Ok(()),
+    /// Appends a transcript line, stamped with the wall clock (`at_us`, microseconds since the
+    /// Unix epoch) so a benchmark can tell when the dialog began.
+    fn log(&self, mut entry: serde_json::Value) -> io::Result<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        if let Some(fields) = entry.as_object_mut() {
+            let at_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            fields.insert("at_us".into(), serde_json::Value::from(at_us as u64));
         }
+        append_log(log, &entry)
     }
 
     /// Answers one `GETPIN` or `CONFIRM` from the next scenario step: the reply lines.

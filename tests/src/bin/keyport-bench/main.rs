@@ -3,6 +3,7 @@
 //! ```text
 //! cargo build --release -p agent -p keyport-e2e
 //! cargo run --release -p keyport-e2e --bin keyport-bench
+//! cargo run -p keyport-e2e --bin keyport-bench -- --short   # CI: every row, small counts
 //! ```
 //!
 //! Provisions a fresh SoftHSM token (softhsm-config/provision.sh) in a temporary directory, then
@@ -12,12 +13,22 @@
 //!    request per signature on a cached login (`logout_after = false`);
 //! 3. the release `keyport` agent over WebSocket on loopback: start-up time to the `listening`
 //!    line, `sign` round-trip latency (session consent, and per-request consent through the
-//!    scripted pinentry), `sign.batch` of 1000 P-256 digests, RSS, and binary size.
+//!    scripted pinentry), `sign.batch` of 1000 P-256 digests, RSS, and binary size;
+//! 4. the agent under load ([`load`]): 1, 8 and 32 connections from 8 origins and from one,
+//!    the agent's CPU per signature, the token's own rate before and after in the same run,
+//!    time to dialog, RSS after many signatures and with 200 connections, and
+//!    `certificates.list` over 5 tokens × 20 certificates.
+//!
+//! `--short` runs every row with small counts and debug binaries if no release build is there:
+//! CI runs it to check that every row is measured and every signature verifies; its timings
+//! mean nothing.
 //!
 //! One signature of every kind measured is checked with `openssl pkeyutl -verify`, so the
 //! figures are for real signatures. This is a program, not a test: nothing here is timed inside
 //! `cargo test`.
 #![forbid(unsafe_code)]
+
+mod load;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -45,6 +56,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Origin with `consent = "session"`: one dialog per connection, none after.
 const SESSION_ORIGIN: &str = "https://intranet.example";
+/// Origin of the agent over 5 tokens × 20 certificates (`certificates.list`).
+const LIST_ORIGIN: &str = "https://list.example";
 /// Origin with the default per-request consent: a CONFIRM dialog for every request.
 const REQUEST_ORIGIN: &str = "https://portal.example";
 const SIGN_REQUESTS: usize = 200;
@@ -55,6 +68,41 @@ const RUNS: usize = 3;
 const SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
 /// One-signature requests traced through pkcs11-spy to count the PKCS#11 calls of each.
 const SPY_REQUESTS: usize = 10;
+
+/// How many of each count to use: all of it, or a short run's share.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    short: bool,
+}
+
+impl Scale {
+    /// `n`, or a twentieth of it (at least 2) in a short run.
+    fn of(self, n: usize) -> usize {
+        if self.short {
+            (n / 20).max(2)
+        } else {
+            n
+        }
+    }
+
+    /// Timed runs per figure (the median is reported).
+    fn runs(self) -> usize {
+        if self.short {
+            1
+        } else {
+            RUNS
+        }
+    }
+
+    /// Release binaries only for the full run; a short run takes what was built.
+    fn profiles(self) -> &'static [&'static str] {
+        if self.short {
+            &["release", "debug"]
+        } else {
+            &["release"]
+        }
+    }
+}
 
 /// One key type of the provisioned token and how many signatures to time for it.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +155,9 @@ const CASES: [KeyCase; 5] = [
 ];
 
 fn main() -> Result<()> {
+    let scale = Scale {
+        short: std::env::args().skip(1).any(|a| a == "--short"),
+    };
     let root = repo_root();
     let work = tempfile::tempdir()?;
     let token = TestToken::provision()?;
@@ -122,9 +173,9 @@ fn main() -> Result<()> {
     writeln!(out)?;
 
     eprintln!("raw cryptoki baseline …");
-    let (raw, probes) = raw_cryptoki_rates()?;
+    let (raw, probes) = raw_cryptoki_rates(scale)?;
     eprintln!("pkcs11-shim …");
-    let shim = shim_rates(&token)?;
+    let shim = shim_rates(&token, scale)?;
     eprintln!("PKCS#11 calls of one shim request (pkcs11-spy) …");
     let calls = spy_calls_per_request(&spy_log)?;
     writeln!(
@@ -136,7 +187,12 @@ fn main() -> Result<()> {
         writeln!(
             out,
             "| {} | {:.0}/s | {:.0}/s | {:.0}/s | ≈ {}/s | {} |",
-            case.name, raw, shim.batch, shim.per_call, case.facts, case.count
+            case.name,
+            raw,
+            shim.batch,
+            shim.per_call,
+            case.facts,
+            scale.of(case.count)
         )?;
     }
     writeln!(out)?;
@@ -156,20 +212,28 @@ fn main() -> Result<()> {
     writeln!(out)?;
 
     eprintln!("agent over WebSocket …");
-    let agent = tokio::runtime::Builder::new_multi_thread()
+    let (agent, problems) = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(agent_bench(&root, work.path(), &token))?;
+        .block_on(agent_bench(&root, work.path(), &token, scale))?;
     writeln!(
         out,
-        "| agent (release `keyport`, loopback WebSocket) | value |"
+        "| agent (`{}`, loopback WebSocket) | value |",
+        binary(&root, "keyport", scale.profiles())?.display()
     )?;
     writeln!(out, "| --- | ---: |")?;
     for (what, value) in agent {
         writeln!(out, "| {what} | {value} |")?;
     }
     print!("{out}");
+    if !problems.is_empty() {
+        bail!(
+            "{} row(s) saw failed requests:\n{}",
+            problems.len(),
+            problems.join("\n")
+        );
+    }
     Ok(())
 }
 
@@ -233,7 +297,7 @@ type Probe = (&'static str, f64);
 /// C_Sign in a loop on one logged-in session, the way TEST-RIG-FACTS measured it; the inputs
 /// are what the shim hands the token (DigestInfo for RSA, the digest for ECDSA, the message
 /// for EdDSA).
-fn raw_cryptoki_rates() -> Result<(Vec<f64>, Vec<Probe>)> {
+fn raw_cryptoki_rates(scale: Scale) -> Result<(Vec<f64>, Vec<Probe>)> {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
     use cryptoki::mechanism::Mechanism;
@@ -271,7 +335,7 @@ fn raw_cryptoki_rates() -> Result<(Vec<f64>, Vec<Probe>)> {
                 SignAlgorithm::Ecdsa(..) => Mechanism::Ecdsa,
                 _ => Mechanism::RsaPkcs,
             };
-            let inputs: Vec<Vec<u8>> = (0..case.count)
+            let inputs: Vec<Vec<u8>> = (0..scale.of(case.count))
                 .map(|i| match (case.algorithm, input_for(case, i)) {
                     (SignAlgorithm::RsaPkcs1v15(h), (_, digest)) => {
                         pkcs11_shim::digest_info(h, &digest).map_err(anyhow::Error::from)
@@ -280,7 +344,7 @@ fn raw_cryptoki_rates() -> Result<(Vec<f64>, Vec<Probe>)> {
                 })
                 .collect::<Result<_>>()?;
             session.sign(&mechanism, key, &inputs[0])?;
-            rates.push(median_of(RUNS, || {
+            rates.push(median_of(scale.runs(), || {
                 let start = Instant::now();
                 for input in &inputs {
                     session.sign(&mechanism, key, input)?;
@@ -289,25 +353,25 @@ fn raw_cryptoki_rates() -> Result<(Vec<f64>, Vec<Probe>)> {
             })?);
         }
         // What the shim calls besides C_Sign (its health probe and login check).
-        const PROBES: usize = 20_000;
+        let probe_count = scale.of(20_000);
         probes.push((
             "C_GetTokenInfo",
-            median_of(RUNS, || {
+            median_of(scale.runs(), || {
                 let start = Instant::now();
-                for _ in 0..PROBES {
+                for _ in 0..probe_count {
                     pkcs11.get_token_info(slot)?;
                 }
-                Ok(rate(PROBES, start.elapsed()))
+                Ok(rate(probe_count, start.elapsed()))
             })?,
         ));
         probes.push((
             "C_GetSessionInfo",
-            median_of(RUNS, || {
+            median_of(scale.runs(), || {
                 let start = Instant::now();
-                for _ in 0..PROBES {
+                for _ in 0..probe_count {
                     session.get_session_info()?;
                 }
-                Ok(rate(PROBES, start.elapsed()))
+                Ok(rate(probe_count, start.elapsed()))
             })?,
         ));
         session.logout()?;
@@ -326,7 +390,7 @@ struct ShimRate {
     per_call: f64,
 }
 
-fn shim_rates(token: &TestToken) -> Result<Vec<ShimRate>> {
+fn shim_rates(token: &TestToken, scale: Scale) -> Result<Vec<ShimRate>> {
     let module = Module::load(Path::new(MODULE))?;
     let certs = module.certificates(None)?;
     let mut rates = Vec::new();
@@ -335,8 +399,9 @@ fn shim_rates(token: &TestToken) -> Result<Vec<ShimRate>> {
             .iter()
             .find(|c| c.label == case.label)
             .ok_or_else(|| anyhow!("no certificate {}", case.label))?;
-        let inputs: Vec<(SignInput, Vec<u8>)> =
-            (0..case.count).map(|i| input_for(case, i)).collect();
+        let inputs: Vec<(SignInput, Vec<u8>)> = (0..scale.of(case.count))
+            .map(|i| input_for(case, i))
+            .collect();
 
         // Warm the shim's caches (certificate/key scan, mechanism list) and check one
         // signature with OpenSSL.
@@ -344,7 +409,7 @@ fn shim_rates(token: &TestToken) -> Result<Vec<ShimRate>> {
         verify_with_openssl(token, case, &inputs[0].1, &first[0])?;
 
         // N digests, one request: login, N × C_Sign, logout — all inside the timed call.
-        let batch = median_of(RUNS, || {
+        let batch = median_of(scale.runs(), || {
             let batch_inputs = inputs.iter().map(|(i, _)| i.clone()).collect();
             let start = Instant::now();
             let sigs = sign_once(&module, cert, case, batch_inputs, true)?;
@@ -362,7 +427,7 @@ fn shim_rates(token: &TestToken) -> Result<Vec<ShimRate>> {
 
         // One request per signature on a cached login: the login happens before the clock.
         sign_once(&module, cert, case, vec![inputs[0].0.clone()], false)?;
-        let per_call = median_of(RUNS, || {
+        let per_call = median_of(scale.runs(), || {
             let start = Instant::now();
             for (input, _) in &inputs {
                 let sig = sign_no_pin(&module, cert, case, input.clone())?;
@@ -523,12 +588,7 @@ impl Drop for Agent {
 
 impl Agent {
     fn rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("no VmRSS in /proc/{}/status", self.child.id()))
+        load::rss_kib(self.child.id())
     }
 }
 
@@ -548,8 +608,18 @@ fn binary(root: &Path, name: &str, profiles: &[&str]) -> Result<PathBuf> {
         })
 }
 
+/// The agent's configuration: every origin allowed, the session-consent ones with
+/// `consent = "session"`, limits wide enough for the load rows (512 connections, 64 from one
+/// origin, no practical request rate limit).
 fn write_config(dir: &Path, pinentry: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
+    let session_origins: Vec<&str> = std::iter::once(SESSION_ORIGIN)
+        .chain(load::LOAD_ORIGINS)
+        .chain([LIST_ORIGIN])
+        .collect();
+    let origins: Vec<&str> = std::iter::once(REQUEST_ORIGIN)
+        .chain(session_origins.iter().copied())
+        .collect();
     let key_file = dir.join("audit.key");
     harness::write_audit_key(&key_file)?;
     let config = format!(
@@ -558,21 +628,30 @@ discover_modules = false
 pinentry = {pinentry:?}
 audit_key_file = {key:?}
 audit_log = {log:?}
-allowed_origins = ["{REQUEST_ORIGIN}", "{SESSION_ORIGIN}"]
+allowed_origins = [{allowed}]
 unknown_origins = "reject"
 pin_cache_seconds = 600
 signing_key_usage = "non-repudiation"
 [[modules]]
 path = "{MODULE}"
-[[origin_policy]]
-origin = "{SESSION_ORIGIN}"
-consent = "session"
+{policies}
 [limits]
 requests_per_second = 100000
+max_connections = 512
+max_connections_per_origin = 64
 "#,
         pinentry = pinentry.display().to_string(),
         key = key_file.display().to_string(),
         log = dir.join("audit.log").display().to_string(),
+        allowed = origins
+            .iter()
+            .map(|o| format!("{o:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        policies = session_origins
+            .iter()
+            .map(|o| format!("[[origin_policy]]\norigin = {o:?}\nconsent = \"session\"\n"))
+            .collect::<String>(),
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, config)?;
@@ -766,11 +845,16 @@ fn verify_agent_signature(
     .context("OpenSSL rejects a signature the agent returned")
 }
 
-async fn agent_bench(root: &Path, work: &Path, token: &TestToken) -> Result<Vec<(String, String)>> {
+async fn agent_bench(
+    root: &Path,
+    work: &Path,
+    token: &TestToken,
+    scale: Scale,
+) -> Result<(Vec<(String, String)>, Vec<String>)> {
     let softhsm_conf = &token.conf();
     use keyport_e2e::pinentry::{Button, Command as Dialog, Script, Step};
 
-    let keyport = binary(root, "keyport", &["release"])?;
+    let keyport = binary(root, "keyport", scale.profiles())?;
     let pinentry = binary(
         root,
         keyport_e2e::pinentry::PROGRAM_NAME,
@@ -781,6 +865,7 @@ async fn agent_bench(root: &Path, work: &Path, token: &TestToken) -> Result<Vec<
     let script = Script::new(&dir)?;
     let stderr_log = dir.join("keyport.stderr");
     let mut rows = Vec::new();
+    let mut problems = Vec::new();
 
     // Start-up: spawn → `listening` line, a few times; the last agent stays up.
     let mut starts = Vec::new();
@@ -877,12 +962,24 @@ async fn agent_bench(root: &Path, work: &Path, token: &TestToken) -> Result<Vec<
         format!("{} / {}", ms(percentile(&times, 50.0)), ms(percentile(&times, 95.0))),
     ));
 
+    // The token's own rate, measured now and again after the load rows (the machine is shared).
+    let token_before = load::token_rate(scale.of(6000))?;
+    rows.push((
+        "the token's own P-256 rate, one session, `C_SignInit` + `C_Sign` in a loop (before the agent rows below): rate, p50".into(),
+        format!("{:.0}/s, {:.0} µs", token_before.per_s, token_before.p50.as_secs_f64() * 1e6),
+    ));
+
     // sign.batch of 1000 digests: session consent (no dialog), then per-request (one CONFIRM).
     let (elapsed, check) = batch(&mut session, &cert_id).await?;
     verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
     rows.push((
-        format!("`sign.batch` {BATCH_SIZE} P-256 digests, session consent: total, signatures/s"),
-        format!("{}, {:.0}/s", ms(elapsed), rate(BATCH_SIZE, elapsed)),
+        format!("`sign.batch` {BATCH_SIZE} P-256 digests, session consent: total, signatures/s (× the token's)"),
+        format!(
+            "{}, {:.0}/s (× {:.2})",
+            ms(elapsed),
+            rate(BATCH_SIZE, elapsed),
+            rate(BATCH_SIZE, elapsed) / token_before.per_s
+        ),
     ));
     script.push(&Step::confirm(Button::Ok).expect(Dialog::Confirm))?;
     let (elapsed, check) = batch(&mut portal, &cert_id).await?;
@@ -896,13 +993,70 @@ async fn agent_bench(root: &Path, work: &Path, token: &TestToken) -> Result<Vec<
         format!("{} KiB", agent.rss_kib()?),
     ));
 
+    eprintln!("agent under load …");
+    let target = load::Target {
+        pid: agent.child.id(),
+        port: agent.port,
+        script: &script,
+        token,
+        cert_id: &cert_id,
+        cert_b64: &cert_b64,
+        request_origin: REQUEST_ORIGIN,
+        scale,
+    };
+    let (load_rows, load_problems) = load::rows(&target, &dir, token_before).await?;
+    rows.extend(load_rows);
+    problems.extend(load_problems);
+    let token_after = load::token_rate(scale.of(6000))?;
+    rows.push((
+        "the token's own P-256 rate again, after the load rows: rate, p50".into(),
+        format!(
+            "{:.0}/s, {:.0} µs",
+            token_after.per_s,
+            token_after.p50.as_secs_f64() * 1e6
+        ),
+    ));
+
+    eprintln!(
+        "certificates.list over {} tokens × {} certificates …",
+        load::LIST_TOKENS,
+        load::LIST_CERTS
+    );
+    let many = work.join("many");
+    let many_conf = load::provision_many(&many)?;
+    let list_dir = work.join("list-agent");
+    let list_config = write_config(&list_dir, &pinentry)?;
+    let list_script = Script::new(&list_dir)?;
+    let list_agent = start_agent(
+        &keyport,
+        &list_config,
+        &many_conf,
+        &list_script,
+        &list_dir.join("keyport.stderr"),
+    )?;
+    let calls = scale.of(100).max(5);
+    let times = load::list_latencies(list_agent.port, LIST_ORIGIN, calls).await?;
+    rows.push((
+        format!(
+            "`certificates.list`, {} tokens × {} certificates (p50 / p99 of {calls})",
+            load::LIST_TOKENS,
+            load::LIST_CERTS
+        ),
+        format!(
+            "{} / {}",
+            ms(percentile(&times, 50.0)),
+            ms(percentile(&times, 99.0))
+        ),
+    ));
+    drop(list_agent);
+
     let size = std::fs::metadata(&keyport)?.len();
     rows.push((
-        "release binary size, target/release/keyport".into(),
+        format!("binary size, {}", keyport.display()),
         format!("{:.1} MiB ({size} bytes)", size as f64 / 1_048_576.0),
     ));
     drop(session);
     drop(portal);
     drop(agent);
-    Ok(rows)
+    Ok((rows, problems))
 }

@@ -1,0 +1,442 @@
+//! The agent's side: one [`Supervisor`] per vendor library, owning at most one live host.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::frame::{read_frame, write_frame, Answer, FrameError, Greeting, Job, PROTOCOL_VERSION};
+
+/// The first wait after a host died; doubled after each death, up to [`MAX_BACKOFF`], and back
+/// to this after a call answered.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a new host has to greet.
+const GREETING_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a call got no answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostError {
+    #[error("the module host could not be started: {0}")]
+    Start(String),
+    #[error("the module host ended during the call: {how}")]
+    Died { how: String },
+    #[error("the module host did not answer within {after:?} and was stopped")]
+    TimedOut { after: Duration },
+    #[error("the module host is being restarted (next try in {retry_in:?})")]
+    Restarting { retry_in: Duration },
+    #[error("the module host connection failed: {0}")]
+    Connection(String),
+}
+
+/// What `keyport doctor` shows of a host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostStatus {
+    /// The live host's process id.
+    pub pid: Option<u32>,
+    /// Hosts started after the first.
+    pub restarts: u32,
+    /// How the last host ended, or why the last start failed.
+    pub last_failure: Option<String>,
+}
+
+/// How to start a host: a program (normally this `keyport` binary) and its arguments.
+#[derive(Debug, Clone)]
+pub struct HostCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// Called (on the host's reader thread) when a host ends, with how it ended.
+pub type OnExit = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Starts hosts for one library and calls them. Calls may come from many threads; the host
+/// answers them in the order they arrive.
+pub struct Supervisor<J, A> {
+    command: HostCommand,
+    on_exit: Option<OnExit>,
+    state: Mutex<State<A>>,
+    _jobs: PhantomData<fn(J)>,
+}
+
+impl<J, A> std::fmt::Debug for Supervisor<J, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("program", &self.command.program)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+struct State<A> {
+    live: Option<Live<A>>,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    started: u32,
+    last_failure: Option<String>,
+    /// No new host before this.
+    next_start: Option<Instant>,
+    backoff: Duration,
+}
+
+struct Live<A> {
+    pid: u32,
+    writer: Arc<Mutex<UnixStream>>,
+    shared: Arc<Shared<A>>,
+}
+
+/// What a live host's reader thread and its callers share.
+struct Shared<A> {
+    pending: Mutex<HashMap<u64, mpsc::Sender<A>>>,
+    /// How the host ended, once it has.
+    ended: Mutex<Option<String>>,
+    next_id: AtomicU64,
+}
+
+impl<J, A> Supervisor<J, A>
+where
+    J: Serialize,
+    A: DeserializeOwned + Send + 'static,
+{
+    pub fn new(command: HostCommand, on_exit: Option<OnExit>) -> Self {
+        Supervisor {
+            command,
+            on_exit,
+            state: Mutex::new(State {
+                live: None,
+                min_backoff: MIN_BACKOFF,
+                max_backoff: MAX_BACKOFF,
+                started: 0,
+                last_failure: None,
+                next_start: None,
+                backoff: MIN_BACKOFF,
+            }),
+            _jobs: PhantomData,
+        }
+    }
+
+    /// The first and the longest wait after a death (tests shorten them).
+    pub fn set_backoff(&mut self, min: Duration, max: Duration) {
+        let state = self
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.min_backoff = min;
+        state.max_backoff = max.max(min);
+        state.backoff = min;
+    }
+
+    /// Starts a host unless one is running or the backoff has not passed.
+    pub fn ensure_running(&self) -> Result<u32, HostError> {
+        let mut state = lock(&self.state);
+        self.live(&mut state).map(|l| l.pid)
+    }
+
+    /// Sends `job` and waits at most `deadline` for its answer. Past the deadline the host is
+    /// killed (its other callers get [`HostError::Died`]) and the next call starts a new one.
+    pub fn call(&self, job: J, deadline: Duration) -> Result<A, HostError> {
+        let (pid, writer, shared) = {
+            let mut state = lock(&self.state);
+            let live = self.live(&mut state)?;
+            (live.pid, Arc::clone(&live.writer), Arc::clone(&live.shared))
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        lock(&shared.pending).insert(id, tx);
+        if lock(&shared.ended).is_some() {
+            // Ended between taking it and registering: the reader thread will not see us.
+            lock(&shared.pending).remove(&id);
+            return Err(self.died(&shared));
+        }
+        let sent = write_frame(&mut *lock(&writer), &Job { id, job });
+        if let Err(e) = sent {
+            lock(&shared.pending).remove(&id);
+            kill_group(pid);
+            return Err(match e {
+                FrameError::TooLarge(_) => HostError::Connection(e.to_string()),
+                _ => self.died(&shared),
+            });
+        }
+        match rx.recv_timeout(deadline) {
+            Ok(answer) => {
+                let mut state = lock(&self.state);
+                state.backoff = state.min_backoff;
+                Ok(answer)
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&shared.pending).remove(&id);
+                tracing::warn!(
+                    pid,
+                    ?deadline,
+                    "module host did not answer in time; stopping it"
+                );
+                {
+                    let mut state = lock(&self.state);
+                    if state.live.as_ref().is_some_and(|l| l.pid == pid) {
+                        state.live = None;
+                        state.last_failure =
+                            Some(format!("no answer within {} s", deadline.as_secs_f32()));
+                        Self::schedule_restart(&mut state);
+                    }
+                }
+                kill_group(pid);
+                Err(HostError::TimedOut { after: deadline })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.died(&shared)),
+        }
+    }
+
+    /// Stops the live host, if any (the agent is shutting down, or the library is unloaded).
+    pub fn stop(&self) {
+        let live = lock(&self.state).live.take();
+        if let Some(live) = live {
+            kill_group(live.pid);
+        }
+    }
+
+    fn died(&self, shared: &Shared<A>) -> HostError {
+        HostError::Died {
+            how: lock(&shared.ended)
+                .clone()
+                .unwrap_or_else(|| "the connection closed".into()),
+        }
+    }
+
+    fn schedule_restart(state: &mut State<A>) {
+        state.next_start = Some(Instant::now() + state.backoff);
+        state.backoff = (state.backoff * 2).min(state.max_backoff);
+    }
+
+    /// The live host, started now if there is none and the backoff allows.
+    fn live<'s>(&self, state: &'s mut State<A>) -> Result<&'s Live<A>, HostError> {
+        if forget_ended(state) {
+            Self::schedule_restart(state);
+        }
+        if state.live.is_none() {
+            if let Some(at) = state.next_start {
+                let now = Instant::now();
+                if now < at {
+                    return Err(HostError::Restarting { retry_in: at - now });
+                }
+            }
+            match self.start() {
+                Ok(live) => {
+                    state.started += 1;
+                    state.next_start = None;
+                    state.live = Some(live);
+                }
+                Err(e) => {
+                    state.last_failure = Some(e.to_string());
+                    Self::schedule_restart(state);
+                    return Err(e);
+                }
+            }
+        }
+        state
+            .live
+            .as_ref()
+            .ok_or_else(|| HostError::Start("no host".into()))
+    }
+
+    fn start(&self) -> Result<Live<A>, HostError> {
+        let start_err =
+            |what: &str, e: &dyn std::fmt::Display| HostError::Start(format!("{what}: {e}"));
+        let (ours, theirs) = UnixStream::pair().map_err(|e| start_err("socket pair", &e))?;
+        // A library that prints to standard output must not reach the agent's: the host's
+        // stdout goes where the agent's stderr goes.
+        let stdout = std::io::stderr()
+            .as_fd_owned()
+            .map_err(|e| start_err("stderr", &e))?;
+        let mut cmd = Command::new(&self.command.program);
+        cmd.args(&self.command.args)
+            .envs(self.command.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::inherit())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| start_err(&self.command.program.display().to_string(), &e))?;
+        let pid = child.id();
+        let greeted = ours
+            .set_read_timeout(Some(GREETING_WAIT))
+            .map_err(FrameError::from)
+            .and_then(|()| read_frame::<Greeting>(&mut &ours));
+        let failed = |why: String, child: &mut Child| {
+            kill_group(pid);
+            let how = child.wait().map(describe).unwrap_or_else(|e| e.to_string());
+            HostError::Start(format!("{why} ({how})"))
+        };
+        match greeted {
+            Ok(Some(g)) if g.version == PROTOCOL_VERSION => {}
+            Ok(Some(g)) => {
+                return Err(failed(
+                    format!(
+                        "the host speaks version {}, not {PROTOCOL_VERSION}",
+                        g.version
+                    ),
+                    &mut child,
+                ))
+            }
+            Ok(None) => return Err(failed("the host ended before greeting".into(), &mut child)),
+            Err(e) => return Err(failed(format!("no greeting: {e}"), &mut child)),
+        }
+        ours.set_read_timeout(None)
+            .map_err(|e| start_err("socket", &e))?;
+        let reader = ours.try_clone().map_err(|e| start_err("socket", &e))?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            ended: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        });
+        let on_exit = self.on_exit.clone();
+        let for_reader = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("host-{pid}"))
+            .spawn(move || read_answers(reader, child, for_reader, on_exit))
+            .map_err(|e| start_err("reader thread", &e))?;
+        tracing::info!(pid, program = %self.command.program.display(), "module host started");
+        Ok(Live {
+            pid,
+            writer: Arc::new(Mutex::new(ours)),
+            shared,
+        })
+    }
+}
+
+impl<J, A> Supervisor<J, A> {
+    pub fn status(&self) -> HostStatus {
+        let mut state = lock(&self.state);
+        forget_ended(&mut state);
+        HostStatus {
+            pid: state.live.as_ref().map(|l| l.pid),
+            restarts: state.started.saturating_sub(1),
+            last_failure: state.last_failure.clone(),
+        }
+    }
+}
+
+impl<J, A> Drop for Supervisor<J, A> {
+    fn drop(&mut self) {
+        if let Some(live) = lock(&self.state).live.take() {
+            kill_group(live.pid);
+        }
+    }
+}
+
+/// Drops the live host if it has ended, recording how; true if it did.
+fn forget_ended<A>(state: &mut State<A>) -> bool {
+    let ended = state
+        .live
+        .as_ref()
+        .and_then(|l| lock(&l.shared.ended).clone());
+    match ended {
+        Some(how) => {
+            state.live = None;
+            state.last_failure = Some(how);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A host's reader thread: hands each answer to its caller; when the host ends, reaps it,
+/// records how it ended, and fails every call still waiting.
+fn read_answers<A: DeserializeOwned>(
+    mut socket: UnixStream,
+    mut child: Child,
+    shared: Arc<Shared<A>>,
+    on_exit: Option<OnExit>,
+) {
+    let pid = child.id();
+    let why = loop {
+        match read_frame::<Answer<A>>(&mut socket) {
+            Ok(Some(Answer { id, answer })) => {
+                if let Some(tx) = lock(&shared.pending).remove(&id) {
+                    // The caller may have given up (deadline); its answer is dropped.
+                    let _ = tx.send(answer);
+                }
+            }
+            Ok(None) => break None,
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    // A host that broke the protocol is stopped like one that crashed.
+    kill_group(pid);
+    let how = match child.wait() {
+        Ok(status) => describe(status),
+        Err(e) => format!("could not be reaped: {e}"),
+    };
+    let how = match why {
+        Some(why) => format!("{why}; {how}"),
+        None => how,
+    };
+    tracing::warn!(pid, %how, "module host ended");
+    *lock(&shared.ended) = Some(how.clone());
+    lock(&shared.pending).clear();
+    if let Some(on_exit) = on_exit {
+        on_exit(&how);
+    }
+}
+
+/// "killed by signal 11 (SIGSEGV)", "exited with status 1".
+fn describe(status: ExitStatus) -> String {
+    if let Some(sig) = status.signal() {
+        let name = match sig {
+            6 => " (SIGABRT)",
+            9 => " (SIGKILL)",
+            11 => " (SIGSEGV)",
+            15 => " (SIGTERM)",
+            _ => "",
+        };
+        format!("killed by signal {sig}{name}")
+    } else {
+        match status.code() {
+            Some(code) => format!("exited with status {code}"),
+            None => "ended".into(),
+        }
+    }
+}
+
+/// SIGKILL to the host's process group (the host leads it), so helpers it forked go too.
+fn kill_group(pid: u32) {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    if let Err(e) = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL) {
+        if e != rustix::io::Errno::SRCH {
+            tracing::warn!(error = %e, "could not stop a module host");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+trait AsFdOwned {
+    fn as_fd_owned(&self) -> io::Result<OwnedFd>;
+}
+
+impl AsFdOwned for std::io::Stderr {
+    fn as_fd_owned(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd as _;
+        self.as_fd().try_clone_to_owned()
+    }
+}

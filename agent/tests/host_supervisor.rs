@@ -1,0 +1,109 @@
+//! The module-host supervisor against a real child process: answers, crashes (SIGSEGV,
+//! abort, exit), hangs past the deadline, the sandbox, the host's descriptors.
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)] // tests panic on purpose
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use agent::host::HostError;
+use support::test_host::{call_after_backoff, supervisor, TestAnswer, TestJob, CALL};
+
+const HOST: &str = "host_child";
+
+#[test]
+#[ignore = "runs only as a host started by the tests below"]
+fn host_child() {
+    support::test_host::run_host_if_asked();
+}
+
+#[test]
+fn a_host_answers_and_stdout_noise_does_not_reach_the_frames() {
+    let s = supervisor(HOST);
+    assert_eq!(
+        s.call(TestJob::Echo(vec![1, 2, 3]), CALL),
+        Ok(TestAnswer::Echo(vec![1, 2, 3]))
+    );
+    assert_eq!(
+        s.call(TestJob::PrintThenEcho(vec![4]), CALL),
+        Ok(TestAnswer::Echo(vec![4]))
+    );
+    let status = s.status();
+    assert!(status.pid.is_some());
+    assert_eq!(status.restarts, 0);
+}
+
+#[test]
+fn crashes_fail_the_call_in_flight_and_the_next_call_gets_a_new_host() {
+    let s = supervisor(HOST);
+    for (job, expect) in [
+        (TestJob::Segv, "SIGSEGV"),
+        (TestJob::Abort, "SIGABRT"),
+        (TestJob::Exit(1), "exited with status 1"),
+    ] {
+        let before = s.ensure_running().unwrap();
+        match s.call(job, CALL) {
+            Err(HostError::Died { how }) => assert!(how.contains(expect), "{how}"),
+            other => panic!("expected the host to die with {expect}: {other:?}"),
+        }
+        assert_eq!(
+            call_after_backoff(&s, TestJob::Echo(vec![9])),
+            Ok(TestAnswer::Echo(vec![9]))
+        );
+        let status = s.status();
+        assert_ne!(status.pid, Some(before), "a new host");
+        assert!(status.last_failure.is_some_and(|f| f.contains(expect)));
+    }
+    assert_eq!(s.status().restarts, 3);
+}
+
+#[test]
+fn a_hang_past_the_deadline_stops_the_host_and_the_next_call_works() {
+    let s = supervisor(HOST);
+    let pid = s.ensure_running().unwrap();
+    let deadline = Duration::from_millis(300);
+    let started = Instant::now();
+    assert_eq!(
+        s.call(TestJob::Hang, deadline),
+        Err(HostError::TimedOut { after: deadline })
+    );
+    assert!(started.elapsed() < deadline + Duration::from_secs(2));
+    assert_eq!(
+        call_after_backoff(&s, TestJob::Echo(vec![1])),
+        Ok(TestAnswer::Echo(vec![1]))
+    );
+    assert_ne!(s.status().pid, Some(pid));
+    assert!(s
+        .status()
+        .last_failure
+        .is_some_and(|f| f.contains("no answer")));
+}
+
+#[test]
+fn a_host_opens_no_network_socket_and_holds_no_descriptor_of_the_agent() {
+    let s = supervisor(HOST);
+    assert_eq!(
+        s.call(TestJob::Tcp, CALL),
+        Ok(TestAnswer::Tcp(Err(libc::EACCES)))
+    );
+    // An open file of the agent's must not reach the host.
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    s.stop();
+    let Ok(TestAnswer::Descriptors(fds)) = call_after_backoff(&s, TestJob::Descriptors) else {
+        panic!("no descriptor list");
+    };
+    let path = marker.path().display().to_string();
+    assert!(!fds.iter().any(|f| f == &path), "{fds:?}");
+    // Its standard streams, its socket (and clones), /proc/self/fd being read: nothing else.
+    let unexpected: Vec<&String> = fds
+        .iter()
+        .filter(|f| {
+            !(f.starts_with("socket:")
+                || f.starts_with("/proc/")
+                || f.starts_with("/dev/")
+                || f.starts_with("pipe:"))
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "{fds:?}");
+}

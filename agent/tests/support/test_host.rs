@@ -1,0 +1,111 @@
+//! A module host for the supervisor tests: this test binary again, running only the test
+//! named [`HOST_TEST`] with [`HOST_ENV`] set, serving [`TestJob`]s the way a library host
+//! serves a library's jobs — including crashing, exiting and hanging on request.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use agent::host::supervisor::{HostCommand, Supervisor};
+use agent::host::HostError;
+use serde::{Deserialize, Serialize};
+
+pub const HOST_ENV: &str = "KEYPORT_TEST_HOST";
+pub const CALL: Duration = Duration::from_secs(20);
+
+/// What the test host can be told to do.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum TestJob {
+    Echo(Vec<u8>),
+    /// Print to standard output, then echo: the frames must not be disturbed.
+    PrintThenEcho(Vec<u8>),
+    Segv,
+    Abort,
+    Exit(i32),
+    Hang,
+    Descriptors,
+    /// Try to open a TCP socket: the sandbox must refuse it.
+    Tcp,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TestAnswer {
+    Echo(Vec<u8>),
+    Descriptors(Vec<String>),
+    Tcp(Result<(), i32>),
+}
+
+pub type TestSupervisor = Supervisor<TestJob, TestAnswer>;
+
+/// A supervisor of the test host, whose backoff after a death is 1 ms, doubling to 8 ms.
+pub fn supervisor(host_test: &str) -> TestSupervisor {
+    let exe = std::env::current_exe().unwrap();
+    let mut s = Supervisor::new(
+        HostCommand {
+            program: exe,
+            args: [host_test, "--exact", "--include-ignored", "--nocapture"]
+                .map(OsString::from)
+                .to_vec(),
+            env: vec![(HOST_ENV.into(), "1".into())],
+        },
+        None,
+    );
+    s.set_backoff(Duration::from_millis(1), Duration::from_millis(8));
+    s
+}
+
+/// Waits out the backoff after a death (what the next caller would see), then calls.
+pub fn call_after_backoff(s: &TestSupervisor, job: TestJob) -> Result<TestAnswer, HostError> {
+    loop {
+        match s.ensure_running() {
+            Err(HostError::Restarting { retry_in }) => std::thread::sleep(retry_in),
+            Err(e) => return Err(e),
+            Ok(_) => return s.call(job, CALL),
+        }
+    }
+}
+
+/// The body of the host test: serves until the supervisor closes the socket, then exits.
+pub fn run_host_if_asked() {
+    if std::env::var_os(HOST_ENV).is_none() {
+        return;
+    }
+    let socket = agent::host::serve::socket_from_stdin().unwrap();
+    agent::host::sandbox::confine().unwrap();
+    let served = agent::host::serve::serve(socket, |job: TestJob| match job {
+        TestJob::Echo(b) => TestAnswer::Echo(b),
+        TestJob::PrintThenEcho(b) => {
+            println!("a library writing to stdout");
+            TestAnswer::Echo(b)
+        }
+        TestJob::Segv => {
+            // The standard library's SIGSEGV handler (stack-overflow detection) lets a signal
+            // sent with kill() pass and restores the default action, and two pending SIGSEGVs
+            // are one: send until the default action kills the process.
+            loop {
+                let _ = rustix::process::kill_process(
+                    rustix::process::getpid(),
+                    rustix::process::Signal::SEGV,
+                );
+                std::thread::yield_now();
+            }
+        }
+        TestJob::Abort => std::process::abort(),
+        TestJob::Exit(code) => std::process::exit(code),
+        TestJob::Hang => loop {
+            std::thread::park();
+        },
+        TestJob::Descriptors => TestAnswer::Descriptors(
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|p| p.display().to_string())
+                .collect(),
+        ),
+        TestJob::Tcp => TestAnswer::Tcp(
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .map(drop)
+                .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+        ),
+    });
+    std::process::exit(i32::from(served.is_err()));
+}
