@@ -15,7 +15,8 @@
 //!
 //! The head: after each line is durable, its `seq` and MAC go to a **head file** kept apart
 //! from the log (beside the audit key, or in the configuration folder when the key is in the OS
-//! keyring), mode 0600, written atomically and itself MACed with the key
+//! keyring), mode 0600, two alternating slots so a torn write leaves the older one, each
+//! itself MACed with the key
 //! (`head_mac = HMAC(key, "keyport audit head v1" ‖ seq as 8 bytes big-endian ‖ mac)`), so it
 //! cannot be forged without the key. Removing the last lines, or emptying the log, leaves the
 //! head ahead of the log: [`verify`] reports it and [`AuditLog::open`] refuses to continue such a
@@ -456,6 +457,7 @@ impl fmt::Display for VerifyReport {
 pub struct AuditLog {
     path: PathBuf,
     head: PathBuf,
+    head_file: File,
     file: File,
     key: AuditKey,
     next_seq: u64,
@@ -549,8 +551,8 @@ impl AuditLog {
             }
         };
         let last_seq = next_seq - 1;
-        match read_head(head, &key) {
-            HeadState::Missing => {}
+        let head_seq = match read_head(head, &key) {
+            HeadState::Missing => None,
             HeadState::Invalid => return Err(AuditError::BadHeadFile(head.to_path_buf())),
             HeadState::Valid { seq, .. } if seq > last_seq => {
                 return Err(AuditError::Cut {
@@ -560,15 +562,23 @@ impl AuditLog {
                     head_seq: seq,
                 })
             }
-            HeadState::Valid { .. } => {}
+            HeadState::Valid { seq, .. } => Some(seq),
+        };
+        if let Some(dir) = head.parent().filter(|p| !p.as_os_str().is_empty()) {
+            files::create_private_dir(dir).map_err(io("creating the directory", dir))?;
         }
-        if last_seq > 0 {
-            // A crash between a line and its head leaves the head one behind: bring it level.
-            write_head(head, &key, last_seq, &prev_mac).map_err(io("writing the head", head))?;
+        let head_file = files::open_rw_nofollow(head)
+            .map_err(io("opening (not through a symbolic link)", head))?;
+        if last_seq > 0 && head_seq != Some(last_seq) {
+            // A crash between a line and its head leaves the head one behind (or a log from
+            // before heads existed has none): bring it level.
+            write_head(&head_file, &key, last_seq, &prev_mac)
+                .map_err(io("writing the head", head))?;
         }
         Ok(AuditLog {
             path: path.to_path_buf(),
             head: head.to_path_buf(),
+            head_file,
             file,
             key,
             next_seq,
@@ -620,7 +630,7 @@ impl AuditLog {
         self.next_seq += 1;
         self.prev_mac = mac;
         // The line is durable; now the head, so that cutting it off shows.
-        write_head(&self.head, &self.key, self.next_seq - 1, &mac).map_err(|source| {
+        write_head(&self.head_file, &self.key, self.next_seq - 1, &mac).map_err(|source| {
             AuditError::Io {
                 path: self.head.clone(),
                 action: "writing the head of",
@@ -736,7 +746,13 @@ enum HeadState {
     Valid { seq: u64, mac: [u8; MAC_LEN] },
 }
 
-/// The head file: `{"seq":N,"mac":"hex","head_mac":"hex"}`.
+/// Bytes of one slot of the head file. Two slots alternate by seq (even at 0, odd at 256), so a
+/// write torn by a crash leaves the other, one record older, intact; each write is one `pwrite`
+/// and one `fdatasync`, no rename.
+const HEAD_SLOT: usize = 256;
+
+/// One slot of the head file: `{"seq":N,"mac":"hex","head_mac":"hex"}`, padded with spaces and
+/// ending in a newline.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HeadRecord {
@@ -752,39 +768,50 @@ fn head_mac(key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> [u8; MAC_LEN] {
     key.mac(&[0xff; MAC_LEN], &body)
 }
 
+/// The head: the valid slot with the highest seq. A file with no valid slot (emptied, edited,
+/// another key's) is [`HeadState::Invalid`].
 fn read_head(path: &Path, key: &AuditKey) -> HeadState {
-    let text = match std::fs::read(path) {
+    let bytes = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HeadState::Missing,
         Err(_) => return HeadState::Invalid,
     };
-    let Ok(record) = serde_json::from_slice::<HeadRecord>(&text) else {
-        return HeadState::Invalid;
-    };
-    let decode = |h: &str| -> Option<[u8; MAC_LEN]> { hex::decode(h).ok()?.try_into().ok() };
-    match (decode(&record.mac), decode(&record.head_mac)) {
-        (Some(mac), Some(hm)) if head_mac(key, record.seq, &mac) == hm => HeadState::Valid {
-            seq: record.seq,
+    bytes
+        .chunks(HEAD_SLOT)
+        .filter_map(|slot| read_slot(slot, key))
+        .max_by_key(|(seq, _)| *seq)
+        .map_or(HeadState::Invalid, |(seq, mac)| HeadState::Valid {
+            seq,
             mac,
-        },
-        _ => HeadState::Invalid,
-    }
+        })
 }
 
-fn write_head(path: &Path, key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> std::io::Result<()> {
+fn read_slot(slot: &[u8], key: &AuditKey) -> Option<(u64, [u8; MAC_LEN])> {
+    let end = slot.iter().rposition(|&b| !matches!(b, b' ' | b'\n' | 0))? + 1;
+    let record: HeadRecord = serde_json::from_slice(&slot[..end]).ok()?;
+    let decode = |h: &str| -> Option<[u8; MAC_LEN]> { hex::decode(h).ok()?.try_into().ok() };
+    let (mac, hm) = (decode(&record.mac)?, decode(&record.head_mac)?);
+    (head_mac(key, record.seq, &mac) == hm).then_some((record.seq, mac))
+}
+
+/// Writes the head for `seq` into its slot and syncs it.
+fn write_head(file: &File, key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let record = HeadRecord {
         seq,
         mac: hex::encode(mac),
         head_mac: hex::encode(head_mac(key, seq, mac)),
     };
     let mut bytes = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        files::create_private_dir(dir)?;
+    if bytes.len() >= HEAD_SLOT {
+        return Err(std::io::Error::other(
+            "audit head record longer than its slot",
+        ));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    files::write_atomic_private(path, Path::new(&tmp), &bytes)
+    bytes.resize(HEAD_SLOT - 1, b' ');
+    bytes.push(b'\n');
+    file.write_all_at(&bytes, (seq % 2) * HEAD_SLOT as u64)?;
+    file.sync_data()
 }
 
 /// Whether the audit log can take a record now: a probe of 4 KiB is written and synced in the
@@ -1204,6 +1231,30 @@ mod tests {
         std::fs::remove_file(head_file(&path)).expect("rm");
         let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(report.problems, vec![(4, Problem::HeadMissing)]);
+    }
+
+    #[test]
+    fn a_torn_head_write_leaves_the_older_slot() {
+        let (_dir, path) = write_log(3);
+        let head = head_file(&path);
+        // Line 3's slot (odd) is torn by a crash; line 2's slot still vouches.
+        let mut bytes = std::fs::read(&head).expect("read");
+        assert_eq!(bytes.len(), 2 * HEAD_SLOT);
+        bytes[HEAD_SLOT..HEAD_SLOT + 40].fill(b'#');
+        std::fs::write(&head, &bytes).expect("write");
+        assert!(matches!(
+            read_head(&head, &key()),
+            HeadState::Valid { seq: 2, .. }
+        ));
+        // One behind is what a crash between a line and its head looks like: no problem, and
+        // opening brings the head level again.
+        assert!(verify(&path, &key(), &head).expect("verify").is_ok());
+        let log = AuditLog::open(&path, key(), &head).expect("open");
+        assert_eq!(log.next_seq(), 4);
+        assert!(matches!(
+            read_head(&head, &key()),
+            HeadState::Valid { seq: 3, .. }
+        ));
     }
 
     #[test]

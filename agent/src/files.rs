@@ -79,6 +79,18 @@ pub fn open_append_nofollow(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Opens (creating, mode 0600) a file to read and write in place, never through a symbolic link.
+pub fn open_rw_nofollow(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Replaces `path` with `bytes` atomically: a new temporary file beside it (mode 0600, created
 /// with `O_EXCL | O_NOFOLLOW` after a stale one — or a link planted there — is removed, which
 /// never touches what a link points to), synced, then renamed over `path`.
