@@ -9,5 +9,6 @@ apt-get install -y -q --no-install-recommends \
   dbus gnome-keyring libsecret-tools \
   pinentry-tty tmux systemd \
   chromium fonts-dejavu-core ca-certificates pkg-config python3-cryptography
-# The virtual PIV card (tests/vcard) and the certificate tooling (softhsm-config) run on python3.
-python3 -m pip install --quiet --disable-pip-version-check jcecard==0.1.0 cryptography
+# The virtual PIV card (tests/vcard) and the certificate tooling (softhsm-config) run on python3;
+# gmssl (pure-Python SM2/SM3) is the second verifier of SM2 signatures (skf-shim tests).
+python3 -m pip install --quiet --disable-pip-version-check jcecard==0.1.0 cryptography gmssl==3.2.2
