@@ -5,7 +5,7 @@
 #
 # Writes DIR/softhsm2.conf (use it with SOFTHSM2_CONF=DIR/softhsm2.conf), DIR/tokens/,
 # DIR/ca.pem + DIR/ca.key (a fresh test CA) and DIR/certs/<label>.{pem,der}.
-# The token "KeyPort Test" (user PIN 123456, SO PIN 12345678) holds eight key pairs generated
+# The token "KeyPort Test" (user PIN 123456, SO PIN 12345678) holds ten key pairs generated
 # on the token, each with a certificate from the test CA under the same CKA_ID and CKA_LABEL.
 # Silent except for errors unless -v is given.
 set -euo pipefail
@@ -25,6 +25,8 @@ readonly KEYS=(
     "auth-p256        06 EC:prime256v1     auth        Test Client P-256"
     "sign-p256-always 07 EC:prime256v1     sign-always Test Signer P-256 Always-Auth"
     "sign-rsa2048-always 08 rsa:2048       sign-always Test Signer RSA-2048 Always-Auth"
+    "sign-ed25519-always 09 EC:edwards25519 sign-always Test Signer Ed25519 Always-Auth"
+    "sign-p384-always 0a EC:secp384r1      sign-always Test Signer P-384 Always-Auth"
 )
 
 verbose=0

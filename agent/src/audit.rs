@@ -29,6 +29,10 @@
 //! continues the chain from the last whole line, so a crash never breaks verification.
 //!
 //! Thread safety: [`AuditLog`] is `Send`; share it behind a `Mutex`.
+//!
+//! Several processes (the agent and `keyport sign`) may append to one log: each append holds an
+//! exclusive lock on the file (`flock`) and, if the file grew since this handle last wrote,
+//! first re-reads the head so that the chain continues from the other writer's last line.
 
 use std::fmt;
 use std::fs::File;
@@ -463,6 +467,8 @@ pub struct AuditLog {
     next_seq: u64,
     prev_mac: [u8; MAC_LEN],
     len: u64,
+    /// A copy of each durable line goes to the system journal (`crate::journal`).
+    journal: Option<crate::journal::Journal>,
 }
 
 impl AuditLog {
@@ -584,12 +590,54 @@ impl AuditLog {
             next_seq,
             prev_mac,
             len,
+            journal: None,
         })
+    }
+
+    /// Also send every record, once it is durable here, to the system journal.
+    pub fn with_journal(mut self, journal: Option<crate::journal::Journal>) -> AuditLog {
+        self.journal = journal;
+        self
     }
 
     /// Append one record: one `write_all` of the whole line, then `sync_data`. If the write
     /// fails the file is cut back to its previous length and the chain does not advance.
     pub fn append(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
+        let lock_err = |source| AuditError::Io {
+            path: self.path.clone(),
+            action: "locking",
+            source,
+        };
+        self.file.lock().map_err(lock_err)?;
+        let appended = self.resync().and_then(|()| self.append_locked(rec));
+        if let Err(e) = self.file.unlock() {
+            tracing::warn!(error = %e, "could not unlock the audit log");
+        }
+        appended
+    }
+
+    /// Continues the chain from another writer's last line if the file changed under us.
+    fn resync(&mut self) -> Result<(), AuditError> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|source| AuditError::Io {
+                path: self.path.clone(),
+                action: "reading metadata of",
+                source,
+            })?
+            .len();
+        if len == self.len {
+            return Ok(());
+        }
+        let fresh = AuditLog::open(&self.path, self.key.clone(), &self.head)?;
+        self.next_seq = fresh.next_seq;
+        self.prev_mac = fresh.prev_mac;
+        self.len = fresh.len;
+        Ok(())
+    }
+
+    fn append_locked(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
         let time = rec
             .time
             .to_offset(time::UtcOffset::UTC)
@@ -636,7 +684,11 @@ impl AuditLog {
                 action: "writing the head of",
                 source,
             }
-        })
+        })?;
+        if let Some(journal) = &self.journal {
+            journal.send(&line);
+        }
+        Ok(())
     }
 
     /// The seq the next record will get.
@@ -966,7 +1018,7 @@ mod tests {
         AuditRecord::new("https://portal.example", Operation::Sign)
             .certificate("CN=Signer", b"cert")
             .digest(&[i as u8; 32])
-            .outcome(if i % 3 == 0 {
+            .outcome(if i.is_multiple_of(3) {
                 Outcome::Refused("USER_CANCELLED".into())
             } else {
                 Outcome::Granted

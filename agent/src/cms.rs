@@ -351,7 +351,7 @@ pub fn assemble(
 /// Convert a raw ECDSA signature `r ‖ s` (IEEE P1363, what PKCS#11 `CKM_ECDSA` returns) into the
 /// DER `Ecdsa-Sig-Value` CMS needs.
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, CmsError> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return Err(CmsError::EcdsaSignature(None));
     }
     let (r, s) = raw.split_at(raw.len() / 2);

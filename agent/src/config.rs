@@ -21,9 +21,14 @@ pub struct Paths {
 }
 
 impl Paths {
-    /// The OS's per-user folders (`~/.config/keyport`, `~/.local/share/keyport` on Linux), or the
-    /// folder of an explicit `--config FILE`.
+    /// The OS's per-user folders (`~/.config/keyport`, `~/.local/share/keyport` on Linux). An
+    /// explicit `--config FILE` moves the configuration (and the origin decisions beside it),
+    /// never the data folder: the audit log and demo token stay where `audit_log` or the OS
+    /// put them.
     pub fn resolve(explicit: Option<&Path>) -> Result<Paths, ConfigError> {
+        let dirs = directories::ProjectDirs::from("org", "KeyPort", "keyport")
+            .ok_or(ConfigError::NoHome)?;
+        let data_dir = dirs.data_dir().to_path_buf();
         match explicit {
             Some(file) => {
                 let dir = file
@@ -33,19 +38,15 @@ impl Paths {
                     .unwrap_or_else(|| PathBuf::from("."));
                 Ok(Paths {
                     config_file: file.to_path_buf(),
-                    config_dir: dir.clone(),
-                    data_dir: dir,
+                    config_dir: dir,
+                    data_dir,
                 })
             }
-            None => {
-                let dirs = directories::ProjectDirs::from("org", "KeyPort", "keyport")
-                    .ok_or(ConfigError::NoHome)?;
-                Ok(Paths {
-                    config_file: dirs.config_dir().join("config.toml"),
-                    config_dir: dirs.config_dir().to_path_buf(),
-                    data_dir: dirs.data_dir().to_path_buf(),
-                })
-            }
+            None => Ok(Paths {
+                config_file: dirs.config_dir().join("config.toml"),
+                config_dir: dirs.config_dir().to_path_buf(),
+                data_dir,
+            }),
         }
     }
 
@@ -186,8 +187,14 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// The OS keyring service name under which the agent keeps its own secrets.
     pub keyring_service: String,
+    /// Send every audit record to the system journal too, when its socket exists.
+    pub audit_journal: bool,
     pub atr: Vec<AtrEntry>,
     pub limits: LimitsConfig,
+    /// Set by the administrator's policy (`crate::policy`), never by the file: the only origins
+    /// that may be approved, when the policy says so.
+    #[serde(skip)]
+    pub origin_ceiling: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Config {
@@ -211,8 +218,10 @@ impl Default for Config {
             audit_key_file: None,
             audit_log: None,
             keyring_service: "keyport".into(),
+            audit_journal: true,
             atr: Vec::new(),
             limits: LimitsConfig::default(),
+            origin_ceiling: None,
         }
     }
 }
@@ -253,6 +262,17 @@ impl Config {
         // A PIN is refused as such, before serde would call it an unknown field (and before a
         // parser message could quote the line that holds it).
         if let Ok(table) = text.parse::<toml::Table>() {
+            // A misspelt setting is an unknown key with the one meant, even when it holds a
+            // word like `pin` (`pin_cache_secs`).
+            let known = crate::config_keys::fields::<Config>();
+            for key in table.keys().filter(|k| !known.contains(&k.as_str())) {
+                if let Some(meant) = crate::config_keys::nearest(key, known) {
+                    return Err(ConfigError::Parse {
+                        path: PathBuf::new(),
+                        message: format!("unknown key `{key}`: did you mean `{meant}`?"),
+                    });
+                }
+            }
             if let Some(key) = pin_key(&table) {
                 return Err(ConfigError::Pin {
                     path: PathBuf::new(),

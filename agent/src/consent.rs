@@ -1,189 +1,154 @@
-//! The bridge between the token layer's PIN requests and the user's dialogs: one dialog that
-//! shows what is asked (origin, document, certificate, digest) and takes the PIN in the same
-//! window. The user's "no", a timeout or a dialog that cannot be shown all end the request;
-//! nothing here ever re-sends a PIN.
+//! Consent and PIN, decided by the caller in one loop it reads top to bottom: ask (consent and
+//! PIN in one dialog) → sign on the token with that answer → on a wrong PIN ask again with the
+//! token's warning, on a login the answer could not serve (the next signature of a key that asks
+//! for the PIN per signature) ask again, on a lock or anything else stop. The token layer never
+//! asks anyone and never retries a PIN; this module holds the small pieces both loops (the
+//! service's and `keyport sign`'s) share.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use pkcs11_shim::{LoginKind, PinAnswer, PinProvider, PinRequest, PinStatus, SecretPin};
+use pkcs11_shim::{Credential, PinStatus, SecretPin};
 
 use crate::dialog::{Consent, Dialog, PinState, Texts, Unlock};
-use crate::pinentry::{DialogCancel, DialogError, Pinentry};
 
-/// Builds the consent dialog for one operation, given how the token is unlocked.
-pub type DialogBuilder = Arc<dyn Fn(&Texts, Unlock) -> Dialog + Send + Sync>;
-
-/// Why the last dialog gave no answer, kept for the caller to report (TIMEOUT vs
-/// USER_CANCELLED vs a pinentry that could not run).
-#[derive(Debug, Clone, Default)]
-pub struct DialogOutcome {
-    inner: Arc<Mutex<Option<Arc<DialogError>>>>,
+/// Which dialog of a request is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole request (one document, or a batch under one PIN).
+    All,
+    /// Item `index` (from 0) of `count`, for a key that asks for its PIN per signature.
+    Item { index: usize, count: usize },
 }
 
-impl DialogOutcome {
-    fn set(&self, e: DialogError) {
-        if let Ok(mut slot) = self.inner.lock() {
-            *slot = Some(Arc::new(e));
+/// Builds the consent dialog for one operation, given how the token is unlocked and which part
+/// of the request it is for.
+pub type DialogBuilder = Arc<dyn Fn(&Texts, Unlock, Scope) -> Dialog + Send + Sync>;
+
+/// What to do after a token job stopped with `error`, its signatures kept.
+#[derive(Debug)]
+pub enum Next {
+    /// Ask the user (this way) and send the rest again.
+    Ask(Unlock),
+    /// Stop the request with this error.
+    Stop(pkcs11_shim::Error),
+}
+
+/// The one decision after a job that did not finish: a wrong PIN asks again with the token's
+/// warning (the same way the last question asked: PIN field or PIN pad); a login the answer
+/// could not serve asks for it; anything else (a lock included) ends the request.
+pub fn after(error: pkcs11_shim::Error, last: Option<Unlock>) -> Next {
+    use pkcs11_shim::Error as E;
+    match error {
+        E::LoginRequired { pin, pin_pad, .. } => {
+            let state = pin_state(pin, false);
+            Next::Ask(if pin_pad {
+                Unlock::PinPad(state)
+            } else {
+                Unlock::Pin(state)
+            })
         }
-    }
-
-    /// The error of the dialog that ended the request, if one did.
-    pub fn error(&self) -> Option<Arc<DialogError>> {
-        self.inner.lock().ok().and_then(|slot| slot.clone())
-    }
-}
-
-/// A [`PinProvider`] that asks through pinentry.
-pub struct DialogPinProvider {
-    pinentry: Pinentry,
-    cancel: DialogCancel,
-    texts: Texts,
-    build: DialogBuilder,
-    outcome: DialogOutcome,
-}
-
-impl std::fmt::Debug for DialogPinProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DialogPinProvider")
-            .field("pinentry", &self.pinentry.program())
-            .finish_non_exhaustive()
-    }
-}
-
-impl DialogPinProvider {
-    pub fn new(
-        pinentry: Pinentry,
-        cancel: DialogCancel,
-        texts: Texts,
-        build: DialogBuilder,
-        outcome: DialogOutcome,
-    ) -> Self {
-        DialogPinProvider {
-            pinentry,
-            cancel,
-            texts,
-            build,
-            outcome,
+        E::PinIncorrect {
+            count_low,
+            final_try,
+        } => {
+            let state = PinState {
+                wrong_pin: true,
+                count_low,
+                final_try,
+            };
+            Next::Ask(match last {
+                Some(Unlock::PinPad(_)) => Unlock::PinPad(state),
+                _ => Unlock::Pin(state),
+            })
         }
+        other => Next::Stop(other),
     }
 }
 
-impl PinProvider for DialogPinProvider {
-    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer {
-        let previous = req.previous_error;
-        let state = PinState {
-            wrong_pin: previous.is_some(),
-            count_low: previous.map_or(req.token.pin.count_low, |p| p.count_low),
-            final_try: previous.map_or(req.token.pin.final_try, |p| p.final_try),
+/// The first question, from the token's state before any work (`None`: no dialog needed now).
+pub fn first_question(state: pkcs11_shim::LoginState, consent_given: bool) -> Option<Unlock> {
+    use pkcs11_shim::LoginState as L;
+    match state {
+        L::NeedsPin(st) => Some(Unlock::Pin(pin_state(st, false))),
+        L::ProtectedPath => Some(Unlock::PinPad(PinState::default())),
+        L::LoggedIn if consent_given => None,
+        L::LoggedIn => Some(Unlock::LoggedIn),
+        // The caller stops before asking; no dialog.
+        L::Locked => None,
+    }
+}
+
+/// The job's credential from the user's answer to a dialog shown as `unlock`.
+pub fn credential(consent: Consent, unlock: Unlock) -> Credential {
+    match (consent, unlock) {
+        (Consent::Pin(mut pin), _) => Credential::Pin(SecretPin::from(std::mem::take(&mut *pin))),
+        (Consent::Confirmed, Unlock::PinPad(_)) => Credential::PinPad,
+        (Consent::Confirmed, _) => Credential::None,
+    }
+}
+
+fn pin_state(st: PinStatus, wrong_pin: bool) -> PinState {
+    PinState {
+        wrong_pin,
+        count_low: st.count_low,
+        final_try: st.final_try,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeroize::Zeroizing;
+
+    #[test]
+    fn a_wrong_pin_asks_again_the_same_way_with_the_warning() {
+        let wrong = || pkcs11_shim::Error::PinIncorrect {
+            count_low: true,
+            final_try: false,
         };
-        let unlock = if req.protected_path {
-            Unlock::PinPad(state)
-        } else {
-            Unlock::Pin(state)
+        let warned = PinState {
+            wrong_pin: true,
+            count_low: true,
+            final_try: false,
         };
-        let dialog = (self.build)(&self.texts, unlock);
-        match dialog.ask(&self.pinentry, &self.cancel) {
-            Ok(Consent::Pin(mut pin)) => PinAnswer::Pin(SecretPin::from(std::mem::take(&mut *pin))),
-            Ok(Consent::Confirmed) => PinAnswer::Confirmed,
-            Err(e) => {
-                tracing::info!(error = %e, "dialog ended without an answer");
-                self.outcome.set(e);
-                PinAnswer::Cancel
-            }
-        }
+        assert!(matches!(
+            after(wrong(), Some(Unlock::Pin(PinState::default()))),
+            Next::Ask(Unlock::Pin(s)) if s == warned
+        ));
+        assert!(matches!(
+            after(wrong(), Some(Unlock::PinPad(PinState::default()))),
+            Next::Ask(Unlock::PinPad(s)) if s == warned
+        ));
     }
-}
 
-/// Shows a consent-only dialog (the token needs no PIN now), on the calling thread.
-pub fn confirm_only(
-    pinentry: &Pinentry,
-    cancel: &DialogCancel,
-    texts: &Texts,
-    build: &DialogBuilder,
-) -> Result<(), DialogError> {
-    match build(texts, Unlock::LoggedIn).ask(pinentry, cancel)? {
-        Consent::Confirmed => Ok(()),
-        // A consent-only dialog has no PIN field; a PIN here would be a pinentry's oddity,
-        // dropped (and zeroed) unused.
-        Consent::Pin(_) => Ok(()),
+    #[test]
+    fn a_lock_or_a_token_error_stops() {
+        assert!(matches!(
+            after(pkcs11_shim::Error::PinLocked, None),
+            Next::Stop(pkcs11_shim::Error::PinLocked)
+        ));
+        assert!(matches!(
+            after(pkcs11_shim::Error::CancelledOnReader, None),
+            Next::Stop(pkcs11_shim::Error::CancelledOnReader)
+        ));
     }
-}
 
-/// A [`PinProvider`] for an answer the user already gave, in a dialog shown *before* the token
-/// work started (off the module's worker thread, so one site's open dialog never holds up another
-/// site's requests to the same module).
-///
-/// - The first user login gets that answer (PIN, or "confirmed" for a PIN pad).
-/// - A key that wants a context-specific login for its signature (CKA_ALWAYS_AUTHENTICATE) gets
-///   the same PIN once: one document, one dialog. Later signatures of such a key ask through
-///   `fallback`.
-/// - After a wrong PIN it does **not** ask: it records the token's flags and answers Cancel, so
-///   the caller shows the next dialog (with the warning) off the worker and starts over. Each
-///   C_Login is one entry by the user; nothing is re-sent.
-pub struct PreAsked {
-    first: Option<PinAnswer>,
-    context_copy: Option<SecretPin>,
-    wrong: Arc<Mutex<Option<PinStatus>>>,
-    fallback: DialogPinProvider,
-}
-
-impl std::fmt::Debug for PreAsked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreAsked")
-            .field("answered", &self.first.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl PreAsked {
-    /// `wrong` receives the token's PIN flags when the answer turns out to be a wrong PIN.
-    pub fn new(
-        first: PinAnswer,
-        wrong: Arc<Mutex<Option<PinStatus>>>,
-        fallback: DialogPinProvider,
-    ) -> Self {
-        let context_copy = match &first {
-            PinAnswer::Pin(pin) => Some(pin.duplicate()),
-            _ => None,
-        };
-        PreAsked {
-            first: Some(first),
-            context_copy,
-            wrong,
-            fallback,
-        }
-    }
-}
-
-impl PinProvider for PreAsked {
-    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer {
-        if let Some(flags) = req.previous_error {
-            if req.kind == LoginKind::User {
-                if let Ok(mut w) = self.wrong.lock() {
-                    *w = Some(flags);
-                }
-                self.context_copy = None;
-                return PinAnswer::Cancel;
-            }
-            return self.fallback.request(req);
-        }
-        match req.kind {
-            LoginKind::User => match self.first.take() {
-                Some(answer) => answer,
-                None => self.fallback.request(req),
-            },
-            LoginKind::ContextSpecific => {
-                // The token was logged in already (cache) or the user login just used the
-                // answer: the PIN typed for this request also unlocks its one signature.
-                if let Some(PinAnswer::Pin(pin)) = self.first.take() {
-                    self.context_copy = None;
-                    return PinAnswer::Pin(pin);
-                }
-                match self.context_copy.take() {
-                    Some(pin) => PinAnswer::Pin(pin),
-                    None => self.fallback.request(req),
-                }
-            }
-        }
+    #[test]
+    fn a_confirmation_is_a_pin_pad_login_only_for_a_pin_pad_dialog() {
+        assert!(matches!(
+            credential(Consent::Confirmed, Unlock::PinPad(PinState::default())),
+            Credential::PinPad
+        ));
+        assert!(matches!(
+            credential(Consent::Confirmed, Unlock::LoggedIn),
+            Credential::None
+        ));
+        assert!(matches!(
+            credential(
+                Consent::Pin(Zeroizing::new("123456".into())),
+                Unlock::Pin(PinState::default())
+            ),
+            Credential::Pin(_)
+        ));
     }
 }

@@ -53,17 +53,28 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// The audit log's path and key, or why the agent must not start.
 pub fn open_audit(config: &Config, paths: &Paths) -> anyhow::Result<AuditLog> {
-    let key = secrets::audit_key(&audit_key_source(config)).map_err(|e| {
-        anyhow::anyhow!(
+    let key = secrets::audit_key(&audit_key_source(config)).map_err(|e| match e {
+        // Its message already says what to do.
+        secrets::SecretsError::NoKeyring { .. } => anyhow::anyhow!(
+            "the audit log needs a key: {}",
+            crate::tokens::error_chain(&e)
+        ),
+        other => anyhow::anyhow!(
             "{}\nThe audit log needs a key: KeyPort keeps it in the OS keyring. Without one, set \
              `audit_key_file` in the configuration to a file of mode 0600 holding at least 32 \
              random bytes (head -c 32 /dev/urandom > FILE; chmod 600 FILE).",
-            crate::tokens::error_chain(&e)
-        )
+            crate::tokens::error_chain(&other)
+        ),
     })?;
     let path = audit_path(config, paths);
     let head = audit_head_path(config, paths);
+    let journal = if config.audit_journal {
+        crate::journal::Journal::connect()
+    } else {
+        None
+    };
     AuditLog::open(&path, key, &head)
+        .map(|log| log.with_journal(journal))
         .with_context(|| format!("cannot open the audit log {}", path.display()))
 }
 
@@ -272,6 +283,11 @@ const DEMO_FILES: &[(&str, &str, &str)] = &[
         "/verify.js",
         "text/javascript; charset=utf-8",
         include_str!("../../browser-bridge/js/demo/verify.js"),
+    ),
+    (
+        "/texts.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../browser-bridge/js/demo/texts.js"),
     ),
     (
         "/demo.css",

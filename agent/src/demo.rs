@@ -23,7 +23,12 @@ const SOFTHSM_MODULES: &[&str] = &[
     "/usr/local/lib/softhsm/libsofthsm2.so",
 ];
 
-pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCode> {
+pub fn run(
+    mut config: Config,
+    paths: Paths,
+    port: u16,
+    policy: &crate::policy::Loaded,
+) -> anyhow::Result<ExitCode> {
     let module = match find_softhsm() {
         Some(m) if have("pkcs11-tool") && have("openssl") => m,
         _ => {
@@ -48,7 +53,7 @@ pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCo
             }
         }
     };
-    let token_dir = paths.data_dir.join("demo-token");
+    let token_dir = token_dir(&paths);
     if !token_dir.join("softhsm2.conf").exists() {
         eprintln!(
             "keyport demo: creating the demo token in {}",
@@ -56,24 +61,11 @@ pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCo
         );
         provision(&token_dir)?;
     }
-    // SoftHSM reads its configuration from the environment at C_Initialize.
-    std::env::set_var("SOFTHSM2_CONF", token_dir.join("softhsm2.conf"));
-    config.modules = vec![ModuleConfig { path: module }];
-    config.discover_modules = false;
+    use_token(&mut config, &token_dir, module)?;
     config.allow_insecure_localhost_origins = true;
     let origin = format!("http://127.0.0.1:{port}");
     if !config.allowed_origins.contains(&origin) {
         config.allowed_origins.push(origin);
-    }
-    if config.audit_key_file.is_none() {
-        let key = token_dir.join("audit.key");
-        if !key.exists() {
-            write_random_key(&key)?;
-        }
-        config.audit_key_file = Some(key);
-    }
-    if config.audit_log.is_none() {
-        config.audit_log = Some(token_dir.join("audit.log"));
     }
     if config.pinentry.is_none() && daemon::pinentry_for(&config).is_err() {
         let graphical =
@@ -88,15 +80,20 @@ pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCo
     }
     // A terminal pinentry (curses, tty) needs to know the terminal: tell it ours.
     if std::env::var_os("GPG_TTY").is_none() {
-        if let Ok(tty) = std::fs::read_link("/proc/self/fd/0") {
-            if tty.starts_with("/dev/pts") || tty.starts_with("/dev/tty") {
-                std::env::set_var("GPG_TTY", tty);
-            }
+        if let Some(tty) = crate::local::terminal_name() {
+            std::env::set_var("GPG_TTY", tty);
         }
     }
     eprintln!(
-        "keyport demo: open http://127.0.0.1:{port}/ in your browser. The demo token's PIN is 123456."
+        "keyport demo: open {} in your browser. The demo token's PIN is 123456.",
+        portal_url(port, config.port)
     );
+    eprintln!(
+        "keyport demo: afterwards `keyport --demo tokens`, `keyport --demo certs` and \
+         `keyport --demo audit --verify` show the demo token and its audit log."
+    );
+    // The demo's own settings are the user's: the administrator's policy bounds them too.
+    let (config, _) = policy.apply(config);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(daemon::run(
         config,
@@ -106,6 +103,55 @@ pub fn run(mut config: Config, paths: Paths, port: u16) -> anyhow::Result<ExitCo
         },
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `keyport demo` keeps its token, audit key and audit log.
+pub fn token_dir(paths: &Paths) -> PathBuf {
+    paths.data_dir.join("demo-token")
+}
+
+/// The demo portal's address; it names the agent's WebSocket when the agent is not on the
+/// port the page assumes (47333).
+pub fn portal_url(demo_port: u16, agent_port: u16) -> String {
+    if agent_port == 47333 {
+        format!("http://127.0.0.1:{demo_port}/")
+    } else {
+        format!("http://127.0.0.1:{demo_port}/?agent=ws://127.0.0.1:{agent_port}/v1")
+    }
+}
+
+/// `keyport --demo …`: the demo token (made by `keyport demo`) and its audit log, as the demo
+/// uses them, for `tokens`, `certs`, `sign`, `audit` and `doctor`.
+pub fn apply(config: &mut Config, paths: &Paths) -> anyhow::Result<()> {
+    let dir = token_dir(paths);
+    if !dir.join("softhsm2.conf").exists() {
+        bail!(
+            "no demo token at {}: `keyport demo` makes it the first time it runs",
+            dir.display()
+        );
+    }
+    let module = find_softhsm().context("the demo token needs SoftHSM (apt install softhsm2)")?;
+    use_token(config, &dir, module)
+}
+
+/// Points the configuration at the demo token: SoftHSM alone, and the demo's audit key and log
+/// unless the configuration names its own.
+fn use_token(config: &mut Config, dir: &Path, module: PathBuf) -> anyhow::Result<()> {
+    // SoftHSM reads its configuration from the environment at C_Initialize.
+    std::env::set_var("SOFTHSM2_CONF", dir.join("softhsm2.conf"));
+    config.modules = vec![ModuleConfig { path: module }];
+    config.discover_modules = false;
+    if config.audit_key_file.is_none() {
+        let key = dir.join("audit.key");
+        if !key.exists() {
+            write_random_key(&key)?;
+        }
+        config.audit_key_file = Some(key);
+    }
+    if config.audit_log.is_none() {
+        config.audit_log = Some(dir.join("audit.log"));
+    }
+    Ok(())
 }
 
 fn provision(dir: &Path) -> anyhow::Result<()> {

@@ -189,6 +189,8 @@ const TITLE_CHARS: usize = 80;
 const SUMMARY_CHARS: usize = 160;
 const NAME_CHARS: usize = 64;
 const LABEL_CHARS: usize = 32;
+/// How many of a batch's item labels the dialog lists.
+const BATCH_LABELS_SHOWN: usize = 3;
 const SUBJECT_CHARS: usize = 100;
 /// Bytes of the digest shown (16 hex digits).
 const DIGEST_PREFIX_BYTES: usize = 8;
@@ -214,9 +216,11 @@ impl Texts {
                      该网站将能查看您的证书并请求签名。每次签名前仍会征求您的同意。"
                 ),
                 error: None,
-                ok: "仅允许这一次".into(),
-                cancel: "拒绝".into(),
-                not_ok: Some("始终允许".into()),
+                // Each button names its own key (`_X`), so that pinentry-tty does not put
+                // "always allow" on its No key (n).
+                ok: "仅此一次(_O)".into(),
+                cancel: "拒绝(_D)".into(),
+                not_ok: Some("始终允许(_A)".into()),
             }
         } else {
             ConfirmDialog {
@@ -227,9 +231,9 @@ impl Texts {
                      You will still be asked before each signature."
                 ),
                 error: None,
-                ok: "Allow once".into(),
-                cancel: "Deny".into(),
-                not_ok: Some("Allow always".into()),
+                ok: "Allow _once".into(),
+                cancel: "_Deny".into(),
+                not_ok: Some("Allow _always".into()),
             }
         }
     }
@@ -265,12 +269,14 @@ impl Texts {
         self.finish(title, lines, document.summary, ok, unlock)
     }
 
-    /// Consent (and at most one PIN) to sign `count` documents; the first one is described.
+    /// Consent (and at most one PIN) to sign `count` documents: the batch's title, the first
+    /// few items' labels (`labels[i]` empty for an item without one), the first digest.
     pub fn sign_batch(
         &self,
         signer: &Signer<'_>,
         first: &Document<'_>,
         count: usize,
+        labels: &[String],
         unlock: Unlock,
     ) -> Dialog {
         let (title, header, ok) = if self.zh() {
@@ -289,9 +295,10 @@ impl Texts {
         let mut lines = vec![header, String::new()];
         lines.push(format!(
             "{}{}",
-            self.pick("First document: ", "第一份文件："),
+            self.pick("Batch: ", "批次："),
             quote(first.title, TITLE_CHARS)
         ));
+        lines.extend(self.batch_items_line(labels, count));
         lines.push(self.signer_line(signer));
         lines.push(if self.zh() {
             format!(
@@ -305,13 +312,72 @@ impl Texts {
         self.finish(title, lines, first.summary, ok, unlock)
     }
 
+    /// Consent (and the PIN) for one document of a batch whose key asks for its PIN for every
+    /// signature: one dialog per document, and the first one says so. `label` is the item's
+    /// label from the page, if it gave one.
+    pub fn sign_batch_item(
+        &self,
+        signer: &Signer<'_>,
+        document: &Document<'_>,
+        label: Option<&str>,
+        index: usize,
+        count: usize,
+        unlock: Unlock,
+    ) -> Dialog {
+        let n = index + 1;
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：批量签署",
+                format!("{} 请求您签署 {count} 份文件。", signer.origin),
+                format!("签署第 {n} 份"),
+            )
+        } else {
+            (
+                "KeyPort: sign documents",
+                format!("{} asks you to sign {count} documents.", signer.origin),
+                format!("Sign document {n}"),
+            )
+        };
+        let mut lines = vec![header];
+        if index == 0 {
+            lines.push(if self.zh() {
+                format!("此密钥每签一份文件都要输入一次 PIN 码，共 {count} 份。")
+            } else {
+                format!("This key asks for your PIN for each of the {count} documents.")
+            });
+        }
+        lines.push(String::new());
+        lines.push(format!(
+            "{}{}",
+            self.pick("Batch: ", "批次："),
+            quote(document.title, TITLE_CHARS)
+        ));
+        let item = label
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| quote(l, LABEL_CHARS));
+        lines.push(match (self.zh(), item) {
+            (true, Some(item)) => format!("第 {n} 份（共 {count} 份）：{item}"),
+            (true, None) => format!("第 {n} 份（共 {count} 份）"),
+            (false, Some(item)) => format!("Document {n} of {count}: {item}"),
+            (false, None) => format!("Document {n} of {count}"),
+        });
+        lines.push(self.signer_line(signer));
+        lines.push(format!(
+            "{}{}",
+            self.pick("Digest: ", "哈希值："),
+            digest_prefix(document.digest)
+        ));
+        lines.push(self.token_line(signer.token_label));
+        self.finish(title, lines, document.summary, ok, unlock)
+    }
+
     /// Consent to log in: "Log in to https://portal.example as «holder»".
     pub fn login(&self, signer: &Signer<'_>, unlock: Unlock) -> Dialog {
         let holder = quote(signer.holder, NAME_CHARS);
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：登录",
-                format!("以 {holder} 的身份登录 {}？", signer.origin),
+                format!("以{holder}的身份登录 {}？", signer.origin),
                 "登录",
             )
         } else {
@@ -421,7 +487,8 @@ impl Texts {
         } else if state.count_low {
             parts.push(self.pick("Few tries left.", "剩余尝试次数不多。"));
         }
-        (!parts.is_empty()).then(|| parts.join(" "))
+        // Chinese sentences follow each other with no space after the full stop.
+        (!parts.is_empty()).then(|| parts.join(self.pick(" ", "")))
     }
 
     fn pick<'s>(&self, en: &'s str, zh: &'s str) -> &'s str {
@@ -442,12 +509,58 @@ impl Texts {
         }
     }
 
+    /// "Documents: «a», «b», «c» and 22 more" (an item without a label shows as its number);
+    /// `None` when no item has a label.
+    fn batch_items_line(&self, labels: &[String], count: usize) -> Option<String> {
+        if labels.iter().all(|l| l.trim().is_empty()) {
+            return None;
+        }
+        let shown: Vec<String> = labels
+            .iter()
+            .take(BATCH_LABELS_SHOWN)
+            .enumerate()
+            .map(|(i, l)| {
+                if l.trim().is_empty() {
+                    format!("#{}", i + 1)
+                } else {
+                    quote(l, LABEL_CHARS)
+                }
+            })
+            .collect();
+        let more = count.saturating_sub(shown.len());
+        Some(if self.zh() {
+            let list = shown.join("、");
+            if more > 0 {
+                format!("文件：{list}等 {count} 份")
+            } else {
+                format!("文件：{list}")
+            }
+        } else {
+            let list = shown.join(", ");
+            if more > 0 {
+                format!("Documents: {list} and {more} more")
+            } else {
+                format!("Documents: {list}")
+            }
+        })
+    }
+
     fn token_line(&self, label: &str) -> String {
         format!(
             "{}{}",
             self.pick("Token: ", "令牌："),
             quote(label, LABEL_CHARS)
         )
+    }
+
+    /// Chinese text quotes with “…”: `quote`'s «» become them. «» only ever come from `quote`,
+    /// which keeps «» and “” out of the quoted text, so the swap cannot reach into it.
+    fn quote_marks(&self, line: &str) -> String {
+        if self.zh() {
+            line.replace('«', "“").replace('»', "”")
+        } else {
+            line.to_owned()
+        }
     }
 
     /// Adds what depends on how the token is unlocked, then the summary last (the first thing
@@ -462,6 +575,9 @@ impl Texts {
     ) -> Dialog {
         let cancel = self.pick("Cancel", "取消").to_owned();
         let title = title.to_owned();
+        for line in &mut lines {
+            *line = self.quote_marks(line);
+        }
         let summary_line = summary
             .filter(|s| !browser_bridge::text::is_blank(s))
             .map(|s| {
@@ -471,13 +587,16 @@ impl Texts {
                     quote(s, SUMMARY_CHARS)
                 )
             });
+        let summary_line = summary_line.map(|l| self.quote_marks(&l));
         match unlock {
             Unlock::Pin(state) => {
                 lines.extend(summary_line);
                 Dialog::Pin(PinDialog {
                     title,
                     description: lines.join("\n"),
-                    prompt: self.pick("PIN:", "PIN 码：").to_owned(),
+                    // pinentry-tty adds an ASCII colon unless the prompt ends with one:
+                    // "PIN 码：" would show as "PIN 码：:".
+                    prompt: self.pick("PIN:", "PIN 码").to_owned(),
                     error: self.pin_warning(state),
                     ok,
                     cancel,
@@ -486,9 +605,9 @@ impl Texts {
             Unlock::PinPad(state) => {
                 lines.push(String::new());
                 lines.push(if self.zh() {
-                    format!("点击“{ok}”后，请在读卡器上输入 PIN 码。")
+                    format!("点击“{ok}”后，请在读卡器的键盘上输入 PIN 码。")
                 } else {
-                    format!("Enter your PIN on the reader after you choose {ok}.")
+                    format!("Enter your PIN on the reader's keypad after you choose {ok}.")
                 });
                 let warning = self.pin_warning(state);
                 lines.extend(warning.clone());
@@ -537,6 +656,8 @@ fn quote(text: &str, max_chars: usize) -> String {
         .map(|c| match c {
             '«' => '‹',
             '»' => '›',
+            '“' => '‘',
+            '”' => '’',
             c if c.is_control() => ' ',
             c => c,
         })
@@ -680,17 +801,17 @@ mod tests {
             &dialog.description,
             &[
                 "https://portal.example 请求您签署一份文件。",
-                "文件：«Loan contract 2026-114»",
-                "证书：«Jane Doe»（颁发者：«KeyPort Test CA»）",
+                "文件：“Loan contract 2026-114”",
+                "证书：“Jane Doe”（颁发者：“KeyPort Test CA”）",
                 "哈希值：3f2a9c0d11aa22bb…",
-                "令牌：«SoftHSM token»",
+                "令牌：“SoftHSM token”",
             ],
         );
         assert_eq!(
             dialog.error.as_deref(),
-            Some("PIN 码错误。 剩余尝试次数不多。")
+            Some("PIN 码错误。剩余尝试次数不多。")
         );
-        assert_eq!(dialog.prompt, "PIN 码：");
+        assert_eq!(dialog.prompt, "PIN 码");
         assert_eq!(dialog.ok, "签署");
         assert_eq!(dialog.cancel, "取消");
     }
@@ -716,7 +837,7 @@ mod tests {
         let zh = Texts::new(Language::ZhCn);
         assert_eq!(
             zh.pin_warning(wrong_final).as_deref(),
-            Some("PIN 码错误。 最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
+            Some("PIN 码错误。最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
         );
     }
 
@@ -734,7 +855,7 @@ mod tests {
         assert_has(
             &en.description,
             &[
-                "Enter your PIN on the reader after you choose Sign.",
+                "Enter your PIN on the reader's keypad after you choose Sign.",
                 "FINAL TRY: one more wrong PIN locks the token.",
                 "«Loan contract 2026-114»",
             ],
@@ -748,8 +869,58 @@ mod tests {
         ));
         assert_has(
             &zh.description,
-            &["点击“签署”后，请在读卡器上输入 PIN 码。"],
+            &["点击“签署”后，请在读卡器的键盘上输入 PIN 码。"],
         );
+    }
+
+    #[test]
+    fn a_per_signature_key_asks_per_document_and_says_so_first() {
+        let first = pin(Texts::new(Language::En).sign_batch_item(
+            &signer(),
+            &document(),
+            Some("Invoice 17"),
+            0,
+            25,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &first.description,
+            &[
+                "asks you to sign 25 documents.",
+                "This key asks for your PIN for each of the 25 documents.",
+                "Batch: «Loan contract 2026-114»",
+                "Document 1 of 25: «Invoice 17»",
+                "3f2a9c0d11aa22bb",
+            ],
+        );
+        assert_eq!(first.ok, "Sign document 1");
+        let second = pin(Texts::new(Language::En).sign_batch_item(
+            &signer(),
+            &document(),
+            None,
+            1,
+            25,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert!(!second.description.contains("for each of"));
+        assert_has(&second.description, &["Document 2 of 25\n"]);
+        let zh = pin(Texts::new(Language::ZhCn).sign_batch_item(
+            &signer(),
+            &document(),
+            Some("发票 17"),
+            0,
+            3,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &zh.description,
+            &[
+                "此密钥每签一份文件都要输入一次 PIN 码，共 3 份。",
+                "批次：“Loan contract 2026-114”",
+                "第 1 份（共 3 份）：“发票 17”",
+            ],
+        );
+        assert_eq!(zh.ok, "签署第 1 份");
     }
 
     #[test]
@@ -764,36 +935,117 @@ mod tests {
     }
 
     #[test]
-    fn batch_shows_the_count_and_the_first_document() {
+    fn batch_shows_the_count_the_batch_title_and_the_items_labels() {
+        let labels: Vec<String> = ["Loan contract", "", "Insurance «form»", "Annex D"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
         let en = pin(Texts::new(Language::En).sign_batch(
             &signer(),
             &document(),
             25,
+            &labels,
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
             &en.description,
             &[
                 "asks you to sign 25 documents.",
-                "First document: «Loan contract 2026-114»",
+                "Batch: «Loan contract 2026-114»",
+                "Documents: «Loan contract», #2, «Insurance ‹form›» and 22 more",
                 "Digest: 3f2a9c0d11aa22bb… (first of 25)",
                 "«Jane Doe»",
             ],
         );
+        assert!(!en.description.contains("First document"));
+        assert!(!en.description.contains("Annex D"), "three labels at most");
         assert_eq!(en.ok, "Sign 25");
         let zh = pin(Texts::new(Language::ZhCn).sign_batch(
             &signer(),
             &document(),
-            25,
+            3,
+            &labels[..3],
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
             &zh.description,
             &[
-                "请求您签署 25 份文件。",
-                "第一份文件：«Loan contract 2026-114»",
-                "哈希值：3f2a9c0d11aa22bb…（第一份，共 25 份）",
+                "请求您签署 3 份文件。",
+                "批次：“Loan contract 2026-114”",
+                "文件：“Loan contract”、#2、“Insurance ‹form›”\n",
+                "哈希值：3f2a9c0d11aa22bb…（第一份，共 3 份）",
             ],
+        );
+        // No labels at all: no list.
+        let en = pin(Texts::new(Language::En).sign_batch(
+            &signer(),
+            &document(),
+            2,
+            &[String::new(), String::new()],
+            Unlock::Pin(PinState::default()),
+        ));
+        assert!(!en.description.contains("Documents:"), "{}", en.description);
+    }
+
+    /// Issue 14, snag 11: the Chinese texts read as Chinese: “” quotes (a title's own “” cannot
+    /// close them), no double colon after the prompt, no space between sentences, and every
+    /// access button on its own key, none of them pinentry-tty's No.
+    #[test]
+    fn chinese_dialogs_read_naturally() {
+        let zh = Texts::new(Language::ZhCn);
+        let dialog = pin(zh.sign(
+            &Signer {
+                holder: "张伟",
+                ..signer()
+            },
+            &Document {
+                title: "借款合同”（伪造）“",
+                ..document()
+            },
+            Unlock::Pin(PinState {
+                wrong_pin: true,
+                count_low: true,
+                ..PinState::default()
+            }),
+        ));
+        assert!(
+            dialog.description.contains("文件：“借款合同’（伪造）‘”"),
+            "{}",
+            dialog.description
+        );
+        assert!(dialog
+            .description
+            .contains("证书：“张伟”（颁发者：“KeyPort Test CA”）"));
+        assert!(!dialog.description.contains('«') && !dialog.description.contains('»'));
+        assert_eq!(dialog.prompt, "PIN 码");
+        assert_eq!(
+            dialog.error.as_deref(),
+            Some("PIN 码错误。剩余尝试次数不多。")
+        );
+        let login = pin(zh.login(&signer(), Unlock::Pin(PinState::default())));
+        assert!(
+            login
+                .description
+                .starts_with("以“Jane Doe”的身份登录 https://portal.example？"),
+            "{}",
+            login.description
+        );
+        let access = zh.origin_approval("https://portal.example");
+        let keys: Vec<&str> = [
+            access.ok.as_str(),
+            access.not_ok.as_deref().unwrap_or_default(),
+            access.cancel.as_str(),
+        ]
+        .iter()
+        .map(|label| label.split("(_").nth(1).unwrap_or_default())
+        .collect();
+        assert_eq!(keys, ["O)", "A)", "D)"]);
+        assert_eq!(access.not_ok.as_deref(), Some("始终允许(_A)"));
+        // English: three different keys too (o, a, d), not two on A.
+        let en = Texts::new(Language::En).origin_approval("https://portal.example");
+        assert_eq!(
+            (en.ok.as_str(), en.not_ok.as_deref(), en.cancel.as_str()),
+            ("Allow _once", Some("Allow _always"), "_Deny")
         );
     }
 
@@ -811,7 +1063,7 @@ mod tests {
         let zh = pin(Texts::new(Language::ZhCn).login(&signer(), Unlock::Pin(PinState::default())));
         assert_has(
             &zh.description,
-            &["以 «Jane Doe» 的身份登录 https://portal.example？"],
+            &["以“Jane Doe”的身份登录 https://portal.example？"],
         );
         assert_eq!(zh.ok, "登录");
     }
@@ -829,7 +1081,7 @@ mod tests {
             .starts_with("Allow https://portal.example to use your certificates?"));
         assert_eq!(
             (en.ok.as_str(), en.not_ok.as_deref(), en.cancel.as_str()),
-            ("Allow once", Some("Allow always"), "Deny")
+            ("Allow _once", Some("Allow _always"), "_Deny")
         );
         assert_eq!(
             OriginDecision::from_answer(Ok(Choice::Ok)).unwrap(),
@@ -874,8 +1126,8 @@ mod tests {
             &zh.description,
             &[
                 "请求将一张证书存入您的令牌。",
-                "«CN=Jane Doe»",
-                "颁发者：«CN=KeyPort Test CA»",
+                "“CN=Jane Doe”",
+                "颁发者：“CN=KeyPort Test CA”",
             ],
         );
     }
@@ -940,9 +1192,9 @@ mod tests {
             &document,
             Unlock::Pin(PinState::default()),
         ));
-        let expected_title = format!("«{}…»", "x".repeat(TITLE_CHARS));
+        let expected_title = format!("“{}…”", "x".repeat(TITLE_CHARS));
         assert!(dialog.description.contains(&expected_title));
-        let expected_summary = format!("«{}…»", "说".repeat(SUMMARY_CHARS));
+        let expected_summary = format!("“{}…”", "说".repeat(SUMMARY_CHARS));
         assert!(dialog.description.ends_with(&expected_summary));
         // Exactly at the cap: no ellipsis.
         assert_eq!(quote("abc", 3), "«abc»");

@@ -8,13 +8,67 @@ use crate::discovery::AtrTable;
 use crate::pcsc_watch::{self, hex_spaced, ReaderSnapshot};
 use crate::tokens::{TokenSet, TokenView};
 
-pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<ExitCode> {
+/// `println!` that returns the write error (a closed pipe, as in `keyport doctor | head -1`)
+/// instead of panicking; `main` ends quietly on a broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// The administrator's policy as `doctor` shows it.
+#[derive(Debug)]
+pub struct PolicyView<'a> {
+    pub file: Option<&'a std::path::Path>,
+    pub settings: &'a [crate::policy::Setting],
+}
+
+pub fn run(
+    config: &Config,
+    paths: &Paths,
+    demo: bool,
+    policy: &PolicyView<'_>,
+) -> anyhow::Result<ExitCode> {
     let mut problems: Vec<String> = Vec::new();
-    println!("configuration: {}", paths.config_file.display());
+    say!("configuration: {}", paths.config_file.display());
     if !paths.config_file.exists() {
-        println!("  (no file: defaults apply)");
+        say!("  (no file: defaults apply)");
     }
-    println!(
+    match policy.file {
+        Some(file) => say!(
+            "policy: {} (the administrator's; it bounds yours)",
+            file.display()
+        ),
+        None => say!(
+            "policy: none ({} does not exist)",
+            crate::policy::POLICY_PATH
+        ),
+    }
+    say!("effective settings:");
+    for s in policy.settings {
+        say!("  {} = {}  ({})", s.key, s.value, s.source);
+    }
+    say!(
+        "data folder: {} (audit log: {})",
+        paths.data_dir.display(),
+        crate::daemon::audit_path(config, paths).display()
+    );
+    let demo_token = crate::demo::token_dir(paths);
+    if demo {
+        say!(
+            "demo token: {} (--demo: its module, token and audit log are used)",
+            demo_token.display()
+        );
+    } else if demo_token.join("softhsm2.conf").exists() {
+        say!(
+            "demo token: {} (made by `keyport demo`; `keyport --demo tokens|certs|audit|doctor` \
+             use it and its audit log)",
+            demo_token.display()
+        );
+    }
+    print_dialogs(config, &mut problems)?;
+    say!(
         "module discovery: {}",
         if config.discover_modules {
             "on (configuration, p11-kit registrations, well-known paths, ATR table)"
@@ -39,7 +93,7 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<ExitCode> {
         Ok(r) => Some(r),
         Err(e) => {
             problems.push(pcsc_problem(&e));
-            println!("\nSmartcard readers (PC/SC): not available ({e})");
+            say!("\nSmartcard readers (PC/SC): not available ({e})");
             None
         }
     };
@@ -49,18 +103,18 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<ExitCode> {
     }
     let list = tokens.tokens();
     if let Some(readers) = &readers {
-        print_readers(readers, &full, &atr, &tokens, &list, &mut problems);
+        print_readers(readers, &full, &atr, &tokens, &list, &mut problems)?;
     }
 
-    print_modules(&tokens, &list, &mut problems);
+    print_modules(&tokens, &list, &mut problems)?;
 
-    println!("\nTokens:");
+    say!("\nTokens:");
     if list.is_empty() {
-        println!("  none present");
+        say!("  none present");
     }
     for t in &list {
         let i = &t.info;
-        println!(
+        say!(
             "  {} \"{}\" ({} {}, serial {}) via {}{}",
             i.id,
             i.label.trim(),
@@ -86,22 +140,29 @@ pub fn run(config: &Config, paths: &Paths) -> anyhow::Result<ExitCode> {
         }
     }
     let certs = tokens.certificates();
-    println!("\nCertificates with their key on a token: {}", certs.len());
+    say!("\nCertificates with their key on a token: {}", certs.len());
     for c in &certs {
-        println!("  {}  {}", c.info.subject, c.info.key_algorithm.wire_name());
+        say!("  {}  {}", c.info.subject, c.info.key_algorithm.wire_name());
     }
 
     let audit_log = crate::daemon::audit_path(config, paths);
-    println!("\nAudit log: {}", audit_log.display());
+    say!(
+        "
+Audit log: {}",
+        audit_log.display()
+    );
     problems.extend(crate::audit::write_problem(&audit_log));
 
-    println!("\nProblems:");
+    say!(
+        "
+Problems:"
+    );
     if problems.is_empty() {
-        println!("  none");
+        say!("  none");
         Ok(ExitCode::SUCCESS)
     } else {
         for p in &problems {
-            println!("  - {p}");
+            say!("  - {p}");
         }
         Ok(ExitCode::from(1))
     }
@@ -129,19 +190,19 @@ fn print_readers(
     tokens: &TokenSet,
     list: &[TokenView],
     problems: &mut Vec<String>,
-) {
-    println!("\nSmartcard readers (PC/SC):");
+) -> anyhow::Result<()> {
+    say!("\nSmartcard readers (PC/SC):");
     if readers.is_empty() {
-        println!("  none");
+        say!("  none");
     }
     let modules = tokens.modules();
     for r in readers {
-        println!("  {}", r.name);
+        say!("  {}", r.name);
         let Some(card_atr) = &r.atr else {
-            println!("    no card");
+            say!("    no card");
             continue;
         };
-        println!("    card ATR {}", hex_spaced(card_atr));
+        say!("    card ATR {}", hex_spaced(card_atr));
         let shown: Vec<&TokenView> = list
             .iter()
             .filter(|t| t.reader.as_deref() == Some(r.name.as_str()))
@@ -170,16 +231,16 @@ fn print_readers(
                     }
                     None => "NOT LOADED (see the module's error below)".to_owned(),
                 };
-                println!(
+                say!(
                     "    matched \"{}\" in {from} → module {} [{state}]",
                     rule.name,
                     rule.module.display()
                 );
             }
-            None => println!("    not in the ATR table: every loaded module was asked"),
+            None => say!("    not in the ATR table: every loaded module was asked"),
         }
         if shown.is_empty() {
-            println!("    no token shows this card");
+            say!("    no token shows this card");
             problems.push(format!(
                 "the card in {} (ATR {}) shows no token: install the card's PKCS#11 module and \
                  name it under [[modules]], or add an [[atr]] entry that maps this ATR to it",
@@ -188,23 +249,28 @@ fn print_readers(
             ));
         }
         for t in shown {
-            println!(
+            say!(
                 "    token \"{}\" via {}",
                 t.info.label.trim(),
                 t.module.path().display()
             );
         }
     }
+    Ok(())
 }
 
 /// Modules in load order with their discovery source, their tokens, and what did not load.
-fn print_modules(tokens: &TokenSet, list: &[TokenView], problems: &mut Vec<String>) {
+fn print_modules(
+    tokens: &TokenSet,
+    list: &[TokenView],
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let discovery = tokens.discovery();
     let loaded = tokens.modules();
     let failures = tokens.failures();
-    println!("\nPKCS#11 modules, in load order:");
+    say!("\nPKCS#11 modules, in load order:");
     if loaded.is_empty() && failures.is_empty() {
-        println!("  none found");
+        say!("  none found");
         problems.push(
             "no PKCS#11 module: install your token's software or OpenSC (apt install opensc-pkcs11), \
              or name the module in the configuration under [[modules]]"
@@ -221,7 +287,7 @@ fn print_modules(tokens: &TokenSet, list: &[TokenView], problems: &mut Vec<Strin
             .info()
             .map(|i| format!(" — {}", i.library_description.trim()))
             .unwrap_or_default();
-        println!(
+        say!(
             "  {}  [loaded, {n} token{}]  from {}{description}",
             m.module.path().display(),
             if n == 1 { "" } else { "s" },
@@ -229,7 +295,7 @@ fn print_modules(tokens: &TokenSet, list: &[TokenView], problems: &mut Vec<Strin
         );
     }
     for f in &failures {
-        println!(
+        say!(
             "  {}  [NOT LOADED]  from {}: {}",
             f.path.display(),
             f.source,
@@ -244,6 +310,119 @@ fn print_modules(tokens: &TokenSet, list: &[TokenView], problems: &mut Vec<Strin
         ));
     }
     for s in &discovery.skipped {
-        println!("  skipped {}: {}", s.what, s.why);
+        say!("  skipped {}: {}", s.what, s.why);
+    }
+    Ok(())
+}
+
+/// The dialog program every consent and PIN goes through, and what it needs to show: a display
+/// for a graphical one, a terminal for a text one.
+fn print_dialogs(config: &Config, problems: &mut Vec<String>) -> anyhow::Result<()> {
+    say!("\nDialogs (pinentry):");
+    let program = match crate::daemon::pinentry_for(config) {
+        Ok(p) => p.program().to_path_buf(),
+        Err(e) => {
+            say!("  no pinentry program found");
+            problems.push(format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    let from = if config.pinentry.is_some() {
+        "the configuration's `pinentry`"
+    } else {
+        "PATH"
+    };
+    let real = std::fs::canonicalize(&program).unwrap_or_else(|_| program.clone());
+    let runs = std::process::Command::new(&program)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let version = match &runs {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        Ok(out) => format!("`--version` failed ({})", out.status),
+        Err(e) => format!("cannot run: {e}"),
+    };
+    say!(
+        "  {} (from {from}{}): {version}",
+        program.display(),
+        if real != program {
+            format!(", which is {}", real.display())
+        } else {
+            String::new()
+        }
+    );
+    if let Err(e) = &runs {
+        problems.push(format!(
+            "the pinentry {} cannot run ({e}): install one (apt install pinentry-gnome3, or \
+             pinentry-curses for a terminal) or fix `pinentry` in the configuration",
+            program.display()
+        ));
+        return Ok(());
+    }
+    let name = real
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let display = ["WAYLAND_DISPLAY", "DISPLAY"].iter().find_map(|v| {
+        std::env::var(v)
+            .ok()
+            .filter(|x| !x.is_empty())
+            .map(|x| format!("{v}={x}"))
+    });
+    let tty = std::env::var("GPG_TTY")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("GPG_TTY={t}"))
+        .or_else(|| crate::local::terminal_name().map(|t| format!("this terminal, {t}")));
+    say!(
+        "  display: {}; terminal: {}",
+        display
+            .as_deref()
+            .unwrap_or("none (no DISPLAY or WAYLAND_DISPLAY)"),
+        tty.as_deref()
+            .unwrap_or("none (no GPG_TTY, not run in a terminal)")
+    );
+    match pinentry_kind(&name) {
+        Kind::Terminal if tty.is_none() => problems.push(format!(
+            "{name} draws its dialog in a terminal, but none is known: in a terminal session set \
+             GPG_TTY=$(tty); for the desktop service install a graphical pinentry \
+             (apt install pinentry-gnome3) and set `pinentry` to it"
+        )),
+        Kind::Graphical if display.is_none() => problems.push(format!(
+            "{name} needs a graphical session (DISPLAY or WAYLAND_DISPLAY), and none is set: \
+             dialogs will fail; in a terminal use pinentry-curses (`pinentry = \
+             \"/usr/bin/pinentry-curses\"`)"
+        )),
+        Kind::Either if display.is_none() && tty.is_none() => problems.push(format!(
+            "{name} has neither a display nor a terminal to show its dialog on"
+        )),
+        Kind::Graphical | Kind::Terminal | Kind::Either | Kind::Unknown => {}
+    }
+    Ok(())
+}
+
+/// Where a pinentry draws its dialog, from its program name.
+enum Kind {
+    Graphical,
+    Terminal,
+    /// `pinentry-gnome3`, `-gtk2`: a window, else curses in a terminal.
+    Either,
+    /// A program of another name (a wrapper, a vendor's): nothing is assumed.
+    Unknown,
+}
+
+fn pinentry_kind(name: &str) -> Kind {
+    match name {
+        "pinentry-curses" | "pinentry-tty" => Kind::Terminal,
+        "pinentry-qt" | "pinentry-qt5" | "pinentry-fltk" | "pinentry-x2go" | "pinentry-mac" => {
+            Kind::Graphical
+        }
+        "pinentry-gnome3" | "pinentry-gtk2" | "pinentry-gtk-2" => Kind::Either,
+        _ => Kind::Unknown,
     }
 }

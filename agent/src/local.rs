@@ -7,19 +7,18 @@ use browser_bridge::protocol::{
     Base64Bytes, DigestAlgorithm, Display, EcdsaEncoding as WireEcdsa, SignFormat,
     SignInput as WireInput, SignOptions, SignatureAlgorithm, Title,
 };
-use pkcs11_shim::{
-    CertificateId, LoginKind, PinAnswer, PinProvider, PinRequest, SecretPin, SignRequest,
-};
+use pkcs11_shim::{CertificateId, Credential, LoginState, SignFailure, SignRequest};
 use serde_json::Value;
 
+use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::config::Config;
-use crate::consent::{DialogBuilder, DialogOutcome, DialogPinProvider};
+use crate::consent::{self, credential as credential_from, first_question, DialogBuilder, Next};
 use crate::dialog::{Document, Signer, Texts};
 use crate::pinentry::{DialogCancel, Pinentry};
 use crate::service::{
     certificate_entry, common_name, signing_allowed, token_entry, Failure, SignPlan,
 };
-use crate::tokens::TokenSet;
+use crate::tokens::{CertificateView, TokenSet};
 
 /// What `keyport sign` was asked.
 #[derive(Debug, Clone)]
@@ -61,6 +60,27 @@ pub fn certificates_json(tokens: &TokenSet) -> Value {
     )
 }
 
+/// What `keyport sign` made.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The certificate holder's name.
+    pub holder: String,
+    /// The signature's size in bytes.
+    pub bytes: usize,
+}
+
+/// The terminal this command runs in (`/dev/pts/N`), from standard input or else standard
+/// error, for a terminal pinentry; `None` when neither is a terminal (a service, a pipe).
+pub fn terminal_name() -> Option<String> {
+    ["/proc/self/fd/0", "/proc/self/fd/2"]
+        .iter()
+        .find_map(|fd| {
+            let target = std::fs::read_link(fd).ok()?;
+            let name = target.to_str()?;
+            (name.starts_with("/dev/pts/") || name.starts_with("/dev/tty")).then(|| name.to_owned())
+        })
+}
+
 /// Signs a file with a certificate's key, asking the PIN through pinentry, and writes the
 /// signature (raw or CMS) to the output file. Nothing is written on failure.
 pub fn sign_file(
@@ -68,8 +88,9 @@ pub fn sign_file(
     tokens: &TokenSet,
     pinentry: &Pinentry,
     texts: Texts,
+    audit: &mut AuditLog,
     req: &SignFileRequest<'_>,
-) -> Result<(), SignFileError> {
+) -> Result<Signed, SignFileError> {
     let id: CertificateId = req.certificate.parse().map_err(|_| {
         SignFileError::Usage(format!(
             "{:?} is not a certificate id (see `keyport certs`)",
@@ -83,10 +104,62 @@ pub fn sign_file(
     let cert = tokens
         .certificate(&id)
         .map_err(|e| SignFileError::Failure(Failure::Token(e)))?;
+    // From here on every outcome is audited, as the agent audits a page's request; the
+    // signature reaches the output file only once its record is on disk.
+    let mut digests = Vec::new();
+    let result = sign_with(
+        config,
+        tokens,
+        pinentry,
+        texts,
+        req,
+        data,
+        &cert,
+        &mut digests,
+    );
+    let mut record = AuditRecord::new(LOCAL_ORIGIN, Operation::Sign)
+        .certificate(cert.info.subject.clone(), &cert.info.der);
+    for d in &digests {
+        record = record.digest(d);
+    }
+    record = record.outcome(match &result {
+        Ok(_) => Outcome::Granted,
+        Err(SignFileError::Failure(f)) => f.outcome(),
+        Err(SignFileError::Usage(_)) => Outcome::Error("INVALID_PARAMS".into()),
+        Err(SignFileError::Read { .. } | SignFileError::Write { .. } | SignFileError::Audit(_)) => {
+            Outcome::Error("INTERNAL".into())
+        }
+    });
+    audit.append(&record).map_err(SignFileError::Audit)?;
+    let (sig, output) = result?;
+    output.commit(&sig)?;
+    Ok(Signed {
+        holder: cert.info.holder.clone(),
+        bytes: sig.len(),
+    })
+}
+
+/// The audit log's origin for what the command line does.
+pub const LOCAL_ORIGIN: &str = "local";
+
+/// The signature of `data`, and the output file waiting for it; `digests` gets what is (to
+/// be) signed as soon as it is known.
+#[allow(clippy::too_many_arguments)] // one call site, each argument a different part
+fn sign_with(
+    config: &Config,
+    tokens: &TokenSet,
+    pinentry: &Pinentry,
+    texts: Texts,
+    req: &SignFileRequest<'_>,
+    data: Vec<u8>,
+    cert: &CertificateView,
+    digests: &mut Vec<Vec<u8>>,
+) -> Result<(Vec<u8>, PendingOutput), SignFileError> {
     if !signing_allowed(&cert.info.key_usage, config.signing_key_usage) {
         return Err(SignFileError::Failure(Failure::KeyUsage(
             "this certificate is not for document signatures (keyUsage lacks nonRepudiation); \
-             `signing_key_usage = \"any\"` in the configuration allows it"
+             `signing_key_usage = \"any\"` in the configuration allows it, unless the \
+             administrator's policy forbids it (`keyport doctor` shows which)"
                 .into(),
         )));
     }
@@ -108,6 +181,7 @@ pub fn sign_file(
     };
     let items = vec![WireInput::Data(Base64Bytes(data))];
     let plan = SignPlan::new(&cert.info, &items, &options).map_err(SignFileError::Failure)?;
+    digests.clone_from(&plan.message_digests);
     let digest = plan.message_digests.first().cloned().unwrap_or_default();
     let (inputs, attrs) = plan
         .token_inputs(items, &cert.info)
@@ -119,7 +193,7 @@ pub fn sign_file(
         .unwrap_or_default();
     let holder = cert.info.holder.clone();
     let issuer = common_name(&cert.info.issuer);
-    let build: DialogBuilder = std::sync::Arc::new(move |texts, unlock| {
+    let build: DialogBuilder = std::sync::Arc::new(move |texts, unlock, _scope| {
         texts.sign(
             &Signer {
                 origin: "keyport sign (command line)",
@@ -137,29 +211,14 @@ pub fn sign_file(
     });
     // The output must be writable before anyone is asked for a PIN.
     let output = PendingOutput::create(req.output)?;
-    let outcome = DialogOutcome::default();
-    let provider = OnePinPerSignature::new(DialogPinProvider::new(
-        pinentry.clone(),
-        DialogCancel::new(),
-        texts,
-        build,
-        outcome.clone(),
-    ));
     let sign_req = SignRequest {
         certificate: cert.info.id.clone(),
         algorithm: plan.algorithm,
         inputs,
         logout_after: true,
     };
-    let sigs = cert
-        .module
-        .sign(sign_req, Box::new(provider), None, None)
-        .map_err(|f| match (&f.error, outcome.error()) {
-            (pkcs11_shim::Error::UserCancelled, Some(dialog)) => {
-                SignFileError::Failure(Failure::Dialog(dialog))
-            }
-            _ => SignFileError::Failure(Failure::Token(f.error)),
-        })?;
+    let sigs = sign_with_dialogs(&cert.module, sign_req, pinentry, texts, &build)
+        .map_err(SignFileError::Failure)?;
     let out = plan
         .finish(sigs, &attrs, &cert.info)
         .map_err(SignFileError::Failure)?;
@@ -167,50 +226,44 @@ pub fn sign_file(
         .into_iter()
         .next()
         .ok_or_else(|| SignFileError::Failure(Failure::Internal("no signature".into())))?;
-    output.commit(&sig)
+    Ok((sig, output))
 }
 
-/// The PIN typed for the user login also answers the context-specific login
-/// (CKA_ALWAYS_AUTHENTICATE) that follows it for the same signature: one document, one dialog.
-/// The copy is used at most once, and never after a wrong PIN; every later signature of such a
-/// key asks again.
-pub struct OnePinPerSignature<P> {
-    inner: P,
-    user_pin: Option<SecretPin>,
-}
-
-impl<P> std::fmt::Debug for OnePinPerSignature<P> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OnePinPerSignature")
-            .field("holds_a_pin", &self.user_pin.is_some())
-            .finish_non_exhaustive()
+/// The command line's consent and PIN loop, the service's without a page: ask (consent and
+/// PIN in one dialog), sign with the answer, on a wrong PIN ask again with the token's warning,
+/// stop at a cancel, a lock or any other error. One file, so one signature: a key that asks for
+/// its PIN per signature is served by the same dialog.
+fn sign_with_dialogs(
+    module: &pkcs11_shim::Module,
+    req: SignRequest,
+    pinentry: &Pinentry,
+    texts: Texts,
+    build: &DialogBuilder,
+) -> Result<Vec<Vec<u8>>, Failure> {
+    let state = module
+        .login_state(req.certificate.token_id())
+        .map_err(Failure::Token)?;
+    if state == LoginState::Locked {
+        return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
     }
-}
-
-impl<P: PinProvider> OnePinPerSignature<P> {
-    pub fn new(inner: P) -> Self {
-        OnePinPerSignature {
-            inner,
-            user_pin: None,
+    let mut question = first_question(state, false);
+    let mut last = None;
+    loop {
+        let mut credential = Credential::None;
+        if let Some(unlock) = question.take() {
+            let consent = build(&texts, unlock, consent::Scope::All)
+                .ask(pinentry, &DialogCancel::new())
+                .map_err(|e| Failure::Dialog(std::sync::Arc::new(e)))?;
+            credential = credential_from(consent, unlock);
+            last = Some(unlock);
         }
-    }
-}
-
-impl<P: PinProvider> PinProvider for OnePinPerSignature<P> {
-    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer {
-        let reuse = self.user_pin.take();
-        if req.kind == LoginKind::ContextSpecific && req.previous_error.is_none() {
-            if let Some(pin) = reuse {
-                return PinAnswer::Pin(pin);
-            }
+        match module.sign(req.clone(), credential, None, None) {
+            Ok(sigs) => return Ok(sigs),
+            Err(SignFailure { error, .. }) => match consent::after(error, last) {
+                Next::Ask(unlock) => question = Some(unlock),
+                Next::Stop(error) => return Err(Failure::Token(error)),
+            },
         }
-        let answer = self.inner.request(req);
-        if req.kind == LoginKind::User {
-            if let PinAnswer::Pin(pin) = &answer {
-                self.user_pin = Some(pin.duplicate());
-            }
-        }
-        answer
     }
 }
 
@@ -288,6 +341,9 @@ pub enum SignFileError {
     },
     #[error("{}", describe(.0))]
     Failure(Failure),
+    /// The audit record could not be written: the signature is not released.
+    #[error("the signature was not released because its audit record could not be written")]
+    Audit(#[source] crate::audit::AuditError),
 }
 
 /// A one-line description for the terminal: the protocol's reason and what it means here.

@@ -23,6 +23,10 @@ struct Cli {
     /// The configuration file (default: the OS config dir, e.g. ~/.config/keyport/config.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Use the demo token that `keyport demo` made, and its audit log (for tokens, certs,
+    /// sign, audit, doctor).
+    #[arg(long, global = true)]
+    demo: bool,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -60,50 +64,81 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Signs a file with a certificate's key (the PIN is asked through pinentry).
+    /// Signs a file with a certificate's key (consent and PIN are asked through pinentry).
+    ///
+    /// The signature is written to --out only once it is made and its audit record is on disk;
+    /// a failed run leaves no file.
     Sign {
-        /// The certificate id, as `keyport certs` shows it.
-        #[arg(long = "cert")]
+        /// The certificate id, as `keyport certs` shows it (e.g. tok-…/03).
+        #[arg(long = "cert", value_name = "ID")]
         cert: String,
-        #[arg(long = "in")]
+        /// The file to sign.
+        #[arg(long = "in", value_name = "FILE")]
         input: PathBuf,
-        #[arg(long = "out")]
+        /// Where to write the signature (replaced if it exists).
+        #[arg(long = "out", value_name = "FILE")]
         output: PathBuf,
+        /// raw: the bare signature; cms: a detached CMS SignedData (CAdES-B), DER.
         #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
         format: FormatArg,
+        /// The digest (default: the one that suits the key's size).
         #[arg(long, value_enum)]
         hash: Option<HashArg>,
+        /// ECDSA keys, raw format: DER (default) or IEEE P1363 r‖s.
         #[arg(long, value_enum)]
         ecdsa_encoding: Option<EncodingArg>,
         /// RSA keys: RSA-PSS instead of PKCS#1 v1.5.
         #[arg(long)]
         pss: bool,
     },
-    /// Lists, allows, denies or revokes web origins.
+    /// Lists, allows, denies or revokes web origins (changes reach a running agent).
     Origins {
         #[command(subcommand)]
         action: OriginsAction,
     },
     /// Prints the audit log; with --verify, proves it whole.
     Audit {
+        /// Check every line's HMAC chain with the audit key; exit 1 if anything is wrong.
         #[arg(long)]
         verify: bool,
     },
-    /// Shows readers, cards, modules and tokens, and what to fix.
+    /// Shows readers, cards, modules, tokens, the dialog program, and what to fix.
     Doctor,
+    /// Writes the man pages and shell completions into DIR (used to build packages).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// The output folder: DIR/man/*.1 and DIR/completions/{keyport.bash,_keyport,keyport.fish}.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum OriginsAction {
+    /// Lists the origins you and the configuration allowed or denied, and where each came from.
     List,
-    Allow { origin: String },
-    Deny { origin: String },
-    Revoke { origin: String },
+    /// Always allow a web origin (no dialog asks again).
+    Allow {
+        /// scheme://host[:port], without a path: e.g. https://bank.example
+        origin: String,
+    },
+    /// Always deny a web origin (its pages are refused without a dialog).
+    Deny {
+        /// scheme://host[:port], without a path: e.g. https://bank.example
+        origin: String,
+    },
+    /// Forgets your decision about an origin (the dialog asks again next time).
+    Revoke {
+        /// scheme://host[:port], as `keyport origins list` shows it.
+        origin: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum FormatArg {
+    /// The bare signature.
     Raw,
+    /// A detached CMS SignedData (CAdES-B), DER.
     Cms,
 }
 
@@ -116,7 +151,9 @@ enum HashArg {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum EncodingArg {
+    /// An ASN.1 SEQUENCE of r and s (what OpenSSL and X.509 use).
     Der,
+    /// r‖s, each as long as the curve's order (WebCrypto's format).
     P1363,
 }
 
@@ -192,21 +229,46 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-fn load(cli_config: Option<&std::path::Path>) -> anyhow::Result<(Config, Paths)> {
+/// The configuration in force: the user's file (or the defaults), the demo's settings with
+/// --demo, then the administrator's policy, which only narrows.
+fn load(
+    cli_config: Option<&std::path::Path>,
+    demo: bool,
+) -> anyhow::Result<(
+    Config,
+    Paths,
+    agent::policy::Loaded,
+    Vec<agent::policy::Setting>,
+)> {
     let paths = Paths::resolve(cli_config)?;
-    let config = Config::load(&paths.config_file)?;
-    Ok((config, paths))
+    if cli_config.is_some() && !paths.config_file.exists() {
+        anyhow::bail!(
+            "{}: no such configuration file (without --config the defaults apply)",
+            paths.config_file.display()
+        );
+    }
+    let mut config = Config::load(&paths.config_file)?;
+    if demo {
+        agent::demo::apply(&mut config, &paths)?;
+    }
+    let policy = agent::policy::Loaded::system()?;
+    let (config, report) = policy.apply(config);
+    Ok((config, paths, policy, report))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (config, paths) = load(cli.config.as_deref())?;
+    if let Command::GenerateAssets { out } = &cli.command {
+        generate_assets(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (config, paths, policy, policy_report) = load(cli.config.as_deref(), cli.demo)?;
     match cli.command {
         Command::Run { demo_port } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(daemon::run(config, paths, RunOptions { demo_port }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { port } => agent::demo::run(config, paths, port),
+        Command::Demo { port } => agent::demo::run(config, paths, port, &policy),
         Command::Tokens { json } => {
             let tokens = TokenSet::load(&config);
             tokens.report_failures();
@@ -270,9 +332,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ecdsa_encoding,
             pss,
         } => {
+            // The log opens first: without it no signature may be released.
+            let mut audit = daemon::open_audit(&config, &paths)?;
             let tokens = TokenSet::load(&config);
             tokens.report_failures();
-            let pinentry = daemon::pinentry_for(&config)?;
+            let mut pinentry = daemon::pinentry_for(&config)?;
+            // A terminal pinentry (tty, curses) must be told which terminal to use, as GnuPG
+            // tells it with GPG_TTY; without one it fails or cancels at once.
+            if std::env::var_os("GPG_TTY").is_none() {
+                if let Some(tty) = local::terminal_name() {
+                    pinentry = pinentry.tty_name(tty);
+                }
+            }
             let texts = Texts::new(Language::from_config(config.language.as_deref()));
             let req = SignFileRequest {
                 certificate: &cert,
@@ -293,19 +364,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
                 signature_algorithm: pss.then_some(SignatureAlgorithm::RsaPss),
             };
-            local::sign_file(&config, &tokens, &pinentry, texts, &req)?;
+            let signed = local::sign_file(&config, &tokens, &pinentry, texts, &mut audit, &req)?;
+            out!(
+                "signed {} with {}: wrote {} ({} bytes, {})",
+                input.display(),
+                signed.holder,
+                output.display(),
+                signed.bytes,
+                match format {
+                    FormatArg::Raw => "raw signature",
+                    FormatArg::Cms => "detached CMS SignedData",
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Origins { action } => {
             let mut store = OriginStore::open(&paths.origins_file(), &config)?;
             match action {
                 OriginsAction::List => {
-                    for (origin, standing, source) in store.list() {
+                    let list = store.list();
+                    if list.is_empty() {
+                        out!(
+                            "no origin is allowed or denied yet: the dialog asks about each new \
+                             one (`keyport origins allow URL` allows one ahead)"
+                        );
+                    }
+                    for (origin, standing, source) in list {
                         out!("{origin}\t{standing:?}\t({source})");
                     }
                 }
                 OriginsAction::Allow { origin } => {
                     check_origin(&origin)?;
+                    if !store.may_approve(&origin) {
+                        anyhow::bail!(
+                            "the administrator's policy ({}) allows only its own origins: \
+                             {origin} cannot be allowed",
+                            policy
+                                .file
+                                .as_ref()
+                                .map_or_else(String::new, |f| f.display().to_string())
+                        );
+                    }
                     store.allow(&origin)?;
                     out!("allowed {origin}");
                 }
@@ -325,11 +424,53 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { verify } => agent::audit_cli::run(&config, &paths, verify),
-        Command::Doctor => agent::doctor::run(&config, &paths),
+        Command::Doctor => agent::doctor::run(
+            &config,
+            &paths,
+            cli.demo,
+            &agent::doctor::PolicyView {
+                file: policy.file.as_deref(),
+                settings: &policy_report,
+            },
+        ),
+        Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
     }
 }
 
+/// The man pages (one per command, from the same definitions as `--help`) and the shell
+/// completions, for a package to install.
+fn generate_assets(out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use clap::CommandFactory as _;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages to {}", man.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "keyport", &completions)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
+}
+
 fn check_origin(origin: &str) -> anyhow::Result<()> {
+    // A URL pasted from the address bar is the usual mistake: say what to type instead.
+    if let Some((scheme, rest)) = origin.split_once("://") {
+        if let Some(cut) = rest.find(['/', '?', '#']) {
+            anyhow::bail!(
+                "{origin:?} is not an origin: an origin is scheme://host[:port] with no path, \
+                 query or fragment; use {scheme}://{}",
+                &rest[..cut]
+            );
+        }
+    }
     browser_bridge::Origin::parse(origin, true)
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("{origin:?} is not an origin: {e}"))

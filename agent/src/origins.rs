@@ -1,9 +1,16 @@
 //! Which web origins may use the user's certificates: the administrator's lists in the
 //! configuration, and the user's own "allow always" / "deny" decisions, kept in
 //! `origins.toml` beside the configuration and edited with `keyport origins`.
+//!
+//! A running agent sees a `keyport origins` change at its next check: the store re-reads the
+//! decisions file whenever the file's modification time, size or inode differ from what it last
+//! read or wrote (one `stat` per check). A "Deny" answered in the dialog holds for the agent's
+//! run only, until the user's decision about that origin changes in the file.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use browser_bridge::Origin;
 use serde::{Deserialize, Serialize};
@@ -37,30 +44,80 @@ pub struct OriginStore {
     config_allowed: BTreeSet<String>,
     config_denied: BTreeSet<String>,
     unknown: UnknownOrigins,
+    /// The administrator's policy: the only origins the user's approvals count for.
+    ceiling: Option<BTreeSet<String>>,
+    /// Behind a `RefCell` so that a check (`&self`) can pick up a change of the file; the store
+    /// itself lives behind the service's `Mutex`.
+    user: RefCell<UserState>,
+}
+
+/// The user's decisions as last read or written, and the dialog denials of this run.
+#[derive(Debug)]
+struct UserState {
     decisions: Decisions,
+    stamp: Option<FileStamp>,
+    denied_for_now: BTreeSet<String>,
+}
+
+/// What tells a changed decisions file from the one last read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(file: &Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(file).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(FileStamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode,
+        })
+    }
 }
 
 impl OriginStore {
     pub fn open(file: &Path, config: &Config) -> Result<OriginStore, OriginsError> {
+        let stamp = FileStamp::of(file);
         let decisions = read_decisions(file)?;
         Ok(OriginStore {
             file: file.to_path_buf(),
             config_allowed: config.allowed_origins.iter().cloned().collect(),
             config_denied: config.denied_origins.iter().cloned().collect(),
             unknown: config.unknown_origins,
-            decisions,
+            ceiling: config.origin_ceiling.clone(),
+            user: RefCell::new(UserState {
+                decisions,
+                stamp,
+                denied_for_now: BTreeSet::new(),
+            }),
         })
     }
 
     /// Denials win over approvals; the administrator's lists over the user's.
     pub fn standing(&self, origin: &str) -> Standing {
-        if self.config_denied.contains(origin) || self.decisions.denied.contains(origin) {
+        self.refresh();
+        let user = self.user.borrow();
+        if self.config_denied.contains(origin) || user.decisions.denied.contains(origin) {
             Standing::Denied
-        } else if self.config_allowed.contains(origin) || self.decisions.allowed.contains(origin) {
+        } else if self.config_allowed.contains(origin)
+            || (user.decisions.allowed.contains(origin) && self.may_approve(origin))
+        {
             Standing::Allowed
         } else {
             Standing::Unknown
         }
+    }
+
+    /// Whether the administrator's policy lets the user approve this origin.
+    pub fn may_approve(&self, origin: &str) -> bool {
+        self.ceiling.as_ref().is_none_or(|c| c.contains(origin))
     }
 
     /// May a connection from this origin be upgraded at all?
@@ -75,27 +132,83 @@ impl OriginStore {
         }
     }
 
+    /// "Deny" answered in the dialog: refused for the rest of this run, or until the user's
+    /// decision about the origin changes (`keyport origins allow|deny|revoke`).
+    pub fn deny_for_now(&self, origin: &str) {
+        self.user
+            .borrow_mut()
+            .denied_for_now
+            .insert(origin.to_owned());
+    }
+
+    /// Whether the user denied this origin in a dialog of this run (and has not decided about
+    /// it since).
+    pub fn is_denied_for_now(&self, origin: &str) -> bool {
+        self.refresh();
+        self.user.borrow().denied_for_now.contains(origin)
+    }
+
     /// Records "allow always"; removes an earlier user denial.
     pub fn allow(&mut self, origin: &str) -> Result<(), OriginsError> {
-        self.decisions.denied.remove(origin);
-        self.decisions.allowed.insert(origin.to_owned());
+        self.refresh();
+        let user = self.user.get_mut();
+        user.decisions.denied.remove(origin);
+        user.decisions.allowed.insert(origin.to_owned());
+        user.denied_for_now.remove(origin);
         self.save()
     }
 
     /// Records "deny"; removes an earlier user approval.
     pub fn deny(&mut self, origin: &str) -> Result<(), OriginsError> {
-        self.decisions.allowed.remove(origin);
-        self.decisions.denied.insert(origin.to_owned());
+        self.refresh();
+        let user = self.user.get_mut();
+        user.decisions.allowed.remove(origin);
+        user.decisions.denied.insert(origin.to_owned());
         self.save()
     }
 
-    /// Forgets the user's decision; returns whether there was one.
+    /// Forgets the user's decision (and a dialog denial of this run); returns whether there
+    /// was one.
     pub fn revoke(&mut self, origin: &str) -> Result<bool, OriginsError> {
-        let had = self.decisions.allowed.remove(origin) | self.decisions.denied.remove(origin);
+        self.refresh();
+        let user = self.user.get_mut();
+        let for_now = user.denied_for_now.remove(origin);
+        let had = user.decisions.allowed.remove(origin) | user.decisions.denied.remove(origin);
         if had {
             self.save()?;
         }
-        Ok(had)
+        Ok(had || for_now)
+    }
+
+    /// Re-reads the decisions file if it changed since it was last read or written. A dialog
+    /// denial ends for every origin whose decision changed. A file that cannot be read or
+    /// parsed leaves the last good decisions in force (logged).
+    fn refresh(&self) {
+        let stamp = FileStamp::of(&self.file);
+        let mut user = self.user.borrow_mut();
+        if stamp == user.stamp {
+            return;
+        }
+        let decisions = match read_decisions(&self.file) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "origin decisions not re-read; the last ones stand");
+                user.stamp = stamp;
+                return;
+            }
+        };
+        let old = &user.decisions;
+        let changed: Vec<String> = old
+            .allowed
+            .symmetric_difference(&decisions.allowed)
+            .chain(old.denied.symmetric_difference(&decisions.denied))
+            .cloned()
+            .collect();
+        for origin in changed {
+            user.denied_for_now.remove(&origin);
+        }
+        user.decisions = decisions;
+        user.stamp = stamp;
     }
 
     /// Every origin with a standing, and where it comes from.
@@ -107,11 +220,16 @@ impl OriginStore {
         for o in &self.config_denied {
             out.push((o.clone(), Standing::Denied, "config"));
         }
-        for o in &self.decisions.allowed {
+        self.refresh();
+        let user = self.user.borrow();
+        for o in &user.decisions.allowed {
             out.push((o.clone(), Standing::Allowed, "user"));
         }
-        for o in &self.decisions.denied {
+        for o in &user.decisions.denied {
             out.push((o.clone(), Standing::Denied, "user"));
+        }
+        for o in &user.denied_for_now {
+            out.push((o.clone(), Standing::Denied, "dialog, until restart"));
         }
         out.sort();
         out
@@ -119,9 +237,9 @@ impl OriginStore {
 
     /// Writes the decisions atomically (a new temporary file, never through a link, then a
     /// rename), mode 0600, in a folder made 0700 if it is missing.
-    fn save(&self) -> Result<(), OriginsError> {
-        let text =
-            toml::to_string(&self.decisions).map_err(|e| OriginsError::Encode(e.to_string()))?;
+    fn save(&mut self) -> Result<(), OriginsError> {
+        let text = toml::to_string(&self.user.get_mut().decisions)
+            .map_err(|e| OriginsError::Encode(e.to_string()))?;
         let dir = self
             .file
             .parent()
@@ -129,10 +247,13 @@ impl OriginStore {
             .unwrap_or(Path::new("."));
         files::create_private_dir(dir).map_err(|e| self.io(e))?;
         let tmp = self.file.with_extension("toml.tmp");
-        let mut bytes =
-            b"# Origins decided by the user with KeyPort's dialog or `keyport origins`.\n".to_vec();
+        let mut bytes = b"# Origins decided by the user with KeyPort's dialog or `keyport origins`.
+"
+        .to_vec();
         bytes.extend_from_slice(text.as_bytes());
-        files::write_atomic_private(&self.file, &tmp, &bytes).map_err(|e| self.io(e))
+        files::write_atomic_private(&self.file, &tmp, &bytes).map_err(|e| self.io(e))?;
+        self.user.get_mut().stamp = FileStamp::of(&self.file);
+        Ok(())
     }
 
     fn io(&self, source: std::io::Error) -> OriginsError {
@@ -251,6 +372,40 @@ mod tests {
         assert!(store.admits("https://other.example"));
         assert_eq!(store.standing("https://other.example"), Standing::Unknown);
         assert!(!store.admits("https://bad.example"));
+    }
+
+    /// The agent's store sees what `keyport origins` (another store on the same file) decided,
+    /// and a dialog denial ends when the user allows or revokes that origin.
+    #[test]
+    fn a_running_store_sees_changes_made_by_another() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("origins.toml");
+        let agent = OriginStore::open(&file, &Config::default()).expect("open");
+        agent.deny_for_now("https://bank.example");
+        agent.deny_for_now("https://other.example");
+        assert!(agent.is_denied_for_now("https://bank.example"));
+
+        let mut cli = OriginStore::open(&file, &Config::default()).expect("open");
+        cli.allow("https://bank.example").expect("allow");
+        assert_eq!(agent.standing("https://bank.example"), Standing::Allowed);
+        assert!(!agent.is_denied_for_now("https://bank.example"));
+        assert!(
+            agent.is_denied_for_now("https://other.example"),
+            "untouched"
+        );
+
+        let mut cli = OriginStore::open(&file, &Config::default()).expect("open");
+        cli.deny("https://bank.example").expect("deny");
+        assert_eq!(agent.standing("https://bank.example"), Standing::Denied);
+        assert!(!agent.admits("https://bank.example"));
+        cli.revoke("https://bank.example").expect("revoke");
+        assert_eq!(agent.standing("https://bank.example"), Standing::Unknown);
+
+        // A broken edit leaves the last good decisions in force.
+        cli.allow("https://kept.example").expect("allow");
+        assert_eq!(agent.standing("https://kept.example"), Standing::Allowed);
+        std::fs::write(&file, "allowed = 3").expect("write");
+        assert_eq!(agent.standing("https://kept.example"), Standing::Allowed);
     }
 
     #[test]

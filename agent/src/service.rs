@@ -14,7 +14,7 @@ pub use failure::Failure;
 pub use listing::{certificate_entry, token_entry};
 pub(crate) use sign::{signing_allowed, SignPlan};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use browser_bridge::protocol::{Request, RpcError};
@@ -48,13 +48,13 @@ struct ConnState {
 pub struct Service {
     config: Config,
     tokens: TokenSet,
+    /// The configuration's and user's origin lists, and this run's dialog denials.
     origins: Mutex<OriginStore>,
-    /// Origins the user denied in a dialog: refused until the agent restarts.
-    denied_now: Mutex<HashSet<String>>,
     pinentry: Pinentry,
     texts: Texts,
     audit: Option<Mutex<AuditLog>>,
-    busy: Arc<Mutex<HashSet<String>>>,
+    /// Each origin's dialogs: one shown, at most `origin::MAX_WAITING` waiting.
+    dialog_lines: origin::DialogLines,
     connections: Mutex<HashMap<ConnectionId, ConnState>>,
     /// A generation per token, so a delayed logout does not end a newer cached login.
     pin_cache: Arc<Mutex<HashMap<String, u64>>>,
@@ -73,11 +73,10 @@ impl Service {
             config,
             tokens,
             origins: Mutex::new(origins),
-            denied_now: Mutex::new(HashSet::new()),
             pinentry,
             texts,
             audit: audit.map(Mutex::new),
-            busy: Arc::new(Mutex::new(HashSet::new())),
+            dialog_lines: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
             pin_cache: Arc::new(Mutex::new(HashMap::new())),
         }

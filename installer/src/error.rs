@@ -28,6 +28,12 @@ pub enum Error {
     /// The OS matches, but only a dry run is implemented for it.
     #[error("installing on {0} is not implemented yet; --dry-run prints the file and the commands to run by hand")]
     NotImplemented(&'static str),
+    /// `--system` asked on macOS or Windows.
+    #[error("--system is for Linux (a unit in /etc/systemd/user for every user)")]
+    SystemOnlyLinux,
+    /// `--system` without root.
+    #[error("--system changes /etc/systemd/user: run it as root (sudo), or add --dry-run to see what it would do")]
+    NeedsRoot,
     /// A file-system step failed.
     #[error("{action} {}", path.display())]
     Io {

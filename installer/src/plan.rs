@@ -22,8 +22,17 @@ pub enum Step {
         /// The bytes written, when they differ from `text` (Windows wants UTF-16).
         bytes: Option<Vec<u8>>,
     },
+    /// Write a file (replacing it) that every user may read, mode 0644: a machine-wide unit.
+    WriteShared {
+        /// Where.
+        path: PathBuf,
+        /// What.
+        text: String,
+    },
     /// Remove a file if it exists.
     RemoveFile(PathBuf),
+    /// Remove a directory and everything in it, if it exists (`uninstall --purge`).
+    RemoveDirAll(PathBuf),
     /// Run a command; with `may_fail` its failure is reported and the plan goes on.
     Run {
         /// Program and arguments.
@@ -80,7 +89,14 @@ impl fmt::Display for Plan {
                         writeln!(f, "    {line}")?;
                     }
                 }
+                Step::WriteShared { path, text } => {
+                    writeln!(f, "write {}, mode 0644:", quote(path))?;
+                    for line in text.lines() {
+                        writeln!(f, "    {line}")?;
+                    }
+                }
                 Step::RemoveFile(path) => writeln!(f, "rm -f {}", quote(path))?,
+                Step::RemoveDirAll(path) => writeln!(f, "rm -rf {}", quote(path))?,
                 Step::Run { argv, may_fail } => {
                     let line: Vec<String> = argv.iter().map(|a| quote(Path::new(a))).collect();
                     let tail = if *may_fail { "   # may fail" } else { "" };
@@ -102,6 +118,23 @@ impl Plan {
                     write_private_file(path, bytes.as_deref().unwrap_or(text.as_bytes()))?;
                     let _ = writeln!(log, "wrote {}", path.display());
                 }
+                Step::WriteShared { path, text } => {
+                    write_file(path, text.as_bytes(), 0o644)?;
+                    let _ = writeln!(log, "wrote {}", path.display());
+                }
+                Step::RemoveDirAll(path) => match std::fs::remove_dir_all(path) {
+                    Ok(()) => {
+                        let _ = writeln!(log, "removed {}", path.display());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(Error::Io {
+                            action: "remove",
+                            path: path.clone(),
+                            source,
+                        })
+                    }
+                },
                 Step::RemoveFile(path) => match std::fs::remove_file(path) {
                     Ok(()) => {
                         let _ = writeln!(log, "removed {}", path.display());
@@ -178,6 +211,11 @@ fn create_private_dir(path: &Path) -> Result<(), Error> {
 }
 
 fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_file(path, bytes, 0o600)
+}
+
+/// Writes `bytes` to `path` (parents created) and sets `mode`, also on an existing file.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
     let io = |source| Error::Io {
         action: "write",
         path: path.to_path_buf(),
@@ -191,7 +229,7 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        options.mode(mode);
     }
     let mut file = options.open(path).map_err(io)?;
     file.write_all(bytes).map_err(io)?;
@@ -199,7 +237,7 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     {
         // An existing file keeps its old mode through open(); tighten it.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     }
     Ok(())
 }

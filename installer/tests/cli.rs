@@ -101,7 +101,7 @@ fn mode(path: &Path) -> u32 {
 fn dry_run_prints_the_unit_and_commands_and_changes_nothing() {
     let home = Home::new();
     let binary = std::fs::canonicalize("/bin/true").expect("true exists");
-    let out = home.run(&["--dry-run", "--binary", "/bin/true"], None);
+    let out = home.run(&["install", "--dry-run", "--binary", "/bin/true"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let h = home.path().display().to_string();
@@ -134,7 +134,7 @@ fn dry_run_prints_the_unit_and_commands_and_changes_nothing() {
         "a dry run wrote files"
     );
 
-    let out = home.run(&["--dry-run", "--uninstall"], None);
+    let out = home.run(&["uninstall", "--dry-run"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains(&format!("rm -f {h}/.config/systemd/user/keyport.service\n")));
     assert_eq!(
@@ -151,7 +151,7 @@ fn install_writes_the_unit_enables_it_and_uninstall_removes_it() {
     let bin = fake_systemctl(work.path(), 0);
     let log = work.path().join("systemctl.log");
 
-    let out = home.run(&["--binary", "/bin/true"], Some(&bin));
+    let out = home.run(&["install", "--binary", "/bin/true"], Some(&bin));
     assert!(out.status.success(), "{}", stderr(&out));
     let unit = std::fs::read_to_string(home.unit()).expect("unit written");
     let binary = std::fs::canonicalize("/bin/true").expect("true exists");
@@ -167,7 +167,7 @@ fn install_writes_the_unit_enables_it_and_uninstall_removes_it() {
         "--user daemon-reload\n--user enable --now keyport.service\n"
     );
 
-    let out = home.run(&["--uninstall"], Some(&bin));
+    let out = home.run(&["uninstall"], Some(&bin));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!home.unit().exists(), "unit still there");
     assert!(
@@ -186,7 +186,7 @@ fn a_failing_systemctl_fails_the_install_and_says_which_command() {
     let home = Home::new();
     let work = tempfile::tempdir().expect("tempdir");
     let bin = fake_systemctl(work.path(), 1);
-    let out = home.run(&["--binary", "/bin/true"], Some(&bin));
+    let out = home.run(&["install", "--binary", "/bin/true"], Some(&bin));
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("`systemctl --user daemon-reload` failed"),
@@ -203,7 +203,7 @@ fn a_failing_systemctl_fails_the_install_and_says_which_command() {
 #[test]
 fn a_missing_binary_is_refused_before_anything_is_written() {
     let home = Home::new();
-    let out = home.run(&["--binary", "/nonexistent/keyport"], None);
+    let out = home.run(&["install", "--binary", "/nonexistent/keyport"], None);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("/nonexistent/keyport is not a file"),
@@ -216,7 +216,7 @@ fn a_missing_binary_is_refused_before_anything_is_written() {
 #[test]
 fn other_operating_systems_are_dry_run_only() {
     let home = Home::new();
-    let out = home.run(&["--target", "macos"], None);
+    let out = home.run(&["install", "--target", "macos"], None);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("installing for macOS is not supported on Linux"),
@@ -224,7 +224,7 @@ fn other_operating_systems_are_dry_run_only() {
         stderr(&out)
     );
 
-    let out = home.run(&["--target", "macos", "--dry-run"], None);
+    let out = home.run(&["install", "--target", "macos", "--dry-run"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
@@ -235,6 +235,7 @@ fn other_operating_systems_are_dry_run_only() {
 
     let out = home.run(
         &[
+            "install",
             "--target",
             "windows",
             "--dry-run",
@@ -257,10 +258,103 @@ fn other_operating_systems_are_dry_run_only() {
 }
 
 #[test]
-fn deb_metadata_prints_a_control_stanza() {
-    let out = Home::new().run(&["--deb-metadata"], None);
-    assert!(out.status.success());
+fn purge_removes_config_and_data_and_dry_run_shows_it() {
+    let home = Home::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let bin = fake_systemctl(work.path(), 0);
+    let out = home.run(&["install", "--binary", "/bin/true"], Some(&bin));
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(home.path().join(".config/keyport/origins.toml"), "").expect("write");
+    std::fs::write(home.path().join(".local/share/keyport/audit.log"), "").expect("write");
+
+    let out = home.run(&["uninstall", "--purge", "--dry-run"], Some(&bin));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let h = home.path().display().to_string();
     let text = stdout(&out);
-    assert!(text.starts_with("Package: keyport\nVersion: "), "{text}");
-    assert!(text.contains("\nDescription: "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "rm -rf {h}/.config/keyport\nrm -rf {h}/.local/share/keyport\n"
+        )),
+        "{text}"
+    );
+    assert!(home.path().join(".config/keyport/origins.toml").exists());
+
+    let out = home.run(&["uninstall", "--purge"], Some(&bin));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!home.path().join(".config/keyport").exists());
+    assert!(!home.path().join(".local/share/keyport").exists());
+    assert!(!home.unit().exists());
+}
+
+#[test]
+fn system_install_is_for_root_and_dry_run_shows_the_global_unit() {
+    let home = Home::new();
+    let out = home.run(
+        &["install", "--system", "--dry-run", "--binary", "/bin/true"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("write /etc/systemd/user/keyport.service, mode 0644:\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    ReadWritePaths=-%E/keyport -%h/.local/share/keyport\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("systemctl --global enable keyport.service\n"),
+        "{text}"
+    );
+    let out = home.run(&["uninstall", "--system", "--dry-run"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("systemctl --global disable keyport.service   # may fail\nrm -f /etc/systemd/user/keyport.service\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(tree(home.path()), Vec::<PathBuf>::new());
+    let out = home.run(
+        &["install", "--system", "--target", "macos", "--dry-run"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--system is for Linux"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn status_names_the_unit_files_and_asks_systemctl() {
+    let home = Home::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let bin = fake_systemctl(work.path(), 0);
+    let out = home.run(&["install", "--binary", "/bin/true"], Some(&bin));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = home.run(&["status"], Some(&bin));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let h = home.path().display().to_string();
+    assert!(
+        text.contains(&format!(
+            "  present  {h}/.config/systemd/user/keyport.service  (yours"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("  present  {h}/.local/share/keyport  (audit log")),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(work.path().join("systemctl.log")).expect("log");
+    assert!(
+        log.ends_with("--user is-enabled keyport.service\n--user is-active keyport.service\n"),
+        "{log}"
+    );
+    let out = home.run(&["status", "--dry-run"], Some(&bin));
+    assert!(stdout(&out).contains("would run: systemctl --user is-active keyport.service"));
+    let after = std::fs::read_to_string(work.path().join("systemctl.log")).expect("log");
+    assert_eq!(log, after, "a dry run ran systemctl");
 }

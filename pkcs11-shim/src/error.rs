@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use cryptoki::error::{Error as CkError, RvError};
 
 use crate::certificate::CertificateId;
-use crate::token::TokenId;
+use crate::pin::LoginKind;
+use crate::token::{PinStatus, TokenId};
 
 /// Everything that can go wrong in the shim, shaped so that a caller can act on it.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,21 @@ pub enum Error {
     /// The user PIN is locked; no login was attempted.
     #[error("the user PIN is locked")]
     PinLocked,
+    /// The job needs a login its credential cannot serve (none given, or it served its one
+    /// signature already): ask the user, then send the rest as a new job.
+    #[error("the token asks for a {kind:?} login")]
+    LoginRequired {
+        /// Which login.
+        kind: LoginKind,
+        /// The token's PIN flags now (for the dialog's warning).
+        pin: PinStatus,
+        /// The token has a PIN pad: ask for a confirmation, not a PIN.
+        pin_pad: bool,
+    },
+    /// The PIN-pad reader reported the entry cancelled (the user pressed Cancel on the pad,
+    /// or the reader timed out waiting: PKCS#11 modules report both as CKR_FUNCTION_CANCELED).
+    #[error("the PIN entry was cancelled on the reader (or it timed out)")]
+    CancelledOnReader,
     /// The token has no user PIN set.
     #[error("the user PIN of the token is not initialised")]
     PinNotInitialized,
@@ -138,6 +154,9 @@ pub(crate) fn from_cryptoki(err: CkError) -> Error {
         CkError::Pkcs11(rv, _) if is_removal_rv(*rv) => Error::TokenNotPresent,
         CkError::Pkcs11(RvError::PinLocked, _) => Error::PinLocked,
         CkError::Pkcs11(RvError::UserPinNotInitialized, _) => Error::PinNotInitialized,
+        CkError::Pkcs11(RvError::FunctionCanceled, cryptoki::context::Function::Login) => {
+            Error::CancelledOnReader
+        }
         CkError::Pkcs11(rv, function) => Error::Pkcs11 {
             function: function_name(*function),
             rv: rv_name(*rv),

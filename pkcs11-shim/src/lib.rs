@@ -5,15 +5,23 @@
 //! a message to that thread and block for the answer (call them from `spawn_blocking` in async
 //! code). No cryptoki type appears in this API.
 //!
-//! Logins follow one rule: the PIN comes from a [`PinProvider`] and goes to exactly one
-//! `C_Login`; after a wrong PIN the provider is asked again — the shim never retries a PIN.
-#![forbid(unsafe_code)]
+//! A signing job is plain data ([`SignRequest`] and a [`Credential`]): the user's one answer
+//! to one dialog. The worker logs in with it at most once per login kind and answers with the
+//! signatures, or a typed reason to ask the user again ([`Error::PinIncorrect`],
+//! [`Error::LoginRequired`]) or to stop ([`Error::PinLocked`], …). It never asks anyone and
+//! never retries a PIN.
+//!
+//! `unsafe` is denied in the crate and allowed in one module only, `raw` (the lone `C_Sign` that
+//! cryptoki 0.12 lacks); every block there says why it is sound.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod algorithm;
 mod certificate;
 mod error;
 mod module;
 mod pin;
+mod raw;
 mod token;
 mod worker;
 
@@ -26,5 +34,5 @@ pub use certificate::parse_certificate_for_fuzzing;
 pub use certificate::{CertificateId, CertificateInfo, KeyAlgorithm, KeyUsage};
 pub use error::{Error, SignFailure};
 pub use module::{LoadOptions, Module, Progress, DEFAULT_CALL_TIMEOUT};
-pub use pin::{LoginKind, PinAnswer, PinProvider, PinRequest, SecretPin};
+pub use pin::{Credential, LoginKind, SecretPin};
 pub use token::{LoginState, ModuleInfo, ParseIdError, PinStatus, TokenId, TokenInfo};

@@ -18,12 +18,18 @@ use std::time::{Duration, Instant};
 use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
-use crate::pin::PinProvider;
+use crate::pin::Credential;
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
 use crate::worker;
 
-/// A progress callback: `(done, total)` after each signature.
-pub type Progress = Box<dyn FnMut(usize, usize) + Send>;
+/// How far a signing job is, sent after each signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Signatures made by this job so far.
+    pub done: usize,
+    /// Inputs of this job.
+    pub total: usize,
+}
 
 /// How long a call waits for the module when nothing else is said.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -136,18 +142,20 @@ impl Module {
         self.call(|reply| Request::LoginState { token, reply })
     }
 
-    /// Signs every input with the certificate's key: at most one user login (through `pin`),
-    /// then one signature per input, in order. `progress(done, total)` runs after each
-    /// signature; `cancel` is checked before each one. On failure, the signatures completed
-    /// before it are in [`SignFailure::completed`].
+    /// Signs the inputs with the certificate's key, in order, logging in with `credential`
+    /// where the token asks for a login (see [`Credential`] for how far one credential goes).
+    /// `progress` gets a [`Progress`] after each signature; `cancel` is checked before each
+    /// one. On failure, the signatures completed before it are in [`SignFailure::completed`];
+    /// [`Error::LoginRequired`] and [`Error::PinIncorrect`] mean "ask the user, then send the
+    /// rest again".
     ///
     /// The worker must *start* the request within the call timeout, else [`Error::Busy`] (and
     /// the worker drops the request when it reaches it); once started it runs to its end.
     pub fn sign(
         &self,
         req: SignRequest,
-        pin: Box<dyn PinProvider>,
-        progress: Option<Progress>,
+        credential: Credential,
+        progress: Option<mpsc::Sender<Progress>>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
         let deadline = Instant::now() + self.inner.call_timeout;
@@ -155,7 +163,7 @@ impl Module {
         let (reply, rx) = mpsc::channel();
         let job = SignJob {
             req,
-            pin,
+            credential,
             progress,
             cancel,
         };
@@ -247,8 +255,8 @@ impl Drop for Inner {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        // A PinProvider or progress callback could hold the last clone and drop it on the
-        // worker itself: joining there would wait for ourselves.
+        // Should the last clone ever be dropped on the worker itself, joining there would wait
+        // for ourselves.
         if thread.thread().id() == std::thread::current().id() {
             return;
         }
@@ -361,10 +369,11 @@ impl Request {
     }
 }
 
-/// A signing request with its callbacks, as the worker receives it.
+/// A signing request as the worker receives it: the request and its credential (plain data),
+/// and the two channels of a running job (progress out, cancel in). No callbacks.
 pub(crate) struct SignJob {
     pub(crate) req: SignRequest,
-    pub(crate) pin: Box<dyn PinProvider>,
-    pub(crate) progress: Option<Progress>,
+    pub(crate) credential: Credential,
+    pub(crate) progress: Option<mpsc::Sender<Progress>>,
     pub(crate) cancel: Option<Arc<AtomicBool>>,
 }

@@ -1,11 +1,8 @@
-//! PINs and the callback that asks the user for one.
+//! PINs, and what a signing job brings to log in with.
 
 use std::fmt;
 
 use zeroize::Zeroizing;
-
-use crate::certificate::CertificateInfo;
-use crate::token::{PinStatus, TokenInfo};
 
 /// A PIN, wiped from memory on drop. Its `Debug` never shows it and nothing here logs it.
 pub struct SecretPin(Zeroizing<String>);
@@ -14,13 +11,6 @@ impl SecretPin {
     /// The PIN itself; only the login code needs it.
     pub(crate) fn expose(&self) -> &str {
         &self.0
-    }
-
-    /// A second, equally zeroizing copy. For a caller that answers two logins of one
-    /// signature with one typed PIN (the user login, then the context-specific login of a
-    /// CKA_ALWAYS_AUTHENTICATE key); the shim itself never re-sends a PIN.
-    pub fn duplicate(&self) -> SecretPin {
-        SecretPin(Zeroizing::new(self.0.as_str().to_owned()))
     }
 }
 
@@ -36,57 +26,40 @@ impl fmt::Debug for SecretPin {
     }
 }
 
-/// Which login a PIN is asked for.
+/// Which login a token asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoginKind {
     /// The normal user login (CKU_USER), once per session/cache.
     User,
     /// A re-authentication for one signature with a CKA_ALWAYS_AUTHENTICATE key
-    /// (CKU_CONTEXT_SPECIFIC).
+    /// (CKU_CONTEXT_SPECIFIC, between C_SignInit and C_Sign).
     ContextSpecific,
 }
 
-/// What the worker tells the PIN provider when it needs a PIN.
-#[derive(Debug)]
-pub struct PinRequest<'a> {
-    /// The token to log in to.
-    pub token: &'a TokenInfo,
-    /// The certificate whose key will sign.
-    pub certificate: &'a CertificateInfo,
-    /// User login or per-signature re-authentication.
-    pub kind: LoginKind,
-    /// The token has a PIN pad: ask the user to confirm, then answer [`PinAnswer::Confirmed`].
-    pub protected_path: bool,
-    /// `Some` after a wrong PIN: the token's PIN flags right after the failure.
-    pub previous_error: Option<PinStatus>,
-    /// 1 for the first request of this login, 2 after one wrong PIN, …
-    pub attempt: u32,
-}
-
-/// The user's answer.
-#[derive(Debug)]
-pub enum PinAnswer {
-    /// Log in with this PIN.
+/// What a signing job may log in with: the user's one answer to one dialog. Plain data, so a
+/// job can cross a process boundary.
+///
+/// A credential serves at most one signature's logins: the user login when the token needs
+/// one, and the context-specific login of one signature with a CKA_ALWAYS_AUTHENTICATE key
+/// (one dialog, one document). When the job needs a login its credential cannot serve, it
+/// stops with [`crate::Error::LoginRequired`] and the signatures made so far; the caller asks
+/// the user and sends a new job. After a wrong PIN it stops with
+/// [`crate::Error::PinIncorrect`]. The shim never sends a PIN twice to the same login.
+#[derive(Debug, Default)]
+pub enum Credential {
+    /// Nothing: the job signs only what needs no login.
+    #[default]
+    None,
+    /// The PIN the user typed.
     Pin(SecretPin),
-    /// For a protected authentication path: the user agreed; log in with no PIN (the pad asks).
-    Confirmed,
-    /// The user declined.
-    Cancel,
+    /// The user agreed to enter the PIN on the reader's PIN pad: C_Login with no PIN.
+    PinPad,
 }
 
-/// Asks the user for a PIN. Called on the module's worker thread; it may block (a dialog).
-/// The shim never re-sends a PIN by itself: after a wrong PIN it asks again.
-pub trait PinProvider: Send {
-    /// One question, one answer.
-    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer;
-}
-
-impl<F> PinProvider for F
-where
-    F: FnMut(&PinRequest<'_>) -> PinAnswer + Send,
-{
-    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer {
-        self(req)
+impl Credential {
+    /// True when there is something to log in with.
+    pub fn is_some(&self) -> bool {
+        !matches!(self, Credential::None)
     }
 }
 
@@ -98,6 +71,6 @@ mod tests {
     fn debug_never_shows_the_pin() {
         let pin = SecretPin::from("123456".to_owned());
         assert_eq!(format!("{pin:?}"), "SecretPin(***)");
-        assert_eq!(format!("{:?}", PinAnswer::Pin(pin)), "Pin(SecretPin(***))");
+        assert_eq!(format!("{:?}", Credential::Pin(pin)), "Pin(SecretPin(***))");
     }
 }

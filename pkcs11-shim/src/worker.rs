@@ -4,7 +4,7 @@
 mod login;
 mod sign;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -20,6 +20,7 @@ use cryptoki::slot::Slot;
 use crate::certificate::{CertificateId, CertificateInfo, ParsedCertificate, PublicKeyMaterial};
 use crate::error::{from_cryptoki, Error};
 use crate::module::{Pace, Request};
+use crate::raw::RawSign;
 use crate::token::{LoginState, ModuleInfo, PinStatus, TokenId, TokenInfo};
 
 /// A started worker: its request queue, its thread, and a channel that disconnects when the
@@ -53,12 +54,23 @@ pub(crate) fn spawn(
                     return;
                 }
             };
+            // Without it the module still signs every key but CKA_ALWAYS_AUTHENTICATE ones.
+            let raw = match RawSign::load(&path) {
+                Ok(raw) => Some(raw),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e.0,
+                        "no raw C_Sign: keys that ask for the PIN per signature cannot sign");
+                    None
+                }
+            };
             let _ = ready_tx.send(Ok(()));
             let mut worker = Worker {
                 ctx,
+                raw,
                 path,
                 tokens: HashMap::new(),
                 needs_reinit: false,
+                always_authenticate: HashSet::new(),
             };
             worker.run(rx, &pace);
         })
@@ -103,9 +115,6 @@ struct TokenState {
     /// The last scan of certificates and keys; dropped on login and logout because they
     /// change which objects are visible.
     entries: Option<Vec<Entry>>,
-    /// Mechanisms the token refused to do in parts (C_SignUpdate) after a context login:
-    /// a CKA_ALWAYS_AUTHENTICATE key is then refused before anyone is asked for a PIN.
-    single_part_only: Vec<MechanismType>,
 }
 
 impl TokenState {
@@ -115,7 +124,6 @@ impl TokenState {
             session: None,
             mechanisms: None,
             entries: None,
-            single_part_only: Vec::new(),
         }
     }
 }
@@ -137,12 +145,19 @@ pub(super) struct Found {
 
 pub(crate) struct Worker {
     ctx: Pkcs11,
+    /// The module's own C_Sign, for CKA_ALWAYS_AUTHENTICATE keys (see `raw`).
+    raw: Option<RawSign>,
     path: PathBuf,
     tokens: HashMap<TokenId, TokenState>,
     /// The module answered CKR_GENERAL_ERROR, CKR_DEVICE_ERROR or CKR_CRYPTOKI_NOT_INITIALIZED:
     /// before the next request it is probed, and finalised and initialised again if it still
     /// fails (SoftHSM, once out of descriptors, fails every call until then).
     needs_reinit: bool,
+    /// Certificates whose key was seen with CKA_ALWAYS_AUTHENTICATE, kept across logouts: a
+    /// token that hides private keys until login (SoftHSM) would otherwise hide the flag too,
+    /// and the caller could not tell the user before the first PIN that each signature asks
+    /// for its own.
+    always_authenticate: HashSet<CertificateId>,
 }
 
 /// Whether an answer means the module's state is broken until C_Finalize / C_Initialize.
@@ -503,7 +518,14 @@ impl Worker {
         let logged_in = self.logged_in(id);
         let login_required = found.info.login_required();
         let session = self.session_at(id, found.slot)?;
-        let entries = scan(session, id, !logged_in && login_required)?;
+        let mut entries = scan(session, id, !logged_in && login_required)?;
+        for e in &mut entries {
+            if e.info.always_authenticate {
+                self.always_authenticate.insert(e.info.id.clone());
+            } else if e.private_key.is_none() && self.always_authenticate.contains(&e.info.id) {
+                e.info.always_authenticate = true;
+            }
+        }
         if let Some(state) = self.tokens.get_mut(id) {
             state.entries = Some(entries.clone());
         }

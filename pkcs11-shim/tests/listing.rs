@@ -46,9 +46,11 @@ fn certificates_are_paired_parsed_and_stable() {
         [
             "auth-p256",
             "sign-ed25519",
+            "sign-ed25519-always",
             "sign-p256",
             "sign-p256-always",
             "sign-p384",
+            "sign-p384-always",
             "sign-rsa2048",
             "sign-rsa2048-always",
             "sign-rsa3072"
@@ -67,6 +69,8 @@ fn certificates_are_paired_parsed_and_stable() {
             KeyAlgorithm::Rsa { bits: 2048 },
             "08",
         ),
+        ("sign-ed25519-always", KeyAlgorithm::Ed25519, "09"),
+        ("sign-p384-always", KeyAlgorithm::EcP384, "0a"),
     ];
     for (label, alg, id_hex) in expected {
         let c = certs.iter().find(|c| c.label == label).expect(label);

@@ -6,7 +6,7 @@ mod rig;
 use pkcs11_shim::{
     EcdsaEncoding, Error, HashAlg, LoginKind, SignAlgorithm, SignInput, SignRequest,
 };
-use rig::{openssl_verify, p1363_to_der_with_openssl, Rig, ScriptedPin};
+use rig::{openssl_verify, p1363_to_der_with_openssl, Rig, ScriptedPin, SignWith};
 
 fn request(
     rig: &Rig,
@@ -41,7 +41,7 @@ fn sign_and_verify(rig: &Rig, label: &str, alg: SignAlgorithm) {
     let (pin, _) = ScriptedPin::right();
     let sigs = rig
         .module
-        .sign(request(rig, label, alg, inputs.clone()), pin, None, None)
+        .sign_with(request(rig, label, alg, inputs.clone()), pin, None, None)
         .unwrap_or_else(|f| panic!("{label} {}: {f}", alg.name()));
     assert_eq!(sigs.len(), inputs.len());
     let pem = rig.cert_pem(label);
@@ -99,7 +99,7 @@ fn ed25519_signs_messages_and_refuses_digests() {
     let (pin, asked) = ScriptedPin::right();
     let failure = rig
         .module
-        .sign(
+        .sign_with(
             request(
                 &rig,
                 "sign-ed25519",
@@ -121,123 +121,129 @@ fn ed25519_signs_messages_and_refuses_digests() {
     );
 }
 
-/// SoftHSM signs CKM_ECDSA single-part only, and cryptoki 0.12 has no bare C_Sign after
-/// C_SignInit + context login: the shim does the login dance, then reports the mechanism as
-/// unsupported for an always-authenticate key, naming the token's single-part limit. The
-/// refusal is remembered: the next request is refused before anyone is asked for a PIN.
+/// Every always-authenticate key signs by the specification, for every mechanism the shim
+/// offers, raw over a digest and over a message: C_SignInit, C_Login(CKU_CONTEXT_SPECIFIC), one
+/// single-part C_Sign. Each signature asks once; the PIN of the first also serves the user
+/// login. openssl verifies each signature.
 #[test]
-fn always_authenticate_ec_key_is_refused_naming_the_single_part_limit() {
+fn always_authenticate_keys_sign_every_mechanism_one_pin_per_signature() {
     let rig = Rig::new();
-    let cert = rig.certificate("sign-p256-always");
-    let alg = SignAlgorithm::Ecdsa(HashAlg::Sha256, EcdsaEncoding::Der);
-    for round in 0..2 {
-        let (pin, asked) = ScriptedPin::right();
-        let failure = rig
-            .module
-            .sign(
-                SignRequest {
-                    certificate: cert.id.clone(),
-                    algorithm: alg,
-                    inputs: vec![SignInput::Data(b"m".to_vec())],
-                    logout_after: false,
-                },
-                pin,
-                None,
-                None,
-            )
-            .expect_err("single-part-only mechanism with an always-authenticate key");
-        assert!(
-            matches!(failure.error, Error::MechanismNotSupported { .. }),
-            "{failure:?}"
-        );
-        let text = failure.error.to_string();
-        assert!(
-            text.contains("CKM_ECDSA in one part only") && text.contains("CKA_ALWAYS_AUTHENTICATE"),
-            "{text}"
-        );
-        let kinds: Vec<LoginKind> = asked.lock().expect("log").iter().map(|a| a.kind).collect();
-        let expected: &[LoginKind] = if round == 0 {
-            &[LoginKind::User, LoginKind::ContextSpecific]
-        } else {
-            // Logged in (the key's flag is visible) and the refusal is known: no PIN asked.
-            &[]
-        };
-        assert_eq!(kinds, expected, "round {round}");
-    }
-    // Once logged in, the key is visible and its flag is reported.
-    assert!(rig.certificate("sign-p256-always").always_authenticate);
-    assert!(rig.certificate("sign-rsa2048-always").always_authenticate);
-    assert!(!rig.certificate("sign-p256").always_authenticate);
-}
-
-/// The always-authenticate RSA key signs messages through the combined hash-and-sign
-/// mechanism in parts: every signature asks a context-specific PIN, and openssl verifies
-/// them all. A pre-hashed digest needs single-part CKM_RSA_PKCS and is refused.
-#[test]
-fn always_authenticate_rsa_key_asks_the_pin_for_every_signature() {
-    let rig = Rig::new();
-    let label = "sign-rsa2048-always";
-    let pem = rig.cert_pem(label);
-    for (alg, mode, digest) in [
+    let ecdsa = |h| SignAlgorithm::Ecdsa(h, EcdsaEncoding::Der);
+    let cases: Vec<(&str, SignAlgorithm, &str, &str)> = vec![
         (
+            "sign-p256-always",
+            ecdsa(HashAlg::Sha256),
+            "ecdsa",
+            "sha256",
+        ),
+        (
+            "sign-p384-always",
+            ecdsa(HashAlg::Sha384),
+            "ecdsa",
+            "sha384",
+        ),
+        (
+            "sign-rsa2048-always",
             SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
             "pkcs1",
             "sha256",
         ),
-        (SignAlgorithm::RsaPss(HashAlg::Sha384), "pss", "sha384"),
-    ] {
+        (
+            "sign-rsa2048-always",
+            SignAlgorithm::RsaPss(HashAlg::Sha256),
+            "pss",
+            "sha256",
+        ),
+        ("sign-ed25519-always", SignAlgorithm::Ed25519, "ed25519", ""),
+    ];
+    for (label, alg, mode, digest) in cases {
+        let pem = rig.cert_pem(label);
         let msgs = [b"first document".to_vec(), b"second document".to_vec()];
+        let mut inputs: Vec<SignInput> = msgs.iter().cloned().map(SignInput::Data).collect();
+        if let Some(h) = alg.hash() {
+            // A digest as a portal sends it: the raw mechanism, single-part only.
+            inputs[1] = SignInput::Digest(h.digest(&msgs[1]));
+        }
         let (pin, asked) = ScriptedPin::right();
         let sigs = rig
             .module
-            .sign(
-                request(
-                    &rig,
-                    label,
-                    alg,
-                    msgs.iter().cloned().map(SignInput::Data).collect(),
-                ),
-                pin,
-                None,
-                None,
-            )
-            .unwrap_or_else(|f| panic!("{}: {f}", alg.name()));
-        let contexts = asked
-            .lock()
-            .expect("log")
-            .iter()
-            .filter(|a| a.kind == LoginKind::ContextSpecific)
-            .count();
+            .sign_with(request(&rig, label, alg, inputs), pin, None, None)
+            .unwrap_or_else(|f| panic!("{label} {}: {f}", alg.name()));
+        let kinds: Vec<LoginKind> = asked.lock().expect("log").iter().map(|a| a.kind).collect();
+        // Two signatures, two questions: the first serves the user login and the first
+        // context login; the second is the second signature's own.
         assert_eq!(
-            contexts,
+            kinds.len(),
             2,
-            "one context login per signature ({})",
+            "one question per signature ({label} {})",
             alg.name()
         );
         for (msg, sig) in msgs.iter().zip(&sigs) {
             assert!(
                 openssl_verify(&pem, mode, digest, msg, sig),
-                "{}",
+                "{label} {}",
                 alg.name()
             );
             assert!(!openssl_verify(&pem, mode, digest, b"other", sig));
         }
     }
-    let (pin, _) = ScriptedPin::right();
-    let failure = rig
+    // Once logged in, the keys are visible and their flag is reported.
+    assert!(rig.certificate("sign-p256-always").always_authenticate);
+    assert!(rig.certificate("sign-rsa2048-always").always_authenticate);
+    assert!(rig.certificate("sign-ed25519-always").always_authenticate);
+    assert!(rig.certificate("sign-p384-always").always_authenticate);
+    assert!(!rig.certificate("sign-p256").always_authenticate);
+}
+
+/// Without a credential, a job on an always-authenticate key signs nothing and says which
+/// login it needs; a job that brings one signs exactly one input, then asks for the next.
+#[test]
+fn always_authenticate_jobs_stop_where_their_credential_ends() {
+    use pkcs11_shim::Credential;
+    let rig = Rig::new();
+    let alg = SignAlgorithm::Ecdsa(HashAlg::Sha256, EcdsaEncoding::Der);
+    let inputs = vec![
+        SignInput::Data(b"a".to_vec()),
+        SignInput::Data(b"b".to_vec()),
+        SignInput::Data(b"c".to_vec()),
+    ];
+    let req = request(&rig, "sign-p256-always", alg, inputs);
+    let f = rig
         .module
-        .sign(
-            request(
-                &rig,
-                label,
-                SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
-                vec![SignInput::Digest(HashAlg::Sha256.digest(b"m"))],
-            ),
-            pin,
-            None,
-            None,
-        )
-        .expect_err("a digest needs single-part CKM_RSA_PKCS");
-    let text = failure.error.to_string();
-    assert!(text.contains("CKM_RSA_PKCS in one part only"), "{text}");
+        .sign(req.clone(), Credential::None, None, None)
+        .expect_err("no credential");
+    assert!(
+        matches!(
+            f.error,
+            Error::LoginRequired {
+                kind: LoginKind::User,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(f.completed.is_empty());
+    let pin = || Credential::Pin(pkcs11_shim::SecretPin::from(rig::USER_PIN.to_owned()));
+    let f = rig
+        .module
+        .sign(req, pin(), None, None)
+        .expect_err("one signature per credential");
+    assert!(
+        matches!(
+            f.error,
+            Error::LoginRequired {
+                kind: LoginKind::ContextSpecific,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert_eq!(f.completed.len(), 1);
+    assert!(openssl_verify(
+        &rig.cert_pem("sign-p256-always"),
+        "ecdsa",
+        "sha256",
+        b"a",
+        &f.completed[0]
+    ));
 }

@@ -5,7 +5,7 @@
 // Needs `cargo build -p agent -p keyport-e2e`, /usr/bin/chromium and `npm ci` here (run.sh).
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { createVerify } from 'node:crypto';
+import { verify as cryptoVerify } from 'node:crypto';
 import fs from 'node:fs';
 import https from 'node:https';
 import path from 'node:path';
@@ -134,18 +134,34 @@ async function clickAndSettle(page, button, resultId) {
 }
 
 /** Checks the page's signature again outside the browser, with Node's crypto and the CA-issued PEM. */
-function verifyInNode(label, documentText, signatureBase64, ecdsa) {
-  const pem = fs.readFileSync(path.join(token.certDir, `${label}.pem`), 'utf8');
-  const verifier = createVerify('SHA256');
-  verifier.update(documentText);
-  const key = ecdsa ? { key: pem, dsaEncoding: 'ieee-p1363' } : pem;
-  return verifier.verify(key, Buffer.from(signatureBase64, 'base64'));
+function verifyInNode(cert, documentText, signatureBase64) {
+  const pem = fs.readFileSync(path.join(token.certDir, `${cert.label}.pem`), 'utf8');
+  const signature = Buffer.from(signatureBase64, 'base64');
+  const data = Buffer.from(documentText);
+  if (cert.keyAlgorithm === 'Ed25519') return cryptoVerify(null, data, pem, signature);
+  const hash = cert.keyAlgorithm === 'EC-P384' ? 'SHA384' : 'SHA256';
+  const key = cert.keyAlgorithm.startsWith('EC-') ? { key: pem, dsaEncoding: 'ieee-p1363' } : pem;
+  return cryptoVerify(hash, data, key, signature);
 }
 
-test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in, verified in the page', async (t) => {
+/** What the demo says it signed with, for each key algorithm of the test token. */
+function schemeLabel(keyAlgorithm) {
+  if (keyAlgorithm === 'EC-P256') return 'ECDSA P-256 with SHA-256';
+  if (keyAlgorithm === 'EC-P384') return 'ECDSA P-384 with SHA-384';
+  if (keyAlgorithm === 'Ed25519') return 'Ed25519';
+  return `${keyAlgorithm} PKCS#1 v1.5 with SHA-256`;
+}
+
+test('the demo portal lists, signs with every signing certificate, signs a batch of 10 and logs in, verified in the page', async (t) => {
   dumpOnFailure(t);
+  // Every signing certificate of the token, the always-authenticate ones included; P-256 last,
+  // so that the screenshot shows its result beside the certificate the page pre-selects.
+  const signing = cliCerts
+    .filter((c) => c.keyUsage.includes('nonRepudiation'))
+    .sort((a, b) => (a.label === 'sign-p256') - (b.label === 'sign-p256') || a.label.localeCompare(b.label));
+  assert.ok(signing.length >= 9, `signing certificates: ${signing.map((c) => c.label)}`);
   // One GETPIN per operation (pin_cache_seconds = 0, the demo origin is on the allowed list).
-  for (let i = 0; i < 4; i++) pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  for (let i = 0; i < signing.length + 2; i++) pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
 
   const page = await step('open the demo and list certificates', async () => {
     const p = await openPage(demoUrl);
@@ -161,13 +177,17 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
   assert.deepEqual([...shown].sort(), cliCerts.map((c) => c.id).sort(), 'the page lists exactly what `keyport certs` lists');
   assert.match(await page.textContent('#status'), new RegExp(`Ready: ${cliCerts.length} certificate`));
 
+  // What a clerk chooses by (issue 14, snag 9): holder, purpose and issuer, not key usage bits.
+  const options = await page.$$eval('#certs option', (o) => o.map((x) => x.textContent));
+  assert.ok(options.includes('Test Signer P-256 — signing documents — issued by KeyPort Test CA'), options.join('\n'));
+  assert.ok(options.some((o) => o.startsWith('Test Client P-256 — logging in — ')), options.join('\n'));
+  assert.ok(options.every((o) => !o.includes('CN=') && !o.includes('nonRepudiation')), options.join('\n'));
+  assert.equal(await page.getAttribute('html', 'lang'), 'en');
+
   const contract = await page.textContent('#contract');
-  for (const [label, scheme, ecdsa] of [
-    // RSA first, so that the screenshot shows the P-256 result beside the P-256 certificate.
-    ['sign-rsa2048', 'RSA-2048 PKCS#1 v1.5 with SHA-256', false],
-    ['sign-p256', 'ECDSA P-256 with SHA-256', true],
-  ]) {
-    const cert = certByLabel(label);
+  for (const cert of signing) {
+    const label = cert.label;
+    const scheme = schemeLabel(cert.keyAlgorithm);
     await page.selectOption('#certs', cert.id);
     const result = await step(`sign with ${label}`, () => clickAndSettle(page, '#sign', 'verify-result'));
     assert.equal(result.error, null);
@@ -175,7 +195,7 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
     assert.match(result.text, /^Signature verified ✓/);
     assert.ok(result.text.includes(`(${scheme})`), result.text);
     const signature = await page.textContent('#signature');
-    assert.ok(verifyInNode(label, contract, signature, ecdsa), `Node's crypto also verifies the ${label} signature`);
+    assert.ok(verifyInNode(cert, contract, signature), `Node's crypto also verifies the ${label} signature`);
   }
 
   // Batch of 10 with P-256; record every value the progress bar takes.
@@ -204,12 +224,28 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
   assert.deepEqual(done, [...done].sort((a, b) => a - b), 'progress never goes back');
   assert.ok(progressEvents.every((e) => e.endsWith('/10')));
 
+  // While a request is open (its dialog showing), every action waits: the click handler disables
+  // them before its first await, so this reads their state right after the click.
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  const whileOpen = await page.evaluate(() => {
+    document.getElementById('sign').click();
+    return ['sign', 'batch', 'login', 'certs'].map((id) => document.getElementById(id).disabled);
+  });
+  assert.deepEqual(whileOpen, [true, true, true, true]);
+  await page.waitForFunction(() => document.getElementById('verify-result').className !== '', null, { timeout: 30_000 });
+  assert.equal(await page.isDisabled('#batch'), false, 'enabled again once the request is answered');
+  assert.match(await page.textContent('#verify-result'), /^Signature verified ✓/);
+
   const login = await step('login (authenticate)', () => clickAndSettle(page, '#login', 'login-result'));
   assert.equal(login.error, null);
   assert.ok(login.ok, `page says: ${login.text}`);
   assert.match(login.text, /token verified ✓/);
   const webEid = JSON.parse(await page.textContent('#login-token'));
   assert.equal(webEid.format, 'web-eid:1.0');
+  // The token's long base64 lines wrap: the page is no wider than the window.
+  await page.evaluate(() => { document.querySelector('#login-token').closest('details').open = true; });
+  const widths = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+  assert.ok(widths[0] <= widths[1], `page ${widths[0]} px wide in a ${widths[1]} px window`);
 
   // The README screenshot: every section verified (the contract signed last with P-256).
   await step('screenshot', async () => {
@@ -217,19 +253,54 @@ test('the demo portal lists, signs (ECDSA, RSA), signs a batch of 10 and logs in
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
   });
 
-  // Four dialogs, each a GETPIN for the demo origin answered with the PIN.
+  // One dialog per signing certificate, the batch's, the sign made while checking the buttons,
+  // and the login's: each a GETPIN for the demo origin answered with the PIN.
   const dialogs = pinentry.dialogs();
-  assert.equal(dialogs.length, 4, JSON.stringify(dialogs, null, 1));
+  assert.equal(dialogs.length, signing.length + 3, JSON.stringify(dialogs, null, 1));
   for (const d of dialogs) {
     assert.deepEqual(d.errors, []);
     assert.equal(d.command, 'GETPIN');
     assert.equal(d.answered, 'pin');
     assert.ok(d.description.includes(demoOrigin), d.description);
   }
-  assert.ok(dialogs[0].description.includes('Loan contract 2026-114'));
-  assert.ok(dialogs[1].description.includes('Loan contract 2026-114'));
-  assert.ok(dialogs[2].description.includes('Invoices March 2026'));
+  for (const d of dialogs.slice(0, signing.length)) assert.ok(d.description.includes('Loan contract 2026-114'));
+  assert.ok(dialogs[signing.length].description.includes('Invoices March 2026'));
+  assert.ok(dialogs[signing.length + 1].description.includes('Loan contract 2026-114'));
   await page.close();
+});
+
+test('the demo portal speaks Chinese to a Chinese browser (issue 14, snag 9)', async (t) => {
+  dumpOnFailure(t);
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  const zhContext = await step('launch Chromium in zh-CN', () =>
+    chromium.launchPersistentContext(path.join(dir, 'chromium-profile-zh'), {
+      executablePath: rig.CHROMIUM,
+      headless: false,
+      args: [...rig.CHROMIUM_ARGS, '--lang=zh-CN'],
+      locale: 'zh-CN',
+      viewport: { width: 1100, height: 900 },
+    }),
+  );
+  try {
+    const page = await openPage(demoUrl, zhContext);
+    await page.waitForSelector('#status[data-state=ready]', { timeout: 30_000 });
+    assert.equal(await page.getAttribute('html', 'lang'), 'zh-CN');
+    assert.equal(await page.title(), 'KeyPort 演示门户');
+    assert.match(await page.textContent('#status'), new RegExp(`^就绪：找到 ${cliCerts.length} 张证书$`));
+    await page.selectOption('#certs', certByLabel('sign-p256').id);
+    const option = await page.$eval('#certs', (s) => s.selectedOptions[0].textContent);
+    assert.equal(option, 'Test Signer P-256 — 签署文件 — 颁发者：KeyPort Test CA');
+    assert.match(await page.textContent('#contract'), /^借款合同 2026-114/);
+    const result = await step('sign in Chinese', () => clickAndSettle(page, '#sign', 'verify-result'));
+    assert.equal(result.error, null);
+    assert.ok(result.ok, result.text);
+    assert.match(result.text, /^签名已验证 ✓（ECDSA P-256 with SHA-256）$/);
+    const shown = pinentry.dialogs().at(-1);
+    assert.ok(shown.description.includes('借款合同 2026-114'), shown.description);
+    await page.screenshot({ path: path.join(rig.ROOT, 'docs', 'demo-portal-zh.png'), fullPage: true });
+  } finally {
+    await zhContext.close();
+  }
 });
 
 test('a page from an origin off the list gets ORIGIN_NOT_APPROVED and no dialog', async (t) => {

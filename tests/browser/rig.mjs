@@ -181,6 +181,7 @@ const DEMO_FILES = {
   '/index.html': ['demo/index.html', 'text/html; charset=utf-8'],
   '/demo.js': ['demo/demo.js', 'text/javascript; charset=utf-8'],
   '/verify.js': ['demo/verify.js', 'text/javascript; charset=utf-8'],
+  '/texts.js': ['demo/texts.js', 'text/javascript; charset=utf-8'],
   '/demo.css': ['demo/demo.css', 'text/css; charset=utf-8'],
   '/src/keyport.js': ['src/keyport.js', 'text/javascript; charset=utf-8'],
 };

@@ -522,6 +522,15 @@ impl Agent {
             .count()
     }
 
+    /// The fault module's call log, one line per call (`C_Login CKU_USER pin rv=0x00000000`).
+    pub fn fault_log(&self) -> Vec<String> {
+        fs::read_to_string(self.dir().join("fault.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {
@@ -1202,7 +1211,7 @@ pub const TOKEN_ENTRY_FIELDS: [&str; 8] = [
 
 /// The key pairs of the provisioned token (softhsm-config/provision.sh): CKA_LABEL, CKA_ID
 /// (hex), key algorithm (the protocol's name).
-pub const KEYS: [(&str, &str, &str); 8] = [
+pub const KEYS: [(&str, &str, &str); 10] = [
     ("sign-rsa2048", "01", "RSA-2048"),
     ("sign-rsa3072", "02", "RSA-3072"),
     ("sign-p256", "03", "EC-P256"),
@@ -1211,6 +1220,8 @@ pub const KEYS: [(&str, &str, &str); 8] = [
     ("auth-p256", "06", "EC-P256"),
     ("sign-p256-always", "07", "EC-P256"),
     ("sign-rsa2048-always", "08", "RSA-2048"),
+    ("sign-ed25519-always", "09", "Ed25519"),
+    ("sign-p384-always", "0a", "EC-P384"),
 ];
 
 /// `label → certificateId` from the agent's `certificates.list`, matched by certificate DER.

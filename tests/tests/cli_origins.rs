@@ -115,3 +115,48 @@ fn bad_origins_are_refused_in_one_line() {
         "allowed = 3\n"
     );
 }
+
+/// Issue 14, snag 12: a URL with a path is refused for what it is, with the origin to type
+/// instead; an empty list says so rather than printing nothing; each subcommand's argument is
+/// described in its help.
+#[test]
+fn a_pasted_url_gets_the_origin_to_use_and_an_empty_list_says_so() {
+    let cli = Cli::new();
+    let out = cli.run(&["origins", "allow", "https://bank.example/path?x=1"]);
+    let line = one_line_failure(&out);
+    assert!(
+        line.contains("no path, query or fragment; use https://bank.example"),
+        "{line}"
+    );
+    assert!(!line.contains("bad host"), "{line}");
+    let out = cli.run(&["origins", "deny", "https://bank.example:8443/"]);
+    let line = one_line_failure(&out);
+    assert!(line.ends_with("use https://bank.example:8443"), "{line}");
+
+    // The test config lists one origin; an empty config lists none.
+    std::fs::write(&cli.config, "").expect("empty config");
+    let text = ok(&cli, &["origins", "list"]);
+    assert!(
+        text.starts_with("no origin is allowed or denied yet"),
+        "{text:?}"
+    );
+
+    for sub in ["allow", "deny", "revoke"] {
+        let text = ok(&cli, &["origins", sub, "--help"]);
+        assert!(text.contains("scheme://host[:port]"), "{sub}: {text}");
+    }
+    let text = ok(&cli, &["sign", "--help"]);
+    for wanted in [
+        "--cert <ID>",
+        "as `keyport certs` shows it",
+        "--in <FILE>",
+        "The file to sign",
+        "--out <FILE>",
+        "detached CMS",
+    ] {
+        assert!(
+            text.contains(wanted),
+            "sign --help lacks {wanted:?}: {text}"
+        );
+    }
+}

@@ -83,7 +83,10 @@ fn wrong_then_right_pin_is_two_dialogs_and_two_logins() {
     let logins: Vec<&str> = log.lines().filter(|l| l.starts_with("C_Login ")).collect();
     assert_eq!(
         logins,
-        ["C_Login rv=0x000000A0", "C_Login rv=0x00000000"],
+        [
+            "C_Login CKU_USER pin rv=0x000000A0",
+            "C_Login CKU_USER pin rv=0x00000000"
+        ],
         "CKR_PIN_INCORRECT, then CKR_OK"
     );
     assert!(verify_raw(

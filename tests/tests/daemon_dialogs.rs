@@ -86,7 +86,7 @@ async fn a_cancelled_dialog_is_user_cancelled_and_signs_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_dialog_for_the_origin_is_busy_and_cancel_closes_the_first() {
+async fn a_second_dialog_for_the_origin_waits_its_turn_and_cancel_closes_the_first() {
     let tk = new_token();
     let agent = Agent::start(
         &tk,
@@ -103,23 +103,13 @@ async fn a_second_dialog_for_the_origin_is_busy_and_cancel_closes_the_first() {
         .await
         .unwrap();
     let pid = wait_for_hanging_dialog(&agent);
-    // Same origin, another connection: BUSY, no second dialog.
-    let e = second
-        .call_err("sign", sign_params(&id, &[3; 32]), "BUSY")
+    // The answer for the next dialog (the waiting request's, once its turn comes).
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    // Same origin, another connection: it waits for the open dialog, no second dialog yet.
+    let waiting = second
+        .send("sign", sign_params(&id, &[3; 32]))
         .await
         .unwrap();
-    assert_eq!(e.code, 1009);
-    // And on the same connection too.
-    let e = first
-        .call_err(
-            "authenticate",
-            json!({"challenge": keyport_e2e::harness::nonce(32).unwrap()}),
-            "BUSY",
-        )
-        .await
-        .unwrap();
-    assert_eq!(e.code, 1009);
-    assert_eq!(agent.script().dialogs().unwrap().len(), 1);
     // Another origin is still served while the dialog is open, token requests included: the
     // dialog runs before the token work, never on the module's worker thread.
     let mut other = agent.connect("https://other.example").await.unwrap();
@@ -132,6 +122,7 @@ async fn a_second_dialog_for_the_origin_is_busy_and_cancel_closes_the_first() {
     .expect("another origin's certificates.list must not wait for the open dialog")
     .unwrap();
     assert!(!listed["certificates"].as_array().unwrap().is_empty());
+    assert_eq!(agent.script().dialogs().unwrap().len(), 1);
     // `cancel` ends the pending sign with USER_CANCELLED and closes its dialog.
     let cancel = first
         .call("cancel", json!({"requestId": pending}))
@@ -141,13 +132,12 @@ async fn a_second_dialog_for_the_origin_is_busy_and_cancel_closes_the_first() {
     let answer = first.response(pending).await.unwrap();
     assert_eq!(answer.unwrap_err().reason, "USER_CANCELLED");
     assert_process_ends(pid);
-    assert_eq!(agent.fault_calls("C_Login"), 0);
-    // The origin's dialog slot is free again.
-    agent.script().push(&Step::pin(USER_PIN)).unwrap();
-    second
-        .call_ok("sign", sign_params(&id, &[4; 32]))
-        .await
-        .unwrap();
+    // The waiting request's turn: its dialog, its signature.
+    let signed = second.response(waiting).await.unwrap();
+    assert!(signed.is_ok(), "{signed:?}");
+    assert_eq!(agent.script().dialogs().unwrap().len(), 2);
+    // One login: the cancelled request never reached the token.
+    assert_eq!(agent.fault_calls("C_Login"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

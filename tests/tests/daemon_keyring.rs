@@ -135,6 +135,12 @@ fn without_a_keyring_or_key_file_the_agent_refuses_to_start_and_says_why() {
         "it must never listen without an audit key: {stdout}"
     );
     assert!(stderr.contains("audit_key_file"), "{stderr}");
+    // Issue 14, snag 12: the advice is given once.
+    assert_eq!(
+        stderr.matches("audit_key_file").count(),
+        1,
+        "the advice repeats: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!dir.path().join("audit.log").exists());
 }

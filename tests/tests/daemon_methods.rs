@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use keyport_e2e::harness::{
     b64, certificate_ids, nonce, unb64, verify_cms, verify_raw, verify_webeid, Agent, AgentOptions,
-    Client, Hash, RawAlg, Signed, TestToken, PORTAL, TOKEN_ENTRY_FIELDS, TOKEN_LABEL, USER_PIN,
+    Client, Hash, RawAlg, Signed, TestToken, KEYS, PORTAL, TOKEN_ENTRY_FIELDS, TOKEN_LABEL,
+    USER_PIN,
 };
 use keyport_e2e::pinentry::{Button, Command, Step};
 use serde_json::{json, Value};
@@ -117,7 +118,7 @@ async fn certificates_list_honours_every_filter() {
         .await
         .unwrap();
     let certs = all["certificates"].as_array().unwrap();
-    assert_eq!(certs.len(), 8, "{all}");
+    assert_eq!(certs.len(), KEYS.len(), "{all}");
     let p384 = certs
         .iter()
         .find(|c| c["id"] == ids["sign-p384"].as_str())
@@ -165,13 +166,18 @@ async fn certificates_list_honours_every_filter() {
                 "sign-ed25519",
                 "sign-p256-always",
                 "sign-rsa2048-always",
+                "sign-ed25519-always",
+                "sign-p384-always",
             ],
         ),
         (json!({"keyUsage": ["keyEncipherment"]}), vec!["none"]),
         (json!({"issuer": "CN=KeyPort Test CA"}), vec![]),
         (json!({"issuer": "CN=Some Other CA"}), vec!["none"]),
         (json!({"subject": "Test Client"}), vec!["auth-p256"]),
-        (json!({"subject": "P-384"}), vec!["sign-p384"]),
+        (
+            json!({"subject": "P-384"}),
+            vec!["sign-p384", "sign-p384-always"],
+        ),
         (json!({"validAt": "now"}), vec![]),
         (json!({"validAt": "2001-01-01T00:00:00Z"}), vec!["none"]),
         (json!({"validAt": "2090-01-01T00:00:00Z"}), vec!["none"]),
@@ -182,11 +188,22 @@ async fn certificates_list_honours_every_filter() {
         (json!({"keyAlgorithm": ["RSA-3072"]}), vec!["sign-rsa3072"]),
         (
             json!({"keyAlgorithm": ["EC"]}),
-            vec!["sign-p256", "sign-p384", "auth-p256", "sign-p256-always"],
+            vec![
+                "sign-p256",
+                "sign-p384",
+                "auth-p256",
+                "sign-p256-always",
+                "sign-p384-always",
+            ],
         ),
         (
             json!({"keyAlgorithm": ["EC-P384", "Ed25519"]}),
-            vec!["sign-p384", "sign-ed25519"],
+            vec![
+                "sign-p384",
+                "sign-ed25519",
+                "sign-ed25519-always",
+                "sign-p384-always",
+            ],
         ),
         (json!({"tokenId": token_id}), vec![]),
         (
@@ -363,19 +380,30 @@ async fn raw_signatures_of_every_key_type_verify() {
         .unwrap_err();
     assert_eq!(e.reason, "INVALID_PARAMS", "{e:?}");
     assert_eq!(agent.script().consumed().unwrap(), before);
-    // An always-auth RSA key signs data (hash-and-sign in parts, with the context login).
-    // The first refusal per mechanism comes after the token login and the context login (the
-    // shim learns the limit from the token, then remembers it): two PINs each.
-    for key in ["sign-p256-always", "sign-rsa2048-always"] {
-        agent.script().push_all(&pins(2)).unwrap();
-        client
-            .call_err(
+    // Always-authenticate keys sign a digest (single-part C_Sign after the context login),
+    // one dialog each.
+    for (key, alg) in [
+        ("sign-p256-always", RawAlg::EcdsaDer(Hash::Sha256)),
+        ("sign-rsa2048-always", RawAlg::RsaPkcs1(Hash::Sha256)),
+    ] {
+        let before = agent.script().dialogs().unwrap().len();
+        agent.script().push_all(&pins(1)).unwrap();
+        let digest = Hash::Sha256.digest(key.as_bytes());
+        let result = client
+            .call_ok(
                 "sign",
-                sign_digest(&ids[key], Hash::Sha256, &[5; 32], json!({})),
-                "ALGORITHM_NOT_SUPPORTED",
+                sign_digest(&ids[key], Hash::Sha256, &digest, json!({})),
             )
             .await
             .unwrap();
+        verify_raw(
+            &tk.cert_pem(key),
+            &Signed::Digest(digest),
+            &unb64(&result["signature"]).unwrap(),
+            alg,
+        )
+        .unwrap();
+        assert_eq!(agent.script().dialogs().unwrap().len(), before + 1, "{key}");
     }
     let before = agent.script().dialogs().unwrap().len();
     agent.script().push_all(&pins(2)).unwrap();

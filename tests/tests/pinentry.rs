@@ -323,10 +323,10 @@ mod dialogs {
         let description = shown.description.as_deref().unwrap();
         for part in [
             "https://portal.example 请求您签署一份文件。",
-            "«贷款合同 100% 第二行»",
-            "«张伟»",
+            "“贷款合同 100% 第二行”",
+            "“张伟”",
             "a5a5a5a5a5a5a5a5…",
-            "«五年期贷款»",
+            "“五年期贷款”",
         ] {
             assert!(
                 description.contains(part),
@@ -335,7 +335,7 @@ mod dialogs {
         }
         assert_eq!(
             shown.error.as_deref(),
-            Some("PIN 码错误。 最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
+            Some("PIN 码错误。最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
         );
         assert_eq!(shown.ok.as_deref(), Some("签署"));
     }
@@ -371,7 +371,7 @@ mod dialogs {
                 "Allow https://portal.example to use your certificates?"
             ))
         );
-        assert_eq!(shown.not_ok.as_deref(), Some("Allow always"));
+        assert_eq!(shown.not_ok.as_deref(), Some("Allow _always"));
     }
 
     #[test]
@@ -388,7 +388,9 @@ mod dialogs {
         assert_eq!(shown.prompt, None);
         let description = shown.description.as_deref().unwrap();
         assert!(description.contains("Log in to https://portal.example as «张伟»?"));
-        assert!(description.contains("Enter your PIN on the reader after you choose Log in."));
+        assert!(
+            description.contains("Enter your PIN on the reader's keypad after you choose Log in.")
+        );
     }
 }
 
@@ -403,7 +405,10 @@ mod real_pinentry_tty {
 
     impl Tmux {
         fn start() -> Option<Self> {
-            let name = format!("keyport-pinentry-{}", std::process::id());
+            // One session per test: the tests of this binary run in parallel threads.
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("keyport-pinentry-{}-{n}", std::process::id());
             let ok = Run::new("tmux")
                 .args([
                     "new-session",
@@ -537,5 +542,47 @@ mod real_pinentry_tty {
             "{:?}",
             answers[2]
         );
+    }
+
+    /// Issue 14, snag 11, on the real pinentry-tty: the Chinese access dialog puts each choice
+    /// on its own key ("always allow" on a, not on the No key n), and the Chinese PIN prompt
+    /// shows one colon.
+    #[test]
+    fn chinese_texts_on_the_terminal() {
+        use agent::dialog::{Dialog, Language, OriginDecision, PinState, Signer, Texts, Unlock};
+        let Some((tmux, pinentry)) = pinentry_tty() else {
+            return;
+        };
+        let zh = Texts::new(Language::ZhCn);
+        let access = zh.origin_approval("https://portal.example");
+        let (p, d) = (pinentry.clone(), access.clone());
+        let shower = std::thread::spawn(move || p.confirm(&d, &DialogCancel::new()));
+        tmux.answer("[oda]?", 1, "a");
+        let answer = OriginDecision::from_answer(shower.join().unwrap()).unwrap();
+        assert_eq!(answer, OriginDecision::AllowAlways);
+        let screen = tmux.screen();
+        assert!(screen.contains("始终允许(A)"), "{screen}");
+        assert!(!screen.contains("(No)"), "{screen}");
+
+        let signer = Signer {
+            origin: "https://portal.example",
+            holder: "张伟",
+            issuer: "KeyPort Test CA",
+            token_label: "SoftHSM token",
+        };
+        let Dialog::Pin(dialog) = zh.login(&signer, Unlock::Pin(PinState::default())) else {
+            panic!("a PIN dialog");
+        };
+        let shower = std::thread::spawn(move || pinentry.get_pin(&dialog, &DialogCancel::new()));
+        tmux.answer("PIN 码", 1, "1234");
+        let pin = shower.join().unwrap().unwrap();
+        assert_eq!(pin.as_str(), "1234");
+        let screen = tmux.screen();
+        assert!(
+            screen.lines().any(|l| l.trim_end() == "PIN 码:"),
+            "{screen}"
+        );
+        assert!(!screen.contains("：:"), "{screen}");
+        assert!(screen.contains("以“张伟”的身份登录"), "{screen}");
     }
 }

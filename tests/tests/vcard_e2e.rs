@@ -795,7 +795,15 @@ fn doctor_shows_the_reader_the_atr_and_the_module() -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, OPENSC_MODULE)?;
+    // The scripted pinentry: doctor also checks the dialog program (a desktop pinentry with no
+    // display would be a problem on this headless machine).
+    std::fs::write(
+        &config,
+        format!(
+            "pinentry = \"{}\"\n{OPENSC_MODULE}",
+            keyport_e2e::pinentry::program().display()
+        ),
+    )?;
     let out = Command::new(keyport_bin()?)
         .arg("--config")
         .arg(&config)

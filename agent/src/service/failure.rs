@@ -13,9 +13,11 @@ use crate::pinentry::DialogError;
 pub enum Failure {
     #[error(transparent)]
     Token(#[from] pkcs11_shim::Error),
+    /// A request that stopped after some of its signatures: `error` says why, the page gets
+    /// the finished ones in `data.results`.
     #[error("{error} after {} signatures", completed.len())]
     Batch {
-        error: pkcs11_shim::Error,
+        error: Box<Failure>,
         completed: Vec<Vec<u8>>,
     },
     #[error(transparent)]
@@ -24,8 +26,14 @@ pub enum Failure {
     OriginNotApproved,
     #[error("the origin was denied")]
     OriginDenied,
-    #[error("a dialog for this origin is already open")]
+    #[error(
+        "a dialog for this origin is already open and {} more wait",
+        super::origin::MAX_WAITING
+    )]
     Busy,
+    /// A PIN-pad login that outlasted the dialog timeout (the reader never answered).
+    #[error("the PIN pad did not answer in time")]
+    PinPadTimeout,
     #[error("{0}")]
     KeyUsage(String),
     #[error("{0}")]
@@ -44,57 +52,59 @@ impl Failure {
     pub fn to_rpc(&self) -> RpcError {
         use pkcs11_shim::Error as E;
         match self {
-            Failure::Token(e) | Failure::Batch { error: e, .. } => {
-                let base = match e {
-                    E::PinIncorrect {
-                        count_low,
-                        final_try,
-                    } => RpcError::pin_incorrect(*count_low, *final_try),
-                    E::PinLocked => RpcError::new(Reason::PinLocked, "the token's PIN is locked"),
-                    E::PinNotInitialized => {
-                        RpcError::new(Reason::PinLocked, "the token's PIN is not initialised")
-                    }
-                    E::UserCancelled | E::Cancelled => RpcError::user_cancelled(),
-                    E::TokenNotPresent | E::TokenNotFound(_) => {
-                        RpcError::new(Reason::TokenNotPresent, "the token is not present")
-                    }
-                    E::CertificateNotFound(_) | E::KeyNotFound => RpcError::new(
-                        Reason::CertificateNotFound,
-                        "no such certificate with its key on a present token",
-                    ),
-                    E::MechanismNotSupported { algorithm, key } => RpcError::new(
-                        Reason::AlgorithmNotSupported,
-                        format!(
-                            "{algorithm} is not possible with {} on this token",
-                            a_key(key)
-                        ),
-                    ),
-                    E::InvalidInput(m) => RpcError::invalid_params(m.clone()),
-                    E::Pkcs11 { function, rv, .. } => {
-                        RpcError::token_error(function, format!("{function} failed: {rv}"))
-                    }
-                    E::Busy { .. } => RpcError::new(
-                        Reason::Busy,
-                        "the token is busy: its module did not answer in time",
-                    ),
-                    E::ModuleLoad { .. } | E::WorkerGone => {
-                        RpcError::new(Reason::TokenError, "the token's module is not working")
-                    }
-                    _ => RpcError::new(Reason::TokenError, e.to_string()),
-                };
-                match self {
-                    Failure::Batch { completed, .. } => {
-                        let results: Vec<BatchSignature> = completed
-                            .iter()
-                            .map(|s| BatchSignature {
-                                signature: Base64Bytes(s.clone()),
-                            })
-                            .collect();
-                        base.batch_failed(&results)
-                    }
-                    _ => base,
-                }
+            Failure::Batch { error, completed } => {
+                let results: Vec<BatchSignature> = completed
+                    .iter()
+                    .map(|s| BatchSignature {
+                        signature: Base64Bytes(s.clone()),
+                    })
+                    .collect();
+                error.to_rpc().batch_failed(&results)
             }
+            Failure::Token(e) => match e {
+                E::PinIncorrect {
+                    count_low,
+                    final_try,
+                } => RpcError::pin_incorrect(*count_low, *final_try),
+                E::PinLocked => RpcError::new(Reason::PinLocked, "the token's PIN is locked"),
+                E::PinNotInitialized => {
+                    RpcError::new(Reason::PinLocked, "the token's PIN is not initialised")
+                }
+                E::UserCancelled | E::Cancelled => RpcError::user_cancelled(),
+                E::CancelledOnReader => RpcError::new(
+                    Reason::UserCancelled,
+                    "the PIN entry was cancelled on the reader, or the reader timed out",
+                ),
+                E::LoginRequired { .. } => {
+                    RpcError::internal("the token asked for a login no dialog answered")
+                }
+                E::TokenNotPresent | E::TokenNotFound(_) => {
+                    RpcError::new(Reason::TokenNotPresent, "the token is not present")
+                }
+                E::CertificateNotFound(_) | E::KeyNotFound => RpcError::new(
+                    Reason::CertificateNotFound,
+                    "no such certificate with its key on a present token",
+                ),
+                E::MechanismNotSupported { algorithm, key } => RpcError::new(
+                    Reason::AlgorithmNotSupported,
+                    format!(
+                        "{algorithm} is not possible with {} on this token",
+                        a_key(key)
+                    ),
+                ),
+                E::InvalidInput(m) => RpcError::invalid_params(m.clone()),
+                E::Pkcs11 { function, rv, .. } => {
+                    RpcError::token_error(function, format!("{function} failed: {rv}"))
+                }
+                E::Busy { .. } => RpcError::new(
+                    Reason::Busy,
+                    "the token is busy: its module did not answer in time",
+                ),
+                E::ModuleLoad { .. } | E::WorkerGone => {
+                    RpcError::new(Reason::TokenError, "the token's module is not working")
+                }
+                _ => RpcError::new(Reason::TokenError, e.to_string()),
+            },
             Failure::Dialog(e) => match e.as_ref() {
                 DialogError::Cancelled => RpcError::user_cancelled(),
                 DialogError::Timeout => {
@@ -107,9 +117,14 @@ impl Failure {
                 "this origin is not approved and no approval dialog was shown",
             ),
             Failure::OriginDenied => RpcError::new(Reason::OriginDenied, "this origin was denied"),
-            Failure::Busy => {
-                RpcError::new(Reason::Busy, "a dialog for this origin is already open")
-            }
+            Failure::Busy => RpcError::new(
+                Reason::Busy,
+                "this origin already has a dialog open and the most requests waiting for it",
+            ),
+            Failure::PinPadTimeout => RpcError::new(
+                Reason::Timeout,
+                "the PIN was not entered on the reader in time",
+            ),
             Failure::KeyUsage(m) => RpcError::new(Reason::KeyUsageNotAllowed, m.clone()),
             Failure::Algorithm(m) => RpcError::new(Reason::AlgorithmNotSupported, m.clone()),
             Failure::InvalidParams(m) => RpcError::invalid_params(m.clone()),
@@ -122,7 +137,7 @@ impl Failure {
     }
 
     /// The audit outcome of a failed request.
-    pub(super) fn outcome(&self) -> Outcome {
+    pub fn outcome(&self) -> Outcome {
         let reason = self.to_rpc().reason;
         match reason {
             Reason::UserCancelled | Reason::OriginDenied | Reason::Timeout | Reason::Busy => {

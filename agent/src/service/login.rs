@@ -23,10 +23,6 @@ impl Service {
         p: AuthenticateParams,
     ) -> Result<Value, Failure> {
         let origin = ctx.origin.as_str().to_owned();
-        // As in `sign_items`: BUSY before the token is touched.
-        let _slot = self
-            .claim_dialog(&origin)
-            .map_err(|e| self.audit_failure(&origin, &Operation::Authenticate, e))?;
         let cert = match &p.certificate_id {
             Some(id) => self.find_certificate(id).await,
             None => self.pick_login_certificate().await,
@@ -71,7 +67,7 @@ impl Service {
         let holder = info.holder.clone();
         let issuer = common_name(&info.issuer);
         let token_label = self.token_label(&info.token_id).await.unwrap_or_default();
-        let build: DialogBuilder = Arc::new(move |texts, unlock| {
+        let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
             texts.login(
                 &Signer {
                     origin: &origin,
@@ -89,7 +85,7 @@ impl Service {
             logout_after: self.config.pin_cache_seconds == 0,
         };
         let sig = self
-            .run_token(ctx, cert, req, build, None, ConsentKind::Login)
+            .run_token(ctx, cert, req, build, false, ConsentKind::Login)
             .await?
             .into_iter()
             .next()

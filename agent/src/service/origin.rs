@@ -1,12 +1,13 @@
-//! Origin policy: `hello`, `requestAccess`, the approval dialog, and each origin's one dialog
-//! slot.
+//! Origin policy: `hello`, `requestAccess`, the approval dialog, and each origin's dialog
+//! line (one dialog shown, a few waiting in order).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use browser_bridge::protocol::{self, HelloResult, RequestAccessResult};
 use browser_bridge::RequestContext;
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::config::UnknownOrigins;
@@ -75,7 +76,14 @@ impl Service {
             return Err(Failure::OriginNotApproved);
         }
         let origin = ctx.origin.as_str().to_owned();
-        let _slot = self.claim_dialog(&origin)?;
+        let _turn = self.dialog_turn(ctx).await?;
+        // Another request of this origin may have asked while this one waited.
+        if self.is_denied_now(&origin) {
+            return Err(Failure::OriginDenied);
+        }
+        if self.approved(ctx) {
+            return Ok(self.is_approved_origin(&origin));
+        }
         let dialog = self.texts.origin_approval(&origin);
         let pinentry = self.pinentry.clone();
         let cancel = DialogCancel::new();
@@ -112,8 +120,8 @@ impl Service {
                 Ok(false)
             }
             OriginDecision::Deny => {
-                if let Ok(mut d) = self.denied_now.lock() {
-                    d.insert(origin.clone());
+                if let Ok(o) = self.origins.lock() {
+                    o.deny_for_now(&origin);
                 }
                 Err(self.audit_failure(&origin, &Operation::OriginApprove, Failure::OriginDenied))
             }
@@ -132,9 +140,9 @@ impl Service {
     }
 
     fn is_denied_now(&self, origin: &str) -> bool {
-        self.denied_now
+        self.origins
             .lock()
-            .map(|d| d.contains(origin))
+            .map(|o| o.is_denied_for_now(origin))
             .unwrap_or(true)
     }
 
@@ -142,32 +150,80 @@ impl Service {
         self.is_approved_origin(ctx.origin.as_str()) || self.conn(ctx.connection).approved_once
     }
 
-    /// Claims the one dialog slot of an origin.
-    pub(super) fn claim_dialog(&self, origin: &str) -> Result<BusyGuard, Failure> {
-        let mut busy = self
-            .busy
-            .lock()
-            .map_err(|_| Failure::Internal("busy set poisoned".into()))?;
-        if !busy.insert(origin.to_owned()) {
-            return Err(Failure::Busy);
+    /// Waits for this origin's dialog turn: at once when no dialog of the origin is open,
+    /// else in order behind it, with at most [`MAX_WAITING`] requests waiting (the next gets
+    /// BUSY at once). A `cancel` (or the connection's end) while waiting answers USER_CANCELLED.
+    /// Only a request about to show a dialog calls this: one that needs no dialog never waits.
+    pub(super) async fn dialog_turn(&self, ctx: &RequestContext) -> Result<DialogTurn, Failure> {
+        let origin = ctx.origin.as_str().to_owned();
+        let turn = {
+            let mut lines = self
+                .dialog_lines
+                .lock()
+                .map_err(|_| Failure::Internal("dialog lines poisoned".into()))?;
+            let line = lines.entry(origin.clone()).or_default();
+            if let Ok(permit) = Arc::clone(&line.turn).try_acquire_owned() {
+                return Ok(DialogTurn { _permit: permit });
+            }
+            if line.waiting >= MAX_WAITING {
+                return Err(Failure::Busy);
+            }
+            line.waiting += 1;
+            Arc::clone(&line.turn)
+        };
+        let _waiting = Waiting {
+            lines: Arc::clone(&self.dialog_lines),
+            origin,
+        };
+        tokio::select! {
+            permit = turn.acquire_owned() => permit
+                .map(|p| DialogTurn { _permit: p })
+                .map_err(|_| Failure::Internal("dialog turn closed".into())),
+            () = ctx.cancel.cancelled() => Err(Failure::Dialog(Arc::new(DialogError::Cancelled))),
         }
-        Ok(BusyGuard {
-            set: Arc::clone(&self.busy),
-            origin: origin.to_owned(),
-        })
     }
 }
 
-/// Frees an origin's dialog slot when the request ends, however it ends.
-pub(super) struct BusyGuard {
-    set: Arc<Mutex<HashSet<String>>>,
+/// Requests of one origin that may wait for its open dialog, beyond the one shown.
+pub(crate) const MAX_WAITING: usize = 4;
+
+/// One origin's dialogs: one shown at a time, and how many requests wait for their turn.
+#[derive(Debug)]
+pub(super) struct DialogLine {
+    turn: Arc<Semaphore>,
+    waiting: usize,
+}
+
+impl Default for DialogLine {
+    fn default() -> Self {
+        DialogLine {
+            turn: Arc::new(Semaphore::new(1)),
+            waiting: 0,
+        }
+    }
+}
+
+pub(super) type DialogLines = Arc<Mutex<HashMap<String, DialogLine>>>;
+
+/// The right to show a dialog for an origin; the next waiting request's turn comes when it is
+/// dropped.
+#[derive(Debug)]
+pub(super) struct DialogTurn {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Counts a request as waiting while it waits, however the wait ends.
+struct Waiting {
+    lines: DialogLines,
     origin: String,
 }
 
-impl Drop for BusyGuard {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.set.lock() {
-            s.remove(&self.origin);
+        if let Ok(mut lines) = self.lines.lock() {
+            if let Some(line) = lines.get_mut(&self.origin) {
+                line.waiting = line.waiting.saturating_sub(1);
+            }
         }
     }
 }

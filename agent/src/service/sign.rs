@@ -2,7 +2,7 @@
 //! signatures on the token, `cancel` and `sign.progress`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use browser_bridge::protocol::{
@@ -12,16 +12,18 @@ use browser_bridge::protocol::{
 };
 use browser_bridge::RequestContext;
 use pkcs11_shim::{
-    EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage, LoginState, PinAnswer, SecretPin,
-    SignAlgorithm, SignFailure, SignInput, SignRequest,
+    Credential, EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage, LoginState, SignAlgorithm,
+    SignFailure, SignInput, SignRequest,
 };
 use serde_json::Value;
 
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::cms::{self, CmsSignatureAlg, DigestAlg};
 use crate::config::{ConsentMode, SigningKeyUsage};
-use crate::consent::{confirm_only, DialogBuilder, DialogOutcome, DialogPinProvider, PreAsked};
-use crate::dialog::{Consent, Document, PinState, Signer, Unlock};
+use crate::consent::{
+    self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
+};
+use crate::dialog::{Consent, Document, Signer, Unlock};
 use crate::pinentry::DialogCancel;
 use crate::purpose::{ConsentKind, SessionConsent};
 use crate::tokens::CertificateView;
@@ -40,7 +42,7 @@ impl Service {
     pub(super) async fn sign(&self, ctx: &RequestContext, p: SignParams) -> Result<Value, Failure> {
         let items = vec![p.input];
         let (sigs, plan) = self
-            .sign_items(ctx, &p.certificate_id, items, &p.options, false)
+            .sign_items(ctx, &p.certificate_id, items, Vec::new(), &p.options, false)
             .await?;
         let signature = sigs
             .into_iter()
@@ -60,9 +62,19 @@ impl Service {
         ctx: &RequestContext,
         p: SignBatchParams,
     ) -> Result<Value, Failure> {
+        let labels = p
+            .items
+            .iter()
+            .map(|i| {
+                i.label
+                    .as_ref()
+                    .map(|l| l.as_str().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
         let items = p.items.into_iter().map(|i| i.input).collect();
         let (sigs, _plan) = self
-            .sign_items(ctx, &p.certificate_id, items, &p.options, true)
+            .sign_items(ctx, &p.certificate_id, items, labels, &p.options, true)
             .await?;
         Ok(protocol::to_json(&SignBatchResult {
             results: sigs
@@ -80,6 +92,7 @@ impl Service {
         ctx: &RequestContext,
         certificate_id: &str,
         items: Vec<WireInput>,
+        labels: Vec<String>,
         options: &SignOptions,
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), Failure> {
@@ -89,17 +102,15 @@ impl Service {
         } else {
             Operation::Sign
         };
-        // The origin's one dialog slot is claimed before anything reaches the token: the
-        // token's worker may be blocked by this origin's open dialog, and a second request must
-        // get BUSY at once rather than queue behind it.
-        let _slot = self
-            .claim_dialog(&origin)
-            .map_err(|e| self.audit_failure(&origin, &operation, e))?;
+        // No dialog slot is held here: a request waits for its origin's dialog turn only when
+        // it is about to show a dialog (`run_token`), so one that needs none never waits.
         let cert = self
             .find_certificate(certificate_id)
             .await
             .map_err(|e| self.audit_failure(&origin, &operation, e))?;
-        let result = self.sign_with(ctx, &cert, items, options, batch).await;
+        let result = self
+            .sign_with(ctx, &cert, items, labels, options, batch)
+            .await;
         let mut record = AuditRecord::new(origin, operation)
             .certificate(cert.info.subject.clone(), &cert.info.der);
         match &result {
@@ -130,6 +141,7 @@ impl Service {
         ctx: &RequestContext,
         cert: &CertificateView,
         items: Vec<WireInput>,
+        labels: Vec<String>,
         options: &SignOptions,
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), (Failure, Vec<Vec<u8>>)> {
@@ -158,28 +170,34 @@ impl Service {
             .summary
             .as_ref()
             .map(|s| s.as_str().to_owned());
-        let first_digest = digests.first().cloned().unwrap_or_default();
+        let item_digests = digests.clone();
         let count = digests.len();
-        let build: DialogBuilder = Arc::new(move |texts, unlock| {
+        let build: DialogBuilder = Arc::new(move |texts, unlock, scope| {
             let signer = Signer {
                 origin: &origin,
                 holder: &signer_holder,
                 issuer: &signer_issuer,
                 token_label: &token_label,
             };
+            let index = match scope {
+                Scope::Item { index, .. } => index,
+                Scope::All => 0,
+            };
             let doc = Document {
                 title: &title,
                 summary: summary.as_deref(),
-                digest: &first_digest,
+                digest: item_digests.get(index).map_or(&[][..], Vec::as_slice),
             };
-            if batch {
-                texts.sign_batch(&signer, &doc, count, unlock)
-            } else {
-                texts.sign(&signer, &doc, unlock)
+            match scope {
+                Scope::Item { index, count } if batch => {
+                    let label = labels.get(index).map(String::as_str);
+                    texts.sign_batch_item(&signer, &doc, label, index, count, unlock)
+                }
+                _ if batch => texts.sign_batch(&signer, &doc, count, &labels, unlock),
+                _ => texts.sign(&signer, &doc, unlock),
             }
         });
 
-        let progress = batch.then(|| progress_sender(ctx));
         let req = SignRequest {
             certificate: info.id.clone(),
             algorithm: plan.algorithm,
@@ -192,7 +210,7 @@ impl Service {
             ConsentKind::Sign
         };
         let sigs = self
-            .run_token(ctx, cert, req, build, progress, kind)
+            .run_token(ctx, cert, req, build, batch, kind)
             .await
             .map_err(|e| (e, digests.clone()))?;
         let sigs = plan
@@ -201,191 +219,176 @@ impl Service {
         Ok((sigs, plan))
     }
 
-    /// Consent, PIN and signatures on the token (the caller holds the origin's dialog slot),
-    /// `cancel` honoured, and the PIN cache kept.
+    /// Consent, PIN and signatures on the token, in one loop: ask (consent and PIN in one
+    /// dialog, in the origin's dialog line) → sign with that answer → on a wrong PIN ask again
+    /// with the token's warning, on a login the answer could not serve (the next signature of a
+    /// key that asks for its PIN per signature) ask for that one → stop at anything else. The
+    /// token layer never asks and never retries a PIN; neither does this loop. `progress`:
+    /// send `sign.progress` events.
     pub(super) async fn run_token(
         &self,
         ctx: &RequestContext,
         cert: &CertificateView,
         req: SignRequest,
         build: DialogBuilder,
-        progress: Option<pkcs11_shim::Progress>,
+        progress: bool,
         kind: ConsentKind,
     ) -> Result<Vec<Vec<u8>>, Failure> {
+        // A session consent covers this kind of operation with this certificate only.
         let this_consent = SessionConsent::new(kind, &cert.info);
         let module = cert.module.clone();
         let token_id = cert.info.token_id.clone();
-        let dialog_cancel = DialogCancel::new();
-
+        let total = req.inputs.len();
         let state = {
             let module = module.clone();
             let token_id = token_id.clone();
             blocking(move || module.login_state(&token_id)).await??
         };
-        let session_consent = self.config.consent_mode(ctx.origin.as_str()) == ConsentMode::Session
-            && self.conn(ctx.connection).consented == Some(this_consent);
-        tracing::debug!(?state, session_consent, "token login state");
+        tracing::debug!(?state, "token login state");
         if state == LoginState::Locked {
             return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
         }
-        if state == LoginState::LoggedIn {
-            if !session_consent {
-                let pinentry = self.pinentry.clone();
-                let texts = self.texts;
-                let c2 = dialog_cancel.clone();
-                let b2 = Arc::clone(&build);
-                let answer = run_cancellable(ctx, &dialog_cancel, move || {
-                    confirm_only(&pinentry, &c2, &texts, &b2)
-                })
-                .await?;
-                answer.map_err(|e| Failure::Dialog(Arc::new(e)))?;
-            }
-            // Consent is given (now, or once for this connection); the token is logged in. A
-            // key that wants its own PIN per signature, or a cache that expired just now, asks
-            // with the same text.
-            let outcome = DialogOutcome::default();
-            let provider = DialogPinProvider::new(
-                self.pinentry.clone(),
-                dialog_cancel.clone(),
-                self.texts,
-                build,
-                outcome.clone(),
-            );
-            let result = self
-                .sign_on_token(
-                    ctx,
-                    module,
-                    req,
-                    dialog_cancel,
-                    Box::new(provider),
-                    progress,
-                )
-                .await;
-            return match (result, outcome.error()) {
-                (Err(Failure::Token(pkcs11_shim::Error::UserCancelled)), Some(e)) => {
-                    Err(Failure::Dialog(e))
-                }
-                (other, _) => {
-                    if other.is_ok() {
-                        self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
-                    }
-                    other
-                }
-            };
-        }
-        // The consent and PIN dialog is shown here, off the module's worker thread; the token
-        // work starts only with the user's answer. A wrong PIN comes back here for the next
-        // dialog, with the token's warning.
-        let protected = state == LoginState::ProtectedPath;
-        let mut pin_state = match state {
-            LoginState::NeedsPin(st) => PinState {
-                wrong_pin: false,
-                count_low: st.count_low,
-                final_try: st.final_try,
-            },
-            _ => PinState::default(),
+        let session_consent = self.config.consent_mode(ctx.origin.as_str()) == ConsentMode::Session
+            && self.conn(ctx.connection).consented == Some(this_consent);
+        // A key known to ask for its PIN per signature is asked per signature from the start
+        // (the token tells the rest: `LoginRequired`).
+        let mut per_signature = cert.info.always_authenticate;
+        let mut question = if per_signature && state == LoginState::LoggedIn {
+            None
+        } else {
+            first_question(state, session_consent)
         };
-        let mut progress = progress;
+        let mut done: Vec<Vec<u8>> = Vec::with_capacity(total);
+        let mut last: Option<Unlock> = None;
         loop {
-            let unlock = if protected {
-                Unlock::PinPad(pin_state)
-            } else {
-                Unlock::Pin(pin_state)
-            };
-            let dialog = build(&self.texts, unlock);
-            let pinentry = self.pinentry.clone();
-            let c2 = dialog_cancel.clone();
-            let answer = run_cancellable(ctx, &dialog_cancel, move || dialog.ask(&pinentry, &c2))
-                .await?
-                .map_err(|e| Failure::Dialog(Arc::new(e)))?;
-            let first = match answer {
-                Consent::Pin(mut pin) => PinAnswer::Pin(SecretPin::from(std::mem::take(&mut *pin))),
-                Consent::Confirmed => PinAnswer::Confirmed,
-            };
-            let wrong = Arc::new(Mutex::new(None));
-            let outcome = DialogOutcome::default();
-            let fallback = DialogPinProvider::new(
-                self.pinentry.clone(),
-                dialog_cancel.clone(),
-                self.texts,
-                Arc::clone(&build),
-                outcome.clone(),
-            );
-            let provider = PreAsked::new(first, Arc::clone(&wrong), fallback);
-            // `Module::sign` takes the request; a wrong PIN sends it again, so each attempt
-            // gets a copy of the inputs (at most `max_message_bytes`, next to a human dialog).
-            let result = self
-                .sign_on_token(
-                    ctx,
-                    module.clone(),
-                    req.clone(),
-                    dialog_cancel.clone(),
-                    Box::new(provider),
-                    progress.take(),
-                )
-                .await;
-            // (A batch cancelled before its first signature is a `Failure::Token`: see
-            // `sign_on_token`.)
-            if matches!(
-                &result,
-                Err(Failure::Token(pkcs11_shim::Error::UserCancelled))
-            ) {
-                if let Some(flags) = wrong.lock().ok().and_then(|w| *w) {
-                    // A wrong PIN: the user may try again, in a new dialog that says so.
-                    pin_state = PinState {
-                        wrong_pin: true,
-                        count_low: flags.count_low,
-                        final_try: flags.final_try,
-                    };
-                    if progress.is_none() && req.inputs.len() > 1 {
-                        progress = Some(progress_sender(ctx));
+            let mut credential = Credential::None;
+            if let Some(unlock) = question.take() {
+                let scope = if per_signature && total > 1 {
+                    Scope::Item {
+                        index: done.len(),
+                        count: total,
                     }
-                    continue;
+                } else {
+                    Scope::All
+                };
+                let consent = match self.ask(ctx, &build, unlock, scope).await {
+                    Ok(consent) => consent,
+                    Err(e) => return Err(with_done(e, done)),
+                };
+                credential = credential_from(consent, unlock);
+                last = Some(unlock);
+            }
+            let rest = SignRequest {
+                inputs: req.inputs[done.len()..].to_vec(),
+                ..req.clone()
+            };
+            let pin_pad = matches!(credential, Credential::PinPad);
+            let events = progress.then(|| progress_sender(ctx, done.len(), total));
+            match self
+                .sign_on_token(ctx, module.clone(), rest, credential, events, pin_pad)
+                .await
+            {
+                Ok(sigs) => {
+                    done.extend(sigs);
+                    self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
+                    return Ok(done);
                 }
-                if let Some(e) = outcome.error() {
-                    return Err(Failure::Dialog(e));
+                Err(TokenStop::Other(failure)) => return Err(with_done(failure, done)),
+                Err(TokenStop::Token(SignFailure { error, completed })) => {
+                    done.extend(completed);
+                    // The token asks for the next signature's own PIN: from now on each
+                    // dialog is for one document (a token that hid the key's flag before the
+                    // login tells it here).
+                    if matches!(
+                        error,
+                        pkcs11_shim::Error::LoginRequired {
+                            kind: pkcs11_shim::LoginKind::ContextSpecific,
+                            ..
+                        }
+                    ) {
+                        per_signature = true;
+                    }
+                    match consent::after(error, last) {
+                        Next::Ask(unlock) => question = Some(unlock),
+                        Next::Stop(error) => return Err(with_done(Failure::Token(error), done)),
+                    }
                 }
             }
-            if result.is_ok() {
-                self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
-            }
-            return result;
         }
     }
 
+    /// Shows one consent dialog once it is this origin's turn; the request's cancel closes it
+    /// (or ends the wait for the turn).
+    async fn ask(
+        &self,
+        ctx: &RequestContext,
+        build: &DialogBuilder,
+        unlock: Unlock,
+        scope: Scope,
+    ) -> Result<Consent, Failure> {
+        let _turn = self.dialog_turn(ctx).await?;
+        let dialog = build(&self.texts, unlock, scope);
+        let pinentry = self.pinentry.clone();
+        let cancel = DialogCancel::new();
+        let c2 = cancel.clone();
+        run_cancellable(ctx, &cancel, move || dialog.ask(&pinentry, &c2))
+            .await?
+            .map_err(|e| Failure::Dialog(Arc::new(e)))
+    }
+
+    /// One job on the token, on a thread of its own; `cancel` honoured. `pin_pad`: the job logs
+    /// in on the reader's PIN pad, which gets the dialog timeout to answer.
     async fn sign_on_token(
         &self,
         ctx: &RequestContext,
         module: pkcs11_shim::Module,
         req: SignRequest,
-        dialog_cancel: DialogCancel,
-        provider: Box<dyn pkcs11_shim::PinProvider>,
-        progress: Option<pkcs11_shim::Progress>,
-    ) -> Result<Vec<Vec<u8>>, Failure> {
+        credential: Credential,
+        events: Option<ProgressEvents>,
+        pin_pad: bool,
+    ) -> Result<Vec<Vec<u8>>, TokenStop> {
         let flag = Arc::new(AtomicBool::new(false));
         let token_id = req.certificate.token_id().clone();
         let card_mark = self.tokens.card_mark();
         let f2 = Arc::clone(&flag);
         let (m2, t2) = (module.clone(), token_id.clone());
         let logout_after = req.logout_after;
+        let (progress_tx, progress_rx) = std::sync::mpsc::channel();
+        // Events stop once the request is answered (a job left to end in the background).
+        let answered = Arc::new(AtomicBool::new(false));
+        let a2 = Arc::clone(&answered);
+        let forward = events.map(|mut send| {
+            tokio::task::spawn_blocking(move || {
+                for p in progress_rx {
+                    if !a2.load(Ordering::SeqCst) {
+                        send(p);
+                    }
+                }
+            })
+        });
+        let progress_tx = forward.is_some().then_some(progress_tx);
         // A thread of its own rather than a blocking task: a module that hangs in C_Sign must
         // hold up neither this answer (see the cancel below) nor the runtime's shutdown.
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("keyport-sign".into())
             .spawn(move || {
-                let result = m2.sign(req, provider, progress, Some(f2));
+                let result = m2.sign(req, credential, progress_tx, Some(f2));
                 if tx.send(result).is_err() && !logout_after {
                     // Given up on after a cancel; a login it made is not left cached.
                     let _ = m2.logout(&t2);
                 }
             })
-            .map_err(|e| Failure::Internal(format!("cannot start a signing thread: {e}")))?;
+            .map_err(|e| {
+                TokenStop::Other(Failure::Internal(format!(
+                    "cannot start a signing thread: {e}"
+                )))
+            })?;
+        let pad_deadline = self.config.dialog_timeout();
         let joined = tokio::select! {
             r = &mut rx => r,
             () = ctx.cancel.cancelled() => {
                 flag.store(true, Ordering::SeqCst);
-                dialog_cancel.cancel();
                 match tokio::time::timeout(CANCEL_GRACE, &mut rx).await {
                     Ok(r) => r,
                     Err(_) => {
@@ -395,13 +398,35 @@ impl Service {
                             "the token did not stop within {} s of the cancel; the signature is left to end in the background",
                             CANCEL_GRACE.as_secs()
                         );
-                        return Err(Failure::Token(pkcs11_shim::Error::Cancelled));
+                        answered.store(true, Ordering::SeqCst);
+                        return Err(TokenStop::Token(pkcs11_shim::Error::Cancelled.into()));
                     }
                 }
             }
+            () = tokio::time::sleep(pad_deadline), if pin_pad => {
+                // The reader never answered the PIN-pad login: the page learns TIMEOUT, the job
+                // ends in the background (and logs out if it logged in).
+                flag.store(true, Ordering::SeqCst);
+                answered.store(true, Ordering::SeqCst);
+                tracing::warn!(token = %token_id, "no answer from the PIN pad within the dialog timeout");
+                return Err(TokenStop::Other(Failure::PinPadTimeout));
+            }
         };
-        let mut result = joined
-            .map_err(|_| Failure::Internal("the signing thread ended without an answer".into()))?;
+        let mut result = joined.map_err(|_| {
+            TokenStop::Other(Failure::Internal(
+                "the signing thread ended without an answer".into(),
+            ))
+        })?;
+        // The job's events all precede its answer: a job the worker ran has dropped its sender,
+        // so the forwarder ends; one it never started (BUSY) still holds it in the queue.
+        let started =
+            !matches!(&result, Err(f) if matches!(f.error, pkcs11_shim::Error::Busy { .. }));
+        match forward {
+            Some(forward) if started => {
+                let _ = forward.await;
+            }
+            _ => answered.store(true, Ordering::SeqCst),
+        }
         if let Err(failure) = &mut result {
             // A device error may be a card pulled in the middle of a command.
             if matches!(failure.error, pkcs11_shim::Error::Pkcs11 { .. }) {
@@ -418,13 +443,7 @@ impl Service {
         if !logout_after {
             self.schedule_logout(module, token_id);
         }
-        result.map_err(|SignFailure { error, completed }| {
-            if completed.is_empty() {
-                Failure::Token(error)
-            } else {
-                Failure::Batch { error, completed }
-            }
-        })
+        result.map_err(TokenStop::Token)
     }
 
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
@@ -655,12 +674,17 @@ pub(crate) fn signing_allowed(usage: &[KeyUsage], policy: SigningKeyUsage) -> bo
     policy == SigningKeyUsage::Any || usage.is_empty() || usage.contains(&KeyUsage::NonRepudiation)
 }
 
-/// `sign.progress` at most ten times a second, and always the last one.
-fn progress_sender(ctx: &RequestContext) -> pkcs11_shim::Progress {
+/// Sends `sign.progress` for one job's [`pkcs11_shim::Progress`].
+type ProgressEvents = Box<dyn FnMut(pkcs11_shim::Progress) + Send>;
+
+/// `sign.progress` at most ten times a second, and always the last one; a job that signs the
+/// rest of a request (after a dialog) counts from `offset` of the request's `total`.
+fn progress_sender(ctx: &RequestContext, offset: usize, total: usize) -> ProgressEvents {
     let notifier = ctx.notifier.clone();
     let request_id = ctx.request_id.clone();
     let mut last: Option<Instant> = None;
-    Box::new(move |done, total| {
+    Box::new(move |p: pkcs11_shim::Progress| {
+        let done = offset + p.done;
         let now = Instant::now();
         let due = last.is_none_or(|t| now.duration_since(t) >= PROGRESS_INTERVAL);
         if due || done == total {
@@ -672,6 +696,26 @@ fn progress_sender(ctx: &RequestContext) -> pkcs11_shim::Progress {
             });
         }
     })
+}
+
+/// Why one token job did not return its signatures.
+enum TokenStop {
+    /// The token layer's answer: the error and the signatures made before it.
+    Token(SignFailure),
+    /// The agent's own (a PIN pad that never answered, no thread to sign on).
+    Other(Failure),
+}
+
+/// A request's failure, carrying the signatures finished before it (`data.results`).
+fn with_done(failure: Failure, done: Vec<Vec<u8>>) -> Failure {
+    if done.is_empty() {
+        failure
+    } else {
+        Failure::Batch {
+            error: Box::new(failure),
+            completed: done,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,32 +2,11 @@
 // sign a batch with progress, log in. Copy what you need; each step is one short function.
 import { KeyPort, KeyPortError, DEFAULT_URL, fromBase64, toBase64 } from '../src/keyport.js';
 import { schemeFor, signInputFor, verifySignature, verifyWebEidToken } from './verify.js';
+import { TEXTS, pickLanguage, translate } from './texts.js';
 
-// What to tell the user for each reason (match on err.reason, never on err.message).
-const PLAIN_WORDS = {
-  AGENT_NOT_RUNNING: 'The KeyPort app is not running on this computer. Start it (or install it) and try again.',
-  LOOPBACK_BLOCKED: 'Your browser blocked this page from reaching the KeyPort app. Allow "local network" / "apps on this device" access for this site in the browser (the icon in the address bar), then try again.',
-  CONNECTION_LOST: 'The connection to the KeyPort app was lost (it stopped or restarted). Try again in a moment.',
-  ABORTED: 'The request was stopped before it finished.',
-  CLOSED: 'The connection to KeyPort was closed by this page.',
-  BAD_RESPONSE: 'KeyPort sent an answer this page does not understand. Update the KeyPort app.',
-  ORIGIN_NOT_APPROVED: 'This site is not allowed to use your certificates yet.',
-  ORIGIN_DENIED: 'This site was refused access to your certificates (by you or your organisation).',
-  USER_CANCELLED: 'You cancelled the request.',
-  PIN_INCORRECT: 'The PIN was wrong.',
-  PIN_LOCKED: 'Your token’s PIN is locked. Unblock it with your PUK or ask your administrator.',
-  TOKEN_NOT_PRESENT: 'Your token or smartcard is not inserted (or was removed). Insert it and try again.',
-  CERTIFICATE_NOT_FOUND: 'That certificate is no longer on the token. Reload the list.',
-  KEY_USAGE_NOT_ALLOWED: 'This certificate may not be used for that. Choose another one (signing needs a “non-repudiation” certificate).',
-  ALGORITHM_NOT_SUPPORTED: 'Your token cannot sign this way.',
-  BUSY: 'KeyPort is already asking you something for this site. Answer that first.',
-  TIMEOUT: 'Nobody answered KeyPort’s question in time.',
-  RATE_LIMITED: 'Too many requests at once. Wait a moment and try again.',
-  PIN_FROM_PAGE_REFUSED: 'A web page may not send a PIN; KeyPort asks for it itself.',
-  TOKEN_ERROR: 'The token reported an error.',
-  INTERNAL: 'KeyPort hit an internal error.',
-  INVALID_PARAMS: 'The request was not valid (a bug in this page).',
-};
+// The page's language: the browser's (any Chinese → zh-CN, else English), or ?lang=…
+const LANG = pickLanguage(location.search, navigator.languages?.length ? navigator.languages : [navigator.language]);
+const t = (key, vars) => translate(LANG, key, vars);
 
 const $ = (id) => document.getElementById(id);
 const subtle = globalThis.crypto.subtle;
@@ -38,21 +17,24 @@ const agentUrl = new URL(location.href).searchParams.get('agent') || DEFAULT_URL
 
 let keyport = null;
 let certificates = [];
+// One request at a time: while KeyPort shows a dialog the buttons wait (a second click would
+// only get BUSY, and its failure would be written over the first request's line).
+let inFlight = false;
 
 // ---- connection ----------------------------------------------------------------------------
 
 async function start() {
   clearError();
-  setStatus('connecting', `Connecting to the KeyPort agent at ${agentUrl}…`);
+  setStatus('connecting', t('connecting', { url: agentUrl }));
   try {
     if (!keyport) {
       keyport = await KeyPort.connect({ url: agentUrl });
       watchConnection();
     }
     const hello = await keyport.hello({ name: 'keyport-demo', version: '0.1.0' });
-    setStatus('connected', `Connected to ${hello.agent} ${hello.version} as ${hello.origin}`);
+    setStatus('connected', t('connected', { agent: hello.agent, version: hello.version, origin: hello.origin }));
     if (!hello.originApproved) {
-      setStatus('approving', 'Waiting for you to allow this site in the KeyPort dialog…');
+      setStatus('approving', t('approving'));
       await keyport.requestAccess();
     }
     await loadCertificates();
@@ -66,7 +48,7 @@ async function start() {
 function watchConnection() {
   keyport.onTokensChanged(() => loadCertificates().catch(fail)); // a token went in or out
   keyport.onStateChange((state) => {
-    if (state === 'reconnecting') setStatus('reconnecting', 'Lost the KeyPort agent; reconnecting…');
+    if (state === 'reconnecting') setStatus('reconnecting', t('reconnecting'));
     if (state === 'open') start(); // the agent is back: hello and reload (nothing is re-sent on its own)
   });
 }
@@ -75,16 +57,16 @@ async function loadCertificates() {
   certificates = await keyport.listCertificates();
   const select = $('certs');
   const previous = select.value;
+  // What a clerk chooses by: whose certificate, what it is for, who issued it.
   select.replaceChildren(
-    ...certificates.map((c) => new Option(`${holder(c.subject)} — ${c.keyAlgorithm} — ${c.keyUsage.join(', ') || 'any use'}`, c.id)),
+    ...certificates.map((c) => new Option(`${holder(c.subject)} — ${purpose(c)} — ${t('optionIssuedBy', { issuer: holder(c.issuer) })}`, c.id)),
   );
   // Keep the user's choice; else prefer a signing (non-repudiation) certificate.
   const preferred = certificates.find((c) => c.id === previous) ?? certificates.find((c) => c.keyUsage.includes('nonRepudiation'));
   if (preferred) select.value = preferred.id;
-  select.disabled = certificates.length === 0;
-  for (const id of ['sign', 'batch', 'login']) $(id).disabled = certificates.length === 0;
+  setBusy(inFlight);
   showDetails();
-  setStatus('ready', certificates.length ? `Ready: ${certificates.length} certificate(s) found` : 'Connected, but no certificate was found: insert your token');
+  setStatus('ready', certificates.length ? t('ready', { n: certificates.length }) : t('noCertificates'));
 }
 
 function selected() {
@@ -95,109 +77,150 @@ function showDetails() {
   const c = selected();
   const rows = c
     ? [
-        ['Holder', holder(c.subject)],
-        ['Subject', c.subject],
-        ['Issuer', c.issuer],
-        ['Key', c.keyAlgorithm],
-        ['Valid', `${day(c.notBefore)} to ${day(c.notAfter)}`],
-        ['Key usage', c.keyUsage.join(', ') || '(not restricted)'],
+        [t('holder'), holder(c.subject)],
+        ...(attribute(c.subject, 'O') ? [[t('organisation'), attribute(c.subject, 'O')]] : []),
+        [t('purpose'), purpose(c)],
+        [t('issuedBy'), holder(c.issuer)],
+        [t('valid'), t('validRange', { from: day(c.notBefore), to: day(c.notAfter) })],
       ]
     : [];
   $('cert-details').replaceChildren(...rows.flatMap(([k, v]) => [el('dt', k), el('dd', v)]));
+  const technical = c
+    ? [
+        [t('subject'), c.subject],
+        [t('issuer'), c.issuer],
+        [t('key'), c.keyAlgorithm],
+        [t('keyUsage'), c.keyUsage.join(', ') || t('notRestricted')],
+      ]
+    : [];
+  $('cert-technical-list').replaceChildren(...technical.flatMap(([k, v]) => [el('dt', k), el('dd', v)]));
+  $('cert-technical').hidden = !c;
+}
+
+/** What KeyPort lets the certificate do, in words: a key has one purpose (a nonRepudiation
+ *  certificate signs documents, a digitalSignature-only one logs in). */
+function purpose(c) {
+  if (c.keyUsage.length === 0) return t('forAny');
+  if (c.keyUsage.includes('nonRepudiation')) return t('forSigning');
+  if (c.keyUsage.includes('digitalSignature')) return t('forLogin');
+  return t('forAny');
+}
+
+/** Disables every action while a request runs (and when there is no certificate). */
+function setBusy(busy) {
+  inFlight = busy;
+  const none = certificates.length === 0;
+  for (const id of ['sign', 'batch', 'login']) $(id).disabled = busy || none;
+  $('certs').disabled = busy || none;
+}
+
+/** Runs one user action: one at a time, a fresh line and no stale error when it starts. */
+async function action(resultId, waitingText, fn) {
+  if (inFlight) return;
+  setBusy(true);
+  clearError();
+  $(resultId).className = '';
+  $(resultId).textContent = waitingText;
+  try {
+    await fn();
+  } finally {
+    setBusy(false);
+  }
 }
 
 // ---- 1. sign one document and verify the signature in the page ------------------------------
 
-async function signContract() {
-  clearError();
-  const cert = selected();
-  const contract = encoder.encode($('contract').textContent);
-  $('verify-result').textContent = 'Waiting for your confirmation and PIN in the KeyPort dialog…';
-  try {
-    // P-256 → SHA-256 digest, P-384 → SHA-384, RSA → SHA-256 (made here with WebCrypto and sent as
-    // `digest`); ECDSA asks for r‖s (p1363) because WebCrypto verifies that form; Ed25519 sends data.
-    const input = await signInputFor(subtle, cert.keyAlgorithm, contract);
-    const result = await keyport.sign({
-      certificateId: cert.id,
-      ...input,
-      display: { title: 'Loan contract 2026-114', summary: '12 000 EUR over 5 years' },
-    });
-    $('signature').textContent = result.signatureBase64;
-    const ok = await verifySignature(subtle, {
-      certificate: cert.certificate,
-      keyAlgorithm: cert.keyAlgorithm,
-      signature: result.signature,
-      document: contract,
-    });
-    setResult('verify-result', ok, ok ? `Signature verified ✓ (${schemeFor(cert.keyAlgorithm).label})` : 'Signature did NOT verify ✗');
-  } catch (err) {
-    setResult('verify-result', false, 'Not signed.');
-    fail(err);
-  }
+function signContract() {
+  return action('verify-result', t('waitingDialog'), async () => {
+    const cert = selected();
+    const contract = encoder.encode($('contract').textContent);
+    try {
+      // P-256 → SHA-256 digest, P-384 → SHA-384, RSA → SHA-256 (made here with WebCrypto and sent as
+      // `digest`); ECDSA asks for r‖s (p1363) because WebCrypto verifies that form; Ed25519 sends data.
+      const input = await signInputFor(subtle, cert.keyAlgorithm, contract);
+      const result = await keyport.sign({
+        certificateId: cert.id,
+        ...input,
+        display: { title: t('contractTitle'), summary: t('contractSummary') },
+      });
+      $('signature').textContent = result.signatureBase64;
+      const ok = await verifySignature(subtle, {
+        certificate: cert.certificate,
+        keyAlgorithm: cert.keyAlgorithm,
+        signature: result.signature,
+        document: contract,
+      });
+      setResult('verify-result', ok, ok ? t('verified', { scheme: schemeFor(cert.keyAlgorithm).label }) : t('notVerified'));
+    } catch (err) {
+      setResult('verify-result', false, t('notSigned'));
+      fail(err);
+    }
+  });
 }
 
 // ---- 2. sign a batch with a progress bar ----------------------------------------------------
 
-async function signBatch() {
-  clearError();
-  const cert = selected();
-  const bar = $('batch-progress');
-  const documents = Array.from({ length: 10 }, (_, i) => encoder.encode(`Invoice 2026-${String(i + 1).padStart(3, '0')}: 1 200 EUR`));
-  bar.value = 0;
-  bar.max = documents.length;
-  $('batch-result').textContent = 'Waiting for your confirmation and PIN…';
-  try {
-    const items = await Promise.all(
-      documents.map(async (doc, i) => ({ ...(await signInputFor(subtle, cert.keyAlgorithm, doc)), label: `Invoice ${i + 1}` })),
-    );
-    // One dialog and one PIN for all; ecdsaEncoding etc. are batch-wide, so lift them out of the items.
-    const { ecdsaEncoding, signatureAlgorithm } = items[0];
-    const results = await keyport.signBatch({
-      certificateId: cert.id,
-      items: items.map(({ digest, data, label }) => ({ digest, data, label })),
-      ecdsaEncoding,
-      signatureAlgorithm,
-      display: { title: 'Invoices March 2026', summary: '10 invoices of 1 200 EUR' },
-      onProgress: ({ done, total }) => {
-        bar.max = total;
-        bar.value = done;
-        $('batch-result').textContent = `Signing… ${done}/${total}`;
-      },
-    });
-    bar.value = results.length; // the last progress event may be skipped when the batch is quick
-    const checks = await Promise.all(
-      results.map((r, i) =>
-        verifySignature(subtle, { certificate: cert.certificate, keyAlgorithm: cert.keyAlgorithm, signature: r.signature, document: documents[i] }),
-      ),
-    );
-    const good = checks.filter(Boolean).length;
-    setResult('batch-result', good === documents.length, `${results.length}/${documents.length} signed, ${good} verified ${good === documents.length ? '✓' : '✗'}`);
-  } catch (err) {
-    const done = err instanceof KeyPortError && err.results ? ` (${err.results.length} were signed before it stopped)` : '';
-    setResult('batch-result', false, `Batch not finished${done}.`);
-    fail(err);
-  }
+function signBatch() {
+  return action('batch-result', t('waitingShort'), async () => {
+    const cert = selected();
+    const bar = $('batch-progress');
+    const documents = Array.from({ length: 10 }, (_, i) => encoder.encode(`Invoice 2026-${String(i + 1).padStart(3, '0')}: 1 200 EUR`));
+    bar.value = 0;
+    bar.max = documents.length;
+    try {
+      const items = await Promise.all(
+        documents.map(async (doc, i) => ({ ...(await signInputFor(subtle, cert.keyAlgorithm, doc)), label: t('invoiceLabel', { n: i + 1 }) })),
+      );
+      // One dialog and one PIN for all; ecdsaEncoding etc. are batch-wide, so lift them out of the items.
+      const { ecdsaEncoding, signatureAlgorithm } = items[0];
+      const results = await keyport.signBatch({
+        certificateId: cert.id,
+        items: items.map(({ digest, data, label }) => ({ digest, data, label })),
+        ecdsaEncoding,
+        signatureAlgorithm,
+        display: { title: t('batchTitle'), summary: t('batchSummary') },
+        onProgress: ({ done, total }) => {
+          bar.max = total;
+          bar.value = done;
+          $('batch-result').textContent = t('signing', { done, total });
+        },
+      });
+      bar.value = results.length; // the last progress event may be skipped when the batch is quick
+      const checks = await Promise.all(
+        results.map((r, i) =>
+          verifySignature(subtle, { certificate: cert.certificate, keyAlgorithm: cert.keyAlgorithm, signature: r.signature, document: documents[i] }),
+        ),
+      );
+      const good = checks.filter(Boolean).length;
+      const all = good === documents.length;
+      setResult('batch-result', all, t('batchDone', { signed: results.length, total: documents.length, good, mark: all ? '✓' : '✗' }));
+    } catch (err) {
+      const done = err instanceof KeyPortError && err.results ? t('batchSignedBefore', { n: err.results.length }) : '';
+      setResult('batch-result', false, t('batchStopped', { done }));
+      fail(err);
+    }
+  });
 }
 
 // ---- 3. log in: sign a fresh server challenge (Web eID token) -------------------------------
 
-async function logIn() {
-  clearError();
-  // In a real portal the challenge (nonce) comes from your server and the token goes back to it,
-  // which validates it with a Web eID library. Here the page makes one and checks the token itself.
-  const challenge = toBase64(crypto.getRandomValues(new Uint8Array(32)));
-  const cert = loginCertificate();
-  $('login-result').textContent = 'Waiting for your confirmation and PIN…';
-  try {
-    const token = await keyport.authenticate({ challenge, certificateId: cert?.id });
-    $('login-token').textContent = JSON.stringify(token, null, 2);
-    const ok = await verifyWebEidToken(subtle, { token, origin: location.origin, challenge, fromBase64 });
-    const who = cert ? holder(cert.subject) : 'you';
-    setResult('login-result', ok, ok ? `Logged in as ${who}: token verified ✓ (${token.algorithm})` : 'Login token did NOT verify ✗');
-  } catch (err) {
-    setResult('login-result', false, 'Not logged in.');
-    fail(err);
-  }
+function logIn() {
+  return action('login-result', t('waitingShort'), async () => {
+    // In a real portal the challenge (nonce) comes from your server and the token goes back to it,
+    // which validates it with a Web eID library. Here the page makes one and checks the token itself.
+    const challenge = toBase64(crypto.getRandomValues(new Uint8Array(32)));
+    const cert = loginCertificate();
+    try {
+      const token = await keyport.authenticate({ challenge, certificateId: cert?.id });
+      $('login-token').textContent = JSON.stringify(token, null, 2);
+      const ok = await verifyWebEidToken(subtle, { token, origin: location.origin, challenge, fromBase64 });
+      const who = cert ? holder(cert.subject) : t('you');
+      setResult('login-result', ok, ok ? t('loggedIn', { who, algorithm: token.algorithm }) : t('loginNotVerified'));
+    } catch (err) {
+      setResult('login-result', false, t('notLoggedIn'));
+      fail(err);
+    }
+  });
 }
 
 // Login needs digitalSignature: the selected certificate if it allows it, else the first that does.
@@ -216,14 +239,14 @@ function loginCertificate() {
 
 function fail(err) {
   const reason = err instanceof KeyPortError ? err.reason : 'INTERNAL';
-  let text = PLAIN_WORDS[reason] ?? err.message;
-  if (reason === 'PIN_INCORRECT' && err.data.finalTry) text += ' One try is left before the PIN locks.';
-  else if (reason === 'PIN_INCORRECT' && err.data.countLow) text += ' Few tries are left.';
+  let text = TEXTS[LANG].reasons[reason] ?? err.message;
+  if (reason === 'PIN_INCORRECT' && err.data.finalTry) text += t('finalTry');
+  else if (reason === 'PIN_INCORRECT' && err.data.countLow) text += t('countLow');
   const box = $('error');
   box.dataset.reason = reason;
   box.textContent = `${text} [${reason}]`;
   box.hidden = false;
-  if (reason === 'AGENT_NOT_RUNNING' || reason === 'LOOPBACK_BLOCKED') setStatus('error', 'Not connected');
+  if (reason === 'AGENT_NOT_RUNNING' || reason === 'LOOPBACK_BLOCKED') setStatus('error', t('notConnected'));
   console.error(err);
 }
 
@@ -243,8 +266,14 @@ function setResult(id, ok, text) {
   $(id).className = ok ? 'ok' : 'bad';
 }
 
-function holder(subject) {
-  return /(?:^|,)CN=((?:\\.|[^,])*)/.exec(subject)?.[1].replace(/\\(.)/g, '$1') ?? subject;
+function holder(name) {
+  return attribute(name, 'CN') ?? name;
+}
+
+/** One attribute (CN, O, …) of an RFC 4514 name, unescaped. */
+function attribute(name, type) {
+  const m = new RegExp(`(?:^|,)${type}=((?:\\\\.|[^,])*)`).exec(name);
+  return m ? m[1].replace(/\\(.)/g, '$1') : null;
 }
 
 function day(rfc3339) {
@@ -258,6 +287,10 @@ function el(tag, text) {
 }
 
 // ---- wiring ---------------------------------------------------------------------------------
+
+document.documentElement.lang = LANG;
+for (const node of document.querySelectorAll('[data-t]')) node.textContent = t(node.dataset.t);
+$('contract').textContent = t('contract');
 
 $('certs').addEventListener('change', showDetails);
 $('sign').addEventListener('click', signContract);

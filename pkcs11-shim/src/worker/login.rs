@@ -1,26 +1,25 @@
-//! The login loop: ask the provider, make exactly one C_Login with its answer, and on a wrong
-//! PIN ask again with the token's new PIN flags. The shim never re-sends a PIN by itself.
+//! Logins: one C_Login per login the token asks for, with the job's credential, never twice
+//! with the same PIN for the same login. A wrong PIN, a lock, a missing credential or a cancel on
+//! the reader ends the job with its typed error; the caller decides whether to ask again.
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
-use super::{Found, Worker};
-use crate::certificate::CertificateInfo;
+use super::{pin_status, Found, Worker};
 use crate::error::{from_cryptoki, Error};
-use crate::pin::{LoginKind, PinAnswer, PinProvider, PinRequest};
+use crate::pin::{Credential, LoginKind};
 use crate::token::TokenId;
 
 impl Worker {
-    /// Makes sure this process is logged in as the user. No provider call when the login is
-    /// cached; no C_Login at all when the PIN is locked. `found` is the request's probe;
-    /// returned is the latest one (a PIN dialog is followed by a new probe).
+    /// Makes sure this process is logged in as the user. No C_Login when the login is cached
+    /// or the token needs none; none either when the PIN is locked. `found` is the request's
+    /// probe; returned is the latest one.
     pub(super) fn ensure_user_login(
         &mut self,
         id: &TokenId,
         found: Found,
-        certificate: &CertificateInfo,
-        provider: &mut dyn PinProvider,
+        credential: &Credential,
     ) -> Result<Found, Error> {
         // Open the session first: a login only lasts while a session is open.
         self.session_at(id, found.slot)?;
@@ -29,7 +28,7 @@ impl Worker {
             return Ok(found);
         }
         // A session that died took the token's state with it: probe again.
-        let found = if self.tokens.contains_key(id) {
+        let mut found = if self.tokens.contains_key(id) {
             found
         } else {
             self.find(id)?
@@ -37,7 +36,7 @@ impl Worker {
         if !found.info.login_required() {
             return Ok(found);
         }
-        let found = self.login_loop(id, found, certificate, provider, LoginKind::User)?;
+        self.login(id, &mut found, LoginKind::User, credential)?;
         // Private objects just became visible.
         if let Some(state) = self.tokens.get_mut(id) {
             state.entries = None;
@@ -45,79 +44,71 @@ impl Worker {
         Ok(found)
     }
 
-    /// Asks the provider and logs in until success, cancel, lock or a non-PIN error.
-    /// For `ContextSpecific`, the signing operation must already be initialised. `found` is
-    /// a fresh probe (no dialog since); returned is the probe the successful C_Login used.
-    pub(super) fn login_loop(
+    /// One C_Login of `kind` with `credential` on the token's session (for `ContextSpecific`
+    /// the signing operation must be initialised). `found` is updated after a wrong PIN.
+    pub(super) fn login(
         &mut self,
         id: &TokenId,
-        mut found: Found,
-        certificate: &CertificateInfo,
-        provider: &mut dyn PinProvider,
+        found: &mut Found,
         kind: LoginKind,
-    ) -> Result<Found, Error> {
+        credential: &Credential,
+    ) -> Result<(), Error> {
+        let status = pin_status(&found.info);
+        let pin_pad = found.info.protected_authentication_path();
+        if status.locked {
+            return Err(Error::PinLocked);
+        }
+        if !status.initialized {
+            return Err(Error::PinNotInitialized);
+        }
+        let pin = match credential {
+            Credential::None => {
+                return Err(Error::LoginRequired {
+                    kind,
+                    pin: status,
+                    pin_pad,
+                })
+            }
+            Credential::PinPad if pin_pad => None,
+            Credential::PinPad => {
+                return Err(Error::InvalidInput(
+                    "the token has no PIN pad: a PIN is needed, not a confirmation".to_owned(),
+                ))
+            }
+            Credential::Pin(pin) => Some(AuthPin::from(pin.expose())),
+        };
         let user_type = match kind {
             LoginKind::User => UserType::User,
             LoginKind::ContextSpecific => UserType::ContextSpecific,
         };
-        let mut previous_error = None;
-        let mut attempt = 1u32;
-        loop {
-            let token = self.describe_found(&found);
-            if token.pin.locked {
-                return Err(Error::PinLocked);
-            }
-            if !token.pin.initialized {
-                return Err(Error::PinNotInitialized);
-            }
-            let answer = provider.request(&PinRequest {
-                token: &token,
-                certificate,
-                kind,
-                protected_path: token.pin_pad,
-                previous_error,
-                attempt,
-            });
-            let pin = match answer {
-                PinAnswer::Cancel => return Err(Error::UserCancelled),
-                PinAnswer::Confirmed if token.pin_pad => None,
-                PinAnswer::Confirmed => {
-                    return Err(Error::InvalidInput(
-                        "the token has no PIN pad: a PIN is needed, not a confirmation".to_owned(),
-                    ))
+        tracing::debug!(token = %id, ?kind, pin_pad, "C_Login");
+        let session = self.session_at(id, found.slot)?;
+        let result = session.login(user_type, pin.as_ref());
+        drop(pin);
+        match result {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                // The PIN flags changed: read them again for the caller's next dialog.
+                found.info = self.ctx.get_token_info(found.slot).map_err(from_cryptoki)?;
+                let after = pin_status(&found.info);
+                tracing::info!(
+                    token = %id,
+                    ?kind,
+                    count_low = after.count_low,
+                    final_try = after.final_try,
+                    locked = after.locked,
+                    "wrong PIN"
+                );
+                if after.locked {
+                    Err(Error::PinLocked)
+                } else {
+                    Err(Error::PinIncorrect {
+                        count_low: after.count_low,
+                        final_try: after.final_try,
+                    })
                 }
-                PinAnswer::Pin(pin) => Some(AuthPin::from(pin.expose())),
-            };
-            tracing::debug!(token = %id, ?kind, attempt, pin_pad = token.pin_pad, "C_Login");
-            // The dialog took the user's time: find the token again before the PIN goes to it.
-            found = self.find(id)?;
-            let session = self.session_at(id, found.slot)?;
-            let result = session.login(user_type, pin.as_ref());
-            drop(pin);
-            match result {
-                Ok(()) => return Ok(found),
-                Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => return Ok(found),
-                Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                    // The PIN flags changed: read them again (this answer serves the next
-                    // round's lock check and dialog).
-                    found.info = self.ctx.get_token_info(found.slot).map_err(from_cryptoki)?;
-                    let after = super::pin_status(&found.info);
-                    tracing::info!(
-                        token = %id,
-                        count_low = after.count_low,
-                        final_try = after.final_try,
-                        locked = after.locked,
-                        "wrong PIN"
-                    );
-                    if after.locked {
-                        return Err(Error::PinLocked);
-                    }
-                    previous_error = Some(after);
-                    attempt += 1;
-                }
-                Err(CkError::Pkcs11(RvError::PinLocked, _)) => return Err(Error::PinLocked),
-                Err(e) => return Err(from_cryptoki(e)),
             }
+            Err(e) => Err(from_cryptoki(e)),
         }
     }
 }

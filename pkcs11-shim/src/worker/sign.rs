@@ -1,30 +1,32 @@
-//! Signing: check the request, log in once, pick a mechanism per input, sign N inputs.
+//! Signing: check the request, log in once, pick a mechanism per input, sign N inputs. A key
+//! with CKA_ALWAYS_AUTHENTICATE signs by the specification: C_SignInit, then
+//! C_Login(CKU_CONTEXT_SPECIFIC), then one single-part C_Sign (see `crate::raw`).
 
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::ObjectHandle;
 use cryptoki::types::Ulong;
 
-use super::Worker;
+use super::{pin_status, Found, Worker};
 use crate::algorithm::{
     check_input, digest_info, ecdsa_p1363_to_der, EcdsaEncoding, HashAlg, SignAlgorithm, SignInput,
 };
-use crate::certificate::{CertificateInfo, KeyAlgorithm};
+use crate::certificate::KeyAlgorithm;
 use crate::error::{from_cryptoki, Error, SignFailure};
-use crate::module::SignJob;
-use crate::pin::{LoginKind, PinProvider};
+use crate::module::{Progress, SignJob};
+use crate::pin::{Credential, LoginKind};
 use crate::token::TokenId;
 
 impl Worker {
     pub(super) fn sign(&mut self, job: SignJob) -> Result<Vec<Vec<u8>>, SignFailure> {
         let SignJob {
             req,
-            mut pin,
-            mut progress,
+            credential,
+            progress,
             cancel,
         } = job;
         let span = tracing::info_span!(
@@ -40,24 +42,23 @@ impl Worker {
         let result = self.sign_batch(
             &token,
             &req,
-            pin.as_mut(),
-            &mut |done, total| {
-                if let Some(p) = progress.as_mut() {
-                    p(done, total);
-                }
-            },
+            &credential,
+            progress.as_ref(),
             &|| cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)),
             &mut completed,
         );
+        drop(credential);
         if let Err(e) = &result {
             if e.is_removal() {
                 self.forget(&token);
             } else if !matches!(
                 e,
-                Error::InvalidInput(_) | Error::MechanismNotSupported { .. }
+                Error::InvalidInput(_)
+                    | Error::MechanismNotSupported { .. }
+                    | Error::LoginRequired { .. }
             ) {
-                // An operation may still be active in the session (say, a context login
-                // that was cancelled after C_SignInit): continue in a fresh session.
+                // An operation may still be active in the session (say, a context login that
+                // failed after C_SignInit): continue in a fresh session, keeping the login.
                 self.renew_session(&token);
             }
         }
@@ -72,7 +73,7 @@ impl Worker {
                 Ok(completed)
             }
             Err(error) => {
-                tracing::info!(error = %error, completed = completed.len(), "signing failed");
+                tracing::info!(error = %error, completed = completed.len(), "signing stopped");
                 Err(SignFailure { error, completed })
             }
         }
@@ -82,8 +83,8 @@ impl Worker {
         &mut self,
         token: &TokenId,
         req: &crate::algorithm::SignRequest,
-        provider: &mut dyn PinProvider,
-        progress: &mut dyn FnMut(usize, usize),
+        credential: &Credential,
+        progress: Option<&mpsc::Sender<Progress>>,
         cancelled: &dyn Fn() -> bool,
         completed: &mut Vec<Vec<u8>>,
     ) -> Result<(), Error> {
@@ -94,25 +95,22 @@ impl Worker {
         for input in &req.inputs {
             check_input(req.algorithm, input)?;
         }
-        // The one health probe of the request (its C_GetTokenInfo serves every step up to a
-        // PIN dialog): a token that moved is found in its new slot, a removed one fails here.
+        // The one health probe of the request (its C_GetTokenInfo serves every step up to the
+        // login): a token that moved is found in its new slot, a removed one fails here.
         let found = self.find(token)?;
         let entry = self.entry_at(&req.certificate, &found)?;
         let key_alg = entry.info.key_algorithm;
         check_key(req.algorithm, key_alg)?;
         let mechanisms = self.mechanisms_at(token, found.slot)?;
-        // Fail on an unsupported mechanism before asking anyone for a PIN.
+        // Fail on an unsupported mechanism before any login.
         for input in &req.inputs {
-            let planned = plan(req.algorithm, input, &mechanisms)?;
-            if entry.info.always_authenticate && self.single_part_only(token, planned.mech) {
-                return Err(single_part_error(planned.mech, &entry.info));
-            }
+            plan(req.algorithm, input, &mechanisms)?;
         }
 
         if cancelled() {
             return Err(Error::Cancelled);
         }
-        let found = self.ensure_user_login(token, found, &entry.info, provider)?;
+        let mut found = self.ensure_user_login(token, found, credential)?;
 
         // After login the private key is visible; scan again if it was not before.
         let entry = match entry.private_key {
@@ -121,6 +119,8 @@ impl Worker {
         };
         let key = entry.private_key.ok_or(Error::KeyNotFound)?;
         let always_auth = entry.info.always_authenticate;
+        // An always-authenticate key: the credential serves one signature's context login.
+        let mut context_credential = Some(credential);
 
         let total = req.inputs.len();
         for (i, input) in req.inputs.iter().enumerate() {
@@ -128,12 +128,21 @@ impl Worker {
                 return Err(Error::Cancelled);
             }
             let planned = plan(req.algorithm, input, &mechanisms)?;
-            let raw = self.sign_one(
-                token,
-                key,
-                &planned,
-                always_auth.then_some((&entry.info, &mut *provider)),
-            )?;
+            let raw = if always_auth {
+                let credential = context_credential
+                    .take()
+                    .filter(|c| c.is_some())
+                    .ok_or_else(|| Error::LoginRequired {
+                        kind: LoginKind::ContextSpecific,
+                        pin: pin_status(&found.info),
+                        pin_pad: found.info.protected_authentication_path(),
+                    })?;
+                self.sign_always_authenticate(token, &mut found, key, &planned, credential)?
+            } else {
+                self.cached_session(token)?
+                    .sign(&planned.mech.to_cryptoki(), key, &planned.data)
+                    .map_err(from_cryptoki)?
+            };
             let sig = match req.algorithm {
                 SignAlgorithm::Ecdsa(_, EcdsaEncoding::Der) => {
                     check_ecdsa_len(&raw, key_alg)?;
@@ -146,79 +155,42 @@ impl Worker {
                 _ => raw,
             };
             completed.push(sig);
-            progress(i + 1, total);
+            if let Some(p) = progress {
+                // The receiver may be gone (a caller that stopped listening); signing goes on.
+                let _ = p.send(Progress { done: i + 1, total });
+            }
         }
         Ok(())
     }
 
-    /// One signature. With `reauth` (a CKA_ALWAYS_AUTHENTICATE key): C_SignInit, then the
-    /// context-specific login loop, then the signature.
-    fn sign_one(
+    /// One signature with a CKA_ALWAYS_AUTHENTICATE key: C_SignInit, C_Login
+    /// (CKU_CONTEXT_SPECIFIC) with the credential, then a single-part C_Sign. A failed login
+    /// leaves the operation active; the caller renews the session.
+    fn sign_always_authenticate(
         &mut self,
         token: &TokenId,
+        found: &mut Found,
         key: ObjectHandle,
         planned: &Planned,
-        reauth: Option<(&CertificateInfo, &mut dyn PinProvider)>,
+        credential: &Credential,
     ) -> Result<Vec<u8>, Error> {
-        let mechanism = planned.mech.to_cryptoki();
-        match reauth {
-            None => self
-                .cached_session(token)?
-                .sign(&mechanism, key, &planned.data)
-                .map_err(from_cryptoki),
-            Some((certificate, provider)) => {
-                self.cached_session(token)?
-                    .sign_init(&mechanism, key)
-                    .map_err(from_cryptoki)?;
-                // A PIN dialog may have passed since the request's probe: probe again.
-                let found = self.find(token)?;
-                self.login_loop(
-                    token,
-                    found,
-                    certificate,
-                    provider,
-                    LoginKind::ContextSpecific,
-                )?;
-                let session = self.cached_session(token)?;
-                // cryptoki 0.12 offers no bare C_Sign after C_SignInit, so the signature is
-                // made in two parts; tokens that do a mechanism single-part only (SoftHSM's
-                // CKM_ECDSA, CKM_EDDSA, CKM_RSA_PKCS) refuse C_SignUpdate.
-                let single_part_only = |e: &CkError| {
-                    matches!(
-                        e,
-                        CkError::Pkcs11(
-                            RvError::OperationNotInitialized
-                                | RvError::FunctionFailed
-                                | RvError::FunctionNotSupported
-                                | RvError::MechanismInvalid,
-                            _
-                        )
-                    )
-                };
-                let signed = session
-                    .sign_update(&planned.data)
-                    .and_then(|()| session.sign_final());
-                match signed {
-                    Ok(sig) => Ok(sig),
-                    Err(e) if single_part_only(&e) => {
-                        tracing::debug!(error = %e, mechanism = %planned.mech.mechanism_type(),
-                            "multi-part signing refused after a context login");
-                        if let Some(state) = self.tokens.get_mut(token) {
-                            state.single_part_only.push(planned.mech.mechanism_type());
-                        }
-                        Err(single_part_error(planned.mech, certificate))
-                    }
-                    Err(e) => Err(from_cryptoki(e)),
-                }
-            }
+        if self.raw.is_none() {
+            return Err(Error::MechanismNotSupported {
+                algorithm: format!(
+                    "{} on a key that asks for the PIN per signature (the module's C_Sign \
+                     could not be loaded)",
+                    planned.mech.algorithm_name()
+                ),
+                key: "this".to_owned(),
+            });
         }
-    }
-
-    /// True when the token refused this mechanism in parts before.
-    fn single_part_only(&self, token: &TokenId, mech: Mech) -> bool {
-        self.tokens
-            .get(token)
-            .is_some_and(|s| s.single_part_only.contains(&mech.mechanism_type()))
+        self.cached_session(token)?
+            .sign_init(&planned.mech.to_cryptoki(), key)
+            .map_err(from_cryptoki)?;
+        self.login(token, found, LoginKind::ContextSpecific, credential)?;
+        let session = self.cached_session(token)?;
+        let raw = self.raw.as_ref().ok_or(Error::WorkerGone)?;
+        raw.sign(session, &planned.data).map_err(from_cryptoki)
     }
 
     /// The token's open session, without the health probe (inside a batch).
@@ -227,20 +199,6 @@ impl Worker {
             .get(token)
             .and_then(|s| s.session.as_ref())
             .ok_or(Error::TokenNotPresent)
-    }
-}
-
-/// The error for a CKA_ALWAYS_AUTHENTICATE key whose mechanism the token signs in one part
-/// only: the shim can finish such a signature only with C_SignUpdate + C_SignFinal.
-fn single_part_error(mech: Mech, certificate: &CertificateInfo) -> Error {
-    Error::MechanismNotSupported {
-        algorithm: format!(
-            "{} on a CKA_ALWAYS_AUTHENTICATE key (the token signs {} in one part only, \
-             and KeyPort must sign such keys in parts)",
-            mech.algorithm_name(),
-            mech.mechanism_type()
-        ),
-        key: certificate.key_algorithm.wire_name(),
     }
 }
 

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::sync::{Mutex, PoisonError};
 
 use pkcs11_shim::{
-    CertificateInfo, LoginKind, Module, PinAnswer, PinProvider, PinRequest, PinStatus, SecretPin,
-    TokenId,
+    CertificateInfo, Credential, Error, LoginKind, Module, PinStatus, Progress, SecretPin,
+    SignFailure, SignRequest, TokenId,
 };
 
 pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -146,7 +146,7 @@ fn load_copy(dir: &Path, name: &str) -> Module {
     Module::load(&copy).expect("load softhsm copy")
 }
 
-/// What a scripted provider was asked.
+/// What the scripted user was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Asked {
     pub kind: LoginKind,
@@ -156,21 +156,26 @@ pub struct Asked {
     pub certificate_label: String,
 }
 
-/// Answers from a script, in order, and records every request.
+/// A scripted user, and the loop every caller of the shim runs (the agent's is in its
+/// service): send the job; on `LoginRequired` or `PinIncorrect` ask the user (the next scripted
+/// answer) and send the rest again; stop at the first cancel. Every question is recorded.
 pub struct ScriptedPin {
     answers: std::vec::IntoIter<Option<&'static str>>,
+    /// Asking at all is a test failure.
+    forbidden: bool,
     pub log: std::sync::Arc<Mutex<Vec<Asked>>>,
 }
 
+pub type AskedLog = std::sync::Arc<Mutex<Vec<Asked>>>;
+
 impl ScriptedPin {
     /// `Some(pin)` answers with a PIN, `None` cancels. Running out of answers cancels.
-    pub fn new(
-        answers: Vec<Option<&'static str>>,
-    ) -> (Box<ScriptedPin>, std::sync::Arc<Mutex<Vec<Asked>>>) {
+    pub fn new(answers: Vec<Option<&'static str>>) -> (Box<ScriptedPin>, AskedLog) {
         let log = std::sync::Arc::new(Mutex::new(Vec::new()));
         (
             Box::new(ScriptedPin {
                 answers: answers.into_iter(),
+                forbidden: false,
                 log: log.clone(),
             }),
             log,
@@ -178,32 +183,132 @@ impl ScriptedPin {
     }
 
     /// Always answers the right PIN.
-    pub fn right() -> (Box<ScriptedPin>, std::sync::Arc<Mutex<Vec<Asked>>>) {
+    pub fn right() -> (Box<ScriptedPin>, AskedLog) {
         ScriptedPin::new(vec![Some(USER_PIN); 100])
     }
 }
 
-impl PinProvider for ScriptedPin {
-    fn request(&mut self, req: &PinRequest<'_>) -> PinAnswer {
-        self.log.lock().expect("log").push(Asked {
-            kind: req.kind,
-            attempt: req.attempt,
-            previous_error: req.previous_error,
-            protected_path: req.protected_path,
-            certificate_label: req.certificate.label.clone(),
-        });
-        match self.answers.next().flatten() {
-            Some(pin) => PinAnswer::Pin(SecretPin::from(pin.to_owned())),
-            None => PinAnswer::Cancel,
-        }
-    }
+/// A user who must not be asked.
+pub fn no_pin() -> Box<ScriptedPin> {
+    let mut p = ScriptedPin::new(Vec::new()).0;
+    p.forbidden = true;
+    p
 }
 
-/// A provider that must not be called.
-pub fn no_pin() -> Box<dyn PinProvider> {
-    Box::new(|req: &PinRequest<'_>| -> PinAnswer {
-        panic!("PIN provider called unexpectedly: {:?}", req.kind)
-    })
+/// [`Module::sign`] driven by a scripted user.
+pub trait SignWith {
+    fn sign_with(
+        &self,
+        req: SignRequest,
+        user: Box<ScriptedPin>,
+        progress: Option<Box<dyn FnMut(usize, usize) + Send>>,
+        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<Vec<Vec<u8>>, SignFailure>;
+}
+
+impl SignWith for Module {
+    fn sign_with(
+        &self,
+        req: SignRequest,
+        mut user: Box<ScriptedPin>,
+        mut progress: Option<Box<dyn FnMut(usize, usize) + Send>>,
+        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<Vec<Vec<u8>>, SignFailure> {
+        let total = req.inputs.len();
+        let mut done: Vec<Vec<u8>> = Vec::new();
+        let mut credential = Credential::None;
+        let mut attempt = 1;
+        loop {
+            let rest = SignRequest {
+                inputs: req.inputs[done.len()..].to_vec(),
+                ..req.clone()
+            };
+            let (tx, rx) = std::sync::mpsc::channel::<Progress>();
+            let offset = done.len();
+            let mut callback = progress.take();
+            let forward = std::thread::spawn(move || {
+                for p in rx {
+                    if let Some(f) = callback.as_mut() {
+                        f(offset + p.done, total);
+                    }
+                }
+                callback
+            });
+            let result = self.sign(
+                rest,
+                std::mem::take(&mut credential),
+                Some(tx),
+                cancel.clone(),
+            );
+            // A job the worker never started (BUSY) still holds the sender in its queue: the
+            // forwarder is left to end when the worker drops it.
+            let started = !matches!(&result, Err(f) if matches!(f.error, Error::Busy { .. }));
+            if started {
+                progress = forward.join().expect("progress forwarder");
+            }
+            let (kind, pin, pad, previous) = match result {
+                Ok(sigs) => {
+                    done.extend(sigs);
+                    return Ok(done);
+                }
+                Err(SignFailure { error, completed }) => {
+                    let signed = !completed.is_empty();
+                    done.extend(completed);
+                    match error {
+                        Error::LoginRequired { kind, pin, pin_pad } => {
+                            if signed {
+                                attempt = 1;
+                            }
+                            (kind, pin, pin_pad, None)
+                        }
+                        Error::PinIncorrect {
+                            count_low,
+                            final_try,
+                        } => {
+                            attempt += 1;
+                            let flags = PinStatus {
+                                initialized: true,
+                                count_low,
+                                final_try,
+                                locked: false,
+                            };
+                            (LoginKind::User, flags, false, Some(flags))
+                        }
+                        error => {
+                            return Err(SignFailure {
+                                error,
+                                completed: done,
+                            })
+                        }
+                    }
+                }
+            };
+            let _ = pin;
+            assert!(!user.forbidden, "the user was asked unexpectedly: {kind:?}");
+            let label = self
+                .certificates(Some(req.certificate.token_id()))
+                .ok()
+                .and_then(|c| c.into_iter().find(|c| c.id == req.certificate))
+                .map(|c| c.label)
+                .unwrap_or_default();
+            user.log.lock().expect("log").push(Asked {
+                kind,
+                attempt,
+                previous_error: previous,
+                protected_path: pad,
+                certificate_label: label,
+            });
+            credential = match user.answers.next().flatten() {
+                Some(pin) => Credential::Pin(SecretPin::from(pin.to_owned())),
+                None => {
+                    return Err(SignFailure {
+                        error: Error::UserCancelled,
+                        completed: done,
+                    })
+                }
+            };
+        }
+    }
 }
 
 /// Verifies a signature with the openssl CLI, using the public key from the certificate.

@@ -29,6 +29,23 @@ pub(crate) struct Control {
     /// C_GetTokenInfo fails with CKR_GENERAL_ERROR — and, as SoftHSM does once the process ran
     /// out of descriptors, keeps failing after this is cleared, until the next C_Initialize.
     pub(crate) general_error: bool,
+    /// Stand in for a PIN-pad reader: C_GetTokenInfo adds CKF_PROTECTED_AUTHENTICATION_PATH and
+    /// C_Login with no PIN is answered as [`Control::pin_pad_entry`] says.
+    pub(crate) pin_pad: bool,
+    /// What the user does on the pad: type a PIN, or cancel (the default).
+    pub(crate) pin_pad_entry: PadEntry,
+    /// How long the user takes on the pad, in milliseconds.
+    pub(crate) pin_pad_delay_ms: u64,
+}
+
+/// What the user does on a PIN pad.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) enum PadEntry {
+    /// Presses Cancel (or lets the reader time out): CKR_FUNCTION_CANCELED.
+    #[default]
+    Cancel,
+    /// Types this PIN: the login goes to the real module with it.
+    Pin(String),
 }
 
 /// Why a control file could not be used.
@@ -84,6 +101,19 @@ impl Control {
                 "general_error" => {
                     control.general_error = flag(value).ok_or_else(|| bad("not 0/1"))?;
                 }
+                "pin_pad" => control.pin_pad = flag(value).ok_or_else(|| bad("not 0/1"))?,
+                "pin_pad_entry" => {
+                    control.pin_pad_entry = match value {
+                        "cancel" => PadEntry::Cancel,
+                        pin if !pin.is_empty() && pin.bytes().all(|b| b.is_ascii_graphic()) => {
+                            PadEntry::Pin(pin.to_owned())
+                        }
+                        _ => return Err(bad("expected a PIN or `cancel`")),
+                    };
+                }
+                "pin_pad_delay_ms" => {
+                    control.pin_pad_delay_ms = value.parse().map_err(|_| bad("not a number"))?;
+                }
                 "fail_sign_after" => {
                     let n = value.parse().map_err(|_| bad("not a number"))?;
                     control.fail_sign_after = Some(n);
@@ -137,7 +167,8 @@ mod tests {
     #[test]
     fn every_key_parses() {
         let text = "pin_locked=1\npin_count_low = true\npin_final_try=1\ntoken_removed=1\n\
-                    fail_sign_after=3\nhang_sign=1\ncrash_on=C_Sign, C_Login\n";
+                    fail_sign_after=3\nhang_sign=1\ncrash_on=C_Sign, C_Login\n\
+                    pin_pad=1\npin_pad_entry=654321\npin_pad_delay_ms=250\n";
         let control = Control::parse(text).expect("valid control file");
         assert_eq!(
             control,
@@ -150,6 +181,9 @@ mod tests {
                 hang_sign: true,
                 crash_on: vec!["C_Sign".to_owned(), "C_Login".to_owned()],
                 general_error: false,
+                pin_pad: true,
+                pin_pad_entry: PadEntry::Pin("654321".to_owned()),
+                pin_pad_delay_ms: 250,
             }
         );
         assert!(control.crashes_on("C_Login"));
@@ -171,6 +205,8 @@ mod tests {
             "pin_locked=2",
             "fail_sign_after=-1",
             "crash_on=Sign",
+            "pin_pad_entry=",
+            "pin_pad_delay_ms=soon",
         ] {
             assert!(Control::parse(text).is_err(), "{text:?} should be rejected");
         }

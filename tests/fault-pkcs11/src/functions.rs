@@ -6,16 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cryptoki_sys::{
-    CKF_TOKEN_PRESENT, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED,
-    CKR_ARGUMENTS_BAD, CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_FUNCTION_NOT_SUPPORTED,
-    CKR_GENERAL_ERROR, CKR_OK, CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT, CKU_CONTEXT_SPECIFIC,
-    CKU_USER, CK_ATTRIBUTE, CK_BBOOL, CK_BYTE, CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM,
-    CK_MECHANISM_INFO, CK_MECHANISM_TYPE, CK_NOTIFY, CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE,
-    CK_SESSION_INFO, CK_SLOT_ID, CK_SLOT_INFO, CK_TOKEN_INFO, CK_ULONG, CK_USER_TYPE,
+    CKF_PROTECTED_AUTHENTICATION_PATH, CKF_TOKEN_PRESENT, CKF_USER_PIN_COUNT_LOW,
+    CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_ARGUMENTS_BAD, CKR_DEVICE_ERROR,
+    CKR_DEVICE_REMOVED, CKR_FUNCTION_CANCELED, CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR,
+    CKR_OK, CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT, CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER,
+    CK_ATTRIBUTE, CK_BBOOL, CK_BYTE, CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_INFO,
+    CK_MECHANISM_TYPE, CK_NOTIFY, CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO,
+    CK_SLOT_ID, CK_SLOT_INFO, CK_TOKEN_INFO, CK_ULONG, CK_USER_TYPE,
 };
 
-use crate::control::Control;
-use crate::{call, signature_fails, Call};
+use crate::control::{Control, PadEntry};
+use crate::{call, call_noted, signature_fails, Call};
 
 /// Set by `general_error=1`; cleared only by a successful C_Initialize (SoftHSM's behaviour
 /// after descriptor exhaustion).
@@ -153,6 +154,9 @@ fn pin_flags(control: &Control) -> CK_FLAGS {
     if control.pin_final_try {
         flags |= CKF_USER_PIN_FINAL_TRY;
     }
+    if control.pin_pad {
+        flags |= CKF_PROTECTED_AUTHENTICATION_PATH;
+    }
     flags
 }
 
@@ -218,17 +222,41 @@ unsafe extern "C" fn login(
     pin: *mut CK_BYTE,
     pin_len: CK_ULONG,
 ) -> CK_RV {
-    call("C_Login", |c| {
+    let who = match user_type {
+        CKU_USER => "CKU_USER",
+        CKU_CONTEXT_SPECIFIC => "CKU_CONTEXT_SPECIFIC",
+        CKU_SO => "CKU_SO",
+        _ => "CKU_(other)",
+    };
+    let note = format!("{who} {}", if pin.is_null() { "null-pin" } else { "pin" });
+    call_noted("C_Login", &note, |c| {
         if c.control.token_removed {
             CKR_DEVICE_REMOVED
         } else if c.control.pin_locked
             && (user_type == CKU_USER || user_type == CKU_CONTEXT_SPECIFIC)
         {
             CKR_PIN_LOCKED
+        } else if c.control.pin_pad && pin.is_null() {
+            pin_pad_login(c, session, user_type)
         } else {
             forward!(c, C_Login(session, user_type, pin, pin_len))
         }
     })
+}
+
+/// The reader's PIN pad: the user takes `pin_pad_delay_ms`, then cancels or types the PIN the
+/// control file names, which goes to the real module as an ordinary login (so a wrong one counts
+/// against the token as on a real card).
+fn pin_pad_login(c: &Call, session: CK_SESSION_HANDLE, user_type: CK_USER_TYPE) -> CK_RV {
+    std::thread::sleep(Duration::from_millis(c.control.pin_pad_delay_ms));
+    match &c.control.pin_pad_entry {
+        PadEntry::Cancel => CKR_FUNCTION_CANCELED,
+        PadEntry::Pin(typed) => {
+            let mut typed = typed.clone().into_bytes();
+            let len = CK_ULONG::try_from(typed.len()).unwrap_or(0);
+            forward!(c, C_Login(session, user_type, typed.as_mut_ptr(), len))
+        }
+    }
 }
 
 unsafe extern "C" fn logout(session: CK_SESSION_HANDLE) -> CK_RV {

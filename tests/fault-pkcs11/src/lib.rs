@@ -105,6 +105,16 @@ pub(crate) struct Call {
 /// Runs one wrapped call: loads the control file, aborts if asked to, lets `body` decide the
 /// result (inject or forward), and logs `name rv=0x...`.
 pub(crate) fn call(name: &'static str, body: impl FnOnce(&mut Call) -> CK_RV) -> CK_RV {
+    call_noted(name, "", body)
+}
+
+/// [`call`] with a note logged between the name and the result (`C_Login CKU_USER null-pin
+/// rv=…`); never a PIN.
+pub(crate) fn call_noted(
+    name: &'static str,
+    note: &str,
+    body: impl FnOnce(&mut Call) -> CK_RV,
+) -> CK_RV {
     let rv = match (target(), Control::load()) {
         (Err(message), _) => {
             eprintln!("{MESSAGE_PREFIX}: {message}");
@@ -126,7 +136,11 @@ pub(crate) fn call(name: &'static str, body: impl FnOnce(&mut Call) -> CK_RV) ->
             })
         }
     };
-    log_line(&format!("{name} rv=0x{rv:08X}"));
+    if note.is_empty() {
+        log_line(&format!("{name} rv=0x{rv:08X}"));
+    } else {
+        log_line(&format!("{name} {note} rv=0x{rv:08X}"));
+    }
     rv
 }
 

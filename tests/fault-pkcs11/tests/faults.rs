@@ -226,6 +226,55 @@ fn pin_count_low_and_final_try_are_reported() {
 }
 
 #[test]
+fn pin_pad_mode_reports_the_flag_and_answers_a_login_with_no_pin() {
+    let (rig, _turn) = rig();
+    let session = rig.pkcs11.open_rw_session(rig.slot).expect("open session");
+    let _ = session.logout();
+    std::fs::write(&rig.log, "").expect("truncate call log");
+
+    rig.set_control("pin_pad=1\npin_pad_entry=cancel\n");
+    let info = rig.pkcs11.get_token_info(rig.slot).expect("token info");
+    assert!(info.protected_authentication_path());
+    assert_eq!(
+        rv_of(session.login(UserType::User, None)),
+        RvError::FunctionCanceled
+    );
+
+    rig.set_control("pin_pad=1\npin_pad_entry=000000\n");
+    assert_eq!(
+        rv_of(session.login(UserType::User, None)),
+        RvError::PinIncorrect
+    );
+
+    rig.set_control(&format!(
+        "pin_pad=1\npin_pad_entry={USER_PIN}\npin_pad_delay_ms=100\n"
+    ));
+    let t = std::time::Instant::now();
+    session
+        .login(UserType::User, None)
+        .expect("the pad's PIN logs in");
+    assert!(t.elapsed() >= Duration::from_millis(100));
+    session.logout().expect("logout");
+
+    rig.clear_control();
+    let info = rig.pkcs11.get_token_info(rig.slot).expect("token info");
+    assert!(!info.protected_authentication_path());
+    let logins: Vec<String> = rig
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.starts_with("C_Login "))
+        .collect();
+    assert_eq!(
+        logins,
+        [
+            "C_Login CKU_USER null-pin rv=0x00000050",
+            "C_Login CKU_USER null-pin rv=0x000000A0",
+            "C_Login CKU_USER null-pin rv=0x00000000"
+        ]
+    );
+}
+
+#[test]
 fn call_log_counts_every_login() {
     let (rig, _turn) = rig();
     let session = rig.pkcs11.open_rw_session(rig.slot).expect("open session");
@@ -249,9 +298,9 @@ fn call_log_counts_every_login() {
     assert_eq!(
         logins,
         [
-            "C_Login rv=0x000000A0",
-            "C_Login rv=0x000000A0",
-            "C_Login rv=0x00000000"
+            "C_Login CKU_USER pin rv=0x000000A0",
+            "C_Login CKU_USER pin rv=0x000000A0",
+            "C_Login CKU_USER pin rv=0x00000000"
         ]
     );
     assert!(

@@ -45,8 +45,8 @@ use keyport_e2e::harness::{
     self, repo_root, Hash, RawAlg, Signed, TestToken, SOFTHSM as MODULE, TOKEN_LABEL, USER_PIN,
 };
 use pkcs11_shim::{
-    CertificateInfo, EcdsaEncoding, HashAlg, Module, PinAnswer, PinRequest, SecretPin,
-    SignAlgorithm, SignInput, SignRequest,
+    CertificateInfo, Credential, EcdsaEncoding, HashAlg, Module, SecretPin, SignAlgorithm,
+    SignInput, SignRequest,
 };
 use serde_json::{json, Value};
 use sha2::Digest as _;
@@ -517,7 +517,7 @@ fn sign_once(
         inputs,
         logout_after,
     };
-    let pin = Box::new(|_: &PinRequest<'_>| PinAnswer::Pin(SecretPin::from(USER_PIN.to_owned())));
+    let pin = Credential::Pin(SecretPin::from(USER_PIN.to_owned()));
     module
         .sign(req, pin, None, None)
         .map_err(|f| anyhow!("{}: {}", case.name, f.error))
@@ -536,9 +536,8 @@ fn sign_no_pin(
         inputs: vec![input],
         logout_after: false,
     };
-    let pin = Box::new(|_: &PinRequest<'_>| PinAnswer::Cancel);
     let mut sigs = module
-        .sign(req, pin, None, None)
+        .sign(req, Credential::None, None, None)
         .map_err(|f| anyhow!("{} (cached login expected): {}", case.name, f.error))?;
     sigs.pop()
         .ok_or_else(|| anyhow!("{}: no signature", case.name))
