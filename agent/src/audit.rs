@@ -820,10 +820,12 @@ fn head_mac(key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> [u8; MAC_LEN] {
     key.mac(&[0xff; MAC_LEN], &body)
 }
 
-/// The head: the valid slot with the highest seq. A file with no valid slot (emptied, edited,
-/// another key's) is [`HeadState::Invalid`].
+/// The head: the valid slot with the highest seq. An empty file (opened, nothing logged yet) is
+/// [`HeadState::Missing`]; a file with bytes but no valid slot (edited, another key's) is
+/// [`HeadState::Invalid`].
 fn read_head(path: &Path, key: &AuditKey) -> HeadState {
     let bytes = match std::fs::read(path) {
+        Ok(t) if t.is_empty() => return HeadState::Missing,
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HeadState::Missing,
         Err(_) => return HeadState::Invalid,
@@ -1283,6 +1285,18 @@ mod tests {
         std::fs::remove_file(head_file(&path)).expect("rm");
         let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(report.problems, vec![(4, Problem::HeadMissing)]);
+    }
+
+    #[test]
+    fn a_log_opened_twice_before_its_first_line_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        drop(AuditLog::open(&path, key(), &head_file(&path)).expect("first open"));
+        let mut log = AuditLog::open(&path, key(), &head_file(&path)).expect("second open");
+        log.append(&record(1)).expect("append");
+        assert!(verify(&path, &key(), &head_file(&path))
+            .expect("verify")
+            .is_ok());
     }
 
     #[test]
