@@ -3,7 +3,8 @@
 #   1. the Rust workspace: unit, integration and end-to-end tests against SoftHSM, the fault-injection
 #      module, the scripted pinentry, a real Secret Service and the virtual PIV card (pcscd + vpcd),
 #   2. the JS client's unit tests (Node's own runner),
-#   3. the demo portal in headless Chromium against the real agent.
+#   3. the demo portal in headless Chromium against the real agent,
+#   4. the benchmark's short mode (keyport-bench --short).
 # Each part runs even if an earlier one failed; the script fails if any did.
 #
 # Run as root on a fresh Debian 12 it first installs what the tests need
@@ -45,6 +46,9 @@ step "build" cargo build --workspace --all-targets
 step "rust tests" scripts/with-keyring.sh cargo test --workspace --no-fail-fast
 step "js client tests" sh -c 'cd browser-bridge/js && node --test test/'
 step "browser test" tests/browser/run.sh
+# The benchmark in its short mode: every row of BENCHMARKS.md measured and every signature it
+# times verified (Python cryptography, OpenSSL); its timings mean nothing here.
+step "benchmark (short)" cargo run --quiet -p keyport-e2e --bin keyport-bench -- --short
 
 if [ ${#failed[@]} -ne 0 ]; then
     echo "FAILED: ${failed[*]}"

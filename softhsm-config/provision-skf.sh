@@ -4,7 +4,9 @@
 #   softhsm-config/provision-skf.sh [-v] DIR
 #
 # Writes DIR/ca.{pem,key} (an SM2 test CA, SM3withSM2 with the default user ID
-# 1234567812345678), DIR/certs/<container>.{pem,der} (signing certificates),
+# 1234567812345678; its key stays in DIR so that enrollment tests can issue certificates for
+# keys generated on the soft key, from a request with `openssl x509 -req -vfyopt distid:...`),
+# DIR/certs/<container>.{pem,der} (signing certificates),
 # DIR/certs/<container>-enc.{pem,der} (encryption certificates), DIR/pub/<container>.pem (the
 # signing public keys, for `openssl dgst -verify`), and the library's state in DIR/skf
 # (use it with KEYPORT_SOFT_SKF_DIR=DIR/skf; layout in tests/soft-skf/src/state.rs):

@@ -5,6 +5,7 @@
 use const_oid::ObjectIdentifier;
 use der::asn1::{AnyRef, OctetStringRef};
 use der::{Encode, EncodeValue, FixedTag, Length, Tag, Writer};
+use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use sm2::elliptic_curve::sec1::ToSec1Point as _;
 use spki::AlgorithmIdentifierRef;
@@ -16,7 +17,7 @@ use crate::error::Error;
 pub const DEFAULT_SM2_USER_ID: &str = "1234567812345678";
 
 /// A hash for RSA signatures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HashAlg {
     /// SHA-256.
     Sha256,
@@ -55,7 +56,7 @@ impl HashAlg {
 }
 
 /// How an SM2 signature is returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Sm2Encoding {
     /// `SEQUENCE { INTEGER r, INTEGER s }` (GM/T 0009), what OpenSSL and X.509 use.
     Der,
@@ -64,7 +65,7 @@ pub enum Sm2Encoding {
 }
 
 /// What to sign with.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SignAlgorithm {
     /// SM2 with SM3 (SM3withSM2). `user_id` enters Z for [`SignInput::Message`] inputs.
     Sm2 {
@@ -88,7 +89,7 @@ impl SignAlgorithm {
 }
 
 /// One thing to sign.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SignInput {
     /// The message itself: the shim hashes it (SM2: e = SM3(Z ‖ M); RSA: the hash).
     Message(Vec<u8>),
@@ -98,7 +99,7 @@ pub enum SignInput {
 }
 
 /// A signing job: plain data, so it can cross a process boundary.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignRequest {
     /// The container's signing certificate.
     pub certificate: CertificateId,

@@ -1,5 +1,6 @@
 //! Containers' signing certificates: stable ids and the parsed fields KeyPort shows and checks.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
@@ -21,7 +22,7 @@ pub const SM2_CURVE_OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.15
 /// A certificate's stable identity: its application and container.
 /// String form: `skf-…/<hex of the application name>/<hex of the container name>` (the names'
 /// bytes as the library gave them).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CertificateId {
     application: ApplicationId,
     container: Vec<u8>,
@@ -82,7 +83,7 @@ impl FromStr for CertificateId {
 }
 
 /// The key behind a certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeyAlgorithm {
     /// SM2 (GM/T 0003) on its 256-bit curve.
     Sm2,
@@ -104,7 +105,7 @@ impl KeyAlgorithm {
 }
 
 /// An RFC 5280 key usage bit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeyUsage {
     /// digitalSignature
     DigitalSignature,
@@ -127,7 +128,7 @@ pub enum KeyUsage {
 }
 
 /// A container's signing certificate.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertificateInfo {
     /// Stable id.
     pub id: CertificateId,

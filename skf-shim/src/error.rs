@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::certificate::CertificateId;
+use crate::certificate::{CertificateId, CertificateInfo};
 use crate::ffi::{Sar, SAR_DEVICE_REMOVED, SAR_PIN_INCORRECT, SAR_PIN_LOCKED};
 use crate::token::{ApplicationId, TokenId};
 
@@ -43,6 +43,27 @@ pub enum Error {
     /// No container with a usable signing certificate has this id.
     #[error("certificate {0} not found")]
     CertificateNotFound(CertificateId),
+    /// No container with this name in the application (import into a container that is gone).
+    #[error("container {} not found in application {}", .0.container(), .0.application())]
+    ContainerNotFound(CertificateId),
+    /// Key generation into a container that already holds a key (or a name the key refused
+    /// as existing): KeyPort never overwrites a key.
+    #[error("container {} already exists and holds a key", .0.container())]
+    ContainerExists(CertificateId),
+    /// The certificate's public key is not the signing key of the container it was to be
+    /// stored in (a stranger's certificate, or one for another key). Nothing was written.
+    #[error("the certificate is not for the key in container {}", .0.container())]
+    CertificateNotForKey(CertificateId),
+    /// The container already has a different signing certificate, and the import did not ask
+    /// to replace it (SKF keeps one per container). Nothing was written.
+    #[error("container {} already has a signing certificate; replacing it must be asked for", .container.container())]
+    CertificateSlotTaken {
+        /// The container.
+        container: CertificateId,
+        /// The certificate there now, as listed (for the question to the user); `None` when
+        /// it is unreadable or not for the container's key (then it is not listed either).
+        existing: Option<Box<CertificateInfo>>,
+    },
     /// Neither the key nor the shim can do what was asked with this key.
     #[error("not supported: {algorithm} with a {key} key")]
     MechanismNotSupported {

@@ -49,11 +49,14 @@ pub(crate) const SAR_PIN_INVALID: Ulong = 0x0A00_0026;
 pub(crate) const SAR_USER_NOT_LOGGED_IN: Ulong = 0x0A00_002D;
 pub(crate) const SAR_APPLICATION_NOT_EXISTS: Ulong = 0x0A00_002E;
 pub(crate) const SAR_FILE_NOT_EXIST: Ulong = 0x0A00_0031;
+pub(crate) const SAR_FILE_ALREADY_EXIST: Ulong = 0x0A00_002F;
 
 const TRUE: Bool = 1;
 const FALSE: Bool = 0;
 /// `ulPINType` of the user PIN.
 const USER_TYPE: Ulong = 1;
+/// SGD_SM2_1, the SM2 signature algorithm (GM/T 0006), SKF_GenECCKeyPair's `ulAlgId`.
+const SGD_SM2_1: Ulong = 0x0002_0100;
 
 /// SKF_GetContainerType's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +199,10 @@ functions! {
     rsa_sign_data: "SKF_RSASignData" = fn(RawHandle, *const u8, Ulong, *mut u8, *mut Ulong);
     wait_for_dev_event: "SKF_WaitForDevEvent" = fn(*mut u8, *mut Ulong, *mut Ulong);
     cancel_wait_for_dev_event: "SKF_CancelWaitForDevEvent" = fn();
+    create_container: "SKF_CreateContainer" = fn(RawHandle, *const u8, *mut RawHandle);
+    delete_container: "SKF_DeleteContainer" = fn(RawHandle, *const u8);
+    gen_ecc_key_pair: "SKF_GenECCKeyPair" = fn(RawHandle, Ulong, *mut EccPublicKeyBlob);
+    import_certificate: "SKF_ImportCertificate" = fn(RawHandle, Bool, *const u8, Ulong);
 }
 
 /// A loaded SKF library. `Send + Sync`: it holds only the library mapping and function
@@ -261,7 +268,7 @@ impl Skf {
     /// Names of the functions KeyPort needs that the library does not export.
     pub(crate) fn missing(&self) -> Vec<&'static str> {
         let f = &self.f;
-        let all: [(&'static str, bool); 20] = [
+        let all: [(&'static str, bool); 24] = [
             ("SKF_EnumDev", f.enum_dev.is_some()),
             ("SKF_ConnectDev", f.connect_dev.is_some()),
             ("SKF_DisConnectDev", f.disconnect_dev.is_some()),
@@ -285,6 +292,10 @@ impl Skf {
                 "SKF_CancelWaitForDevEvent",
                 f.cancel_wait_for_dev_event.is_some(),
             ),
+            ("SKF_CreateContainer", f.create_container.is_some()),
+            ("SKF_DeleteContainer", f.delete_container.is_some()),
+            ("SKF_GenECCKeyPair", f.gen_ecc_key_pair.is_some()),
+            ("SKF_ImportCertificate", f.import_certificate.is_some()),
         ];
         all.into_iter()
             .filter_map(|(name, present)| (!present).then_some(name))
@@ -461,19 +472,64 @@ impl Skf {
         // SAFETY: live container handle; `blob` is writable for the size we pass in `len`.
         let rv = unsafe { f(c.0, TRUE, std::ptr::from_mut(&mut blob).cast(), len.ptr()) };
         check(NAME, rv)?;
-        let bad = Sar {
-            function: NAME,
-            code: SAR_INDATAERR, // the blob is not a 256-bit point
+        sm2_point(NAME, &blob)
+    }
+
+    /// SKF_CreateContainer: a new, empty container named `name`.
+    pub(crate) fn create_container(
+        &self,
+        app: &AppHandle,
+        name: &[u8],
+    ) -> Result<ContainerHandle, Sar> {
+        const NAME: &str = "SKF_CreateContainer";
+        let f = need(self.f.create_container, NAME)?;
+        let name = c_string(NAME, name)?;
+        let mut h: RawHandle = std::ptr::null_mut();
+        // SAFETY: live application handle; NUL-terminated name; valid out-pointer.
+        check(NAME, unsafe { f(app.0, name.as_ptr().cast(), &mut h) })?;
+        non_null(NAME, h).map(ContainerHandle)
+    }
+
+    /// SKF_DeleteContainer: the container and every key and certificate in it.
+    pub(crate) fn delete_container(&self, app: &AppHandle, name: &[u8]) -> Result<(), Sar> {
+        const NAME: &str = "SKF_DeleteContainer";
+        let f = need(self.f.delete_container, NAME)?;
+        let name = c_string(NAME, name)?;
+        // SAFETY: live application handle; NUL-terminated name that outlives the call.
+        check(NAME, unsafe { f(app.0, name.as_ptr().cast()) })
+    }
+
+    /// SKF_GenECCKeyPair(SGD_SM2_1): a new SM2 signing key pair in the container; its public
+    /// key as an uncompressed point.
+    pub(crate) fn gen_sm2_key_pair(&self, c: &ContainerHandle) -> Result<Sm2Point, Sar> {
+        const NAME: &str = "SKF_GenECCKeyPair";
+        let f = need(self.f.gen_ecc_key_pair, NAME)?;
+        let mut blob = EccPublicKeyBlob {
+            bit_len: 0,
+            x: [0; 64],
+            y: [0; 64],
         };
-        let bit_len = blob.bit_len;
-        if bit_len != 256 || blob.x[..32].iter().chain(&blob.y[..32]).any(|&b| b != 0) {
-            return Err(bad);
-        }
-        let mut point = [0u8; 65];
-        point[0] = 0x04;
-        point[1..33].copy_from_slice(&blob.x[32..]);
-        point[33..].copy_from_slice(&blob.y[32..]);
-        Ok(point)
+        // SAFETY: live container handle; `blob` is a writable ECCPUBLICKEYBLOB.
+        check(NAME, unsafe { f(c.0, SGD_SM2_1, &mut blob) })?;
+        sm2_point(NAME, &blob)
+    }
+
+    /// SKF_ImportCertificate into the signing (`sign`) or encryption slot.
+    pub(crate) fn import_certificate(
+        &self,
+        c: &ContainerHandle,
+        sign: bool,
+        der: &[u8],
+    ) -> Result<(), Sar> {
+        const NAME: &str = "SKF_ImportCertificate";
+        let f = need(self.f.import_certificate, NAME)?;
+        let len = Ulong::try_from(der.len()).map_err(|_| Sar {
+            function: NAME,
+            code: SAR_INDATALENERR,
+        })?;
+        let flag = if sign { TRUE } else { FALSE };
+        // SAFETY: live container handle; `der` is readable for `len` bytes during the call.
+        check(NAME, unsafe { f(c.0, flag, der.as_ptr(), len) })
     }
 
     /// SKF_GetPINInfo for the user PIN.
@@ -621,6 +677,23 @@ impl Skf {
         // SAFETY: no arguments; the standard allows it from any thread.
         check(NAME, unsafe { f() })
     }
+}
+
+/// An ECCPUBLICKEYBLOB holding a 256-bit point, as `04 ‖ X ‖ Y` (each right-aligned in its
+/// 64-byte field); any other blob is SAR_INDATAERR from `function`.
+fn sm2_point(function: &'static str, blob: &EccPublicKeyBlob) -> Result<Sm2Point, Sar> {
+    let bit_len = blob.bit_len;
+    if bit_len != 256 || blob.x[..32].iter().chain(&blob.y[..32]).any(|&b| b != 0) {
+        return Err(Sar {
+            function,
+            code: SAR_INDATAERR,
+        });
+    }
+    let mut point = [0u8; 65];
+    point[0] = 0x04;
+    point[1..33].copy_from_slice(&blob.x[32..]);
+    point[33..].copy_from_slice(&blob.y[32..]);
+    Ok(point)
 }
 
 fn need<F>(f: Option<F>, function: &'static str) -> Result<F, Sar> {
@@ -855,6 +928,38 @@ mod tests {
         assert_eq!(std::mem::size_of::<DevInfo>(), 294);
         assert_eq!(std::mem::size_of::<EccPublicKeyBlob>(), 132);
         assert_eq!(std::mem::size_of::<EccSignatureBlob>(), 128);
+    }
+
+    #[test]
+    fn only_a_256_bit_right_aligned_blob_is_an_sm2_point() {
+        let mut blob = EccPublicKeyBlob {
+            bit_len: 256,
+            x: [0; 64],
+            y: [0; 64],
+        };
+        blob.x[32..].fill(0x11);
+        blob.y[32..].fill(0x22);
+        let point = sm2_point("SKF_GenECCKeyPair", &blob).expect("a point");
+        assert_eq!(point[0], 0x04);
+        assert_eq!(&point[1..33], &[0x11; 32]);
+        assert_eq!(&point[33..], &[0x22; 32]);
+        let refused = Err(Sar {
+            function: "SKF_GenECCKeyPair",
+            code: SAR_INDATAERR,
+        });
+        blob.bit_len = 384;
+        assert_eq!(
+            sm2_point("SKF_GenECCKeyPair", &blob),
+            refused,
+            "not 256 bits"
+        );
+        blob.bit_len = 256;
+        blob.x[31] = 1;
+        assert_eq!(
+            sm2_point("SKF_GenECCKeyPair", &blob),
+            refused,
+            "a coordinate wider than 32 bytes"
+        );
     }
 
     #[test]

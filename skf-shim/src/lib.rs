@@ -14,6 +14,10 @@
 //!   certificate's public key and the user ID (default `1234567812345678`) and e from the
 //!   message, or takes e as given. Output is DER `SEQUENCE { r, s }` or `r ‖ s`.
 //! - RSA containers: `SKF_RSASignData` over a PKCS#1 DigestInfo.
+//! - Enrollment: [`Library::generate_sm2`] makes an SM2 signing key pair in a new container
+//!   (`SKF_CreateContainer`, `SKF_GenECCKeyPair`) and gives its SubjectPublicKeyInfo for the
+//!   certificate request; [`Library::import_certificate`] checks the issued certificate against
+//!   the container's key and writes it (`SKF_ImportCertificate`), never replacing one silently.
 //! - Device events: [`Library::events`] (`SKF_WaitForDevEvent` on its own thread).
 //!
 //! Bindings: written here from the standard's header (`ffi.rs`, the crate's only `unsafe`);
@@ -23,6 +27,7 @@
 
 mod algorithm;
 mod certificate;
+mod enroll;
 mod error;
 mod events;
 mod ffi;
@@ -36,6 +41,7 @@ pub use algorithm::{
     Sm2Encoding, DEFAULT_SM2_USER_ID,
 };
 pub use certificate::{CertificateId, CertificateInfo, KeyAlgorithm, KeyUsage, SM2_CURVE_OID};
+pub use enroll::{sm2_spki, GeneratedKey, ImportMode, NewContainer};
 pub use error::{sar_name, Error, SignFailure};
 pub use events::{DeviceEvent, DeviceEventKind, DeviceEvents};
 pub use library::{Library, LoadOptions, DEFAULT_CALL_TIMEOUT};
@@ -53,5 +59,36 @@ mod tests {
         send::<crate::DeviceEvents>();
         send_sync::<crate::Error>();
         send_sync::<crate::SignRequest>();
+    }
+
+    /// Jobs and answers cross the host process's postcard frames (issue 11) unchanged, and an
+    /// id that arrives malformed is refused, not trusted.
+    #[test]
+    fn jobs_and_answers_round_trip_through_postcard() {
+        use crate::*;
+        let token = TokenId::derive(std::path::Path::new("/l.so"), "S", "", "");
+        let app = ApplicationId::from_raw(token.clone(), b"\xd3\xa6\xd3\xc3");
+        let req = SignRequest {
+            certificate: CertificateId::new(app.clone(), "SM2/签名"),
+            algorithm: SignAlgorithm::sm2(Sm2Encoding::Raw),
+            inputs: vec![
+                SignInput::Message(b"m".to_vec()),
+                SignInput::Digest(vec![7; 32]),
+            ],
+            logout_after: true,
+        };
+        let bytes = postcard::to_allocvec(&req).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<SignRequest>(&bytes).expect("decode"),
+            req
+        );
+        let status = PinStatus::from_counts(6, 5, false);
+        let bytes = postcard::to_allocvec(&status).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<PinStatus>(&bytes).expect("decode"),
+            status
+        );
+        let forged = postcard::to_allocvec("skf-NOT-HEX").expect("encode");
+        assert!(postcard::from_bytes::<TokenId>(&forged).is_err());
     }
 }

@@ -15,7 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::algorithm::SignRequest;
-use crate::certificate::CertificateInfo;
+use crate::certificate::{CertificateId, CertificateInfo};
+use crate::enroll::{GeneratedKey, ImportMode, NewContainer};
 use crate::error::{Error, SignFailure};
 use crate::events::DeviceEvents;
 use crate::ffi::Skf;
@@ -105,7 +106,9 @@ impl Library {
 
     /// The optional SKF functions this library lacks (SKF_WaitForDevEvent and
     /// SKF_CancelWaitForDevEvent: no events, poll the token list instead; SKF_RSASignData: no RSA
-    /// containers). For `keyport doctor`; the required ones are checked at load.
+    /// containers; SKF_CreateContainer, SKF_DeleteContainer, SKF_GenECCKeyPair,
+    /// SKF_ImportCertificate: no enrollment). For `keyport doctor`; the required ones are
+    /// checked at load.
     pub fn missing_functions(&self) -> Vec<&'static str> {
         self.inner.skf.missing()
     }
@@ -183,6 +186,56 @@ impl Library {
         }
         rx.recv()
             .map_err(|_| SignFailure::from(Error::WorkerGone))?
+    }
+
+    /// Generates an SM2 signing key pair on the key (SGD_SM2_1) in a new container, or in the
+    /// named one if it exists and is empty. The user PIN is verified first with exactly one
+    /// SKF_VerifyPIN (as [`Library::verify_pin`]: a wrong PIN is [`Error::PinIncorrect`] and
+    /// nothing is created; never retried). Then SKF_CreateContainer (or SKF_OpenContainer),
+    /// SKF_GenECCKeyPair; if generation fails in a container made for it, the container is
+    /// deleted again (SKF_DeleteContainer).
+    ///
+    /// The PIN stays verified, so that the certificate request can be signed next
+    /// ([`Library::sign`] with a [`crate::SignInput::Message`]: Z comes from the container's
+    /// key, no certificate needed); end with [`Library::logout`].
+    pub fn generate_sm2(
+        &self,
+        application: &ApplicationId,
+        container: NewContainer,
+        pin: SecretPin,
+    ) -> Result<GeneratedKey, Error> {
+        let application = application.clone();
+        self.call(|reply| Request::GenerateSm2 {
+            application,
+            container,
+            pin,
+            reply,
+        })
+    }
+
+    /// Stores `der`, a certificate issued for the key in `container`, in its signing slot
+    /// (SKF_ImportCertificate, bSignFlag TRUE) and returns it as listed. The PIN must be
+    /// verified ([`Error::NotLoggedIn`] otherwise, from the key).
+    ///
+    /// Refused before anything is written: bytes that are not an X.509 certificate
+    /// ([`Error::InvalidInput`]); a certificate whose public key is not the container's
+    /// signing key ([`Error::CertificateNotForKey`]); a container that already has another
+    /// signing certificate, unless `mode` is [`ImportMode::Replace`]
+    /// ([`Error::CertificateSlotTaken`]). The same certificate again is a success that
+    /// writes nothing.
+    pub fn import_certificate(
+        &self,
+        container: &CertificateId,
+        der: Vec<u8>,
+        mode: ImportMode,
+    ) -> Result<CertificateInfo, Error> {
+        let container = container.clone();
+        self.call(|reply| Request::ImportCertificate {
+            container,
+            der,
+            mode,
+            reply,
+        })
     }
 
     /// SKF_ClearSecureState: the PIN must be verified again before the next signature.
@@ -360,6 +413,18 @@ pub(crate) enum Request {
         application: ApplicationId,
         reply: Reply<()>,
     },
+    GenerateSm2 {
+        application: ApplicationId,
+        container: NewContainer,
+        pin: SecretPin,
+        reply: Reply<GeneratedKey>,
+    },
+    ImportCertificate {
+        container: CertificateId,
+        der: Vec<u8>,
+        mode: ImportMode,
+        reply: Reply<CertificateInfo>,
+    },
 }
 
 impl Request {
@@ -372,6 +437,8 @@ impl Request {
             Request::VerifyPin { .. } => "verify_pin",
             Request::Sign { .. } => "sign",
             Request::Logout { .. } => "logout",
+            Request::GenerateSm2 { .. } => "generate_sm2",
+            Request::ImportCertificate { .. } => "import_certificate",
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Tokens (SKF devices), their applications and PIN state, as the rest of KeyPort sees them.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -11,7 +12,8 @@ use sha2::{Digest, Sha256};
 ///
 /// The string form is `skf-` followed by 32 lowercase hex digits (a SHA-256 prefix over the
 /// library path and the device serial, or its label and manufacturer when the serial is empty).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct TokenId(String);
 
 const TOKEN_PREFIX: &str = "skf-";
@@ -50,6 +52,21 @@ impl fmt::Display for TokenId {
     }
 }
 
+impl TryFrom<String> for TokenId {
+    type Error = ParseIdError;
+
+    /// Parsed, so a deserialized id is as valid as one the shim made.
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<TokenId> for String {
+    fn from(id: TokenId) -> String {
+        id.0
+    }
+}
+
 /// A string that is not a token, application or certificate id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed id: {0:?}")]
@@ -77,7 +94,7 @@ impl FromStr for TokenId {
 /// An application on a token: the unit an SKF user PIN belongs to.
 /// String form: `skf-…/<hex of the application name's bytes>`. The name is kept as the library
 /// gave it (ASCII, UTF-8 or GBK), so it goes back to the library byte for byte.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ApplicationId {
     token: TokenId,
     name: Vec<u8>,
@@ -142,7 +159,7 @@ pub(crate) fn hex_name(h: &str) -> Option<Vec<u8>> {
 }
 
 /// A device as SKF_GetDevInfo describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {
     /// Stable id.
     pub id: TokenId,
@@ -159,7 +176,7 @@ pub struct TokenInfo {
 }
 
 /// The user PIN of an application, as SKF_GetPINInfo reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinStatus {
     /// Tries a fresh PIN has.
     pub max_retries: u32,
@@ -189,7 +206,7 @@ impl PinStatus {
 }
 
 /// An application and its PIN state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplicationInfo {
     /// Stable id.
     pub id: ApplicationId,

@@ -17,6 +17,8 @@ use crate::ffi::{
     SAR_USER_NOT_LOGGED_IN,
 };
 use crate::library::{Pace, Request};
+
+mod enroll;
 use crate::token::{ApplicationId, ApplicationInfo, PinStatus, TokenId, TokenInfo};
 
 pub(crate) struct Spawned {
@@ -75,16 +77,28 @@ pub(crate) fn spawn(
     }
 }
 
+/// Functions a library may lack and still be used: events then come from polling the token
+/// list, RSA containers cannot sign, and keys cannot be enrolled (generate and import answer
+/// the missing function's SAR_NOTSUPPORTYETERR).
+const OPTIONAL_FUNCTIONS: [&str; 7] = [
+    "SKF_WaitForDevEvent",
+    "SKF_CancelWaitForDevEvent",
+    "SKF_RSASignData",
+    "SKF_CreateContainer",
+    "SKF_DeleteContainer",
+    "SKF_GenECCKeyPair",
+    "SKF_ImportCertificate",
+];
+
 fn open(path: &Path) -> Result<Skf, Error> {
     let skf = Skf::load(path).map_err(|source| Error::LibraryLoad {
         path: path.to_path_buf(),
         source,
     })?;
-    // The event functions are optional (events then come from polling the token list).
     let missing: Vec<&'static str> = skf
         .missing()
         .into_iter()
-        .filter(|f| !f.contains("DevEvent") && *f != "SKF_RSASignData")
+        .filter(|f| !OPTIONAL_FUNCTIONS.contains(f))
         .collect();
     if missing.is_empty() {
         Ok(skf)
@@ -162,6 +176,23 @@ impl Worker {
             }
             Request::Logout { application, reply } => {
                 let _ = reply.send(self.logout(&application));
+            }
+            Request::GenerateSm2 {
+                application,
+                container,
+                pin,
+                reply,
+            } => {
+                let answer = self.generate_sm2(&application, &container, pin.expose());
+                let _ = reply.send(answer);
+            }
+            Request::ImportCertificate {
+                container,
+                der,
+                mode,
+                reply,
+            } => {
+                let _ = reply.send(self.import_certificate(&container, &der, mode));
             }
         }
     }
@@ -389,20 +420,19 @@ impl Worker {
             ContainerType::Rsa => KeyAlgorithm::Rsa { bits: 0 },
             _ => return Err(Error::CertificateNotFound(req.certificate.clone()).into()),
         };
-        // The public key Z is computed from: the signing certificate's (checked against the
-        // container's key when listed).
         let needs_z = req
             .inputs
             .iter()
             .any(|i| matches!(i, SignInput::Message(_)));
         let public_key = match (&req.algorithm, key) {
             (SignAlgorithm::Sm2 { .. }, KeyAlgorithm::Sm2) if !needs_z => None,
-            (SignAlgorithm::Sm2 { .. }, KeyAlgorithm::Sm2) => {
-                let der = skf
-                    .certificate(c, true)
-                    .map_err(|e| self.failed(&token, e))?;
-                Some(ParsedCertificate::parse(&der)?.public_key)
-            }
+            // Z is over the key that signs: the container's own public key (listed containers'
+            // certificates match it; a key just generated has no certificate yet).
+            (SignAlgorithm::Sm2 { .. }, KeyAlgorithm::Sm2) => Some(
+                skf.sm2_public_key(c)
+                    .map_err(|e| self.failed(&token, e))?
+                    .to_vec(),
+            ),
             (SignAlgorithm::RsaPkcs1(_), KeyAlgorithm::Rsa { .. }) => None,
             (alg, key) => {
                 return Err(Error::MechanismNotSupported {

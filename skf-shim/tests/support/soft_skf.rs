@@ -158,6 +158,148 @@ impl SoftSkf {
     pub fn cert_der(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.dir.path().join("certs").join(format!("{name}.der"))).expect("der")
     }
+
+    /// A DER SubjectPublicKeyInfo as a PEM file OpenSSL reads (converted by OpenSSL).
+    pub fn spki_pem(&self, spki_der: &[u8], name: &str) -> PathBuf {
+        let der = self.dir.path().join(format!("{name}.spki.der"));
+        let pem = self.dir.path().join(format!("{name}.spki.pem"));
+        std::fs::write(&der, spki_der).expect("write spki");
+        openssl(&[
+            "pkey".as_ref(),
+            "-pubin".as_ref(),
+            "-inform".as_ref(),
+            "DER".as_ref(),
+            "-in".as_ref(),
+            der.as_os_str(),
+            "-out".as_ref(),
+            pem.as_os_str(),
+        ]);
+        pem
+    }
+
+    /// The test CA (provision-skf.sh's SM2 CA) issues a signing certificate for the public key
+    /// in `public_pem`, DER (`openssl x509 -new -force_pubkey`, SM3withSM2, default user ID).
+    /// ASCII subjects only: OpenSSL 3.0's `x509 -subj` has no `-utf8` and would mangle others.
+    pub fn ca_issue_for_key(&self, public_pem: &Path, subject: &str, serial: u32) -> Vec<u8> {
+        let out = self.dir.path().join(format!("issued-{serial}.der"));
+        let (ca, key) = (
+            self.dir.path().join("ca.pem"),
+            self.dir.path().join("ca.key"),
+        );
+        let serial = serial.to_string();
+        openssl(&[
+            "x509".as_ref(),
+            "-new".as_ref(),
+            "-force_pubkey".as_ref(),
+            public_pem.as_os_str(),
+            "-subj".as_ref(),
+            subject.as_ref(),
+            "-CA".as_ref(),
+            ca.as_os_str(),
+            "-CAkey".as_ref(),
+            key.as_os_str(),
+            "-sm3".as_ref(),
+            "-sigopt".as_ref(),
+            "distid:1234567812345678".as_ref(),
+            "-days".as_ref(),
+            "30".as_ref(),
+            "-set_serial".as_ref(),
+            serial.as_ref(),
+            "-outform".as_ref(),
+            "DER".as_ref(),
+            "-out".as_ref(),
+            out.as_os_str(),
+        ]);
+        std::fs::read(out).expect("read issued certificate")
+    }
+
+    /// The test CA issues a certificate from a PKCS#10 request (DER), as a CA portal does:
+    /// `openssl x509 -req` checks the request's SM2 signature (`-vfyopt distid:…`) first.
+    pub fn ca_issue_from_request(&self, request_der: &[u8], serial: u32) -> Vec<u8> {
+        let req = self.dir.path().join(format!("req-{serial}.der"));
+        let out = self.dir.path().join(format!("issued-{serial}.der"));
+        let ext = self.dir.path().join(format!("ext-{serial}.cnf"));
+        std::fs::write(&req, request_der).expect("write request");
+        std::fs::write(
+            &ext,
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,nonRepudiation\n",
+        )
+        .expect("write extensions");
+        let (ca, key) = (
+            self.dir.path().join("ca.pem"),
+            self.dir.path().join("ca.key"),
+        );
+        let serial = serial.to_string();
+        openssl(&[
+            "x509".as_ref(),
+            "-req".as_ref(),
+            "-inform".as_ref(),
+            "DER".as_ref(),
+            "-in".as_ref(),
+            req.as_os_str(),
+            "-vfyopt".as_ref(),
+            "distid:1234567812345678".as_ref(),
+            "-CA".as_ref(),
+            ca.as_os_str(),
+            "-CAkey".as_ref(),
+            key.as_os_str(),
+            "-sm3".as_ref(),
+            "-sigopt".as_ref(),
+            "distid:1234567812345678".as_ref(),
+            "-days".as_ref(),
+            "30".as_ref(),
+            "-set_serial".as_ref(),
+            serial.as_ref(),
+            "-extfile".as_ref(),
+            ext.as_os_str(),
+            "-outform".as_ref(),
+            "DER".as_ref(),
+            "-out".as_ref(),
+            out.as_os_str(),
+        ]);
+        std::fs::read(out).expect("read issued certificate")
+    }
+
+    /// The container directories of the application in the library's state (what exists on
+    /// the key, read behind the library's back).
+    pub fn container_dirs(&self) -> Vec<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = self
+            .device_dir(DEVICE)
+            .join("apps")
+            .join(APP)
+            .join("containers");
+        let mut names: Vec<Vec<u8>> = std::fs::read_dir(dir)
+            .expect("containers")
+            .map(|e| e.expect("entry").file_name().as_bytes().to_vec())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A file of a container in the library's state.
+    pub fn container_file(&self, container: &[u8], file: &str) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt as _;
+        self.device_dir(DEVICE)
+            .join("apps")
+            .join(APP)
+            .join("containers")
+            .join(std::ffi::OsStr::from_bytes(container))
+            .join(file)
+    }
+}
+
+/// Runs OpenSSL; panics with its output when it fails.
+fn openssl(args: &[&std::ffi::OsStr]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Tells when a signature is inside the library and hanging.

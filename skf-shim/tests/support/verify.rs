@@ -90,13 +90,27 @@ fn sm2_point_xy(public_key_pem: &Path) -> Vec<u8> {
     der[der.len() - 64..].to_vec()
 }
 
+/// The gmssl verifier, compiled in and fed to `python3 -` on stdin, so this file works from any
+/// crate that includes it (skf-shim's tests and keyport-e2e's).
+const GMSSL_VERIFY_PY: &str = include_str!("gmssl_verify.py");
+
 fn gmssl(args: &[&str]) -> std::process::Output {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/gmssl_verify.py");
-    Command::new("python3")
-        .arg(script)
+    use std::io::Write as _;
+    let mut child = Command::new("python3")
+        .arg("-")
         .args(args)
-        .output()
-        .expect("run python3 gmssl_verify.py (pip install gmssl==3.2.2)")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python3 (gmssl_verify.py; pip install gmssl==3.2.2)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(GMSSL_VERIFY_PY.as_bytes())
+        .expect("feed gmssl_verify.py");
+    child.wait_with_output().expect("python3 gmssl_verify.py")
 }
 
 /// Python gmssl's SM2 verification of `sig` ("der" or "raw") over `data` with `user_id`.

@@ -24,6 +24,7 @@ pub const SAR_FILEERR: ULONG = 0x0A00_0004;
 pub const SAR_INVALIDHANDLEERR: ULONG = 0x0A00_0005;
 pub const SAR_INVALIDPARAMERR: ULONG = 0x0A00_0006;
 pub const SAR_INDATALENERR: ULONG = 0x0A00_0010;
+pub const SAR_GENRANDERR: ULONG = 0x0A00_0012;
 pub const SAR_KEYNOTFOUNTERR: ULONG = 0x0A00_001B;
 pub const SAR_CERTNOTFOUNTERR: ULONG = 0x0A00_001C;
 pub const SAR_BUFFER_TOO_SMALL: ULONG = 0x0A00_0020;
@@ -32,16 +33,19 @@ pub const SAR_NOT_EVENTERR: ULONG = 0x0A00_0022;
 pub const SAR_DEVICE_REMOVED: ULONG = 0x0A00_0023;
 pub const SAR_PIN_INCORRECT: ULONG = 0x0A00_0024;
 pub const SAR_PIN_LOCKED: ULONG = 0x0A00_0025;
+pub const SAR_NAMELENERR: ULONG = 0x0A00_0009;
 pub const SAR_USER_TYPE_INVALID: ULONG = 0x0A00_002A;
 pub const SAR_APPLICATION_NAME_INVALID: ULONG = 0x0A00_002B;
 pub const SAR_USER_NOT_LOGGED_IN: ULONG = 0x0A00_002D;
 pub const SAR_APPLICATION_NOT_EXISTS: ULONG = 0x0A00_002E;
+pub const SAR_FILE_ALREADY_EXIST: ULONG = 0x0A00_002F;
 pub const SAR_FILE_NOT_EXIST: ULONG = 0x0A00_0031;
 
 /// `ulPINType` of SKF_VerifyPIN / SKF_GetPINInfo.
 pub const USER_TYPE: ULONG = 1;
 
 /// SKF_GetContainerType answers.
+pub const CONTAINER_EMPTY: ULONG = 0;
 pub const CONTAINER_RSA: ULONG = 1;
 pub const CONTAINER_ECC: ULONG = 2;
 
@@ -58,6 +62,10 @@ pub const SGD_SM3: ULONG = 0x0000_0001;
 pub const SGD_SHA256: ULONG = 0x0000_0004;
 pub const SGD_RSA: ULONG = 0x0001_0000;
 pub const SGD_SM2_1: ULONG = 0x0002_0100;
+
+/// The longest container name this library accepts, in bytes (the standard sets no number;
+/// vendors' limits are 32 to 64 bytes, and 64 is the common one).
+pub const MAX_CONTAINER_NAME_LEN: usize = 64;
 
 pub const MAX_RSA_MODULUS_LEN: usize = 256;
 pub const MAX_RSA_EXPONENT_LEN: usize = 4;

@@ -483,6 +483,89 @@ pub unsafe extern "system" fn SKF_CancelWaitForDevEvent() -> ULONG {
     })
 }
 
+/// Creates an empty container (SAR_FILE_ALREADY_EXIST for a name in use). Needs the user PIN.
+///
+/// # Safety
+/// `sz_container_name` NUL-terminated; `ph_container` valid for one HANDLE.
+#[no_mangle]
+pub unsafe extern "system" fn SKF_CreateContainer(
+    h_application: HANDLE,
+    sz_container_name: LPSTR,
+    ph_container: *mut HANDLE,
+) -> ULONG {
+    call("SKF_CreateContainer", |soft| {
+        if ph_container.is_null() {
+            return Err(SAR_INVALIDPARAMERR);
+        }
+        // SAFETY: the caller passes a NUL-terminated container name.
+        let name = unsafe { name_arg(sz_container_name) }?;
+        let id = soft.create_container(handle_id(h_application), name)?;
+        // SAFETY: non-null and valid for one HANDLE by the caller's contract.
+        unsafe { put(ph_container, make_handle(id)) }
+    })
+}
+
+/// Deletes a container with its keys and certificates. Needs the user PIN.
+///
+/// # Safety
+/// `sz_container_name` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "system" fn SKF_DeleteContainer(
+    h_application: HANDLE,
+    sz_container_name: LPSTR,
+) -> ULONG {
+    call("SKF_DeleteContainer", |soft| {
+        // SAFETY: the caller passes a NUL-terminated container name.
+        let name = unsafe { name_arg(sz_container_name) }?;
+        soft.delete_container(handle_id(h_application), name)
+    })
+}
+
+/// Generates an SM2 signing key pair (`ul_alg_id` SGD_SM2_1) in an empty container and writes
+/// its public key. Needs the user PIN.
+///
+/// # Safety
+/// `p_blob` valid for one ECCPUBLICKEYBLOB.
+#[no_mangle]
+pub unsafe extern "system" fn SKF_GenECCKeyPair(
+    h_container: HANDLE,
+    ul_alg_id: ULONG,
+    p_blob: *mut ECCPUBLICKEYBLOB,
+) -> ULONG {
+    call("SKF_GenECCKeyPair", |soft| {
+        if p_blob.is_null() {
+            return Err(SAR_INVALIDPARAMERR);
+        }
+        let blob = soft.gen_ecc_key_pair(handle_id(h_container), ul_alg_id)?;
+        // SAFETY: non-null and valid for one ECCPUBLICKEYBLOB by the caller's contract.
+        unsafe { put(p_blob, blob) }
+    })
+}
+
+/// Stores a certificate in the container's signing (`b_sign_flag` TRUE) or encryption slot,
+/// replacing what was there, as the standard's single slot does. Needs the user PIN.
+///
+/// # Safety
+/// `pb_cert` valid for `ul_cert_len` bytes.
+#[no_mangle]
+pub unsafe extern "system" fn SKF_ImportCertificate(
+    h_container: HANDLE,
+    b_sign_flag: BOOL,
+    pb_cert: *mut BYTE,
+    ul_cert_len: ULONG,
+) -> ULONG {
+    call("SKF_ImportCertificate", |soft| {
+        if pb_cert.is_null() {
+            return Err(SAR_INVALIDPARAMERR);
+        }
+        let len = usize::try_from(ul_cert_len).map_err(|_| SAR_INDATALENERR)?;
+        // SAFETY: non-null and valid for `ul_cert_len` bytes by the caller's contract; read
+        // only during this call.
+        let der = unsafe { std::slice::from_raw_parts(pb_cert.cast_const(), len) };
+        soft.import_certificate(handle_id(h_container), b_sign_flag != 0, der)
+    })
+}
+
 /// Not used by KeyPort; present because every vendor library has it and tools probe for it.
 ///
 /// # Safety

@@ -10,8 +10,9 @@
 //! ROOT/devices/<device>/hang_sign          exists = SKF_ECCSignData / SKF_RSASignData block
 //!                                          until it is removed (first writing a line to the
 //!                                          FIFO `hanging` beside it, if the test made one)
+//! ROOT/devices/<device>/fail_keygen       exists = SKF_GenECCKeyPair answers SAR_GENRANDERR
 //! ROOT/devices/<device>/apps/<app>/pin.conf                 user_pin= max_retries= remaining=
-//! ROOT/devices/<device>/apps/<app>/containers/<name>/type   sm2 | rsa
+//! ROOT/devices/<device>/apps/<app>/containers/<name>/type   sm2 | rsa | empty
 //! .../containers/<name>/sign.key.pem sign.cert.der [enc.key.pem enc.cert.der]
 //! ROOT/calls.log                           one line per SKF call: `SKF_VerifyPIN rv=0x0A000024`
 //! ```
@@ -19,6 +20,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -333,6 +335,97 @@ impl Soft {
         }))
     }
 
+    /// SKF_CreateContainer: a new, empty container (its `type` file says `empty`).
+    pub fn create_container(&self, handle: usize, name: &OsStr) -> Result<usize, Sar> {
+        let (dev, app) = self.app_of(handle)?;
+        self.require_app_login(&dev, &app)?;
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() > MAX_CONTAINER_NAME_LEN {
+            return Err(SAR_NAMELENERR);
+        }
+        // Names are directory names here: no path separators, no `.`/`..`.
+        if bytes.contains(&b'/') || bytes == b"." || bytes == b".." {
+            return Err(SAR_INVALIDPARAMERR);
+        }
+        let containers = self.app_dir(&dev, &app).join("containers");
+        std::fs::create_dir_all(&containers).map_err(|_| SAR_FILEERR)?;
+        let dir = containers.join(name);
+        // create_dir (not _all): an existing name fails here, atomically.
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SAR_FILE_ALREADY_EXIST)
+            }
+            Err(_) => return Err(SAR_FILEERR),
+        }
+        write_atomically(&dir.join("type"), b"empty\n")?;
+        Ok(self.new_handle(Handle::Container {
+            dev,
+            app,
+            name: name.to_owned(),
+            insertion: self.insertion_of(handle)?,
+        }))
+    }
+
+    /// SKF_DeleteContainer: the container's directory, keys and certificates.
+    pub fn delete_container(&self, handle: usize, name: &OsStr) -> Result<(), Sar> {
+        let (dev, app) = self.app_of(handle)?;
+        self.require_app_login(&dev, &app)?;
+        if name.is_empty() || name.as_bytes().contains(&b'/') || name == "." || name == ".." {
+            return Err(SAR_INVALIDPARAMERR);
+        }
+        let dir = self.app_dir(&dev, &app).join("containers").join(name);
+        if !dir.is_dir() {
+            return Err(SAR_INVALIDPARAMERR);
+        }
+        std::fs::remove_dir_all(&dir).map_err(|_| SAR_FILEERR)
+    }
+
+    /// SKF_GenECCKeyPair: an SM2 signing key in an empty container. A container that already
+    /// holds a key is refused (SAR_FILE_ALREADY_EXIST): this library never overwrites a key.
+    pub fn gen_ecc_key_pair(&self, handle: usize, alg_id: ULONG) -> Result<ECCPUBLICKEYBLOB, Sar> {
+        use sm2::elliptic_curve::Generate as _;
+        use sm2::pkcs8::EncodePrivateKey as _;
+        let c = self.container_of(handle)?;
+        self.require_login(&c)?;
+        if alg_id != SGD_SM2_1 {
+            return Err(SAR_NOTSUPPORTYETERR);
+        }
+        if c.kind()? != Kind::Empty {
+            return Err(SAR_FILE_ALREADY_EXIST);
+        }
+        if self.device_dir(&c.dev).join("fail_keygen").exists() {
+            // A key whose generator fails (flash full, a chip fault): the test's switch.
+            return Err(SAR_GENRANDERR);
+        }
+        let secret = sm2::SecretKey::try_generate().map_err(|_| SAR_GENRANDERR)?;
+        let pem = secret
+            .to_pkcs8_pem(sm2::pkcs8::LineEnding::LF)
+            .map_err(|_| SAR_FAIL)?;
+        write_atomically(&c.dir.join("sign.key.pem"), pem.as_bytes())?;
+        write_atomically(&c.dir.join("type"), b"sm2\n")?;
+        sm2_blob(&secret)
+    }
+
+    /// SKF_ImportCertificate: the bytes go to the slot as they are (the standard's single slot
+    /// per kind; what was there is replaced, as on real keys). The container must hold a key.
+    pub fn import_certificate(&self, handle: usize, sign: bool, der: &[u8]) -> Result<(), Sar> {
+        let c = self.container_of(handle)?;
+        self.require_login(&c)?;
+        if c.kind()? == Kind::Empty {
+            return Err(SAR_KEYNOTFOUNTERR);
+        }
+        if der.is_empty() {
+            return Err(SAR_INDATALENERR);
+        }
+        let file = if sign {
+            "sign.cert.der"
+        } else {
+            "enc.cert.der"
+        };
+        write_atomically(&c.dir.join(file), der)
+    }
+
     // ---- PIN ----
 
     fn pin_file(&self, dev: &OsStr, app: &OsStr) -> PathBuf {
@@ -412,6 +505,7 @@ impl Soft {
 
     pub fn container_type(&self, handle: usize) -> Result<ULONG, Sar> {
         Ok(match self.container_of(handle)?.kind()? {
+            Kind::Empty => CONTAINER_EMPTY,
             Kind::Sm2 => CONTAINER_ECC,
             Kind::Rsa => CONTAINER_RSA,
         })
@@ -432,21 +526,8 @@ impl Soft {
         let c = self.container_of(handle)?;
         let file = if sign { "sign.key.pem" } else { "enc.key.pem" };
         match c.kind()? {
-            Kind::Sm2 => {
-                let key = load_sm2(&c.dir.join(file))?;
-                let point = key.public_key().to_sec1_point(false);
-                let (Some(x), Some(y)) = (point.x(), point.y()) else {
-                    return Err(SAR_KEYINFOTYPEERR);
-                };
-                let mut blob = ECCPUBLICKEYBLOB {
-                    bit_len: 256,
-                    x: [0; ECC_MAX_COORDINATE_LEN],
-                    y: [0; ECC_MAX_COORDINATE_LEN],
-                };
-                right_align(&mut blob.x, x);
-                right_align(&mut blob.y, y);
-                Ok(as_bytes(&blob))
-            }
+            Kind::Sm2 => Ok(as_bytes(&sm2_blob(&load_sm2(&c.dir.join(file))?)?)),
+            Kind::Empty => Err(SAR_KEYNOTFOUNTERR),
             Kind::Rsa => {
                 let key = load_rsa(&c.dir.join(file))?;
                 let bits = key.n().bit_width();
@@ -517,7 +598,11 @@ impl Soft {
     }
 
     fn require_login(&self, c: &Container) -> Result<(), Sar> {
-        if lock(&self.logged_in).contains(&(c.dev.clone(), c.app.clone())) {
+        self.require_app_login(&c.dev, &c.app)
+    }
+
+    fn require_app_login(&self, dev: &OsStr, app: &OsStr) -> Result<(), Sar> {
+        if lock(&self.logged_in).contains(&(dev.to_owned(), app.to_owned())) {
             Ok(())
         } else {
             Err(SAR_USER_NOT_LOGGED_IN)
@@ -624,6 +709,8 @@ struct PinState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// Made by SKF_CreateContainer, no key yet.
+    Empty,
     Sm2,
     Rsa,
 }
@@ -643,9 +730,26 @@ impl Container {
         {
             "sm2" => Ok(Kind::Sm2),
             "rsa" => Ok(Kind::Rsa),
+            "empty" => Ok(Kind::Empty),
             _ => Err(SAR_FILEERR),
         }
     }
+}
+
+/// The ECCPUBLICKEYBLOB of an SM2 key: 256 bits, X and Y right-aligned.
+fn sm2_blob(key: &sm2::SecretKey) -> Result<ECCPUBLICKEYBLOB, Sar> {
+    let point = key.public_key().to_sec1_point(false);
+    let (Some(x), Some(y)) = (point.x(), point.y()) else {
+        return Err(SAR_KEYINFOTYPEERR);
+    };
+    let mut blob = ECCPUBLICKEYBLOB {
+        bit_len: 256,
+        x: [0; ECC_MAX_COORDINATE_LEN],
+        y: [0; ECC_MAX_COORDINATE_LEN],
+    };
+    right_align(&mut blob.x, x);
+    right_align(&mut blob.y, y);
+    Ok(blob)
 }
 
 fn load_sm2(path: &Path) -> Result<sm2::SecretKey, Sar> {
