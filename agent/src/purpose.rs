@@ -17,8 +17,9 @@
 //! (`dual_use_certificates`, by the SHA-256 of the certificate), accepting the risk above.
 //!
 //! **Session consent** (`consent = "session"`) covers one kind of operation with one
-//! certificate on one connection: the "Log in" the user agreed to never covers a signature,
-//! nor does a signature with one certificate cover another certificate or a batch.
+//! certificate on one connection: the "Log in" the user agreed to never covers a document
+//! signature (nor the reverse), and a signature with one certificate never covers another
+//! certificate. Documents are one kind: `sign` and `sign.batch` with the same certificate.
 
 use pkcs11_shim::{CertificateInfo, KeyUsage};
 use sha2::Digest as _;
@@ -63,10 +64,8 @@ fn dual_use(info: &CertificateInfo, config: &Config) -> bool {
 pub enum ConsentKind {
     /// `authenticate`.
     Login,
-    /// `sign`.
-    Sign,
-    /// `sign.batch`.
-    SignBatch,
+    /// `sign` and `sign.batch`: document signatures.
+    Documents,
 }
 
 /// A consent given once on a connection: for this kind, with this certificate (SHA-256 of its

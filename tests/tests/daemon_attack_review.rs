@@ -350,7 +350,8 @@ async fn finding_04_session_consent_is_bound_to_kind_and_certificate() {
         .await
         .unwrap();
     assert_eq!(agent.script().dialogs().unwrap().len(), 2);
-    // Another certificate, or a batch: asked again. Declined here, so nothing is signed.
+    // Another certificate: asked again, for a signature and for a 1 000-item batch. Declined
+    // here, so nothing is signed.
     agent.script().push(&Step::cancel()).unwrap();
     client
         .call_err(
@@ -367,8 +368,20 @@ async fn finding_04_session_consent_is_bound_to_kind_and_certificate() {
     client
         .call_err(
             "sign.batch",
-            json!({"certificateId": ids["sign-p256"], "items": items, "display": {"title": "Batch"}}),
+            json!({"certificateId": ids["sign-rsa2048"], "items": items, "display": {"title": "Batch"}}),
             "USER_CANCELLED",
+        )
+        .await
+        .unwrap();
+    assert_eq!(agent.script().dialogs().unwrap().len(), 4);
+    // A batch with the certificate the user agreed to is the same kind: covered.
+    let items: Vec<Value> = (0..10u32)
+        .map(|i| json!({"digest": {"algorithm": "SHA-256", "value": b64(&sha256(&i.to_be_bytes()))}}))
+        .collect();
+    client
+        .call_ok(
+            "sign.batch",
+            json!({"certificateId": ids["sign-p256"], "items": items, "display": {"title": "Batch"}}),
         )
         .await
         .unwrap();

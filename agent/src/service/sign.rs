@@ -204,13 +204,8 @@ impl Service {
             inputs,
             logout_after: self.config.pin_cache_seconds == 0,
         };
-        let kind = if batch {
-            ConsentKind::SignBatch
-        } else {
-            ConsentKind::Sign
-        };
         let sigs = self
-            .run_token(ctx, cert, req, build, batch, kind)
+            .run_token(ctx, cert, req, build, batch, ConsentKind::Documents)
             .await
             .map_err(|e| (e, digests.clone()))?;
         let sigs = plan
