@@ -16,8 +16,13 @@ use crate::dialog::{Consent, Dialog, PinState, Texts, Unlock};
 pub enum Scope {
     /// The whole request (one document, or a batch under one PIN).
     All,
-    /// Item `index` (from 0) of `count`, for a key that asks for its PIN per signature.
-    Item { index: usize, count: usize },
+    /// Item `index` (from 0) of `count`, for a key that asks for its PIN per signature;
+    /// `announce`: the first such dialog of the request, which says so.
+    Item {
+        index: usize,
+        count: usize,
+        announce: bool,
+    },
 }
 
 /// Builds the consent dialog for one operation, given how the token is unlocked and which part

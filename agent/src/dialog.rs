@@ -156,6 +156,18 @@ pub struct Document<'a> {
     pub digest: &'a [u8],
 }
 
+/// Which document of a batch a per-document dialog is for.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchItem<'a> {
+    /// The item's label from the page, if it gave one.
+    pub label: Option<&'a str>,
+    /// From 0.
+    pub index: usize,
+    pub count: usize,
+    /// The first per-document dialog of the request: it says the key asks for each document.
+    pub announce: bool,
+}
+
 /// How the user unlocks the token for this operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unlock {
@@ -313,17 +325,20 @@ impl Texts {
     }
 
     /// Consent (and the PIN) for one document of a batch whose key asks for its PIN for every
-    /// signature: one dialog per document, and the first one says so. `label` is the item's
-    /// label from the page, if it gave one.
+    /// signature: one dialog per document, and the first of them says so.
     pub fn sign_batch_item(
         &self,
         signer: &Signer<'_>,
         document: &Document<'_>,
-        label: Option<&str>,
-        index: usize,
-        count: usize,
+        item: BatchItem<'_>,
         unlock: Unlock,
     ) -> Dialog {
+        let BatchItem {
+            label,
+            index,
+            count,
+            announce,
+        } = item;
         let n = index + 1;
         let (title, header, ok) = if self.zh() {
             (
@@ -339,7 +354,7 @@ impl Texts {
             )
         };
         let mut lines = vec![header];
-        if index == 0 {
+        if announce {
             lines.push(if self.zh() {
                 format!("此密钥每签一份文件都要输入一次 PIN 码，共 {count} 份。")
             } else {
@@ -878,9 +893,12 @@ mod tests {
         let first = pin(Texts::new(Language::En).sign_batch_item(
             &signer(),
             &document(),
-            Some("Invoice 17"),
-            0,
-            25,
+            BatchItem {
+                label: Some("Invoice 17"),
+                index: 0,
+                count: 25,
+                announce: true,
+            },
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
@@ -897,9 +915,12 @@ mod tests {
         let second = pin(Texts::new(Language::En).sign_batch_item(
             &signer(),
             &document(),
-            None,
-            1,
-            25,
+            BatchItem {
+                label: None,
+                index: 1,
+                count: 25,
+                announce: false,
+            },
             Unlock::Pin(PinState::default()),
         ));
         assert!(!second.description.contains("for each of"));
@@ -907,9 +928,12 @@ mod tests {
         let zh = pin(Texts::new(Language::ZhCn).sign_batch_item(
             &signer(),
             &document(),
-            Some("发票 17"),
-            0,
-            3,
+            BatchItem {
+                label: Some("发票 17"),
+                index: 0,
+                count: 3,
+                announce: true,
+            },
             Unlock::Pin(PinState::default()),
         ));
         assert_has(

@@ -142,7 +142,10 @@ fn locked_pin_fails_without_asking_and_without_c_login() {
 #[test]
 fn removal_mid_batch_keeps_completed_and_recovers_after_reinsertion() {
     let rig = FaultRig::new();
-    let msgs: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i as u8; 5]).collect();
+    // Long enough that the batch still runs when the removal, made on the third progress
+    // message, lands (progress is a message now, not a call on the worker).
+    let n = 200;
+    let msgs: Vec<Vec<u8>> = (0..n).map(|i| (i as u32).to_be_bytes().to_vec()).collect();
     let control = rig.control.clone();
     let (pin, _) = ScriptedPin::right();
     let f = rig
@@ -161,7 +164,7 @@ fn removal_mid_batch_keeps_completed_and_recovers_after_reinsertion() {
     assert!(matches!(f.error, Error::TokenNotPresent), "{f:?}");
     // Progress is a message from the worker, so the removal lands after the third signature
     // and before the batch ends, not at an exact item.
-    assert!((3..8).contains(&f.completed.len()), "{}", f.completed.len());
+    assert!((3..n).contains(&f.completed.len()), "{}", f.completed.len());
     let pem = rig.dir.path().join("certs/sign-p256.pem");
     for (m, s) in msgs.iter().zip(&f.completed) {
         assert!(openssl_verify(&pem, "ecdsa", "sha256", m, s));

@@ -218,7 +218,10 @@ fn cancel_flag_stops_a_batch_between_items_and_keeps_what_was_done() {
     let rig = Rig::new();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
-    let msgs: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8; 10]).collect();
+    // Long enough that the batch is still running when the flag, set on the seventh progress
+    // message, reaches the worker (progress is a message now, not a call on the worker).
+    let n = 400;
+    let msgs: Vec<Vec<u8>> = (0..n).map(|i| (i as u32).to_be_bytes().to_vec()).collect();
     let (pin, _) = ScriptedPin::right();
     let failure = rig
         .module
@@ -241,7 +244,7 @@ fn cancel_flag_stops_a_batch_between_items_and_keeps_what_was_done() {
     // Progress is a message from the worker: the flag lands after the seventh signature and
     // before the batch ends, not at an exact item.
     assert!(
-        (7..20).contains(&failure.completed.len()),
+        (7..n).contains(&failure.completed.len()),
         "{}",
         failure.completed.len()
     );

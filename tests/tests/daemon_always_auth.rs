@@ -363,6 +363,11 @@ async fn a_cancel_at_the_second_document_returns_the_first_signature() {
     assert_eq!(dialogs.len(), 2);
     let second = dialogs[1].description.clone().unwrap_or_default();
     assert!(second.contains("Document 2 of 3"), "{second}");
+    // The first per-document dialog says why the PIN is asked again.
+    assert!(
+        second.contains("This key asks for your PIN for each of the 3 documents."),
+        "{second}"
+    );
     assert_eq!(
         agent.fault_calls("C_Sign"),
         2,

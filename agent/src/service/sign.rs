@@ -23,7 +23,7 @@ use crate::config::{ConsentMode, SigningKeyUsage};
 use crate::consent::{
     self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
 };
-use crate::dialog::{Consent, Document, Signer, Unlock};
+use crate::dialog::{BatchItem, Consent, Document, Signer, Unlock};
 use crate::pinentry::DialogCancel;
 use crate::purpose::{ConsentKind, SessionConsent};
 use crate::tokens::CertificateView;
@@ -189,9 +189,19 @@ impl Service {
                 digest: item_digests.get(index).map_or(&[][..], Vec::as_slice),
             };
             match scope {
-                Scope::Item { index, count } if batch => {
+                Scope::Item {
+                    index,
+                    count,
+                    announce,
+                } if batch => {
                     let label = labels.get(index).map(String::as_str);
-                    texts.sign_batch_item(&signer, &doc, label, index, count, unlock)
+                    let item = BatchItem {
+                        label,
+                        index,
+                        count,
+                        announce,
+                    };
+                    texts.sign_batch_item(&signer, &doc, item, unlock)
                 }
                 _ if batch => texts.sign_batch(&signer, &doc, count, &labels, unlock),
                 _ => texts.sign(&signer, &doc, unlock),
@@ -255,13 +265,18 @@ impl Service {
         };
         let mut done: Vec<Vec<u8>> = Vec::with_capacity(total);
         let mut last: Option<Unlock> = None;
+        // Whether a per-document dialog already told the user this key asks for each one.
+        let mut announced = false;
         loop {
             let mut credential = Credential::None;
             if let Some(unlock) = question.take() {
                 let scope = if per_signature && total > 1 {
+                    let announce = !announced;
+                    announced = true;
                     Scope::Item {
                         index: done.len(),
                         count: total,
+                        announce,
                     }
                 } else {
                     Scope::All
