@@ -224,8 +224,14 @@ function logIn() {
 }
 
 // Login needs digitalSignature: the selected certificate if it allows it, else the first that does.
+// A certificate either signs documents or logs in (docs/protocol.md, "One key, one
+// purpose"): login certificates have the clientAuth usage, or digitalSignature without
+// nonRepudiation. The selected one is used when it is such a certificate, else the first one.
 function loginCertificate() {
-  const ok = (c) => c && (c.keyUsage.length === 0 || c.keyUsage.includes('digitalSignature'));
+  const ok = (c) =>
+    c &&
+    ((c.extendedKeyUsage ?? []).includes('clientAuth') ||
+      (c.keyUsage.includes('digitalSignature') && !c.keyUsage.includes('nonRepudiation')));
   return ok(selected()) ? selected() : certificates.find(ok);
 }
 
