@@ -10,10 +10,19 @@
 //! line's 32-byte MAC, or 32 zero bytes for the first line. `seq` starts at 1 and grows by one.
 //!
 //! What the chain shows: an edited, inserted, removed or reordered line is reported by
-//! [`verify`] with its line number. What it cannot show: **removal of the last lines** (the
-//! remaining chain is still valid) or replacement of the whole file by an empty one. Catching
-//! that needs the head (last `seq` and MAC) kept somewhere the attacker cannot write, such as
-//! the OS keyring; this module does not do that yet.
+//! [`verify`] with its line number, and every line after the first break is reported
+//! *unverified* (what follows a break is only as good as the break's anchor).
+//!
+//! The head: after each line is durable, its `seq` and MAC go to a **head file** kept apart
+//! from the log (beside the audit key, or in the configuration folder when the key is in the OS
+//! keyring), mode 0600, two alternating slots so a torn write leaves the older one, each
+//! itself MACed with the key
+//! (`head_mac = HMAC(key, "keyport audit head v1" ‖ seq as 8 bytes big-endian ‖ mac)`), so it
+//! cannot be forged without the key. Removing the last lines, or emptying the log, leaves the
+//! head ahead of the log: [`verify`] reports it and [`AuditLog::open`] refuses to continue such a
+//! log. What remains open: someone with the user's rights who saved an old head can put it back
+//! together with a log cut to match; the head only moves that from "truncate one file" to
+//! "keep and restore two".
 //!
 //! Crash safety: a line is written with one `write_all` of the complete line and its `\n`,
 //! then `sync_data`. [`AuditLog::open`] cuts a trailing partial line (a crash mid-write) and
@@ -26,12 +35,14 @@
 //! first re-reads the head so that the chain continues from the other writer's last line.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use hmac::{KeyInit, Mac};
+
+use crate::files;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use zeroize::Zeroizing;
@@ -67,6 +78,22 @@ pub enum AuditError {
         /// What is wrong with it.
         problem: Problem,
     },
+    /// The head file says the log went further than it does: lines were cut from its end, or
+    /// the file was emptied or replaced.
+    #[error("audit log {path} ends at seq {last_seq} but its head ({head}) says seq {head_seq} was written: the end of the log was removed; run `keyport audit --verify`, keep the damaged log as evidence (move it and the head aside) to start a new one")]
+    Cut {
+        /// The log file.
+        path: PathBuf,
+        /// The head file.
+        head: PathBuf,
+        /// The last seq in the log (0: empty).
+        last_seq: u64,
+        /// The seq the head records.
+        head_seq: u64,
+    },
+    /// The head file exists but is not one this key wrote.
+    #[error("audit head {0} is not valid for this key; run `keyport audit --verify`")]
+    BadHeadFile(PathBuf),
     /// The key is shorter than 32 bytes.
     #[error("audit key is {0} bytes; at least 32 are needed")]
     KeyTooShort(usize),
@@ -320,6 +347,25 @@ pub enum Problem {
     },
     /// The last line has no final newline (a crash mid-write; [`AuditLog::open`] cuts it).
     Truncated,
+    /// After an earlier break: this line cannot be proved genuine.
+    Unverified {
+        /// The line of the first break.
+        after: usize,
+    },
+    /// The head records a later line than the log ends with: its end was removed (or the
+    /// whole log emptied). Reported at the line after the last one.
+    Cut {
+        /// The last seq in the log (0: none).
+        last_seq: u64,
+        /// The seq the head records.
+        head_seq: u64,
+    },
+    /// The head records this seq with another MAC: the last line was replaced.
+    HeadMismatch,
+    /// There is a log but no head: whether its end was cut cannot be told.
+    HeadMissing,
+    /// The head file is not one this key wrote.
+    HeadInvalid,
 }
 
 impl fmt::Display for Problem {
@@ -339,6 +385,21 @@ impl fmt::Display for Problem {
                 write!(f, "sequence out of order: expected {expected}, found {found} (lines reordered or inserted)")
             }
             Problem::Truncated => f.write_str("partial last line (interrupted write)"),
+            Problem::Unverified { after } => {
+                write!(f, "not verifiable after the break at line {after}")
+            }
+            Problem::Cut { last_seq, head_seq } => write!(
+                f,
+                "the log ends at seq {last_seq} but seq {head_seq} was written: lines were \
+                 removed from the end (or the log emptied)"
+            ),
+            Problem::HeadMismatch => {
+                f.write_str("the last line is not the one the head recorded (replaced)")
+            }
+            Problem::HeadMissing => {
+                f.write_str("no head record: whether lines were cut from the end cannot be told")
+            }
+            Problem::HeadInvalid => f.write_str("the head record does not verify with this key"),
         }
     }
 }
@@ -371,8 +432,25 @@ impl fmt::Display for VerifyReport {
             self.problems.len(),
             self.lines
         )?;
-        for (line, problem) in &self.problems {
-            writeln!(f, "  line {line}: {problem}")?;
+        let mut i = 0;
+        while i < self.problems.len() {
+            let (line, problem) = &self.problems[i];
+            // A run of unverified lines is one entry.
+            let mut end = i;
+            while let (Problem::Unverified { .. }, Some((next, Problem::Unverified { .. }))) =
+                (problem, self.problems.get(end + 1))
+            {
+                if *next != self.problems[end].0 + 1 {
+                    break;
+                }
+                end += 1;
+            }
+            if end > i {
+                writeln!(f, "  lines {line}-{}: {problem}", self.problems[end].0)?;
+            } else {
+                writeln!(f, "  line {line}: {problem}")?;
+            }
+            i = end + 1;
         }
         Ok(())
     }
@@ -382,6 +460,8 @@ impl fmt::Display for VerifyReport {
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
+    head: PathBuf,
+    head_file: File,
     file: File,
     key: AuditKey,
     next_seq: u64,
@@ -392,10 +472,12 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Open (or create, mode 0600, parent directory 0700) the log at `path`, cut a partial last
-    /// line left by a crash, and continue the chain from the last whole line, whose MAC must
-    /// verify with `key` (else [`AuditError::BadHead`]). Only the tail of the file is read.
-    pub fn open(path: &Path, key: AuditKey) -> Result<AuditLog, AuditError> {
+    /// Open (or create, mode 0600, parent directory 0700, never through a symbolic link) the
+    /// log at `path`, cut a partial last line left by a crash, and continue the chain from the
+    /// last whole line, whose MAC must verify with `key` (else [`AuditError::BadHead`]) and which
+    /// must not be behind the head file `head` (else [`AuditError::Cut`]). Only the tail of the
+    /// file is read.
+    pub fn open(path: &Path, key: AuditKey, head: &Path) -> Result<AuditLog, AuditError> {
         let io = |action: &'static str, p: &Path| {
             let p = p.to_path_buf();
             move |source| AuditError::Io {
@@ -405,19 +487,21 @@ impl AuditLog {
             }
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(io("creating the directory", parent))?;
+            files::create_private_dir(parent).map_err(io("creating the directory", parent))?;
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io("opening", path))?;
+        let mut file = files::open_append_nofollow(path)
+            .map_err(io("opening (not through a symbolic link)", path))?;
+        if !file
+            .metadata()
+            .map_err(io("reading metadata of", path))?
+            .is_file()
+        {
+            return Err(AuditError::Io {
+                path: path.to_path_buf(),
+                action: "opening",
+                source: std::io::Error::other("not a regular file"),
+            });
+        }
         let meta = file.metadata().map_err(io("reading metadata of", path))?;
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "audit log was readable by others; setting mode 0600");
@@ -472,8 +556,35 @@ impl AuditLog {
                 (last.seq + 1, last_mac)
             }
         };
+        let last_seq = next_seq - 1;
+        let head_seq = match read_head(head, &key) {
+            HeadState::Missing => None,
+            HeadState::Invalid => return Err(AuditError::BadHeadFile(head.to_path_buf())),
+            HeadState::Valid { seq, .. } if seq > last_seq => {
+                return Err(AuditError::Cut {
+                    path: path.to_path_buf(),
+                    head: head.to_path_buf(),
+                    last_seq,
+                    head_seq: seq,
+                })
+            }
+            HeadState::Valid { seq, .. } => Some(seq),
+        };
+        if let Some(dir) = head.parent().filter(|p| !p.as_os_str().is_empty()) {
+            files::create_private_dir(dir).map_err(io("creating the directory", dir))?;
+        }
+        let head_file = files::open_rw_nofollow(head)
+            .map_err(io("opening (not through a symbolic link)", head))?;
+        if last_seq > 0 && head_seq != Some(last_seq) {
+            // A crash between a line and its head leaves the head one behind (or a log from
+            // before heads existed has none): bring it level.
+            write_head(&head_file, &key, last_seq, &prev_mac)
+                .map_err(io("writing the head", head))?;
+        }
         Ok(AuditLog {
             path: path.to_path_buf(),
+            head: head.to_path_buf(),
+            head_file,
             file,
             key,
             next_seq,
@@ -519,7 +630,7 @@ impl AuditLog {
         if len == self.len {
             return Ok(());
         }
-        let fresh = AuditLog::open(&self.path, self.key.clone())?;
+        let fresh = AuditLog::open(&self.path, self.key.clone(), &self.head)?;
         self.next_seq = fresh.next_seq;
         self.prev_mac = fresh.prev_mac;
         self.len = fresh.len;
@@ -566,6 +677,14 @@ impl AuditLog {
         self.len += bytes.len() as u64;
         self.next_seq += 1;
         self.prev_mac = mac;
+        // The line is durable; now the head, so that cutting it off shows.
+        write_head(&self.head_file, &self.key, self.next_seq - 1, &mac).map_err(|source| {
+            AuditError::Io {
+                path: self.head.clone(),
+                action: "writing the head of",
+                source,
+            }
+        })?;
         if let Some(journal) = &self.journal {
             journal.send(&line);
         }
@@ -583,11 +702,12 @@ impl AuditLog {
     }
 }
 
-/// Verify the whole log at `path` with `key`. Each edited, inserted, removed or reordered line
-/// is reported with its 1-based line number; the chain then continues from the bad line's own
-/// MAC so one tampering is reported once (plus, for a moved line, its new neighbour). The line
-/// after an unreadable ([`Problem::BadJson`]) line has its seq checked but not its MAC.
-pub fn verify(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
+/// Verify the whole log at `path` with `key` and its head file `head`. Each edited, inserted,
+/// removed or reordered line is reported with its 1-based line number, and every later line
+/// that has no problem of its own is reported [`Problem::Unverified`]. Then the head: a log
+/// that ends before the seq the head records ([`Problem::Cut`]), a last line the head does not
+/// match, or a non-empty log with no head is reported at the line after the last.
+pub fn verify(path: &Path, key: &AuditKey, head: &Path) -> Result<VerifyReport, AuditError> {
     let data = std::fs::read(path).map_err(|source| AuditError::Io {
         path: path.to_path_buf(),
         action: "reading",
@@ -604,6 +724,7 @@ pub fn verify(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
         pieces.pop();
     }
     let count = pieces.len();
+    let mut last_good: Option<(u64, [u8; MAC_LEN])> = None;
     for (i, raw) in pieces.into_iter().enumerate() {
         let n = i + 1;
         lines = n;
@@ -612,6 +733,7 @@ pub fn verify(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
             break;
         }
         let Some((line, mac)) = parse_line(raw).and_then(|l| l.mac_bytes().map(|m| (l, m))) else {
+            last_good = None;
             problems.push((n, Problem::BadJson));
             // It held a seq; the next line's MAC cannot be checked (its `prev` is unreadable).
             expected = expected.saturating_add(1);
@@ -639,11 +761,154 @@ pub fn verify(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
             ));
         } else if !mac_ok {
             problems.push((n, Problem::BadMac));
+        } else if let Some(&(first, _)) = problems.first() {
+            problems.push((n, Problem::Unverified { after: first }));
         }
+        last_good = (line.seq == expected && mac_ok).then_some((line.seq, mac));
         expected = expected.max(line.seq.saturating_add(1));
         prev = mac;
     }
+    let end = lines + 1;
+    match read_head(head, key) {
+        HeadState::Missing if lines > 0 => problems.push((end, Problem::HeadMissing)),
+        HeadState::Missing => {}
+        HeadState::Invalid => problems.push((end, Problem::HeadInvalid)),
+        HeadState::Valid { seq, mac } => {
+            let last_seq = expected.saturating_sub(1);
+            if seq > last_seq {
+                problems.push((
+                    end,
+                    Problem::Cut {
+                        last_seq,
+                        head_seq: seq,
+                    },
+                ));
+            } else if seq == last_seq && last_good.is_some_and(|(_, m)| m != mac) {
+                problems.push((end, Problem::HeadMismatch));
+            }
+        }
+    }
     Ok(VerifyReport { lines, problems })
+}
+
+/// What the head file holds.
+enum HeadState {
+    Missing,
+    Invalid,
+    Valid { seq: u64, mac: [u8; MAC_LEN] },
+}
+
+/// Bytes of one slot of the head file. Two slots alternate by seq (even at 0, odd at 256), so a
+/// write torn by a crash leaves the other, one record older, intact; each write is one `pwrite`
+/// and one `fdatasync`, no rename.
+const HEAD_SLOT: usize = 256;
+
+/// One slot of the head file: `{"seq":N,"mac":"hex","head_mac":"hex"}`, padded with spaces and
+/// ending in a newline.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeadRecord {
+    seq: u64,
+    mac: String,
+    head_mac: String,
+}
+
+fn head_mac(key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> [u8; MAC_LEN] {
+    let mut body = b"keyport audit head v1".to_vec();
+    body.extend_from_slice(&seq.to_be_bytes());
+    body.extend_from_slice(mac);
+    key.mac(&[0xff; MAC_LEN], &body)
+}
+
+/// The head: the valid slot with the highest seq. An empty file (opened, nothing logged yet) is
+/// [`HeadState::Missing`]; a file with bytes but no valid slot (edited, another key's) is
+/// [`HeadState::Invalid`].
+fn read_head(path: &Path, key: &AuditKey) -> HeadState {
+    let bytes = match std::fs::read(path) {
+        Ok(t) if t.is_empty() => return HeadState::Missing,
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HeadState::Missing,
+        Err(_) => return HeadState::Invalid,
+    };
+    bytes
+        .chunks(HEAD_SLOT)
+        .filter_map(|slot| read_slot(slot, key))
+        .max_by_key(|(seq, _)| *seq)
+        .map_or(HeadState::Invalid, |(seq, mac)| HeadState::Valid {
+            seq,
+            mac,
+        })
+}
+
+fn read_slot(slot: &[u8], key: &AuditKey) -> Option<(u64, [u8; MAC_LEN])> {
+    let end = slot.iter().rposition(|&b| !matches!(b, b' ' | b'\n' | 0))? + 1;
+    let record: HeadRecord = serde_json::from_slice(&slot[..end]).ok()?;
+    let decode = |h: &str| -> Option<[u8; MAC_LEN]> { hex::decode(h).ok()?.try_into().ok() };
+    let (mac, hm) = (decode(&record.mac)?, decode(&record.head_mac)?);
+    (head_mac(key, record.seq, &mac) == hm).then_some((record.seq, mac))
+}
+
+/// Writes the head for `seq` into its slot and syncs it.
+fn write_head(file: &File, key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let record = HeadRecord {
+        seq,
+        mac: hex::encode(mac),
+        head_mac: hex::encode(head_mac(key, seq, mac)),
+    };
+    let mut bytes = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+    if bytes.len() >= HEAD_SLOT {
+        return Err(std::io::Error::other(
+            "audit head record longer than its slot",
+        ));
+    }
+    bytes.resize(HEAD_SLOT - 1, b' ');
+    bytes.push(b'\n');
+    file.write_all_at(&bytes, (seq % 2) * HEAD_SLOT as u64)?;
+    file.sync_data()
+}
+
+/// Whether the audit log can take a record now: a probe of 4 KiB is written and synced in the
+/// log's folder (then removed). None when it can; else what is wrong and what to do, for
+/// `keyport doctor`. The agent refuses every signature and login whose record cannot be written.
+pub fn write_problem(path: &Path) -> Option<String> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        return None; // Created, 0700, when the agent starts.
+    }
+    let probe = dir.join(".keyport-audit-probe");
+    let written = (|| {
+        let _ = std::fs::remove_file(&probe);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)?;
+        std::io::Write::write_all(&mut f, &[0u8; 4096])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    let e = written.err()?;
+    let why = match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!(
+            "the file system holding the audit log ({}) is full: every signature and login is \
+             refused (INTERNAL) until its audit record can be written; free space there",
+            dir.display()
+        ),
+        Some(libc::EROFS) => format!(
+            "the audit log's folder {} is read-only: every signature and login is refused until \
+             it is writable",
+            dir.display()
+        ),
+        _ => format!(
+            "the audit log's folder {} cannot be written ({e}): every signature and login is \
+             refused until it can",
+            dir.display()
+        ),
+    };
+    Some(why)
 }
 
 /// Every line of the log that parses, for `keyport audit` to print. Lines that do not parse are
@@ -676,6 +941,17 @@ pub fn render_line(line: &AuditLine) -> String {
 
 fn parse_line(raw: &[u8]) -> Option<AuditLine> {
     serde_json::from_slice(raw).ok()
+}
+
+/// One raw line as [`verify`] reads it: the parsed line and whether its MAC field decodes. For
+/// the fuzzer (`fuzz/fuzz_targets/audit_line.rs`).
+#[doc(hidden)]
+pub fn parse_line_for_fuzzing(raw: &[u8]) -> Option<(AuditLine, bool)> {
+    let line = parse_line(raw)?;
+    let mac_ok = line.mac_bytes().is_some();
+    // The canonical form must serialise whatever parsed.
+    line.canonical().ok()?;
+    Some((line, mac_ok))
 }
 
 struct Tail {
@@ -732,6 +1008,10 @@ fn count_lines(file: &mut File, end: u64) -> std::io::Result<usize> {
 mod tests {
     use super::*;
 
+    fn head_file(log: &Path) -> PathBuf {
+        log.with_extension("head")
+    }
+
     fn key() -> AuditKey {
         AuditKey::new(vec![7; 32]).expect("32 bytes")
     }
@@ -750,7 +1030,7 @@ mod tests {
     fn write_log(n: usize) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/audit.log");
-        let mut log = AuditLog::open(&path, key()).expect("open");
+        let mut log = AuditLog::open(&path, key(), &head_file(&path)).expect("open");
         for i in 1..=n {
             log.append(&record(i)).expect("append");
         }
@@ -776,14 +1056,14 @@ mod tests {
     #[test]
     fn append_then_verify_and_reopen_continues_the_chain() {
         let (_dir, path) = write_log(3);
-        let mut log = AuditLog::open(&path, key()).expect("reopen");
+        let mut log = AuditLog::open(&path, key(), &head_file(&path)).expect("reopen");
         assert_eq!(log.next_seq(), 4);
         log.append(&AuditRecord::new(
             "https://b.example",
             Operation::OriginApprove,
         ))
         .expect("append");
-        let report = verify(&path, &key()).expect("verify");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(
             report,
             VerifyReport {
@@ -834,13 +1114,17 @@ mod tests {
     fn wrong_key_fails_every_line_and_open() {
         let (_dir, path) = write_log(2);
         let other = AuditKey::new(vec![8; 32]).expect("key");
-        let report = verify(&path, &other).expect("verify");
+        let report = verify(&path, &other, &head_file(&path)).expect("verify");
         assert_eq!(
             report.problems,
-            vec![(1, Problem::BadMac), (2, Problem::BadMac)]
+            vec![
+                (1, Problem::BadMac),
+                (2, Problem::BadMac),
+                (3, Problem::HeadInvalid)
+            ]
         );
         assert!(matches!(
-            AuditLog::open(&path, other),
+            AuditLog::open(&path, other, &head_file(&path)),
             Err(AuditError::BadHead {
                 line: 2,
                 problem: Problem::BadMac,
@@ -855,9 +1139,21 @@ mod tests {
         let mut lines = lines_of(&path);
         lines[2] = lines[2].replace("https://portal.example", "https://evil.example");
         write_lines(&path, &lines);
-        let report = verify(&path, &key()).expect("verify");
-        assert_eq!(report.problems, vec![(3, Problem::BadMac)]);
-        assert!(report.to_string().contains("line 3: MAC does not match"));
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![
+                (3, Problem::BadMac),
+                (4, Problem::Unverified { after: 3 }),
+                (5, Problem::Unverified { after: 3 })
+            ]
+        );
+        let text = report.to_string();
+        assert!(text.contains("line 3: MAC does not match"), "{text}");
+        assert!(
+            text.contains("lines 4-5: not verifiable after the break at line 3"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -866,9 +1162,32 @@ mod tests {
         let mut lines = lines_of(&path);
         lines[1] = "{not json".into();
         write_lines(&path, &lines);
-        let report = verify(&path, &key()).expect("verify");
-        // Line 3's MAC cannot be checked against the unreadable line 2; line 4's can.
-        assert_eq!(report.problems, vec![(2, Problem::BadJson)]);
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
+        // Nothing after the unreadable line 2 can be vouched for.
+        assert_eq!(
+            report.problems,
+            vec![
+                (2, Problem::BadJson),
+                (3, Problem::Unverified { after: 2 }),
+                (4, Problem::Unverified { after: 2 })
+            ]
+        );
+    }
+
+    #[test]
+    fn a_forged_line_after_a_garbage_line_is_not_passed_as_verified() {
+        let (_dir, path) = write_log(4);
+        let mut lines = lines_of(&path);
+        lines[1] = "garbage".into();
+        // A made-up line 3 with any MAC: its predecessor is unreadable, so the MAC cannot
+        // clear it, and it must not count as verified.
+        lines[2] = lines[2].replace("https://portal.example", "https://forged.example");
+        write_lines(&path, &lines);
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
+        assert!(report
+            .problems
+            .contains(&(3, Problem::Unverified { after: 2 })));
+        assert!(!report.is_ok());
     }
 
     #[test]
@@ -877,16 +1196,19 @@ mod tests {
         let mut lines = lines_of(&path);
         lines.remove(2);
         write_lines(&path, &lines);
-        let report = verify(&path, &key()).expect("verify");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(
             report.problems,
-            vec![(
-                3,
-                Problem::SeqGap {
-                    expected: 3,
-                    found: 4
-                }
-            )]
+            vec![
+                (
+                    3,
+                    Problem::SeqGap {
+                        expected: 3,
+                        found: 4
+                    }
+                ),
+                (4, Problem::Unverified { after: 3 })
+            ]
         );
     }
 
@@ -896,27 +1218,109 @@ mod tests {
         let mut lines = lines_of(&path);
         lines.remove(0);
         write_lines(&path, &lines);
-        let report = verify(&path, &key()).expect("verify");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(
             report.problems,
-            vec![(
-                1,
-                Problem::SeqGap {
-                    expected: 1,
-                    found: 2
-                }
-            )]
+            vec![
+                (
+                    1,
+                    Problem::SeqGap {
+                        expected: 1,
+                        found: 2
+                    }
+                ),
+                (2, Problem::Unverified { after: 1 })
+            ]
         );
     }
 
     #[test]
-    fn removed_last_line_is_not_detectable_by_the_chain() {
-        // Documented limitation: the head is not stored anywhere else.
+    fn removed_last_lines_and_an_emptied_log_show_through_the_head() {
         let (_dir, path) = write_log(3);
-        let mut lines = lines_of(&path);
+        let whole = lines_of(&path);
+        let mut lines = whole.clone();
         lines.pop();
         write_lines(&path, &lines);
-        assert!(verify(&path, &key()).expect("verify").is_ok());
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![(
+                3,
+                Problem::Cut {
+                    last_seq: 2,
+                    head_seq: 3
+                }
+            )]
+        );
+        assert!(matches!(
+            AuditLog::open(&path, key(), &head_file(&path)),
+            Err(AuditError::Cut {
+                last_seq: 2,
+                head_seq: 3,
+                ..
+            })
+        ));
+        std::fs::write(&path, b"").expect("empty");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
+        assert_eq!(
+            report.problems,
+            vec![(
+                1,
+                Problem::Cut {
+                    last_seq: 0,
+                    head_seq: 3
+                }
+            )]
+        );
+        // The last line replaced by an older genuine one with the same seq is not possible
+        // (seqs are unique), but a head from another key is refused.
+        write_lines(&path, &whole);
+        std::fs::write(
+            head_file(&path),
+            b"{\"seq\":9,\"mac\":\"00\",\"head_mac\":\"00\"}",
+        )
+        .expect("forge");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
+        assert_eq!(report.problems, vec![(4, Problem::HeadInvalid)]);
+        std::fs::remove_file(head_file(&path)).expect("rm");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
+        assert_eq!(report.problems, vec![(4, Problem::HeadMissing)]);
+    }
+
+    #[test]
+    fn a_log_opened_twice_before_its_first_line_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.log");
+        drop(AuditLog::open(&path, key(), &head_file(&path)).expect("first open"));
+        let mut log = AuditLog::open(&path, key(), &head_file(&path)).expect("second open");
+        log.append(&record(1)).expect("append");
+        assert!(verify(&path, &key(), &head_file(&path))
+            .expect("verify")
+            .is_ok());
+    }
+
+    #[test]
+    fn a_torn_head_write_leaves_the_older_slot() {
+        let (_dir, path) = write_log(3);
+        let head = head_file(&path);
+        // Line 3's slot (odd) is torn by a crash; line 2's slot still vouches.
+        let mut bytes = std::fs::read(&head).expect("read");
+        assert_eq!(bytes.len(), 2 * HEAD_SLOT);
+        bytes[HEAD_SLOT..HEAD_SLOT + 40].fill(b'#');
+        std::fs::write(&head, &bytes).expect("write");
+        assert!(matches!(
+            read_head(&head, &key()),
+            HeadState::Valid { seq: 2, .. }
+        ));
+        // One behind is what a crash between a line and its head looks like: no problem, and
+        // opening brings the head level again.
+        assert!(verify(&path, &key(), &head).expect("verify").is_ok());
+        let log = AuditLog::open(&path, key(), &head).expect("open");
+        assert_eq!(log.next_seq(), 4);
+        assert!(matches!(
+            read_head(&head, &key()),
+            HeadState::Valid { seq: 3, .. }
+        ));
     }
 
     #[test]
@@ -925,7 +1329,7 @@ mod tests {
         let mut lines = lines_of(&path);
         lines.swap(2, 3);
         write_lines(&path, &lines);
-        let report = verify(&path, &key()).expect("verify");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(
             report.problems,
             vec![
@@ -944,6 +1348,7 @@ mod tests {
                     }
                 ),
                 (5, Problem::BadMac),
+                (6, Problem::Unverified { after: 3 }),
             ]
         );
     }
@@ -958,7 +1363,7 @@ mod tests {
             .replace("\"seq\":2", "\"seq\":3");
         lines.insert(2, forged);
         write_lines(&path, &lines);
-        let report = verify(&path, &key()).expect("verify");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(
             report.problems,
             vec![
@@ -969,7 +1374,8 @@ mod tests {
                         expected: 4,
                         found: 3
                     }
-                )
+                ),
+                (5, Problem::Unverified { after: 3 })
             ]
         );
     }
@@ -981,7 +1387,7 @@ mod tests {
         let copy = lines[1].clone();
         lines.insert(2, copy);
         write_lines(&path, &lines);
-        let report = verify(&path, &key()).expect("verify");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(
             report.problems[0],
             (
@@ -1002,7 +1408,7 @@ mod tests {
         let mut crashed = whole.clone();
         crashed.extend_from_slice(b"{\"seq\":4,\"time\":\"2026-");
         std::fs::write(&path, &crashed).expect("write");
-        let report = verify(&path, &key()).expect("verify");
+        let report = verify(&path, &key(), &head_file(&path)).expect("verify");
         assert_eq!(
             report,
             VerifyReport {
@@ -1011,12 +1417,13 @@ mod tests {
             }
         );
 
-        let mut log = AuditLog::open(&path, key()).expect("open cuts the partial line");
+        let mut log =
+            AuditLog::open(&path, key(), &head_file(&path)).expect("open cuts the partial line");
         assert_eq!(std::fs::read(&path).expect("read"), whole);
         assert_eq!(log.next_seq(), 4);
         log.append(&record(4)).expect("append");
         assert_eq!(
-            verify(&path, &key()).expect("verify"),
+            verify(&path, &key(), &head_file(&path)).expect("verify"),
             VerifyReport {
                 lines: 4,
                 problems: vec![]
@@ -1029,17 +1436,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
         std::fs::write(&path, b"{\"seq\":1,").expect("write");
-        let mut log = AuditLog::open(&path, key()).expect("open");
+        let mut log = AuditLog::open(&path, key(), &head_file(&path)).expect("open");
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
         log.append(&record(1)).expect("append");
-        assert!(verify(&path, &key()).expect("verify").is_ok());
+        assert!(verify(&path, &key(), &head_file(&path))
+            .expect("verify")
+            .is_ok());
     }
 
     #[test]
     fn open_reads_only_the_tail_of_a_long_log() {
         // More than one 64 KiB tail block of lines, with large batch lines near the end.
         let (_dir, path) = write_log(400);
-        let mut log = AuditLog::open(&path, key()).expect("open");
+        let mut log = AuditLog::open(&path, key(), &head_file(&path)).expect("open");
         let mut big = AuditRecord::new("https://portal.example", Operation::SignBatch);
         for i in 0..1000u32 {
             big = big.digest(&i.to_be_bytes().repeat(8));
@@ -1047,10 +1456,12 @@ mod tests {
         log.append(&big).expect("append");
         log.append(&big).expect("append");
         drop(log);
-        let mut log = AuditLog::open(&path, key()).expect("open");
+        let mut log = AuditLog::open(&path, key(), &head_file(&path)).expect("open");
         assert_eq!(log.next_seq(), 403);
         log.append(&record(1)).expect("append");
-        assert!(verify(&path, &key()).expect("verify").is_ok());
+        assert!(verify(&path, &key(), &head_file(&path))
+            .expect("verify")
+            .is_ok());
     }
 
     #[test]
@@ -1059,7 +1470,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         std::fs::write(&path, b"").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let _log = AuditLog::open(&path, key()).expect("open");
+        let _log = AuditLog::open(&path, key(), &head_file(&path)).expect("open");
         assert_eq!(
             std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
             0o600

@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use browser_bridge::Origin;
 use serde::Deserialize;
 
 /// Where the configuration and the files beside it live.
@@ -76,7 +77,7 @@ pub enum UnknownOrigins {
 pub enum SigningKeyUsage {
     /// keyUsage nonRepudiation, or no keyUsage extension at all.
     NonRepudiation,
-    /// Any certificate whose key is on the token.
+    /// Also certificates with digitalSignature only; never a clientAuth one (see purpose.rs).
     Any,
 }
 
@@ -126,6 +127,13 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     pub requests_per_second: u32,
     pub handshake_timeout_seconds: u64,
+    /// Connections of all origins not approved, together (less than `max_connections`, so an
+    /// approved origin always finds room).
+    pub max_unapproved_connections: usize,
+    /// A connection of an origin not approved, idle this long, is closed.
+    pub unapproved_idle_seconds: u64,
+    /// Accepted connections still in their HTTP handshake.
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -136,6 +144,9 @@ impl Default for LimitsConfig {
             max_connections: 64,
             requests_per_second: 20,
             handshake_timeout_seconds: 5,
+            max_unapproved_connections: 8,
+            unapproved_idle_seconds: 30,
+            max_pending_handshakes: 16,
         }
     }
 }
@@ -166,6 +177,9 @@ pub struct Config {
     pub unknown_origins: UnknownOrigins,
     pub allow_insecure_localhost_origins: bool,
     pub signing_key_usage: SigningKeyUsage,
+    /// Certificates (lowercase hex SHA-256 of the DER) that may both sign documents and log in:
+    /// any site could then turn a "document" signature into a login elsewhere (see purpose.rs).
+    pub dual_use_certificates: Vec<String>,
     pub origin_policy: Vec<OriginPolicy>,
     /// A file of mode 0600 holding at least 32 random bytes: the audit key when no OS keyring exists.
     pub audit_key_file: Option<PathBuf>,
@@ -199,6 +213,7 @@ impl Default for Config {
             unknown_origins: UnknownOrigins::Prompt,
             allow_insecure_localhost_origins: false,
             signing_key_usage: SigningKeyUsage::NonRepudiation,
+            dual_use_certificates: Vec::new(),
             origin_policy: Vec::new(),
             audit_key_file: None,
             audit_log: None,
@@ -214,14 +229,19 @@ impl Default for Config {
 impl Config {
     /// Reads the file; a missing file gives the defaults, anything else wrong is an error.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::files::read_private_config(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-            Err(source) => {
+            Err(crate::files::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default())
+            }
+            Err(crate::files::ReadError::Io(source)) => {
                 return Err(ConfigError::Read {
                     path: path.to_path_buf(),
                     source,
                 })
+            }
+            Err(crate::files::ReadError::Unsafe(message)) => {
+                return Err(ConfigError::Unsafe(message))
             }
         };
         Config::parse(&text).map_err(|e| match e {
@@ -269,17 +289,45 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        // The handshake's own parser: an origin written here either is exactly what a browser
+        // sends, and so can match, or the agent does not start.
         for origin in self
             .allowed_origins
             .iter()
             .chain(&self.denied_origins)
             .chain(self.origin_policy.iter().map(|p| &p.origin))
         {
-            if !looks_like_origin(origin) {
-                return Err(ConfigError::Invalid(format!(
-                    "{origin:?} is not an origin (scheme://host[:port], nothing after)"
-                )));
-            }
+            Origin::parse(origin, self.allow_insecure_localhost_origins).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "{origin:?} is not an origin as a browser sends it ({e}): write \
+                     https://host or https://host:port, the host in lower case (IDNs as \
+                     punycode), no default port, nothing after"
+                ))
+            })?;
+        }
+        if let Some(bad) = self
+            .dual_use_certificates
+            .iter()
+            .find(|f| f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "dual_use_certificates: {bad:?} is not a SHA-256 fingerprint (64 hex digits; \
+                 openssl x509 -in CERT.pem -outform DER | sha256sum)"
+            )));
+        }
+        if self.limits.max_unapproved_connections >= self.limits.max_connections {
+            return Err(ConfigError::Invalid(
+                "limits.max_unapproved_connections must be less than limits.max_connections, so \
+                 approved origins always find room"
+                    .into(),
+            ));
+        }
+        if self.limits.unapproved_idle_seconds == 0 || self.limits.max_pending_handshakes == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.unapproved_idle_seconds and limits.max_pending_handshakes must be at \
+                 least 1"
+                    .into(),
+            ));
         }
         if self.limits.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(
@@ -319,14 +367,6 @@ impl Config {
             .find(|p| p.origin == origin)
             .map_or(ConsentMode::Request, |p| p.consent)
     }
-}
-
-/// A cheap shape check; the bridge parses origins for real at the handshake.
-fn looks_like_origin(s: &str) -> bool {
-    let rest = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"));
-    matches!(rest, Some(host) if !host.is_empty() && !host.contains('/') && !host.contains('?') && !host.contains('#'))
 }
 
 /// The first key, at any depth, that names a PIN, PUK or password (`pin`, `user_pin`, `so-pin`,
@@ -376,6 +416,9 @@ pub enum ConfigError {
     Pin { path: PathBuf, key: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The file could be changed by someone else (see `files::read_private_config`).
+    #[error("{0}")]
+    Unsafe(String),
 }
 
 struct DisplayPath<'a>(&'a Path);
@@ -499,10 +542,27 @@ mod tests {
 
     #[test]
     fn malformed_origins_are_refused() {
-        for bad in ["portal.example", "https://portal.example/path", "https://"] {
-            let text = format!("allowed_origins = [{bad:?}]");
-            assert!(Config::parse(&text).is_err(), "{bad} accepted");
+        for bad in [
+            "portal.example",
+            "https://portal.example/path",
+            "https://",
+            "https://Evil.example",
+            "https://evil.example:443",
+            "https://evil.example/",
+            "http://evil.example",
+        ] {
+            for key in ["allowed_origins", "denied_origins"] {
+                let text = format!("{key} = [{bad:?}]");
+                let err = Config::parse(&text).expect_err(bad).to_string();
+                assert!(err.contains(&format!("{bad:?}")), "{err}");
+            }
         }
+        Config::parse(r#"denied_origins = ["https://evil.example:8443"]"#).expect("canonical");
+        Config::parse(
+            "allow_insecure_localhost_origins = true
+allowed_origins = [\"http://localhost:3000\"]",
+        )
+        .expect("insecure localhost when allowed");
     }
 
     #[test]

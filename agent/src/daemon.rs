@@ -67,14 +67,28 @@ pub fn open_audit(config: &Config, paths: &Paths) -> anyhow::Result<AuditLog> {
         ),
     })?;
     let path = audit_path(config, paths);
+    let head = audit_head_path(config, paths);
     let journal = if config.audit_journal {
         crate::journal::Journal::connect()
     } else {
         None
     };
-    AuditLog::open(&path, key)
+    AuditLog::open(&path, key, &head)
         .map(|log| log.with_journal(journal))
         .with_context(|| format!("cannot open the audit log {}", path.display()))
+}
+
+/// The audit log's head (its last seq and MAC), kept apart from the log: beside the key file
+/// when there is one (`audit_key_file` + `.head`), else in the configuration folder.
+pub fn audit_head_path(config: &Config, paths: &Paths) -> PathBuf {
+    match &config.audit_key_file {
+        Some(file) => {
+            let mut name = file.as_os_str().to_owned();
+            name.push(".head");
+            PathBuf::from(name)
+        }
+        None => paths.config_dir.join("audit.head"),
+    }
 }
 
 /// Where the audit key comes from: `audit_key_file` when set, else the OS keyring entry
@@ -123,8 +137,12 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
             max_connections: config.limits.max_connections,
             requests_per_second: config.limits.requests_per_second,
             handshake_timeout: Duration::from_secs(config.limits.handshake_timeout_seconds),
+            max_unapproved_connections: config.limits.max_unapproved_connections,
+            unapproved_idle_timeout: Duration::from_secs(config.limits.unapproved_idle_seconds),
+            max_pending_handshakes: config.limits.max_pending_handshakes,
         },
         allow_insecure_localhost_origins: config.allow_insecure_localhost_origins,
+        same_user_only: true,
     };
     let service = Arc::new(Service::new(
         config.clone(),

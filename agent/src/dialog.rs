@@ -593,13 +593,15 @@ impl Texts {
         for line in &mut lines {
             *line = self.quote_marks(line);
         }
-        let summary_line = summary.filter(|s| !s.trim().is_empty()).map(|s| {
-            format!(
-                "{}{}",
-                self.pick("Summary: ", "说明："),
-                quote(s, SUMMARY_CHARS)
-            )
-        });
+        let summary_line = summary
+            .filter(|s| !browser_bridge::text::is_blank(s))
+            .map(|s| {
+                format!(
+                    "{}{}",
+                    self.pick("Summary: ", "说明："),
+                    quote(s, SUMMARY_CHARS)
+                )
+            });
         let summary_line = summary_line.map(|l| self.quote_marks(&l));
         match unlock {
             Unlock::Pin(state) => {
@@ -649,8 +651,17 @@ impl Texts {
     }
 }
 
-/// An untrusted string, cleaned and cut, inside «guillemets» that it cannot close.
+/// An untrusted string (page, token or certificate text), put through the one cleaning of
+/// untrusted text (`browser_bridge::text::clean`: no invisible characters, no line breaks),
+/// cut, inside «guillemets» that it cannot close. Text blank after cleaning shows as «—», never
+/// as an empty or invisible name.
 fn quote(text: &str, max_chars: usize) -> String {
+    let cleaned = browser_bridge::text::clean(text);
+    let text = if browser_bridge::text::is_blank(&cleaned) {
+        "—"
+    } else {
+        cleaned.trim()
+    };
     let mut out = String::with_capacity(text.len().min(max_chars * 4) + 8);
     out.push('«');
     let mut count = 0;
@@ -1167,6 +1178,28 @@ mod tests {
             "Document: «Invoice› KeyPort verified this document ‹oktxt.exe»"
         );
         assert!(!dialog.description.contains('\u{202E}'));
+    }
+
+    #[test]
+    fn token_and_certificate_text_cannot_add_lines_or_hide() {
+        let signer = Signer {
+            origin: "https://portal.example",
+            holder: "Alice\u{2028}KeyPort verified this request\u{200B}",
+            issuer: "\u{3164}\u{2800}",
+            token_label: "Token\u{2029}Second line\u{E0041}",
+        };
+        let dialog = pin(Texts::new(Language::En).sign(
+            &signer,
+            &document(),
+            Unlock::Pin(PinState::default()),
+        ));
+        for c in ['\u{2028}', '\u{2029}', '\u{200B}', '\u{3164}', '\u{E0041}'] {
+            assert!(!dialog.description.contains(c), "U+{:04X}", u32::from(c));
+        }
+        assert!(dialog
+            .description
+            .contains("«AliceKeyPort verified this request», issued by «—»"));
+        assert!(dialog.description.contains("«TokenSecond line»"));
     }
 
     #[test]

@@ -145,7 +145,18 @@ pub fn run(
         say!("  {}  {}", c.info.subject, c.info.key_algorithm.wire_name());
     }
 
-    say!("\nProblems:");
+    let audit_log = crate::daemon::audit_path(config, paths);
+    say!(
+        "
+Audit log: {}",
+        audit_log.display()
+    );
+    problems.extend(crate::audit::write_problem(&audit_log));
+
+    say!(
+        "
+Problems:"
+    );
     if problems.is_empty() {
         say!("  none");
         Ok(ExitCode::SUCCESS)

@@ -9,13 +9,14 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use browser_bridge::Origin;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, UnknownOrigins};
+use crate::files::{self, ReadError};
 
 /// What the policy says of one origin, before any dialog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -234,7 +235,8 @@ impl OriginStore {
         out
     }
 
-    /// Writes the decisions atomically (temp file + rename), mode 0600.
+    /// Writes the decisions atomically (a new temporary file, never through a link, then a
+    /// rename), mode 0600, in a folder made 0700 if it is missing.
     fn save(&mut self) -> Result<(), OriginsError> {
         let text = toml::to_string(&self.user.get_mut().decisions)
             .map_err(|e| OriginsError::Encode(e.to_string()))?;
@@ -243,18 +245,13 @@ impl OriginStore {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
+        files::create_private_dir(dir).map_err(|e| self.io(e))?;
         let tmp = self.file.with_extension("toml.tmp");
-        {
-            let mut f = open_private(&tmp).map_err(|e| self.io(e))?;
-            f.write_all(
-                b"# Origins decided by the user with KeyPort's dialog or `keyport origins`.\n",
-            )
-            .and_then(|()| f.write_all(text.as_bytes()))
-            .and_then(|()| f.sync_all())
-            .map_err(|e| self.io(e))?;
-        }
-        std::fs::rename(&tmp, &self.file).map_err(|e| self.io(e))?;
+        let mut bytes = b"# Origins decided by the user with KeyPort's dialog or `keyport origins`.
+"
+        .to_vec();
+        bytes.extend_from_slice(text.as_bytes());
+        files::write_atomic_private(&self.file, &tmp, &bytes).map_err(|e| self.io(e))?;
         self.user.get_mut().stamp = FileStamp::of(&self.file);
         Ok(())
     }
@@ -268,33 +265,31 @@ impl OriginStore {
 }
 
 fn read_decisions(file: &Path) -> Result<Decisions, OriginsError> {
-    match std::fs::read_to_string(file) {
-        Ok(text) => toml::from_str(&text).map_err(|e| OriginsError::Parse {
+    let text = match files::read_private_config(file) {
+        Ok(text) => text,
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Decisions::default())
+        }
+        Err(ReadError::Io(source)) => {
+            return Err(OriginsError::Io {
+                path: file.to_path_buf(),
+                source,
+            })
+        }
+        Err(ReadError::Unsafe(message)) => return Err(OriginsError::Unsafe(message)),
+    };
+    let decisions: Decisions = toml::from_str(&text).map_err(|e| OriginsError::Parse {
+        path: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    // The handshake's parser again: a decision that could never match is an edit gone wrong.
+    for origin in decisions.allowed.iter().chain(&decisions.denied) {
+        Origin::parse(origin, true).map_err(|e| OriginsError::Parse {
             path: file.to_path_buf(),
-            message: e.to_string(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Decisions::default()),
-        Err(source) => Err(OriginsError::Io {
-            path: file.to_path_buf(),
-            source,
-        }),
+            message: format!("{origin:?} is not an origin as a browser sends it ({e})"),
+        })?;
     }
-}
-
-#[cfg(unix)]
-fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::File::create(path)
+    Ok(decisions)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +303,8 @@ pub enum OriginsError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Unsafe(String),
     #[error("cannot encode the origin decisions: {0}")]
     Encode(String),
 }

@@ -547,6 +547,33 @@ impl Drop for Session<'_> {
     }
 }
 
+/// Reads a pinentry's whole answer stream the way a session does — lines split by
+/// [`LineReader`], `D` lines percent-decoded, `ERR` lines parsed — and returns the first final
+/// answer. For the fuzzer (`fuzz/fuzz_targets/pinentry_reply.rs`): the same parsers, no process.
+#[doc(hidden)]
+pub fn parse_reply_stream(stream: &[u8]) -> Result<Option<(bool, u32)>, DialogError> {
+    let mut reader = LineReader::new(stream);
+    let mut data = Zeroizing::new(Vec::with_capacity(MAX_PIN));
+    while let Some(line) = reader
+        .next_line()
+        .map_err(|e| DialogError::Protocol(e.to_string()))?
+    {
+        if line.as_slice() == b"OK" || line.starts_with(b"OK ") {
+            return Ok(Some((true, 0)));
+        }
+        if let Some(rest) = line.strip_prefix(b"ERR ") {
+            return match parse_err(rest)? {
+                Reply::Err { code, .. } => Ok(Some((false, gpg_code(code)))),
+                Reply::Ok => Ok(Some((true, 0))),
+            };
+        }
+        if let Some(encoded) = line.strip_prefix(b"D ") {
+            percent_decode_into(encoded, &mut data)?;
+        }
+    }
+    Ok(None)
+}
+
 /// Kills (if still running) and reaps the child.
 fn kill(child: &mut Child) -> Option<ExitStatus> {
     if let Err(error) = child.kill() {

@@ -38,8 +38,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 struct ConnState {
     /// "Allow once" for this connection.
     approved_once: bool,
-    /// The user consented once on this connection (origins with `consent = "session"`).
-    consented: bool,
+    /// The user consented once on this connection (origins with `consent = "session"`): for
+    /// this kind of operation with this certificate only.
+    consented: Option<crate::purpose::SessionConsent>,
 }
 
 /// The service. One per agent, shared by every connection.
@@ -100,16 +101,24 @@ impl Service {
     }
 
     fn audit(&self, record: AuditRecord) {
-        if let Some(log) = &self.audit {
-            match log.lock() {
-                Ok(mut log) => {
-                    if let Err(e) = log.append(&record) {
-                        tracing::error!(error = %e, "audit log append failed");
-                    }
-                }
-                Err(_) => tracing::error!("audit log lock poisoned"),
-            }
+        if let Err(e) = self.audit_durable(record) {
+            tracing::error!(error = %e, "audit log append failed");
         }
+    }
+
+    /// Appends the record and returns once it is on disk. A granted signature or login is
+    /// released only after this succeeds (fails closed: INTERNAL, nothing released).
+    fn audit_durable(&self, record: AuditRecord) -> Result<(), Failure> {
+        let Some(log) = &self.audit else {
+            return Ok(());
+        };
+        let mut log = log
+            .lock()
+            .map_err(|_| Failure::Internal("audit log lock poisoned".into()))?;
+        log.append(&record).map_err(|e| {
+            tracing::error!(error = %crate::tokens::error_chain(&e), "audit record not written: the result is withheld");
+            Failure::Internal(format!("the audit record could not be written: {e}"))
+        })
     }
 
     /// Audits a request that failed before it reached a certificate; gives the failure back.
@@ -185,6 +194,12 @@ impl Backend for Service {
             .lock()
             .map(|o| o.admits(origin.as_str()))
             .unwrap_or(false)
+    }
+
+    /// Listed or remembered origins get the common connection pool; the others share the
+    /// bridge's small pool of strangers.
+    fn is_approved(&self, origin: &Origin) -> bool {
+        self.is_approved_origin(origin.as_str())
     }
 
     async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Value, RpcError> {

@@ -96,13 +96,35 @@ fn a_host_opens_no_network_socket_and_holds_no_descriptor_of_the_agent() {
     let path = marker.path().display().to_string();
     assert!(!fds.iter().any(|(_, f)| f == &path), "{fds:?}");
     // Its standard streams (0 is its socket; 1 and 2 go wherever the agent's stderr goes: a
-    // terminal, a pipe, a file), clones of its socket, /proc/self/fd being read: nothing else.
+    // terminal, a pipe, a file), clones of its socket, /proc/self/fd being read, and what this
+    // process itself inherited without close-on-exec (cargo's jobserver pipe): nothing else.
+    let inherited = inherited_descriptors();
     let unexpected: Vec<&(u32, String)> = fds
         .iter()
         .filter(|(fd, f)| {
             *fd > 2
+                && !inherited.contains(fd)
                 && !(f.starts_with("socket:") || f.starts_with("/proc/") || f.starts_with("/dev/"))
         })
         .collect();
     assert!(unexpected.is_empty(), "{fds:?}");
+}
+
+/// This process's descriptors above 2 without close-on-exec: what it inherited and passes on
+/// to every child (the agent cannot close them without `unsafe`; see `host::sandbox`).
+fn inherited_descriptors() -> Vec<u32> {
+    const O_CLOEXEC: u32 = 0o2000000;
+    std::fs::read_dir("/proc/self/fdinfo")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+            let info = std::fs::read_to_string(e.path()).ok()?;
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())?;
+            (fd > 2 && flags & O_CLOEXEC == 0).then_some(fd)
+        })
+        .collect()
 }

@@ -7,6 +7,7 @@
 mod origin;
 pub mod protocol;
 mod server;
+pub mod text;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -15,6 +16,8 @@ pub use server::{
     bind, Backend, BoundServer, Broadcaster, CancelSignal, CancelTrigger, ConnectionId, Limits,
     Notifier, RequestContext, ServerConfig, DEFAULT_PORT,
 };
+#[doc(hidden)]
+pub use server::{judge_handshake, peer_uid_in_table};
 
 /// Errors of the bridge itself (protocol errors towards a page are [`protocol::RpcError`]).
 #[derive(Debug, thiserror::Error)]

@@ -2,14 +2,16 @@
 //! results, events and errors.
 //!
 //! Checking order, which decides the reason when a message breaks several rules:
-//! not JSON → `PARSE_ERROR`; any object key `pin`/`password`/`passwd` (any case, any depth) →
-//! `PIN_FROM_PAGE_REFUSED`; not a request object → `INVALID_REQUEST`; unknown method →
-//! `METHOD_NOT_FOUND`; params that do not fit → `INVALID_PARAMS`.
+//! not JSON → `PARSE_ERROR`; any object key `pin`/`password`/`passwd` (any case, any depth, also
+//! in a repeated member) → `PIN_FROM_PAGE_REFUSED`; an object with a repeated member, a numeric
+//! id that is not an integer within ±(2^53 − 1), or not a request object → `INVALID_REQUEST`;
+//! unknown method → `METHOD_NOT_FOUND`; params that do not fit → `INVALID_PARAMS`.
 
 mod encoding;
 mod error;
 mod params;
 mod results;
+mod strict;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -171,16 +173,17 @@ pub struct Refusal {
 
 /// Parses one text frame into a request, in the checking order of the module docs.
 pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
-    let value: Value = serde_json::from_str(text).map_err(|e| Refusal {
+    let (value, scan) = strict::parse(text).map_err(|e| Refusal {
         id: Value::Null,
         error: RpcError::parse_error(format!("not JSON: {e}")),
     })?;
+    // With a repeated key the message means two things; its `id` is not trusted either.
     let id = match &value {
-        Value::Object(m) => m.get("id").filter(|v| is_valid_id(v)).cloned(),
+        Value::Object(m) if !scan.duplicate_key => m.get("id").filter(|v| is_valid_id(v)).cloned(),
         _ => None,
     }
     .unwrap_or(Value::Null);
-    if contains_secret_key(&value) {
+    if scan.secret_key {
         return Err(Refusal {
             id,
             error: RpcError::pin_from_page_refused(),
@@ -190,6 +193,20 @@ pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
         id: id.clone(),
         error,
     };
+    if scan.duplicate_key {
+        return Err(refuse(RpcError::invalid_request(
+            "an object has the same member twice",
+        )));
+    }
+    if let Value::Object(m) = &value {
+        if m.get("id")
+            .is_some_and(|v| v.is_number() && !is_valid_id(v))
+        {
+            return Err(refuse(RpcError::invalid_request(
+                "a numeric id must be an integer within ±(2^53 − 1)",
+            )));
+        }
+    }
     let Value::Object(mut object) = value else {
         return Err(refuse(RpcError::invalid_request(
             "a request is one JSON object (batches are not supported)",
@@ -228,9 +245,21 @@ pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
     Ok(IncomingRequest { id, request })
 }
 
-/// True for a JSON-RPC id this protocol accepts: a number or a string.
+/// Largest integer a JavaScript number holds exactly (2^53 − 1).
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// True for a JSON-RPC id this protocol accepts: a string, or an integer a JavaScript page can
+/// hold exactly (within ±(2^53 − 1)), so the id echoed back is the id the page sent.
 pub fn is_valid_id(id: &Value) -> bool {
-    matches!(id, Value::Number(_) | Value::String(_))
+    match id {
+        Value::String(_) => true,
+        Value::Number(n) => {
+            n.as_u64().is_some_and(|v| v <= MAX_SAFE_INTEGER)
+                || n.as_i64()
+                    .is_some_and(|v| v.unsigned_abs() <= MAX_SAFE_INTEGER)
+        }
+        _ => false,
+    }
 }
 
 /// True when any object at any depth has a key named like a PIN or password.

@@ -4,6 +4,27 @@
 
 mod connection;
 mod handshake;
+mod peer;
+
+/// The HTTP handshake judge (Host, Origin, upgrade headers) on a raw request head, for the
+/// fuzzer (`fuzz/fuzz_targets/handshake.rs`): `Ok(origin)` when it would upgrade, else the HTTP
+/// status it would answer.
+#[doc(hidden)]
+pub fn judge_handshake(
+    head: &[u8],
+    port: u16,
+    allow_insecure_localhost: bool,
+) -> Result<Origin, u16> {
+    handshake::judge(head, port, allow_insecure_localhost)
+        .map(|(up, _)| up.origin)
+        .map_err(|r| r.status())
+}
+
+/// The owner uid of the row for `local` → `remote` in a `/proc/net/tcp{,6}` text, for the fuzzer.
+#[doc(hidden)]
+pub fn peer_uid_in_table(table: &str, local: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    peer::find_uid(table, local, remote)
+}
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,6 +55,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Also accept `http://localhost[:p]` and `http://127.0.0.1[:p]` origins (development).
     pub allow_insecure_localhost_origins: bool,
+    /// Refuse (403) a connection whose peer socket belongs to another user of this machine.
+    /// Linux only (the peer is looked up in `/proc/net/tcp{,6}`); elsewhere it has no effect.
+    pub same_user_only: bool,
 }
 
 impl Default for ServerConfig {
@@ -46,15 +70,23 @@ impl Default for ServerConfig {
             ],
             limits: Limits::default(),
             allow_insecure_localhost_origins: false,
+            same_user_only: true,
         }
     }
 }
 
 /// Resource limits (docs/protocol.md "Limits").
 ///
-/// Connections over `max_connections` in all, or over `max_connections_per_origin` for one
-/// origin, are refused before the upgrade with **503 Service Unavailable** (no body), after the
-/// Host/Origin checks; other origins keep being served.
+/// Connections over `max_connections` in all, over `max_connections_per_origin` for one
+/// origin, or — for origins the backend does not call approved ([`Backend::is_approved`]) — over
+/// `max_unapproved_connections` for all such origins together, are refused before the upgrade
+/// with **503 Service Unavailable** (no body), after the Host/Origin checks. So strangers share
+/// one small pool and an approved origin always finds room. A connection of that pool with no
+/// request pending and no frame received for `unapproved_idle_timeout` is closed (1000).
+/// Connections still in the HTTP handshake are at most `max_pending_handshakes`: accepting one
+/// more closes the oldest of them (a flood of sockets that never send a request holds at most
+/// that many descriptors, while a real client, which sends its request at once, gets through),
+/// and each has `handshake_timeout` to finish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest frame and message; a bigger one closes the connection with 1009.
@@ -68,6 +100,12 @@ pub struct Limits {
     pub requests_per_second: u32,
     /// Time from TCP accept to a completed upgrade.
     pub handshake_timeout: Duration,
+    /// Open connections of all origins not approved, together.
+    pub max_unapproved_connections: usize,
+    /// How long a connection of an origin not approved may stay idle.
+    pub unapproved_idle_timeout: Duration,
+    /// Accepted connections that have not finished their HTTP handshake.
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -78,6 +116,9 @@ impl Default for Limits {
             max_connections: 64,
             requests_per_second: 20,
             handshake_timeout: Duration::from_secs(5),
+            max_unapproved_connections: 8,
+            unapproved_idle_timeout: Duration::from_secs(30),
+            max_pending_handshakes: 16,
         }
     }
 }
@@ -87,6 +128,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Handshake-time policy (denied list, `unknown_origins = "reject"`): false → 403 before the
     /// upgrade. Called for every upgrade attempt whose Host and Origin headers are valid.
     fn admit_origin(&self, origin: &Origin) -> bool;
+
+    /// Whether the origin is approved (listed or remembered), which decides its connection
+    /// pool (see [`Limits`]). Called after `admit_origin` said yes. The default, true, puts every
+    /// origin in the common pool: a backend with an approval step must answer for itself.
+    fn is_approved(&self, _origin: &Origin) -> bool {
+        true
+    }
 
     /// Answers one request (never `cancel`, which the bridge answers itself). Requests of one
     /// connection run concurrently. When `ctx.cancel` fires, answer `USER_CANCELLED` soon.
@@ -202,8 +250,11 @@ pub(crate) struct Shared<B> {
     pub backend: Arc<B>,
     pub limits: Limits,
     pub allow_insecure_localhost_origins: bool,
+    pub same_user_only: bool,
     pub port: u16,
     pub registry: Arc<Registry>,
+    /// Connections accepted whose handshake has not ended, oldest first.
+    pub pending_handshakes: Arc<Mutex<PendingQueue>>,
 }
 
 /// Binds every configured address on one port. Fails rather than fall back: a port in use is
@@ -229,8 +280,10 @@ pub async fn bind<B: Backend>(
                     backend,
                     limits: config.limits,
                     allow_insecure_localhost_origins: config.allow_insecure_localhost_origins,
+                    same_user_only: config.same_user_only,
                     port,
                     registry: Arc::new(Registry::default()),
+                    pending_handshakes: Arc::default(),
                 });
                 tracing::info!(port, addrs = ?config.bind, "bridge bound");
                 return Ok(BoundServer { listeners, shared });
@@ -316,9 +369,10 @@ impl<B: Backend> BoundServer<B> {
                 () = &mut shutdown => break,
                 accepted = accepted_rx.recv() => match accepted {
                     Some((stream, peer)) => {
+                        let pending = PendingHandshake::claim(&self.shared);
                         let shared = self.shared.clone();
                         let stop = stop_rx.clone();
-                        connections.spawn(connection::run(shared, stream, peer, stop));
+                        connections.spawn(connection::run(shared, stream, peer, pending, stop));
                     }
                     None => break,
                 },
@@ -362,6 +416,53 @@ impl Broadcaster {
     }
 }
 
+/// Connections in their handshake, oldest first, each with the signal that evicts it.
+#[derive(Debug, Default)]
+pub(crate) struct PendingQueue {
+    next: u64,
+    entries: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+}
+
+/// One of the `max_pending_handshakes` places; given back on drop (the handshake ended).
+#[derive(Debug)]
+pub(crate) struct PendingHandshake {
+    id: u64,
+    evict: Arc<tokio::sync::Notify>,
+    queue: Arc<Mutex<PendingQueue>>,
+}
+
+impl PendingHandshake {
+    /// Takes a place, evicting the oldest connection still in its handshake when all are taken.
+    fn claim<B>(shared: &Shared<B>) -> PendingHandshake {
+        let queue = Arc::clone(&shared.pending_handshakes);
+        let mut q = queue.lock().unwrap_or_else(PoisonError::into_inner);
+        while q.entries.len() >= shared.limits.max_pending_handshakes.max(1) {
+            if let Some((_, oldest)) = q.entries.pop_front() {
+                oldest.notify_one();
+                tracing::debug!("too many connections in their handshake; the oldest is closed");
+            }
+        }
+        let id = q.next;
+        q.next += 1;
+        let evict = Arc::new(tokio::sync::Notify::new());
+        q.entries.push_back((id, Arc::clone(&evict)));
+        drop(q);
+        PendingHandshake { id, evict, queue }
+    }
+
+    /// Resolves when a newer connection took this one's place.
+    pub(crate) async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        q.entries.retain(|(id, _)| *id != self.id);
+    }
+}
+
 /// Open (and opening) connections, for limits and broadcasts.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
@@ -372,6 +473,8 @@ pub(crate) struct Registry {
 #[derive(Debug)]
 struct RegistryEntry {
     origin: Origin,
+    /// In the common pool of origins not approved when the connection opened.
+    unapproved: bool,
     tx: Option<mpsc::UnboundedSender<Outgoing>>,
 }
 
@@ -381,11 +484,20 @@ impl Registry {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes a connection slot for `origin`, or None when a limit is reached.
-    pub(crate) fn reserve(self: &Arc<Self>, origin: &Origin, limits: &Limits) -> Option<Slot> {
+    /// Takes a connection slot for `origin` (in the common pool of strangers when it is not
+    /// `approved`), or None when a limit is reached.
+    pub(crate) fn reserve(
+        self: &Arc<Self>,
+        origin: &Origin,
+        approved: bool,
+        limits: &Limits,
+    ) -> Option<Slot> {
         let mut conns = self.lock();
         let same_origin = conns.values().filter(|e| &e.origin == origin).count();
-        if conns.len() >= limits.max_connections || same_origin >= limits.max_connections_per_origin
+        let strangers = conns.values().filter(|e| e.unapproved).count();
+        if conns.len() >= limits.max_connections
+            || same_origin >= limits.max_connections_per_origin
+            || (!approved && strangers >= limits.max_unapproved_connections)
         {
             return None;
         }
@@ -394,11 +506,13 @@ impl Registry {
             id,
             RegistryEntry {
                 origin: origin.clone(),
+                unapproved: !approved,
                 tx: None,
             },
         );
         Some(Slot {
             id,
+            unapproved: !approved,
             registry: self.clone(),
         })
     }
@@ -408,6 +522,8 @@ impl Registry {
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub id: ConnectionId,
+    /// Taken from the common pool of origins not approved.
+    pub unapproved: bool,
     registry: Arc<Registry>,
 }
 

@@ -40,6 +40,11 @@ impl Backend for Toy {
         self.admitted.contains(&origin.as_str())
     }
 
+    /// Only the portal is approved; the other admitted origins are strangers.
+    fn is_approved(&self, origin: &Origin) -> bool {
+        origin.as_str() == PORTAL
+    }
+
     async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Value, RpcError> {
         match request {
             Request::Hello(_) => {
@@ -654,6 +659,74 @@ async fn bind_refuses_a_port_in_use_and_non_loopback_addresses() {
             ..ServerConfig::default()
         };
         assert!(matches!(bind(empty, toy).await, Err(Error::NoBindAddress)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn strangers_share_a_pool_the_portal_does_not_and_idle_strangers_close() {
+    bounded(async {
+        let h = start(Limits {
+            max_connections: 6,
+            max_unapproved_connections: 2,
+            unapproved_idle_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        })
+        .await;
+        let authority = format!("127.0.0.1:{}", h.port);
+        let mut a = connect(h.port, OTHER).await;
+        let mut b = connect(h.port, "https://third.example").await;
+        // The pool is full for every stranger; the portal is still served.
+        assert_eq!(refused_status(&authority, Some(OTHER), None).await, 503);
+        let mut portal = connect(h.port, PORTAL).await;
+        let r = call(
+            &mut portal,
+            json!({"jsonrpc":"2.0","id":1,"method":"hello"}),
+        )
+        .await;
+        assert_eq!(r["result"]["origin"], PORTAL);
+        // A stranger with a request pending is not idle; one without is closed with 1000.
+        a.send(Message::text(sign_request(json!(9)).to_string()))
+            .await
+            .unwrap();
+        h.started.lock().await.recv().await.unwrap();
+        assert_eq!(close_code(&mut b).await, CloseCode::Normal);
+        let mut c = connect(h.port, "https://third.example").await;
+        let r = call(&mut c, json!({"jsonrpc":"2.0","id":2,"method":"hello"})).await;
+        assert_eq!(r["result"]["origin"], "https://third.example");
+        // The portal's idle connection stays open.
+        let r = call(
+            &mut portal,
+            json!({"jsonrpc":"2.0","id":3,"method":"hello"}),
+        )
+        .await;
+        assert_eq!(r["result"]["origin"], PORTAL);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_flood_of_silent_sockets_evicts_the_oldest_and_a_real_client_gets_through() {
+    bounded(async {
+        let h = start(Limits {
+            max_pending_handshakes: 4,
+            handshake_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        })
+        .await;
+        let mut silent = Vec::new();
+        for _ in 0..12 {
+            silent.push(TcpStream::connect(("127.0.0.1", h.port)).await.unwrap());
+        }
+        // A real client is served at once, long before any handshake timeout.
+        let mut ws = connect(h.port, PORTAL).await;
+        let r = call(&mut ws, json!({"jsonrpc":"2.0","id":1,"method":"hello"})).await;
+        assert_eq!(r["result"]["origin"], PORTAL);
+        // The oldest silent sockets were closed by the server (EOF), not left open.
+        let mut buf = [0u8; 1];
+        for s in silent.iter_mut().take(8) {
+            assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        }
     })
     .await;
 }

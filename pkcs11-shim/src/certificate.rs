@@ -250,6 +250,14 @@ pub(crate) struct ParsedCertificate {
     pub(crate) public_key: PublicKeyMaterial,
 }
 
+/// Parses a certificate as read from a token (CKA_VALUE) and returns the subject, holder and
+/// key algorithm name the agent would show, or the error. For the fuzzer
+/// (`fuzz/fuzz_targets/certificate.rs`).
+#[doc(hidden)]
+pub fn parse_certificate_for_fuzzing(der: &[u8]) -> Result<(String, String, String), Error> {
+    ParsedCertificate::parse(der).map(|p| (p.subject, p.holder, p.key_algorithm.wire_name()))
+}
+
 impl ParsedCertificate {
     /// Parses a DER certificate.
     pub(crate) fn parse(der: &[u8]) -> Result<ParsedCertificate, Error> {

@@ -29,6 +29,8 @@ pub use algorithm::{
     digest_info, ecdsa_der_to_p1363, ecdsa_p1363_to_der, EcdsaEncoding, HashAlg, SignAlgorithm,
     SignInput, SignRequest,
 };
+#[doc(hidden)]
+pub use certificate::parse_certificate_for_fuzzing;
 pub use certificate::{CertificateId, CertificateInfo, KeyAlgorithm, KeyUsage};
 pub use error::{Error, SignFailure};
 pub use module::{LoadOptions, Module, Progress, DEFAULT_CALL_TIMEOUT};

@@ -69,6 +69,7 @@ pub(crate) fn spawn(
                 raw,
                 path,
                 tokens: HashMap::new(),
+                needs_reinit: false,
                 always_authenticate: HashSet::new(),
             };
             worker.run(rx, &pace);
@@ -148,11 +149,28 @@ pub(crate) struct Worker {
     raw: Option<RawSign>,
     path: PathBuf,
     tokens: HashMap<TokenId, TokenState>,
+    /// The module answered CKR_GENERAL_ERROR, CKR_DEVICE_ERROR or CKR_CRYPTOKI_NOT_INITIALIZED:
+    /// before the next request it is probed, and finalised and initialised again if it still
+    /// fails (SoftHSM, once out of descriptors, fails every call until then).
+    needs_reinit: bool,
     /// Certificates whose key was seen with CKA_ALWAYS_AUTHENTICATE, kept across logouts: a
     /// token that hides private keys until login (SoftHSM) would otherwise hide the flag too,
     /// and the caller could not tell the user before the first PIN that each signature asks
     /// for its own.
     always_authenticate: HashSet<CertificateId>,
+}
+
+/// Whether an answer means the module's state is broken until C_Finalize / C_Initialize.
+fn breaks_module<T>(result: &Result<T, Error>) -> bool {
+    result.as_ref().err().is_some_and(breaks)
+}
+
+fn breaks(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Pkcs11 { rv, .. }
+            if matches!(rv.as_str(), "CKR_GENERAL_ERROR" | "CKR_DEVICE_ERROR" | "CKR_CRYPTOKI_NOT_INITIALIZED")
+    )
 }
 
 impl Worker {
@@ -169,20 +187,77 @@ impl Worker {
         }
     }
 
+    /// After an answer that may mean a broken module: a cheap probe (C_GetSlotList, then
+    /// C_GetTokenInfo of each slot with a token). Only when the probe fails the same way is the
+    /// module re-initialised: a card pulled in the middle of a command (CKR_DEVICE_ERROR once,
+    /// then CKR_TOKEN_NOT_PRESENT) needs no restart of the module; SoftHSM out of descriptors
+    /// (CKR_GENERAL_ERROR on every C_GetTokenInfo until C_Initialize) does.
+    fn recover(&mut self) {
+        let probe = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(from_cryptoki)
+            .and_then(|slots| {
+                slots.into_iter().try_for_each(|slot| {
+                    match self.ctx.get_token_info(slot).map_err(from_cryptoki) {
+                        Err(e) if breaks(&e) => Err(e),
+                        _ => Ok(()),
+                    }
+                })
+            });
+        match probe {
+            Err(e) if breaks(&e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "the module keeps failing; re-initialising it");
+                self.reinitialise();
+            }
+            _ => self.needs_reinit = false,
+        }
+    }
+
+    /// C_Finalize, then C_Initialize; every session, slot and cache is forgotten, so tokens
+    /// are listed again by the next request. Tried again before each request until it works.
+    fn reinitialise(&mut self) {
+        self.tokens.clear();
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::debug!(error = %e, "C_Finalize before re-initialising");
+        }
+        match self
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+                tracing::info!(path = %self.path.display(), "module re-initialised after it failed");
+                self.needs_reinit = false;
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "re-initialising the module failed; trying again at the next request");
+            }
+        }
+    }
+
     fn handle(&mut self, req: Request) {
+        if self.needs_reinit {
+            self.recover();
+        }
         // A send fails only when the caller stopped waiting; nothing to do then.
         match req {
             Request::Info(reply) => {
                 let _ = reply.send(self.info());
             }
             Request::Tokens(reply) => {
-                let _ = reply.send(self.tokens());
+                let r = self.tokens();
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
             Request::Certificates { token, reply } => {
-                let _ = reply.send(self.certificates(token.as_ref()));
+                let r = self.certificates(token.as_ref());
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
             Request::LoginState { token, reply } => {
-                let _ = reply.send(self.login_state(&token));
+                let r = self.login_state(&token);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
             Request::Sign {
                 job,
@@ -193,7 +268,11 @@ impl Worker {
                     tracing::debug!("a signing request given up on before it started is dropped");
                     return;
                 }
-                let _ = reply.send(self.sign(job));
+                let r = self.sign(job);
+                if let Err(failure) = &r {
+                    self.needs_reinit |= breaks(&failure.error);
+                }
+                let _ = reply.send(r);
             }
             Request::Logout { token, reply } => {
                 let _ = reply.send(self.logout(&token));

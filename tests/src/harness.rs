@@ -169,6 +169,12 @@ pub struct AgentOptions {
     pub token_wait_seconds: Option<u64>,
     /// Keep the audit key in the OS keyring under this service name instead of a key file.
     pub os_keyring: Option<String>,
+    /// More top-level configuration lines (`dual_use_certificates = […]`).
+    pub extra_toml: Vec<String>,
+    /// Write the audit log here instead of the agent's folder.
+    pub audit_log: Option<PathBuf>,
+    /// Set the configuration file's mode to this before the agent starts.
+    pub config_mode: Option<u32>,
 }
 
 impl Default for AgentOptions {
@@ -189,6 +195,9 @@ impl Default for AgentOptions {
             max_open_files: None,
             token_wait_seconds: None,
             os_keyring: None,
+            extra_toml: Vec::new(),
+            audit_log: None,
+            config_mode: None,
         }
     }
 }
@@ -234,6 +243,7 @@ impl AgentOptions {
              dialog_timeout_seconds = {timeout}\n\
              signing_key_usage = {usage}\n\
              {token_wait}\
+             {extra}\
              [[modules]]\n\
              path = {module}\n",
             pinentry = toml_path(&crate::pinentry::program()),
@@ -241,7 +251,12 @@ impl AgentOptions {
                 Some(service) => format!("keyring_service = {}\n", toml_str(service)),
                 None => format!("audit_key_file = {}\n", toml_path(&dir.join("audit.key"))),
             },
-            log = toml_path(&dir.join("audit.log")),
+            log = toml_path(
+                &self
+                    .audit_log
+                    .clone()
+                    .unwrap_or_else(|| dir.join("audit.log"))
+            ),
             allowed = list(&self.allowed_origins),
             denied = list(&self.denied_origins),
             unknown = toml_str(&self.unknown_origins),
@@ -254,6 +269,11 @@ impl AgentOptions {
                 .token_wait_seconds
                 .map(|s| format!("token_wait_seconds = {s}\n"))
                 .unwrap_or_default(),
+            extra = self
+                .extra_toml
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
         );
         for origin in &self.session_consent_origins {
             text.push_str(&format!(
@@ -306,6 +326,7 @@ pub struct Agent {
     script: Script,
     softhsm_conf: PathBuf,
     stdout_rest: Option<mpsc::Receiver<String>>,
+    audit_log: PathBuf,
 }
 
 impl Agent {
@@ -318,6 +339,10 @@ impl Agent {
         write_audit_key(&dir.path().join("audit.key"))?;
         let config = dir.path().join("config.toml");
         fs::write(&config, options.to_toml(dir.path()))?;
+        if let Some(mode) = options.config_mode {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&config, fs::Permissions::from_mode(mode))?;
+        }
         let script = Script::new(dir.path())?;
         script.push_all(&options.steps)?;
         if options.fault && !fault_module().exists() {
@@ -376,7 +401,11 @@ impl Agent {
             script,
             softhsm_conf: token.conf(),
             stdout_rest: None,
+            audit_log: options.audit_log.clone().unwrap_or_default(),
         };
+        if agent.audit_log.as_os_str().is_empty() {
+            agent.audit_log = agent.dir().join("audit.log");
+        }
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -441,7 +470,7 @@ impl Agent {
     }
 
     pub fn audit_log(&self) -> PathBuf {
-        self.dir().join("audit.log")
+        self.audit_log.clone()
     }
 
     pub fn origins_file(&self) -> PathBuf {
@@ -647,6 +676,15 @@ impl Client {
     /// Sends one text frame as is.
     pub async fn send_raw(&mut self, text: &str) -> Result<()> {
         self.ws.send(Message::text(text.to_owned())).await?;
+        Ok(())
+    }
+
+    /// Sends one frame exactly as built (invalid UTF-8 in a text frame, reserved bits …).
+    pub async fn send_frame(
+        &mut self,
+        frame: tokio_tungstenite::tungstenite::protocol::frame::Frame,
+    ) -> Result<()> {
+        self.ws.send(Message::Frame(frame)).await?;
         Ok(())
     }
 

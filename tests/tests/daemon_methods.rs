@@ -11,6 +11,7 @@ use keyport_e2e::harness::{
 };
 use keyport_e2e::pinentry::{Button, Command, Step};
 use serde_json::{json, Value};
+use sha2::Digest as _;
 
 /// A token per test: agents logging in to one SoftHSM store from several processes at once
 /// race on its files (a concurrent listing came back empty), so tests do not share one.
@@ -489,7 +490,22 @@ async fn cms_signatures_verify_with_openssl_and_python() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_eid_login_tokens_verify_for_every_algorithm() {
     let tk = new_token();
-    let (agent, mut client, ids) = start(&tk, AgentOptions::default()).await;
+    // The token has one login certificate (auth-p256); the other algorithms are tried with the
+    // document-signing certificates, which the administrator lets log in here too.
+    let dual: Vec<String> = ["sign-p384", "sign-rsa2048", "sign-ed25519"]
+        .iter()
+        .map(|l| {
+            format!(
+                "\"{}\"",
+                hex::encode(sha2::Sha256::digest(tk.cert_der(l).unwrap()))
+            )
+        })
+        .collect();
+    let options = AgentOptions {
+        extra_toml: vec![format!("dual_use_certificates = [{}]", dual.join(", "))],
+        ..AgentOptions::default()
+    };
+    let (agent, mut client, ids) = start(&tk, options).await;
     // (certificate, asked algorithm, expected algorithm, cert label)
     let cases: Vec<(Option<&str>, Option<&str>, &str, &str)> = vec![
         (None, None, "ES256", "auth-p256"),
@@ -655,9 +671,29 @@ async fn key_usage_rules_for_signing_and_login() {
     assert_eq!(e.code, 1007);
     assert!(agent.script().dialogs().unwrap().is_empty());
     drop(agent);
-    // With signing_key_usage = "any" it signs.
+    // signing_key_usage = "any" does not make a clientAuth certificate sign a page's digest
+    // (that signature could be a login token elsewhere)…
     let options = AgentOptions {
         signing_key_usage: "any".into(),
+        ..AgentOptions::default()
+    };
+    let (agent, mut client, ids) = start(&tk, options).await;
+    client
+        .call_err(
+            "sign",
+            sign_digest(&ids["auth-p256"], Hash::Sha256, &[1; 32], json!({})),
+            "KEY_USAGE_NOT_ALLOWED",
+        )
+        .await
+        .unwrap();
+    assert!(agent.script().dialogs().unwrap().is_empty());
+    drop(agent);
+    // …only the administrator's exception for that certificate does.
+    let options = AgentOptions {
+        extra_toml: vec![format!(
+            "dual_use_certificates = [\"{}\"]",
+            hex::encode(sha2::Sha256::digest(tk.cert_der("auth-p256").unwrap()))
+        )],
         ..AgentOptions::default()
     };
     let (agent, mut client, ids) = start(&tk, options).await;
@@ -719,7 +755,7 @@ async fn request_errors_that_need_no_dialog() {
     client
         .call_err(
             "authenticate",
-            json!({"challenge": nonce(32).unwrap(), "certificateId": ids["sign-p256"], "algorithm": "PS256"}),
+            json!({"challenge": nonce(32).unwrap(), "certificateId": ids["auth-p256"], "algorithm": "PS256"}),
             "ALGORITHM_NOT_SUPPORTED",
         )
         .await

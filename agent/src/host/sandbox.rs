@@ -10,8 +10,11 @@
 //!   supervisor kills the whole group.
 //!
 //! Descriptors: the agent opens everything close-on-exec (Rust's standard library does), so a
-//! host starts with only its standard streams and its socket; `keyport doctor` and the tests
-//! read the host's `/proc/PID/fd` to check it.
+//! host starts with its standard streams, its socket, and nothing the agent opened; the tests
+//! read the host's `/proc/PID/fd` to check it. Not closed: descriptors the agent itself
+//! inherited without close-on-exec from whatever started it (a jobserver pipe under cargo, a
+//! leak of the session manager's) pass on to the host; closing them needs a raw `close`, which
+//! no safe API offers, and is left for the host's own start-up when `unsafe` is allowed there.
 //!
 //! Elsewhere the host runs unconfined; the threat model says so.
 

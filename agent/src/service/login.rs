@@ -4,12 +4,13 @@ use std::sync::Arc;
 
 use browser_bridge::protocol::{self, AuthAlgorithm, AuthenticateParams, AuthenticateResult};
 use browser_bridge::RequestContext;
-use pkcs11_shim::{KeyUsage, SignInput, SignRequest};
+use pkcs11_shim::{SignInput, SignRequest};
 use serde_json::Value;
 
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::consent::DialogBuilder;
 use crate::dialog::Signer;
+use crate::purpose::ConsentKind;
 use crate::tokens::CertificateView;
 use crate::webeid;
 
@@ -34,7 +35,12 @@ impl Service {
             Ok((_, digest)) => record.digest(digest).outcome(Outcome::Granted),
             Err(e) => record.outcome(e.outcome()),
         };
-        self.audit(record);
+        if result.is_ok() {
+            // Fails closed: no login token leaves without its durable audit record.
+            self.audit_durable(record)?;
+        } else {
+            self.audit(record);
+        }
         result.map(|(v, _)| v)
     }
 
@@ -45,9 +51,10 @@ impl Service {
         p: &AuthenticateParams,
     ) -> Result<(Value, Vec<u8>), Failure> {
         let info = &cert.info;
-        if !info.key_usage.is_empty() && !info.key_usage.contains(&KeyUsage::DigitalSignature) {
+        if !crate::purpose::may_log_in(info, &self.config) {
             return Err(Failure::KeyUsage(
-                "this certificate may not be used to log in (keyUsage lacks digitalSignature)"
+                "this certificate is not for logging in (it signs documents, or its keyUsage \
+                 lacks digitalSignature)"
                     .into(),
             ));
         }
@@ -78,7 +85,7 @@ impl Service {
             logout_after: self.config.pin_cache_seconds == 0,
         };
         let sig = self
-            .run_token(ctx, cert, req, build, false)
+            .run_token(ctx, cert, req, build, false, ConsentKind::Login)
             .await?
             .into_iter()
             .next()
@@ -94,9 +101,7 @@ impl Service {
     async fn pick_login_certificate(&self) -> Result<CertificateView, Failure> {
         let tokens = self.tokens.clone();
         let certs = blocking(move || tokens.certificates()).await?;
-        let allows = |c: &&CertificateView| {
-            c.info.key_usage.is_empty() || c.info.key_usage.contains(&KeyUsage::DigitalSignature)
-        };
+        let allows = |c: &&CertificateView| crate::purpose::may_log_in(&c.info, &self.config);
         certs
             .iter()
             .filter(allows)

@@ -25,6 +25,7 @@ use crate::consent::{
 };
 use crate::dialog::{BatchItem, Consent, Document, Signer, Unlock};
 use crate::pinentry::DialogCancel;
+use crate::purpose::{ConsentKind, SessionConsent};
 use crate::tokens::CertificateView;
 
 use super::failure::a_key;
@@ -126,7 +127,12 @@ impl Service {
                 record = record.outcome(e.outcome());
             }
         }
-        self.audit(record);
+        if result.is_ok() {
+            // Fails closed: no signature leaves without its durable audit record.
+            self.audit_durable(record)?;
+        } else {
+            self.audit(record);
+        }
         result.map_err(|(e, _)| e)
     }
 
@@ -140,11 +146,10 @@ impl Service {
         batch: bool,
     ) -> Result<(Vec<Vec<u8>>, SignPlan), (Failure, Vec<Vec<u8>>)> {
         let info = &cert.info;
-        if !signing_allowed(&info.key_usage, self.config.signing_key_usage) {
+        if !crate::purpose::may_sign_documents(info, &self.config) {
             return Err((
                 Failure::KeyUsage(
-                    "this certificate is not for document signatures (keyUsage lacks nonRepudiation)"
-                        .into(),
+                    "this certificate is for logging in, not for document signatures".into(),
                 ),
                 Vec::new(),
             ));
@@ -210,7 +215,7 @@ impl Service {
             logout_after: self.config.pin_cache_seconds == 0,
         };
         let sigs = self
-            .run_token(ctx, cert, req, build, batch)
+            .run_token(ctx, cert, req, build, batch, ConsentKind::Documents)
             .await
             .map_err(|e| (e, digests.clone()))?;
         let sigs = plan
@@ -232,7 +237,10 @@ impl Service {
         req: SignRequest,
         build: DialogBuilder,
         progress: bool,
+        kind: ConsentKind,
     ) -> Result<Vec<Vec<u8>>, Failure> {
+        // A session consent covers this kind of operation with this certificate only.
+        let this_consent = SessionConsent::new(kind, &cert.info);
         let module = cert.module.clone();
         let token_id = cert.info.token_id.clone();
         let total = req.inputs.len();
@@ -246,7 +254,7 @@ impl Service {
             return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
         }
         let session_consent = self.config.consent_mode(ctx.origin.as_str()) == ConsentMode::Session
-            && self.conn(ctx.connection).consented;
+            && self.conn(ctx.connection).consented == Some(this_consent);
         // A key known to ask for its PIN per signature is asked per signature from the start
         // (the token tells the rest: `LoginRequired`).
         let mut per_signature = cert.info.always_authenticate;
@@ -292,7 +300,7 @@ impl Service {
             {
                 Ok(sigs) => {
                     done.extend(sigs);
-                    self.update_conn(ctx.connection, |c| c.consented = true);
+                    self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
                     return Ok(done);
                 }
                 Err(TokenStop::Other(failure)) => return Err(with_done(failure, done)),
@@ -493,6 +501,12 @@ impl SignPlan {
         let format = options.format.unwrap_or_default();
         let key = info.key_algorithm;
         let ed = matches!(key, KeyAlgorithm::Ed25519);
+        if ed && options.hash.is_some() {
+            return Err(Failure::InvalidParams(
+                "hash does not apply to Ed25519, which signs the data itself: leave hash out"
+                    .into(),
+            ));
+        }
         // One hash for the whole request.
         let mut hash: Option<DigestAlgorithm> = None;
         for item in items {

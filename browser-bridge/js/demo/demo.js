@@ -223,13 +223,16 @@ function logIn() {
   });
 }
 
-// Login needs a login certificate (digitalSignature, not a document-signing nonRepudiation one:
-// a key has one purpose, as the list says): the selected one if it is one, else the first.
+// Login needs digitalSignature: the selected certificate if it allows it, else the first that does.
+// A certificate either signs documents or logs in (docs/protocol.md, "One key, one
+// purpose"): login certificates have the clientAuth usage, or digitalSignature without
+// nonRepudiation. The selected one is used when it is such a certificate, else the first one.
 function loginCertificate() {
-  const forLogin = (c) => c && (c.keyUsage.length === 0 || (c.keyUsage.includes('digitalSignature') && !c.keyUsage.includes('nonRepudiation')));
-  const anyLogin = (c) => c && (c.keyUsage.length === 0 || c.keyUsage.includes('digitalSignature'));
-  if (forLogin(selected())) return selected();
-  return certificates.find(forLogin) ?? (anyLogin(selected()) ? selected() : certificates.find(anyLogin));
+  const ok = (c) =>
+    c &&
+    ((c.extendedKeyUsage ?? []).includes('clientAuth') ||
+      (c.keyUsage.includes('digitalSignature') && !c.keyUsage.includes('nonRepudiation')));
+  return ok(selected()) ? selected() : certificates.find(ok);
 }
 
 // ---- display helpers ------------------------------------------------------------------------

@@ -8,6 +8,16 @@ export type SignatureAlgorithm = 'RSASSA-PKCS1-v1_5' | 'RSA-PSS' | 'ECDSA' | 'Ed
 export type KeyAlgorithm = 'RSA-2048' | 'RSA-3072' | 'RSA-4096' | 'EC-P256' | 'EC-P384' | 'EC-P521' | 'Ed25519';
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
+/** WebSocket close codes the agent sends. `IDLE` (1000): an idle connection of an origin not approved was closed; the next call reconnects. */
+export declare const CloseCode: Readonly<{
+  IDLE: 1000;
+  GOING_AWAY: 1001;
+  PROTOCOL_ERROR: 1002;
+  UNSUPPORTED_DATA: 1003;
+  INVALID_UTF8: 1007;
+  MESSAGE_TOO_BIG: 1009;
+}>;
+
 /** Reasons sent by the agent (docs/protocol.md, "Errors"). */
 export type AgentReason =
   | 'PARSE_ERROR' | 'INVALID_REQUEST' | 'METHOD_NOT_FOUND' | 'INVALID_PARAMS'

@@ -12,6 +12,19 @@ export const DEFAULT_URL = 'ws://127.0.0.1:47333/v1';
 /** The protocol version this client speaks. */
 export const PROTOCOL_VERSION = 1;
 
+/**
+ * WebSocket close codes the agent sends (docs/protocol.md). 1000 closes an idle connection
+ * of an origin not approved: the client does not reconnect then, the next call opens again.
+ */
+export const CloseCode = Object.freeze({
+  IDLE: 1000,
+  GOING_AWAY: 1001,
+  PROTOCOL_ERROR: 1002,
+  UNSUPPORTED_DATA: 1003,
+  INVALID_UTF8: 1007,
+  MESSAGE_TOO_BIG: 1009,
+});
+
 /** Wire error codes of docs/protocol.md, by code, used when an error arrives without `data.reason`. */
 const REASON_BY_CODE = Object.freeze({
   [-32700]: 'PARSE_ERROR',
@@ -409,6 +422,12 @@ export class KeyPort {
       data,
     );
     if (this.#closedByUser) return;
+    if (event?.code === CloseCode.IDLE) {
+      // The agent closed an idle connection on purpose: reconnecting now would only hold its
+      // small pool again. The next call opens a new connection.
+      this.#setState('closed', data);
+      return;
+    }
     this.#setState('reconnecting', data);
     this.#scheduleReconnect();
   }

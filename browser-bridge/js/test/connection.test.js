@@ -181,6 +181,22 @@ test('agent restart: pending calls fail with CONNECTION_LOST, the client reconne
   client.close();
 });
 
+test('an idle close (1000) from the agent is not followed by a reconnect; the next call opens again', async () => {
+  const { agent, client } = await connected();
+  const closed = stateReached(client, 'closed');
+  agent.sockets[0].drop(1000);
+  const detail = await closed;
+  assert.equal(detail.closeCode, 1000);
+  await new Promise((r) => setImmediate(r));
+  assert.equal(agent.sockets.length, 1, 'no reconnect on its own');
+  const next = client.hello();
+  const req = await answerHello(agent);
+  assert.equal(req.socket, agent.sockets[1]);
+  await next;
+  assert.equal(client.state, 'open');
+  client.close();
+});
+
 test('reconnect keeps backing off while the agent is down, then succeeds', async () => {
   const { agent, client } = await connected();
   agent.mode = 'refuse';

@@ -125,7 +125,9 @@ impl<'de> Deserialize<'de> for Challenge {
 
 /// Text a page asks the agent to show in a native dialog: no control characters, no bidi
 /// controls (which could make "fdp.exe" read as "exe.pdf"), no line/paragraph separators, and a
-/// length cap of `MAX` characters. `ALLOW_EMPTY` is false for required titles.
+/// length cap of `MAX` characters; default-ignorable characters are removed
+/// ([`crate::text::clean`]) and a required text (`ALLOW_EMPTY` false, titles) that is blank
+/// afterwards is refused.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct DialogText<const MAX: usize, const ALLOW_EMPTY: bool>(String);
 
@@ -150,7 +152,17 @@ impl<const MAX: usize, const ALLOW_EMPTY: bool> DialogText<MAX, ALLOW_EMPTY> {
                 u32::from(c)
             ));
         }
-        Ok(DialogText(text))
+        // The one cleaning of untrusted dialog text (crate::text): invisible characters go, and
+        // a required text that shows nothing once they are gone is refused.
+        let cleaned = crate::text::clean(&text);
+        if !ALLOW_EMPTY && crate::text::is_blank(&cleaned) {
+            return Err(
+                "must show something: it is blank once invisible characters (zero-width, \
+                        filler, tag, braille blank) are removed"
+                    .into(),
+            );
+        }
+        Ok(DialogText(cleaned))
     }
 
     /// The text.

@@ -223,9 +223,19 @@ impl RpcError {
         Self::new(Reason::TokenError, message).with_data("function", function)
     }
 
-    /// 1014.
+    /// INTERNAL (1014). The bridge never lets this message reach a page: it logs it, and the
+    /// page gets [`RpcError::internal_for`] instead.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(Reason::Internal, message)
+    }
+
+    /// INTERNAL (1014) as a page sees it: a fixed text naming the request, no detail, no `data` beyond
+    /// `reason`.
+    pub fn internal_for(request_id: &Value) -> Self {
+        Self::new(
+            Reason::Internal,
+            format!("internal error in the agent (request {request_id}); its log has the details"),
+        )
     }
 
     /// A `sign.batch` that failed part-way: `data.completed` and the finished `data.results`.

@@ -369,6 +369,12 @@ impl SignOptions {
         if self.hash.is_some() && !all_data {
             return Err("hash is only allowed with data".into());
         }
+        if self.hash.is_some() && self.signature_algorithm == Some(SignatureAlgorithm::Ed25519) {
+            return Err(
+                "hash does not apply to Ed25519, which signs the data itself: leave hash out"
+                    .into(),
+            );
+        }
         if self.ecdsa_encoding.is_some() {
             if self.format == Some(SignFormat::Cms) {
                 return Err("ecdsaEncoding applies to raw output only".into());

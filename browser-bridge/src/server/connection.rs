@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use tokio::time::Instant as Deadline;
+
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -18,10 +20,12 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
 use super::handshake::{self, Refuse};
+use super::peer::{self, PeerOwner};
 use super::{
-    Backend, CancelSignal, CancelTrigger, Notifier, Outgoing, RequestContext, Shared, Slot,
+    Backend, CancelSignal, CancelTrigger, Notifier, Outgoing, PendingHandshake, RequestContext,
+    Shared, Slot,
 };
-use crate::protocol::{self, CancelResult, IncomingRequest, Request, RpcError};
+use crate::protocol::{self, CancelResult, IncomingRequest, Reason, Request, RpcError};
 use crate::Origin;
 
 type Pending = Arc<Mutex<HashMap<String, CancelTrigger>>>;
@@ -31,13 +35,19 @@ pub(crate) async fn run<B: Backend>(
     shared: Arc<Shared<B>>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    pending: PendingHandshake,
     mut stop: watch::Receiver<bool>,
 ) {
     let timeout = shared.limits.handshake_timeout;
     let upgraded = tokio::select! {
-        r = tokio::time::timeout(timeout, upgrade(&shared, &mut stream)) => r,
+        r = tokio::time::timeout(timeout, admit(&shared, &mut stream, peer)) => r,
         _ = stop.wait_for(|s| *s) => return,
+        () = pending.evicted() => {
+            tracing::debug!(%peer, "closed in its handshake to make room for a newer connection");
+            return;
+        }
     };
+    drop(pending);
     let (origin, slot, leftover) = match upgraded {
         Ok(Ok(up)) => up,
         Ok(Err(Some(refusal))) => {
@@ -62,6 +72,34 @@ pub(crate) async fn run<B: Backend>(
         .await;
 }
 
+/// The peer's user first (another local user's socket gets 403 before its request is read),
+/// then the HTTP upgrade.
+async fn admit<B: Backend>(
+    shared: &Shared<B>,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<(Origin, Slot, Vec<u8>), Option<Refuse>> {
+    if shared.same_user_only {
+        let local = stream.local_addr().map_err(|_| None)?;
+        let owner = tokio::task::spawn_blocking(move || peer::owner(local, peer))
+            .await
+            .unwrap_or(PeerOwner::Unknown);
+        match owner {
+            PeerOwner::SameUser => {}
+            PeerOwner::OtherUser(uid) => {
+                tracing::warn!(%peer, uid, "connection from another user's socket refused");
+                return Err(Some(Refuse::Forbidden));
+            }
+            PeerOwner::Unknown => {
+                // Also what a descriptor flood looks like (the tables cannot be opened): debug.
+                tracing::debug!(%peer, "the peer's socket owner cannot be told; refused");
+                return Err(Some(Refuse::Forbidden));
+            }
+        }
+    }
+    upgrade(shared, stream).await
+}
+
 /// The HTTP part: read, judge, ask the backend, reserve a slot, answer 101. `Err(None)`: the
 /// peer went away or sent garbage that deserves no answer.
 async fn upgrade<B: Backend>(
@@ -79,9 +117,10 @@ async fn upgrade<B: Backend>(
     if !shared.backend.admit_origin(&up.origin) {
         return Err(Some(Refuse::Forbidden));
     }
+    let approved = shared.backend.is_approved(&up.origin);
     let slot = shared
         .registry
-        .reserve(&up.origin, &shared.limits)
+        .reserve(&up.origin, approved, &shared.limits)
         .ok_or(Some(Refuse::Unavailable))?;
     handshake::switch_protocols(stream, &up.key)
         .await
@@ -158,11 +197,31 @@ async fn serve_socket<B: Backend>(
 
     let pending: Pending = Arc::default();
     let mut limiter = RateLimiter::new(shared.limits.requests_per_second);
+    // Connections of the strangers' pool close when idle, so they cannot hold it for good.
+    let idle = slot
+        .unapproved
+        .then_some(shared.limits.unapproved_idle_timeout);
+    let mut idle_deadline = idle.map(|d| Deadline::now() + d);
     let close_code = loop {
+        let idle_wait = async {
+            match idle_deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let message = tokio::select! {
             _ = stop.wait_for(|s| *s) => break Some(CloseCode::Away),
             m = incoming.next() => m,
+            () = idle_wait => {
+                if lock(&pending).is_empty() {
+                    tracing::debug!("idle connection of an origin not approved closed");
+                    break Some(CloseCode::Normal);
+                }
+                idle_deadline = idle.map(|d| Deadline::now() + d);
+                continue;
+            }
         };
+        idle_deadline = idle.map(|d| Deadline::now() + d);
         match message {
             None => break None,
             Some(Ok(Message::Text(text))) => {
@@ -186,6 +245,17 @@ async fn serve_socket<B: Backend>(
             Some(Err(WsError::Capacity(e))) => {
                 tracing::debug!(error = %e, "message over the size limit");
                 break Some(CloseCode::Size);
+            }
+            // RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007.
+            Some(Err(WsError::Utf8(e))) => {
+                tracing::debug!(error = %e, "text frame is not UTF-8");
+                break Some(CloseCode::Invalid);
+            }
+            // §7.4.1: 1002 for a protocol error (reserved bits, unmasked client frame, bad
+            // opcode, fragmented or oversized control frame, …).
+            Some(Err(WsError::Protocol(e))) => {
+                tracing::debug!(error = %e, "WebSocket protocol violation");
+                break Some(CloseCode::Protocol);
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "connection error");
@@ -290,6 +360,11 @@ fn handle_text<B: Backend>(
             lock(&pending).remove(&key);
             let message = match outcome {
                 Ok(result) => protocol::response(&id, result),
+                Err(error) if error.reason == Reason::Internal => {
+                    // The detail (paths, program names, a bug's text) is for the log only.
+                    tracing::warn!(detail = %error.message, "internal error");
+                    protocol::error_response(&id, &RpcError::internal_for(&id))
+                }
                 Err(error) => {
                     tracing::debug!(reason = %error.reason, "request failed");
                     protocol::error_response(&id, &error)

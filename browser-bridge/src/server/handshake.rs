@@ -36,6 +36,18 @@ pub(crate) enum Refuse {
 }
 
 impl Refuse {
+    /// The numeric HTTP status.
+    pub(crate) fn status(self) -> u16 {
+        match self {
+            Refuse::BadRequest => 400,
+            Refuse::Forbidden => 403,
+            Refuse::NotFound => 404,
+            Refuse::UpgradeRequired => 426,
+            Refuse::HeadersTooLarge => 431,
+            Refuse::Unavailable => 503,
+        }
+    }
+
     fn status_line(self) -> &'static str {
         match self {
             Refuse::BadRequest => "400 Bad Request",

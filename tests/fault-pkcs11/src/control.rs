@@ -26,6 +26,9 @@ pub(crate) struct Control {
     pub(crate) hang_sign: bool,
     /// Abort the process when one of these functions is called (`crash_on=C_Sign,C_Login`).
     pub(crate) crash_on: Vec<String>,
+    /// C_GetTokenInfo fails with CKR_GENERAL_ERROR — and, as SoftHSM does once the process ran
+    /// out of descriptors, keeps failing after this is cleared, until the next C_Initialize.
+    pub(crate) general_error: bool,
     /// Stand in for a PIN-pad reader: C_GetTokenInfo adds CKF_PROTECTED_AUTHENTICATION_PATH and
     /// C_Login with no PIN is answered as [`Control::pin_pad_entry`] says.
     pub(crate) pin_pad: bool,
@@ -95,6 +98,9 @@ impl Control {
                     control.token_removed = flag(value).ok_or_else(|| bad("not 0/1"))?;
                 }
                 "hang_sign" => control.hang_sign = flag(value).ok_or_else(|| bad("not 0/1"))?,
+                "general_error" => {
+                    control.general_error = flag(value).ok_or_else(|| bad("not 0/1"))?;
+                }
                 "pin_pad" => control.pin_pad = flag(value).ok_or_else(|| bad("not 0/1"))?,
                 "pin_pad_entry" => {
                     control.pin_pad_entry = match value {
@@ -174,6 +180,7 @@ mod tests {
                 fail_sign_after: Some(3),
                 hang_sign: true,
                 crash_on: vec!["C_Sign".to_owned(), "C_Login".to_owned()],
+                general_error: false,
                 pin_pad: true,
                 pin_pad_entry: PadEntry::Pin("654321".to_owned()),
                 pin_pad_delay_ms: 250,

@@ -2,20 +2,25 @@
 //! rest of the target's function list is handed out unchanged.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cryptoki_sys::{
     CKF_PROTECTED_AUTHENTICATION_PATH, CKF_TOKEN_PRESENT, CKF_USER_PIN_COUNT_LOW,
     CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_ARGUMENTS_BAD, CKR_DEVICE_ERROR,
-    CKR_DEVICE_REMOVED, CKR_FUNCTION_CANCELED, CKR_FUNCTION_NOT_SUPPORTED, CKR_OK, CKR_PIN_LOCKED,
-    CKR_TOKEN_NOT_PRESENT, CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER, CK_ATTRIBUTE, CK_BBOOL, CK_BYTE,
-    CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_INFO, CK_MECHANISM_TYPE, CK_NOTIFY,
-    CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO, CK_SLOT_ID, CK_SLOT_INFO,
-    CK_TOKEN_INFO, CK_ULONG, CK_USER_TYPE,
+    CKR_DEVICE_REMOVED, CKR_FUNCTION_CANCELED, CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR,
+    CKR_OK, CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT, CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER,
+    CK_ATTRIBUTE, CK_BBOOL, CK_BYTE, CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_INFO,
+    CK_MECHANISM_TYPE, CK_NOTIFY, CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO,
+    CK_SLOT_ID, CK_SLOT_INFO, CK_TOKEN_INFO, CK_ULONG, CK_USER_TYPE,
 };
 
 use crate::control::{Control, PadEntry};
 use crate::{call, call_noted, signature_fails, Call};
+
+/// Set by `general_error=1`; cleared only by a successful C_Initialize (SoftHSM's behaviour
+/// after descriptor exhaustion).
+static GENERAL_ERROR_LATCHED: AtomicBool = AtomicBool::new(false);
 
 /// How often a hanging C_Sign looks at the control file again.
 const HANG_POLL: Duration = Duration::from_millis(50);
@@ -74,7 +79,13 @@ macro_rules! session_call {
 }
 
 unsafe extern "C" fn initialize(args: *mut c_void) -> CK_RV {
-    call("C_Initialize", |c| forward!(c, C_Initialize(args)))
+    call("C_Initialize", |c| {
+        let rv = forward!(c, C_Initialize(args));
+        if rv == CKR_OK {
+            GENERAL_ERROR_LATCHED.store(false, Ordering::SeqCst);
+        }
+        rv
+    })
 }
 
 unsafe extern "C" fn finalize(reserved: *mut c_void) -> CK_RV {
@@ -115,6 +126,12 @@ unsafe extern "C" fn get_token_info(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO) 
     call("C_GetTokenInfo", |c| {
         if c.control.token_removed {
             return CKR_TOKEN_NOT_PRESENT;
+        }
+        if c.control.general_error {
+            GENERAL_ERROR_LATCHED.store(true, Ordering::SeqCst);
+        }
+        if GENERAL_ERROR_LATCHED.load(Ordering::SeqCst) {
+            return CKR_GENERAL_ERROR;
         }
         let rv = forward!(c, C_GetTokenInfo(slot, info));
         if rv == CKR_OK && !info.is_null() {
