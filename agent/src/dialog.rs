@@ -230,7 +230,7 @@ impl Texts {
                 error: None,
                 // Each button names its own key (`_X`), so that pinentry-tty does not put
                 // "always allow" on its No key (n).
-                ok: "仅此一次(_O)".into(),
+                ok: "仅本次允许(_O)".into(),
                 cancel: "拒绝(_D)".into(),
                 not_ok: Some("始终允许(_A)".into()),
             }
@@ -420,7 +420,7 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：生成密钥",
-                format!("{origin} 请求在您的令牌上生成新的密钥。"),
+                format!("{origin} 请求在您的 USB Key 中生成新的密钥对。"),
                 "生成密钥",
             )
         } else {
@@ -440,7 +440,7 @@ impl Texts {
             ),
             format!(
                 "{}{}",
-                self.pick("For: ", "用于："),
+                self.pick("For: ", "证书主体："),
                 quote(subject, SUBJECT_CHARS)
             ),
             self.token_line(token_label),
@@ -460,7 +460,7 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：导入证书",
-                format!("{origin} 请求将一张证书存入您的令牌。"),
+                format!("{origin} 请求将一张证书导入您的 USB Key。"),
                 "导入证书",
             )
         } else {
@@ -497,13 +497,18 @@ impl Texts {
         if state.final_try {
             parts.push(self.pick(
                 "FINAL TRY: one more wrong PIN locks the token.",
-                "最后一次尝试：再输错一次 PIN 码，令牌将被锁定。",
+                "仅剩最后一次机会：如再输错 PIN 码，USB Key 将被锁定。",
             ));
         } else if state.count_low {
             parts.push(self.pick("Few tries left.", "剩余尝试次数不多。"));
         }
         // Chinese sentences follow each other with no space after the full stop.
         (!parts.is_empty()).then(|| parts.join(self.pick(" ", "")))
+    }
+
+    /// What a signature asked by `keyport sign` shows in the origin's place.
+    pub fn command_line_origin(&self) -> &'static str {
+        self.pick("keyport sign (command line)", "命令行程序 keyport sign")
     }
 
     fn pick<'s>(&self, en: &'s str, zh: &'s str) -> &'s str {
@@ -563,7 +568,7 @@ impl Texts {
     fn token_line(&self, label: &str) -> String {
         format!(
             "{}{}",
-            self.pick("Token: ", "令牌："),
+            self.pick("Token: ", "USB Key："),
             quote(label, LABEL_CHARS)
         )
     }
@@ -819,7 +824,7 @@ mod tests {
                 "文件：“Loan contract 2026-114”",
                 "证书：“Jane Doe”（颁发者：“KeyPort Test CA”）",
                 "哈希值：3f2a9c0d11aa22bb…",
-                "令牌：“SoftHSM token”",
+                "USB Key：“SoftHSM token”",
             ],
         );
         assert_eq!(
@@ -852,7 +857,7 @@ mod tests {
         let zh = Texts::new(Language::ZhCn);
         assert_eq!(
             zh.pin_warning(wrong_final).as_deref(),
-            Some("PIN 码错误。最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
+            Some("PIN 码错误。仅剩最后一次机会：如再输错 PIN 码，USB Key 将被锁定。")
         );
     }
 
@@ -1149,7 +1154,7 @@ mod tests {
         assert_has(
             &zh.description,
             &[
-                "请求将一张证书存入您的令牌。",
+                "请求将一张证书导入您的 USB Key。",
                 "“CN=Jane Doe”",
                 "颁发者：“CN=KeyPort Test CA”",
             ],

@@ -196,7 +196,7 @@ fn sign_with(
     let build: DialogBuilder = std::sync::Arc::new(move |texts, unlock, _scope| {
         texts.sign(
             &Signer {
-                origin: "keyport sign (command line)",
+                origin: texts.command_line_origin(),
                 holder: &holder,
                 issuer: &issuer,
                 token_label: &token_label,

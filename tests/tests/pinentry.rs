@@ -335,7 +335,7 @@ mod dialogs {
         }
         assert_eq!(
             shown.error.as_deref(),
-            Some("PIN 码错误。最后一次尝试：再输错一次 PIN 码，令牌将被锁定。")
+            Some("PIN 码错误。仅剩最后一次机会：如再输错 PIN 码，USB Key 将被锁定。")
         );
         assert_eq!(shown.ok.as_deref(), Some("签署"));
     }
