@@ -201,12 +201,17 @@ impl Agent {
         std::fs::write(&key, random)?;
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let config = dir.path().join("config.toml");
+        // The 9A certificate is a PIV authentication one (a login certificate): it signs the
+        // batch documents of these tests only because it is listed as dual-use, as an
+        // administrator may list one (see the risk in docs/config.example.toml).
+        let dual_use = fingerprint(&rig.cert_9a())?;
         std::fs::write(
             &config,
             format!(
                 "port = 0\npinentry = {:?}\naudit_key_file = {:?}\naudit_log = {:?}\n\
                  allowed_origins = [\"{ORIGIN}\"]\nunknown_origins = \"reject\"\n\
-                 pin_cache_seconds = 0\nsigning_key_usage = \"any\"\n{modules}",
+                 pin_cache_seconds = 0\nsigning_key_usage = \"any\"\n\
+                 dual_use_certificates = [\"{dual_use}\"]\n{modules}",
                 pinentry::program(),
                 key,
                 dir.path().join("audit.log"),
@@ -440,6 +445,18 @@ fn summary(name: &str, times: &mut [Duration]) -> String {
 /// Certificate id of the 9C key ("PIV Signer P-256").
 async fn cert_9c(client: &mut Client) -> Result<String> {
     cert_with(client, "PIV Signer").await
+}
+
+/// Lowercase hex SHA-256 of a PEM certificate's DER, as `dual_use_certificates` takes it.
+fn fingerprint(pem: &Path) -> Result<String> {
+    let out = Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(pem)
+        .output()?;
+    ensure!(out.status.success(), "openssl x509 {}", pem.display());
+    Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        &out.stdout,
+    )))
 }
 
 /// Certificate id of the 9A key ("KeyPort PIV Test").
