@@ -265,7 +265,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { demo_port } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(daemon::run(config, paths, RunOptions { demo_port }))?;
+            let served = rt.block_on(daemon::run(config, paths, RunOptions { demo_port }));
+            // Dropping the runtime would wait without end for blocking work (a module stuck in
+            // C_Sign): the connections have had their grace to answer, so exit regardless.
+            rt.shutdown_timeout(std::time::Duration::from_secs(3));
+            served?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { port } => agent::demo::run(config, paths, port, &policy),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::time::Instant as Deadline;
 
@@ -29,6 +29,14 @@ use crate::protocol::{self, CancelResult, IncomingRequest, Reason, Request, RpcE
 use crate::Origin;
 
 type Pending = Arc<Mutex<HashMap<String, CancelTrigger>>>;
+
+/// At shutdown, how long a connection's cancelled requests get to send their answers before the
+/// close frame goes out. A dialog closes at once on cancel and a token gets 2 s (the service's
+/// cancel grace), so this bound is only reached by a module that ignores both.
+const SHUTDOWN_ANSWER_GRACE: Duration = Duration::from_secs(5);
+
+/// Each running request holds a clone of the sender; the receiver sees `None` when all ended.
+type Running = mpsc::Sender<()>;
 
 /// Runs one accepted TCP connection to its end.
 pub(crate) async fn run<B: Backend>(
@@ -196,6 +204,7 @@ async fn serve_socket<B: Backend>(
     });
 
     let pending: Pending = Arc::default();
+    let (running, mut all_ended) = mpsc::channel::<()>(1);
     let mut limiter = RateLimiter::new(shared.limits.requests_per_second);
     // Connections of the strangers' pool close when idle, so they cannot hold it for good.
     let idle = slot
@@ -232,6 +241,7 @@ async fn serve_socket<B: Backend>(
                     slot.id,
                     &tx,
                     &pending,
+                    &running,
                     text.as_str(),
                     allowed,
                 );
@@ -264,6 +274,12 @@ async fn serve_socket<B: Backend>(
         }
     };
     cancel_all(&pending);
+    drop(running);
+    if close_code == Some(CloseCode::Away) {
+        // The agent is stopping: the cancelled requests answer (USER_CANCELLED) before the close,
+        // and their dialogs and token jobs have ended before the process exits.
+        let _ = tokio::time::timeout(SHUTDOWN_ANSWER_GRACE, all_ended.recv()).await;
+    }
     if let Some(code) = close_code {
         let _ = close_tx.send(code).await;
     }
@@ -298,6 +314,7 @@ fn handle_text<B: Backend>(
     conn: super::ConnectionId,
     tx: &mpsc::UnboundedSender<Outgoing>,
     pending: &Pending,
+    running: &Running,
     text: &str,
     allowed: bool,
 ) {
@@ -354,8 +371,10 @@ fn handle_text<B: Backend>(
     let backend = shared.backend.clone();
     let tx = tx.clone();
     let pending = pending.clone();
+    let running = running.clone();
     tokio::spawn(
         async move {
+            let _running = running;
             let outcome = backend.handle(ctx, request).await;
             lock(&pending).remove(&key);
             let message = match outcome {
