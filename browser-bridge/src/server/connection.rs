@@ -35,8 +35,12 @@ type Pending = Arc<Mutex<HashMap<String, CancelTrigger>>>;
 /// cancel grace), so this bound is only reached by a module that ignores both.
 const SHUTDOWN_ANSWER_GRACE: Duration = Duration::from_secs(5);
 
-/// Each running request holds a clone of the sender; the receiver sees `None` when all ended.
-type Running = mpsc::Sender<()>;
+/// A connection's requests: the pending ones by id (for `cancel`), and a sender each running
+/// request holds a clone of, so that the receiver sees `None` once all have answered.
+struct Requests {
+    pending: Pending,
+    running: mpsc::Sender<()>,
+}
 
 /// Runs one accepted TCP connection to its end.
 pub(crate) async fn run<B: Backend>(
@@ -203,8 +207,11 @@ async fn serve_socket<B: Backend>(
         }
     });
 
-    let pending: Pending = Arc::default();
     let (running, mut all_ended) = mpsc::channel::<()>(1);
+    let requests = Requests {
+        pending: Arc::default(),
+        running,
+    };
     let mut limiter = RateLimiter::new(shared.limits.requests_per_second);
     // Connections of the strangers' pool close when idle, so they cannot hold it for good.
     let idle = slot
@@ -222,7 +229,7 @@ async fn serve_socket<B: Backend>(
             _ = stop.wait_for(|s| *s) => break Some(CloseCode::Away),
             m = incoming.next() => m,
             () = idle_wait => {
-                if lock(&pending).is_empty() {
+                if lock(&requests.pending).is_empty() {
                     tracing::debug!("idle connection of an origin not approved closed");
                     break Some(CloseCode::Normal);
                 }
@@ -240,8 +247,7 @@ async fn serve_socket<B: Backend>(
                     &origin,
                     slot.id,
                     &tx,
-                    &pending,
-                    &running,
+                    &requests,
                     text.as_str(),
                     allowed,
                 );
@@ -273,8 +279,8 @@ async fn serve_socket<B: Backend>(
             }
         }
     };
-    cancel_all(&pending);
-    drop(running);
+    cancel_all(&requests.pending);
+    drop(requests);
     if close_code == Some(CloseCode::Away) {
         // The agent is stopping: the cancelled requests answer (USER_CANCELLED) before the close,
         // and their dialogs and token jobs have ended before the process exits.
@@ -313,8 +319,7 @@ fn handle_text<B: Backend>(
     origin: &Origin,
     conn: super::ConnectionId,
     tx: &mpsc::UnboundedSender<Outgoing>,
-    pending: &Pending,
-    running: &Running,
+    requests: &Requests,
     text: &str,
     allowed: bool,
 ) {
@@ -340,7 +345,7 @@ fn handle_text<B: Backend>(
     };
     let key = id.to_string();
     if let Request::Cancel { request_id } = &request {
-        let found = lock(pending)
+        let found = lock(&requests.pending)
             .get(&request_id.to_string())
             .map(CancelTrigger::cancel);
         let result = CancelResult {
@@ -351,7 +356,7 @@ fn handle_text<B: Backend>(
     }
     let (trigger, cancel) = CancelSignal::new();
     {
-        let mut map = lock(pending);
+        let mut map = lock(&requests.pending);
         if map.contains_key(&key) {
             drop(map);
             let error = RpcError::invalid_request("a request with this id is still pending");
@@ -370,8 +375,8 @@ fn handle_text<B: Backend>(
     let span = tracing::info_span!("request", id = %key, method = request.method());
     let backend = shared.backend.clone();
     let tx = tx.clone();
-    let pending = pending.clone();
-    let running = running.clone();
+    let pending = requests.pending.clone();
+    let running = requests.running.clone();
     tokio::spawn(
         async move {
             let _running = running;
