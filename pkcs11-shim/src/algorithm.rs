@@ -4,6 +4,7 @@
 use const_oid::ObjectIdentifier;
 use der::asn1::{AnyRef, OctetStringRef, UintRef};
 use der::{Decode, Encode, EncodeValue, FixedTag, Length, Reader, SliceReader, Tag, Writer};
+use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use spki::AlgorithmIdentifierRef;
 
@@ -11,7 +12,7 @@ use crate::certificate::CertificateId;
 use crate::error::Error;
 
 /// A hash function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HashAlg {
     /// SHA-256.
     Sha256,
@@ -60,7 +61,7 @@ impl HashAlg {
 }
 
 /// How an ECDSA signature is returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EcdsaEncoding {
     /// `SEQUENCE { INTEGER r, INTEGER s }` (X.509, CMS, OpenSSL).
     Der,
@@ -69,7 +70,7 @@ pub enum EcdsaEncoding {
 }
 
 /// A signature algorithm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SignAlgorithm {
     /// RSASSA-PKCS1-v1_5.
     RsaPkcs1v15(HashAlg),
@@ -104,7 +105,7 @@ impl SignAlgorithm {
 }
 
 /// One thing to sign.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignInput {
     /// A digest already made with the algorithm's hash; its length is checked.
     Digest(Vec<u8>),
@@ -113,7 +114,7 @@ pub enum SignInput {
 }
 
 /// A signing request: one certificate's key, one algorithm, N inputs, one login.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignRequest {
     /// The certificate whose private key signs.
     pub certificate: CertificateId,

@@ -1,6 +1,7 @@
 //! Certificates on tokens: stable ids, the parsed fields KeyPort shows and checks, and the
 //! public key material used to pair a certificate with its private key.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
@@ -19,7 +20,7 @@ use crate::token::{ParseIdError, TokenId};
 /// A certificate's stable identity: its token's id and the key's CKA_ID (hex), as
 /// `tok-…/<hex>`; when CKA_ID is empty, `tok-…/x<hash>` with a SHA-256 prefix of the
 /// certificate instead.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CertificateId {
     token: TokenId,
     /// Lowercase hex of CKA_ID, or `x` + hex of a certificate hash.
@@ -82,7 +83,7 @@ impl FromStr for CertificateId {
 }
 
 /// The key pair's algorithm, from the certificate's SubjectPublicKeyInfo.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeyAlgorithm {
     /// RSA with this modulus size.
     Rsa {
@@ -132,7 +133,7 @@ impl KeyAlgorithm {
 }
 
 /// An RFC 5280 key usage bit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeyUsage {
     /// digitalSignature
     DigitalSignature,
@@ -172,7 +173,7 @@ impl KeyUsage {
 }
 
 /// A certificate whose private key is on a token.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertificateInfo {
     /// Stable id (see [`CertificateId`]).
     pub id: CertificateId,

@@ -100,6 +100,11 @@ pub enum Error {
     /// The module's worker thread is gone (it panicked or the module was finalised).
     #[error("the PKCS#11 worker thread is gone")]
     WorkerGone,
+    /// The module runs in a host process that failed: it crashed, hung past the deadline and
+    /// was stopped, is being restarted, or broke the protocol. Nothing of the job's result is
+    /// known (a signature may have been made and lost, never returned).
+    #[error("the module's host process failed: {0}")]
+    ModuleHost(String),
     /// A certificate on the token could not be parsed.
     #[error("certificate could not be parsed")]
     Certificate(#[source] der::Error),
@@ -133,6 +138,18 @@ impl Error {
     pub fn is_removal(&self) -> bool {
         matches!(self, Error::TokenNotPresent)
     }
+}
+
+/// The error and its sources on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
 }
 
 /// True for the return values that mean "the token is gone", as opposed to "it failed".

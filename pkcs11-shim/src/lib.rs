@@ -22,6 +22,7 @@ mod error;
 mod module;
 mod pin;
 mod raw;
+pub mod remote;
 mod token;
 mod worker;
 

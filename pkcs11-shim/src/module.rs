@@ -19,11 +19,12 @@ use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
 use crate::pin::Credential;
+use crate::remote::{self, Job, Reply, Transport};
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
 use crate::worker;
 
 /// How far a signing job is, sent after each signature.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     /// Signatures made by this job so far.
     pub done: usize,
@@ -62,6 +63,25 @@ pub struct Module {
 struct Inner {
     path: PathBuf,
     call_timeout: Duration,
+    engine: Engine,
+}
+
+/// What answers the calls: a worker thread in this process, or a module host.
+enum Engine {
+    Thread(ThreadEngine),
+    Hosted(Hosted),
+}
+
+/// A module in another process, reached through a [`Transport`].
+struct Hosted {
+    transport: Box<dyn Transport>,
+    /// A signing job that logs in on a PIN pad waits this long for each step.
+    pin_pad_wait: Duration,
+}
+
+struct ThreadEngine {
+    path: PathBuf,
+    call_timeout: Duration,
     queue: Mutex<Queue>,
     pace: Arc<Pace>,
     thread: Option<JoinHandle<()>>,
@@ -92,15 +112,68 @@ impl Module {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 call_timeout: options.call_timeout,
-                queue: Mutex::new(Queue {
-                    tx: Some(spawned.tx),
-                    sent: 0,
+                engine: Engine::Thread(ThreadEngine {
+                    path: path.to_path_buf(),
+                    call_timeout: options.call_timeout,
+                    queue: Mutex::new(Queue {
+                        tx: Some(spawned.tx),
+                        sent: 0,
+                    }),
+                    pace,
+                    thread: Some(spawned.thread),
+                    finished: Mutex::new(spawned.finished),
                 }),
-                pace,
-                thread: Some(spawned.thread),
-                finished: Mutex::new(spawned.finished),
             }),
         })
+    }
+
+    /// The module at `path`, loaded in a module host that `transport` reaches: the same API,
+    /// each call a [`Job`] with the call timeout as its deadline (a signing job: for each of
+    /// its steps; `pin_pad_wait` when it logs in on a PIN pad). Asks the host for the module's
+    /// info once, so that a module that does not load fails here, as [`Module::load_with`]
+    /// does.
+    pub fn hosted(
+        path: &Path,
+        options: LoadOptions,
+        pin_pad_wait: Duration,
+        transport: Box<dyn Transport>,
+    ) -> Result<Module, Error> {
+        let module = Module {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                call_timeout: options.call_timeout,
+                engine: Engine::Hosted(Hosted {
+                    transport,
+                    pin_pad_wait: pin_pad_wait.max(options.call_timeout),
+                }),
+            }),
+        };
+        module.info()?;
+        Ok(module)
+    }
+
+    /// True when the module runs in a module host.
+    pub fn is_hosted(&self) -> bool {
+        matches!(self.inner.engine, Engine::Hosted(_))
+    }
+
+    fn thread(&self) -> Result<&ThreadEngine, Error> {
+        match &self.inner.engine {
+            Engine::Thread(t) => Ok(t),
+            Engine::Hosted(_) => Err(Error::WorkerGone),
+        }
+    }
+
+    /// Runs one job on the module host; `None` for an in-process module.
+    fn hosted_call(&self, job: Job) -> Option<Result<Reply, Error>> {
+        match &self.inner.engine {
+            Engine::Hosted(h) => Some(
+                h.transport
+                    .run(job, self.inner.call_timeout, None, &mut |_| {})
+                    .map_err(Error::from),
+            ),
+            Engine::Thread(_) => None,
+        }
     }
 
     /// The path the module was loaded from.
@@ -117,28 +190,54 @@ impl Module {
     /// hangs, or is busy with a long signature): a call now would wait and likely fail with
     /// [`Error::Busy`]. No PKCS#11 call; for callers that would rather skip such a module.
     pub fn is_behind(&self) -> bool {
-        self.inner.pace.is_behind()
+        match &self.inner.engine {
+            Engine::Thread(t) => t.pace.is_behind(),
+            // A host behind a call given up on is stopped, or skips that call.
+            Engine::Hosted(_) => false,
+        }
     }
 
     /// C_GetInfo: the library's description, manufacturer and versions.
     pub fn info(&self) -> Result<ModuleInfo, Error> {
-        self.call(Request::Info)
+        match self.hosted_call(Job::Info) {
+            Some(Ok(Reply::Info(r))) => r.map_err(Error::from),
+            Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
+            None => self.call(Request::Info),
+        }
     }
 
     /// The tokens present now.
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, Error> {
-        self.call(Request::Tokens)
+        match self.hosted_call(Job::Tokens) {
+            Some(Ok(Reply::Tokens(r))) => r.map_err(Error::from),
+            Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
+            None => self.call(Request::Tokens),
+        }
     }
 
     /// Certificates whose private key is on a token (all tokens, or one).
     pub fn certificates(&self, token: Option<&TokenId>) -> Result<Vec<CertificateInfo>, Error> {
         let token = token.cloned();
+        if self.is_hosted() {
+            return match self.hosted_call(Job::Certificates { token }) {
+                Some(Ok(Reply::Certificates(r))) => r.map_err(Error::from),
+                Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
+                None => Err(Error::WorkerGone),
+            };
+        }
         self.call(|reply| Request::Certificates { token, reply })
     }
 
     /// Whether signing with this token needs a PIN now.
     pub fn login_state(&self, token: &TokenId) -> Result<LoginState, Error> {
         let token = token.clone();
+        if self.is_hosted() {
+            return match self.hosted_call(Job::LoginState { token }) {
+                Some(Ok(Reply::LoginState(r))) => r.map_err(Error::from),
+                Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
+                None => Err(Error::WorkerGone),
+            };
+        }
         self.call(|reply| Request::LoginState { token, reply })
     }
 
@@ -158,6 +257,9 @@ impl Module {
         progress: Option<mpsc::Sender<Progress>>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
+        if let Engine::Hosted(h) = &self.inner.engine {
+            return self.sign_hosted(h, req, credential, progress, cancel);
+        }
         let deadline = Instant::now() + self.inner.call_timeout;
         let (started, started_rx) = mpsc::channel();
         let (reply, rx) = mpsc::channel();
@@ -187,11 +289,53 @@ impl Module {
     /// C_Logout on the token (a no-op when not logged in); drops the cached PIN login.
     pub fn logout(&self, token: &TokenId) -> Result<(), Error> {
         let token = token.clone();
+        if self.is_hosted() {
+            return match self.hosted_call(Job::Logout { token }) {
+                Some(Ok(Reply::LoggedOut(r))) => r.map_err(Error::from),
+                Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
+                None => Err(Error::WorkerGone),
+            };
+        }
         self.call(|reply| Request::Logout { token, reply })
     }
 
+    /// [`Module::sign`] on a module host: progress comes back as interim replies, the cancel
+    /// flag is watched and sent as a message.
+    fn sign_hosted(
+        &self,
+        h: &Hosted,
+        req: SignRequest,
+        credential: Credential,
+        progress: Option<mpsc::Sender<Progress>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Vec<Vec<u8>>, SignFailure> {
+        let deadline = if matches!(credential, Credential::PinPad) {
+            h.pin_pad_wait
+        } else {
+            self.inner.call_timeout
+        };
+        let mut interim = |reply: Reply| {
+            if let (Reply::Progress(p), Some(tx)) = (reply, progress.as_ref()) {
+                let _ = tx.send(p);
+            }
+        };
+        let reply = h
+            .transport
+            .run(
+                Job::Sign { req, credential },
+                deadline,
+                cancel.as_deref(),
+                &mut interim,
+            )
+            .map_err(|e| SignFailure::from(Error::from(e)))?;
+        match reply {
+            Reply::Signed(r) => r.map_err(SignFailure::from),
+            other => Err(remote::unexpected(&other).into()),
+        }
+    }
+
     /// Sends a request and waits, at most the call timeout, for its answer.
-    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
+    fn call<T>(&self, make: impl FnOnce(ReplyTo<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
         let (reply, rx) = mpsc::channel();
         let request = make(reply);
@@ -207,10 +351,11 @@ impl Module {
     /// Queues a request once the worker has caught up (waiting until `deadline` at most);
     /// returns its sequence number.
     fn send(&self, req: Request, deadline: Instant) -> Result<u64, Error> {
-        if !self.inner.pace.wait_caught_up(deadline) {
+        let t = self.thread()?;
+        if !t.pace.wait_caught_up(deadline) {
             return Err(self.busy());
         }
-        let mut queue = lock(&self.inner.queue);
+        let mut queue = lock(&t.queue);
         queue
             .tx
             .as_ref()
@@ -223,7 +368,9 @@ impl Module {
 
     /// Gives up on request `seq`: later calls wait for the worker to get past it.
     fn gave_up(&self, seq: u64, what: &'static str) -> Error {
-        self.inner.pace.gave_up(seq);
+        if let Ok(t) = self.thread() {
+            t.pace.gave_up(seq);
+        }
         tracing::warn!(
             path = %self.inner.path.display(),
             request = what,
@@ -248,7 +395,7 @@ impl fmt::Debug for Module {
     }
 }
 
-impl Drop for Inner {
+impl Drop for ThreadEngine {
     fn drop(&mut self) {
         // Closing the channel ends the worker's loop; it then finalises the module.
         drop(lock(&self.queue).tx.take());
@@ -328,19 +475,19 @@ impl Pace {
 }
 
 /// Where the worker sends one answer.
-pub(crate) type Reply<T> = mpsc::Sender<Result<T, Error>>;
+pub(crate) type ReplyTo<T> = mpsc::Sender<Result<T, Error>>;
 
 /// One request to the worker thread.
 pub(crate) enum Request {
-    Info(Reply<ModuleInfo>),
-    Tokens(Reply<Vec<TokenInfo>>),
+    Info(ReplyTo<ModuleInfo>),
+    Tokens(ReplyTo<Vec<TokenInfo>>),
     Certificates {
         token: Option<TokenId>,
-        reply: Reply<Vec<CertificateInfo>>,
+        reply: ReplyTo<Vec<CertificateInfo>>,
     },
     LoginState {
         token: TokenId,
-        reply: Reply<LoginState>,
+        reply: ReplyTo<LoginState>,
     },
     Sign {
         job: SignJob,
@@ -351,7 +498,7 @@ pub(crate) enum Request {
     },
     Logout {
         token: TokenId,
-        reply: Reply<()>,
+        reply: ReplyTo<()>,
     },
 }
 

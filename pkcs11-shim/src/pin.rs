@@ -27,7 +27,7 @@ impl fmt::Debug for SecretPin {
 }
 
 /// Which login a token asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LoginKind {
     /// The normal user login (CKU_USER), once per session/cache.
     User,

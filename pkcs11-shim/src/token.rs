@@ -1,5 +1,6 @@
 //! Tokens as the rest of KeyPort sees them: a stable id, descriptive fields and PIN state.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -11,7 +12,7 @@ use sha2::{Digest, Sha256};
 ///
 /// The string form is `tok-` followed by 32 lowercase hex digits (a SHA-256 prefix over the
 /// module path and the token's serial, or its label and model when the serial is empty).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TokenId(String);
 
 const TOKEN_PREFIX: &str = "tok-";
@@ -76,7 +77,7 @@ impl FromStr for TokenId {
 }
 
 /// The user PIN's state as the token reports it (CKF_USER_PIN_* flags).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinStatus {
     /// CKF_USER_PIN_INITIALIZED.
     pub initialized: bool,
@@ -89,7 +90,7 @@ pub struct PinStatus {
 }
 
 /// One present token.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {
     /// Stable id (see [`TokenId`]).
     pub id: TokenId,
@@ -112,7 +113,7 @@ pub struct TokenInfo {
 }
 
 /// What signing with a token would need right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LoginState {
     /// Logged in already: no PIN needed (except for always-authenticate keys).
     LoggedIn,
@@ -125,7 +126,7 @@ pub enum LoginState {
 }
 
 /// The PKCS#11 module's own description (C_GetInfo).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleInfo {
     /// libraryDescription.
     pub library_description: String,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 /// The version of the messages below; bumped on any change to them or to the jobs they carry.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest frame either side accepts: room for a `sign.batch` of 1000 inputs or a token's
 /// certificates, far below what would hurt.
@@ -26,18 +26,25 @@ pub struct Greeting {
     pub pid: u32,
 }
 
-/// A job for the host, numbered by the agent.
+/// What the agent sends a host.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Job<J> {
-    pub id: u64,
-    pub job: J,
+pub enum ToHost<J> {
+    /// A job, numbered by the agent; the host runs jobs one at a time, in order.
+    Job { id: u64, job: J },
+    /// Cancel job `id`: a job not started yet is skipped (answered by nothing); a running one
+    /// sees its cancel flag set (a signing job stops before its next signature).
+    Cancel { id: u64 },
 }
 
-/// The host's answer to the job with the same id.
+/// What a host sends the agent about the job with the same id.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Answer<A> {
-    pub id: u64,
-    pub answer: A,
+pub enum FromHost<A> {
+    /// The host took the job up.
+    Started { id: u64 },
+    /// A message before the answer (a signing job's progress); re-arms the call's deadline.
+    Interim { id: u64, answer: A },
+    /// The job's answer, its last message.
+    Answer { id: u64, answer: A },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,15 +99,18 @@ mod tests {
     #[test]
     fn a_frame_round_trips() {
         let mut buf = Vec::new();
-        let job = Job {
+        let job = ToHost::Job {
             id: 7,
             job: ("sign".to_owned(), vec![1u8, 2, 3]),
         };
         write_frame(&mut buf, &job).unwrap();
         write_frame(&mut buf, &Greeting { version: 1, pid: 9 }).unwrap();
         let mut input = buf.as_slice();
-        let back: Job<(String, Vec<u8>)> = read_frame(&mut input).unwrap().unwrap();
-        assert_eq!((back.id, back.job), (7, ("sign".to_owned(), vec![1, 2, 3])));
+        let back: ToHost<(String, Vec<u8>)> = read_frame(&mut input).unwrap().unwrap();
+        match back {
+            ToHost::Job { id, job } => assert_eq!((id, job), (7, ("sign".to_owned(), vec![1, 2, 3]))),
+            other => panic!("{other:?}"),
+        }
         let greeting: Greeting = read_frame(&mut input).unwrap().unwrap();
         assert_eq!(greeting, Greeting { version: 1, pid: 9 });
         assert!(read_frame::<Greeting>(&mut input).unwrap().is_none());

@@ -1,13 +1,16 @@
 //! The host's side: greet, then answer jobs in order until the agent goes.
 
+use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::frame::{read_frame, write_frame, Answer, FrameError, Greeting, Job, PROTOCOL_VERSION};
+use super::frame::{read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION};
 
 /// The socket the supervisor hands a host: its standard input.
 pub fn socket_from_stdin() -> std::io::Result<UnixStream> {
@@ -16,40 +19,107 @@ pub fn socket_from_stdin() -> std::io::Result<UnixStream> {
     ))
 }
 
-/// Greets the agent, then answers each job with `handle`, one at a time, on a thread of its
-/// own, while this thread keeps reading. Returns as soon as the agent closes its end — also
-/// while a job is stuck in the library, so the caller should exit the process right away.
+/// What a running job may use besides its input: its cancel flag (set when the agent sends
+/// [`ToHost::Cancel`]) and a way to send interim answers (progress).
+pub struct JobContext<A> {
+    id: u64,
+    cancel: Arc<AtomicBool>,
+    writer: Arc<Mutex<UnixStream>>,
+    _answers: PhantomData<fn(A)>,
+}
+
+impl<A: Serialize> JobContext<A> {
+    /// Set once the agent cancelled this job.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel)
+    }
+
+    /// Sends an interim answer (the agent re-arms the job's deadline on it).
+    pub fn interim(&self, answer: A) -> Result<(), FrameError> {
+        write_frame(
+            &mut *lock(&self.writer),
+            &FromHost::Interim {
+                id: self.id,
+                answer,
+            },
+        )
+    }
+}
+
+/// [`serve_with`] for a handler that needs neither cancel nor interim answers.
 pub fn serve<J, A, H>(socket: UnixStream, mut handle: H) -> Result<(), FrameError>
 where
     J: DeserializeOwned + Send + 'static,
     A: Serialize + Send + 'static,
     H: FnMut(J) -> A + Send + 'static,
 {
+    serve_with(socket, move |job, _ctx: &JobContext<A>| handle(job))
+}
+
+/// Greets the agent, then answers each job with `handle`, one at a time, on a thread of its
+/// own, while this thread keeps reading (so a cancel reaches a running job). Returns as soon as
+/// the agent closes its end — also while a job is stuck in the library, so the caller should
+/// exit the process right away.
+pub fn serve_with<J, A, H>(socket: UnixStream, mut handle: H) -> Result<(), FrameError>
+where
+    J: DeserializeOwned + Send + 'static,
+    A: Serialize + Send + 'static,
+    H: FnMut(J, &JobContext<A>) -> A + Send + 'static,
+{
     let mut reader = socket.try_clone()?;
-    let mut writer = socket;
+    let writer = Arc::new(Mutex::new(socket));
     write_frame(
-        &mut writer,
+        &mut *lock(&writer),
         &Greeting {
             version: PROTOCOL_VERSION,
             pid: std::process::id(),
         },
     )?;
-    let (jobs, queue) = mpsc::channel::<Job<J>>();
+    // Cancel flags of the jobs queued or running.
+    let flags: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    let (jobs, queue) = mpsc::channel::<(u64, J, Arc<AtomicBool>)>();
+    let (job_writer, job_flags) = (Arc::clone(&writer), Arc::clone(&flags));
     std::thread::Builder::new()
         .name("host-jobs".into())
         .spawn(move || {
-            for Job { id, job } in queue {
-                let answer = handle(job);
-                if let Err(e) = write_frame(&mut writer, &Answer { id, answer }) {
+            for (id, job, cancel) in queue {
+                let ctx = JobContext {
+                    id,
+                    cancel,
+                    writer: Arc::clone(&job_writer),
+                    _answers: PhantomData,
+                };
+                let sent = write_frame(&mut *lock(&job_writer), &FromHost::<A>::Started { id })
+                    .and_then(|()| {
+                        let answer = handle(job, &ctx);
+                        write_frame(&mut *lock(&job_writer), &FromHost::Answer { id, answer })
+                    });
+                lock(&job_flags).remove(&id);
+                if let Err(e) = sent {
                     tracing::error!(error = %e, "the agent's socket failed; the host stops answering");
                     break;
                 }
             }
         })?;
-    while let Some(job) = read_frame::<Job<J>>(&mut reader)? {
-        if jobs.send(job).is_err() {
-            break;
+    while let Some(message) = read_frame::<ToHost<J>>(&mut reader)? {
+        match message {
+            ToHost::Job { id, job } => {
+                let cancel = Arc::new(AtomicBool::new(false));
+                lock(&flags).insert(id, Arc::clone(&cancel));
+                if jobs.send((id, job, cancel)).is_err() {
+                    break;
+                }
+            }
+            ToHost::Cancel { id } => {
+                if let Some(flag) = lock(&flags).get(&id) {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
         }
     }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

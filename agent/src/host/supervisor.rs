@@ -1,6 +1,6 @@
 //! The agent's side: one [`Supervisor`] per vendor library, owning at most one live host.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io;
 use std::marker::PhantomData;
@@ -9,14 +9,14 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::frame::{read_frame, write_frame, Answer, FrameError, Greeting, Job, PROTOCOL_VERSION};
+use super::frame::{read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION};
 
 /// The first wait after a host died; doubled after each death, up to [`MAX_BACKOFF`], and back
 /// to this after a call answered.
@@ -24,6 +24,8 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a new host has to greet.
 const GREETING_WAIT: Duration = Duration::from_secs(10);
+/// How often a call with a cancel flag looks at it.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
 
 /// Why a call got no answer.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -39,6 +41,10 @@ pub enum HostError {
     Restarting { retry_in: Duration },
     #[error("the module host connection failed: {0}")]
     Connection(String),
+    /// The host is busy with another job that is still within its own deadline (a long batch,
+    /// a PIN-pad login); this one was given up on and will be skipped. The host lives on.
+    #[error("the module host is busy with another job (waited {after:?})")]
+    Busy { after: Duration },
 }
 
 /// What `keyport doctor` shows of a host.
@@ -98,9 +104,20 @@ struct Live<A> {
     shared: Arc<Shared<A>>,
 }
 
+/// A message for a waiting caller.
+enum Delivery<A> {
+    Interim(A),
+    Final(A),
+}
+
 /// What a live host's reader thread and its callers share.
 struct Shared<A> {
-    pending: Mutex<HashMap<u64, mpsc::Sender<A>>>,
+    pending: Mutex<HashMap<u64, mpsc::Sender<Delivery<A>>>>,
+    /// The job the host said it started and has not answered yet.
+    running: Mutex<Option<u64>>,
+    /// Jobs whose caller gave up while they were queued: nobody watches them any more, so a
+    /// later caller that times out behind one of them stops the host.
+    abandoned: Mutex<HashSet<u64>>,
     /// How the host ended, once it has.
     ended: Mutex<Option<String>>,
     next_id: AtomicU64,
@@ -148,6 +165,25 @@ where
     /// Sends `job` and waits at most `deadline` for its answer. Past the deadline the host is
     /// killed (its other callers get [`HostError::Died`]) and the next call starts a new one.
     pub fn call(&self, job: J, deadline: Duration) -> Result<A, HostError> {
+        self.call_with(job, deadline, None, &mut |_| {})
+    }
+
+    /// [`Self::call`] for a job that may send interim answers (each goes to `interim` and
+    /// re-arms the deadline) and may be cancelled: once `cancel` is set, the host is told, and
+    /// the call goes on waiting for the job's answer.
+    ///
+    /// A job that is still queued behind another one at its deadline does not stop the host
+    /// while that other job's caller still waits within its own deadline: it fails with
+    /// [`HostError::Busy`] and the host is told to cancel it. Otherwise (the job running, or
+    /// the job ahead of it abandoned) the host is killed and the call fails with
+    /// [`HostError::TimedOut`].
+    pub fn call_with(
+        &self,
+        job: J,
+        deadline: Duration,
+        cancel: Option<&AtomicBool>,
+        interim: &mut dyn FnMut(A),
+    ) -> Result<A, HostError> {
         let (pid, writer, shared) = {
             let mut state = lock(&self.state);
             let live = self.live(&mut state)?;
@@ -161,7 +197,7 @@ where
             lock(&shared.pending).remove(&id);
             return Err(self.died(&shared));
         }
-        let sent = write_frame(&mut *lock(&writer), &Job { id, job });
+        let sent = write_frame(&mut *lock(&writer), &ToHost::Job { id, job });
         if let Err(e) = sent {
             lock(&shared.pending).remove(&id);
             kill_group(pid);
@@ -170,14 +206,51 @@ where
                 _ => self.died(&shared),
             });
         }
-        match rx.recv_timeout(deadline) {
-            Ok(answer) => {
-                let mut state = lock(&self.state);
-                state.backoff = state.min_backoff;
-                Ok(answer)
+        let mut step_end = Instant::now() + deadline;
+        let mut cancel_sent = false;
+        let timed_out = loop {
+            let watch_cancel = cancel.is_some() && !cancel_sent;
+            let left = step_end.saturating_duration_since(Instant::now());
+            let wait = if watch_cancel { left.min(CANCEL_POLL) } else { left };
+            match rx.recv_timeout(wait) {
+                Ok(Delivery::Interim(answer)) => {
+                    interim(answer);
+                    step_end = Instant::now() + deadline;
+                }
+                Ok(Delivery::Final(answer)) => {
+                    let mut state = lock(&self.state);
+                    state.backoff = state.min_backoff;
+                    return Ok(answer);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if watch_cancel && cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                        cancel_sent = true;
+                        let _ = write_frame(&mut *lock(&writer), &ToHost::<J>::Cancel { id });
+                    }
+                    if Instant::now() >= step_end {
+                        break true;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break false,
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                lock(&shared.pending).remove(&id);
+        };
+        if !timed_out {
+            return Err(self.died(&shared));
+        }
+        {
+            lock(&shared.pending).remove(&id);
+            let running = *lock(&shared.running);
+            let ahead_is_watched = running
+                .is_some_and(|r| r != id && !lock(&shared.abandoned).contains(&r));
+            if ahead_is_watched {
+                lock(&shared.abandoned).insert(id);
+                let _ = write_frame(&mut *lock(&writer), &ToHost::<J>::Cancel { id });
+                tracing::debug!(pid, "a job queued behind a long one was given up on");
+                return Err(HostError::Busy { after: deadline });
+            }
+        }
+        {
+            {
                 tracing::warn!(
                     pid,
                     ?deadline,
@@ -195,7 +268,6 @@ where
                 kill_group(pid);
                 Err(HostError::TimedOut { after: deadline })
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.died(&shared)),
         }
     }
 
@@ -299,6 +371,8 @@ where
         let reader = ours.try_clone().map_err(|e| start_err("socket", &e))?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
+            running: Mutex::new(None),
+            abandoned: Mutex::new(HashSet::new()),
             ended: Mutex::new(None),
             next_id: AtomicU64::new(1),
         });
@@ -363,11 +437,24 @@ fn read_answers<A: DeserializeOwned>(
 ) {
     let pid = child.id();
     let why = loop {
-        match read_frame::<Answer<A>>(&mut socket) {
-            Ok(Some(Answer { id, answer })) => {
+        match read_frame::<FromHost<A>>(&mut socket) {
+            Ok(Some(FromHost::Started { id })) => *lock(&shared.running) = Some(id),
+            Ok(Some(FromHost::Interim { id, answer })) => {
+                if let Some(tx) = lock(&shared.pending).get(&id) {
+                    let _ = tx.send(Delivery::Interim(answer));
+                }
+            }
+            Ok(Some(FromHost::Answer { id, answer })) => {
+                {
+                    let mut running = lock(&shared.running);
+                    if *running == Some(id) {
+                        *running = None;
+                    }
+                }
+                lock(&shared.abandoned).remove(&id);
                 if let Some(tx) = lock(&shared.pending).remove(&id) {
                     // The caller may have given up (deadline); its answer is dropped.
-                    let _ = tx.send(answer);
+                    let _ = tx.send(Delivery::Final(answer));
                 }
             }
             Ok(None) => break None,
