@@ -172,6 +172,10 @@ pub struct Config {
     /// The longest wait for a token's module to answer (a listing, a login check, the start of
     /// a signature); past it the request is BUSY and a listing goes on without that module.
     pub token_wait_seconds: u64,
+    /// Load each PKCS#11 module in a module host (a child process), so that a module that
+    /// crashes, hangs or deadlocks never takes the agent with it. `false`: in the agent's own
+    /// process (for debugging, and what the tests compare against).
+    pub module_isolation: bool,
     pub allowed_origins: Vec<String>,
     pub denied_origins: Vec<String>,
     pub unknown_origins: UnknownOrigins,
@@ -208,6 +212,7 @@ impl Default for Config {
             pin_cache_seconds: 0,
             dialog_timeout_seconds: 120,
             token_wait_seconds: 30,
+            module_isolation: false,
             allowed_origins: Vec::new(),
             denied_origins: Vec::new(),
             unknown_origins: UnknownOrigins::Prompt,

@@ -22,6 +22,7 @@
 //! lost — never returned).
 
 pub mod frame;
+pub mod pkcs11;
 pub mod sandbox;
 pub mod serve;
 pub mod supervisor;

@@ -104,6 +104,14 @@ enum Command {
     },
     /// Shows readers, cards, modules, tokens, the dialog program, and what to fix.
     Doctor,
+    /// A module host: loads one vendor library and answers the agent's jobs on the socket that
+    /// is its standard input (the agent starts it; see `module_isolation`).
+    #[command(hide = true)]
+    Host {
+        /// The PKCS#11 module to load.
+        #[arg(long, value_name = "PATH")]
+        pkcs11: PathBuf,
+    },
     /// Writes the man pages and shell completions into DIR (used to build packages).
     #[command(hide = true)]
     GenerateAssets {
@@ -260,6 +268,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::GenerateAssets { out } = &cli.command {
         generate_assets(out)?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Host { pkcs11 } = &cli.command {
+        // No configuration: the host does what the agent's jobs say. It exits at once when
+        // done, leaving behind a module thread that may hang in the library.
+        std::process::exit(agent::host::pkcs11::run_host(pkcs11));
     }
     let (config, paths, policy, policy_report) = load(cli.config.as_deref(), cli.demo)?;
     match cli.command {
@@ -438,6 +451,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
         ),
         Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
+        Command::Host { pkcs11 } => Ok(ExitCode::from(
+            u8::try_from(agent::host::pkcs11::run_host(&pkcs11)).unwrap_or(1),
+        )),
     }
 }
 

@@ -150,7 +150,7 @@ impl Loop {
     fn run(mut self) {
         // The list as it is now: only a difference from it is reported.
         let listing = self.tokens.listing(WhenBehind::Skip);
-        self.retry = listing.unanswered > 0;
+        self.retry = listing.unanswered > 0 || listing.hosts_down > 0;
         self.last = token_entries(&listing.tokens);
         let mut backoff = BACKOFF_START;
         loop {
@@ -174,15 +174,34 @@ impl Loop {
                     // Readers are gone with pcscd: tokens in them are too.
                     self.refresh(&[]);
                     self.first_look_done();
-                    match self.wake.recv_timeout(backoff) {
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    if !self.wait_backoff(backoff) {
+                        break;
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
         tracing::debug!("PC/SC watcher stopped");
+    }
+
+    /// Waits `backoff` before trying pcscd again, in slices, listing the tokens again after a
+    /// slice when a module host ended or a module did not answer (no PC/SC event will come to
+    /// say so). False when the watcher is told to stop.
+    fn wait_backoff(&mut self, backoff: Duration) -> bool {
+        let end = std::time::Instant::now() + backoff;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            match self.wake.recv_timeout(left.min(WAIT_SLICE)) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+            if self.tokens.take_hosts_changed() || self.retry {
+                self.refresh(&[]);
+            }
+        }
     }
 
     fn first_look_done(&mut self) {
@@ -250,7 +269,7 @@ impl Loop {
                 tracing::debug!(readers = ?now.iter().map(|r| (&r.name, r.atr.is_some())).collect::<Vec<_>>(), "PC/SC change");
                 self.refresh(&now);
                 seen = Some(now);
-            } else if self.retry {
+            } else if self.tokens.take_hosts_changed() || self.retry {
                 self.refresh(&now);
             }
             self.first_look_done();
@@ -273,7 +292,7 @@ impl Loop {
                 .collect(),
         );
         let listing = self.tokens.listing(WhenBehind::Skip);
-        self.retry = listing.unanswered > 0;
+        self.retry = listing.unanswered > 0 || listing.hosts_down > 0;
         let entries = token_entries(&listing.tokens);
         if entries != self.last {
             tracing::debug!(tokens = entries.len(), "tokens changed");

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use pkcs11_shim::{CertificateId, CertificateInfo, LoadOptions, Module, TokenId, 
 
 use crate::config::Config;
 use crate::discovery::{self, Candidate, Discovery, Source};
+use crate::host::pkcs11::Pkcs11Supervisor;
+use crate::host::HostStatus;
 
 /// A module that loaded, and why it was chosen.
 #[derive(Debug, Clone)]
@@ -65,6 +68,19 @@ struct Inner {
     last_tokens: Mutex<HashMap<PathBuf, Vec<TokenInfo>>>,
     /// Modules that did not answer their last call in time (each is logged once).
     unanswered: Mutex<HashSet<PathBuf>>,
+    /// `module_isolation`: each module in a module host; `None`: in this process.
+    isolation: Option<Isolation>,
+    /// The supervisor of each hosted module.
+    hosts: Mutex<HashMap<PathBuf, Arc<Pkcs11Supervisor>>>,
+    /// Set when a module host ended: the token list is worth reading again.
+    hosts_changed: Arc<AtomicBool>,
+}
+
+/// How modules run in hosts.
+#[derive(Debug, Clone, Copy)]
+struct Isolation {
+    /// A signature that logs in on a PIN pad waits this long (the dialog timeout).
+    pin_pad_wait: Duration,
 }
 
 /// What a listing does with a module whose worker is still behind a call given up on (see
@@ -83,6 +99,9 @@ pub struct Listing {
     /// A module that did not answer is represented by the tokens of its last answer.
     pub tokens: Vec<TokenView>,
     pub unanswered: usize,
+    /// Modules whose host failed (crashed, hung and was stopped, is restarting): their tokens
+    /// are left out until a new host lists them, a listing worth repeating.
+    pub hosts_down: usize,
 }
 
 /// How long [`TokenSet::card_was_pulled`] waits for PC/SC to report a removal (pcscd polls
@@ -107,9 +126,14 @@ impl TokenSet {
     /// Discovers and loads modules; one that fails is recorded and the others still load.
     pub fn load(config: &Config) -> TokenSet {
         let found = discovery::discover(config);
-        let set = TokenSet::with_options(LoadOptions {
+        let options = LoadOptions {
             call_timeout: config.token_wait(),
-        });
+        };
+        let set = if config.module_isolation {
+            TokenSet::isolated(options, config.dialog_timeout())
+        } else {
+            TokenSet::with_options(options)
+        };
         for candidate in &found.candidates {
             set.add(candidate.clone());
         }
@@ -129,6 +153,49 @@ impl TokenSet {
         }
     }
 
+    /// An empty set whose modules will each run in a module host (`module_isolation`);
+    /// `pin_pad_wait`: how long a PIN-pad login may take.
+    pub fn isolated(options: LoadOptions, pin_pad_wait: Duration) -> TokenSet {
+        TokenSet {
+            inner: Arc::new(Inner {
+                options,
+                isolation: Some(Isolation { pin_pad_wait }),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Loads the module: in a host of its own with isolation, else in this process.
+    fn load_module(&self, path: &std::path::Path) -> Result<Module, pkcs11_shim::Error> {
+        let Some(isolation) = self.inner.isolation else {
+            return Module::load_with(path, self.inner.options);
+        };
+        let changed = Arc::clone(&self.inner.hosts_changed);
+        let on_exit: crate::host::supervisor::OnExit = Arc::new(move |_how: &str| {
+            changed.store(true, Ordering::SeqCst);
+        });
+        let supervisor = crate::host::pkcs11::supervisor(path, Some(on_exit))
+            .map_err(|e| pkcs11_shim::Error::ModuleHost(format!("no host program: {e}")))?;
+        let module = crate::host::pkcs11::hosted_module(
+            path,
+            self.inner.options,
+            isolation.pin_pad_wait,
+            Arc::clone(&supervisor),
+        )?;
+        lock(&self.inner.hosts).insert(path.to_owned(), supervisor);
+        Ok(module)
+    }
+
+    /// The host of a hosted module, for `keyport doctor`: pid, restarts, last failure.
+    pub fn host_status(&self, path: &std::path::Path) -> Option<HostStatus> {
+        lock(&self.inner.hosts).get(path).map(|s| s.status())
+    }
+
+    /// True (once) when a module host ended since the last call: list the tokens again.
+    pub fn take_hosts_changed(&self) -> bool {
+        self.inner.hosts_changed.swap(false, Ordering::SeqCst)
+    }
+
     /// Loads one more module (an ATR match, say) unless it is loaded already. Returns whether it
     /// is loaded now.
     pub fn add(&self, candidate: Candidate) -> bool {
@@ -139,7 +206,7 @@ impl TokenSet {
         {
             return true;
         }
-        match Module::load_with(&candidate.path, self.inner.options) {
+        match self.load_module(&candidate.path) {
             Ok(module) => {
                 tracing::info!(path = %candidate.path.display(), source = %candidate.source, "module loaded");
                 if let Ok(mut m) = self.inner.modules.write() {
@@ -311,6 +378,9 @@ impl TokenSet {
                         .unwrap_or_default()
                 }
                 Err(e) => {
+                    if matches!(e, pkcs11_shim::Error::ModuleHost(_)) {
+                        listing.hosts_down += 1;
+                    }
                     tracing::warn!(path = %module.path().display(), error = %e, "listing tokens failed");
                     continue;
                 }

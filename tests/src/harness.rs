@@ -273,6 +273,7 @@ impl AgentOptions {
                 .extra_toml
                 .iter()
                 .map(|l| format!("{l}\n"))
+                .chain(isolation_from_env(&self.extra_toml))
                 .collect::<String>(),
         );
         for origin in &self.session_consent_origins {
@@ -290,6 +291,18 @@ impl AgentOptions {
         }
         text
     }
+}
+
+/// `KEYPORT_TEST_ISOLATION=1` (or `0`) runs every agent with `module_isolation` on (or off),
+/// unless the test sets it itself: how the whole suite is run against module hosts.
+fn isolation_from_env(extra: &[String]) -> Option<String> {
+    let on = match std::env::var("KEYPORT_TEST_ISOLATION").ok()?.as_str() {
+        "1" => true,
+        "0" => false,
+        _ => return None,
+    };
+    (!extra.iter().any(|l| l.trim_start().starts_with("module_isolation")))
+        .then(|| format!("module_isolation = {on}\n"))
 }
 
 /// An audit key file as the agent wants it: 32 random bytes, mode 0600 from its creation.

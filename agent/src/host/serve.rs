@@ -21,6 +21,7 @@ pub fn socket_from_stdin() -> std::io::Result<UnixStream> {
 
 /// What a running job may use besides its input: its cancel flag (set when the agent sends
 /// [`ToHost::Cancel`]) and a way to send interim answers (progress).
+#[derive(Debug)]
 pub struct JobContext<A> {
     id: u64,
     cancel: Arc<AtomicBool>,

@@ -103,6 +103,10 @@ impl Failure {
                 E::ModuleLoad { .. } | E::WorkerGone => {
                     RpcError::new(Reason::TokenError, "the token's module is not working")
                 }
+                E::ModuleHost(_) => RpcError::new(
+                    Reason::TokenError,
+                    "the token's module failed; it is being restarted",
+                ),
                 _ => RpcError::new(Reason::TokenError, e.to_string()),
             },
             Failure::Dialog(e) => match e.as_ref() {

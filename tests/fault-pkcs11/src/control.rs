@@ -26,6 +26,14 @@ pub(crate) struct Control {
     pub(crate) hang_sign: bool,
     /// Abort the process when one of these functions is called (`crash_on=C_Sign,C_Login`).
     pub(crate) crash_on: Vec<String>,
+    /// How `crash_on` ends the process: abort (the default), SIGSEGV, or exit(1).
+    pub(crate) crash_how: CrashHow,
+    /// These functions block until the control file no longer names them (`hang_on=C_GetTokenInfo`).
+    pub(crate) hang_on: Vec<String>,
+    /// The first call of one of these functions takes a module-wide lock that is never
+    /// released, and blocks on it; from then on every wrapped call blocks on that lock, whatever
+    /// the control file says later (OpenSC's deadlock after a card removal).
+    pub(crate) deadlock_on: Vec<String>,
     /// C_GetTokenInfo fails with CKR_GENERAL_ERROR — and, as SoftHSM does once the process ran
     /// out of descriptors, keeps failing after this is cleared, until the next C_Initialize.
     pub(crate) general_error: bool,
@@ -36,6 +44,18 @@ pub(crate) struct Control {
     pub(crate) pin_pad_entry: PadEntry,
     /// How long the user takes on the pad, in milliseconds.
     pub(crate) pin_pad_delay_ms: u64,
+}
+
+/// How a `crash_on` function ends the process.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CrashHow {
+    /// abort(): SIGABRT.
+    #[default]
+    Abort,
+    /// A segmentation fault: SIGSEGV.
+    Segv,
+    /// exit(1), as a library that gives up would.
+    Exit,
 }
 
 /// What the user does on a PIN pad.
@@ -118,6 +138,16 @@ impl Control {
                     let n = value.parse().map_err(|_| bad("not a number"))?;
                     control.fail_sign_after = Some(n);
                 }
+                "crash_how" => {
+                    control.crash_how = match value {
+                        "abort" => CrashHow::Abort,
+                        "segv" => CrashHow::Segv,
+                        "exit" => CrashHow::Exit,
+                        _ => return Err(bad("expected abort, segv or exit")),
+                    };
+                }
+                "hang_on" => control.hang_on = function_list(value).map_err(|e| bad(e))?,
+                "deadlock_on" => control.deadlock_on = function_list(value).map_err(|e| bad(e))?,
                 "crash_on" => {
                     control.crash_on = value
                         .split(',')
@@ -142,6 +172,32 @@ impl Control {
     pub(crate) fn crashes_on(&self, function: &str) -> bool {
         self.crash_on.iter().any(|name| name == function)
     }
+
+    /// Whether `function` must block while the control file says so.
+    pub(crate) fn hangs_on(&self, function: &str) -> bool {
+        self.hang_on.iter().any(|name| name == function)
+    }
+
+    /// Whether `function` must deadlock.
+    pub(crate) fn deadlocks_on(&self, function: &str) -> bool {
+        self.deadlock_on.iter().any(|name| name == function)
+    }
+}
+
+/// `C_Sign, C_GetTokenInfo` → the names.
+fn function_list(value: &str) -> Result<Vec<String>, &'static str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            if name.starts_with("C_") {
+                Ok(name.to_owned())
+            } else {
+                Err("expected function names like C_Sign")
+            }
+        })
+        .collect()
 }
 
 fn flag(value: &str) -> Option<bool> {
@@ -168,7 +224,8 @@ mod tests {
     fn every_key_parses() {
         let text = "pin_locked=1\npin_count_low = true\npin_final_try=1\ntoken_removed=1\n\
                     fail_sign_after=3\nhang_sign=1\ncrash_on=C_Sign, C_Login\n\
-                    pin_pad=1\npin_pad_entry=654321\npin_pad_delay_ms=250\n";
+                    pin_pad=1\npin_pad_entry=654321\npin_pad_delay_ms=250\n\
+                    crash_how=segv\nhang_on=C_GetTokenInfo\ndeadlock_on=C_Sign\n";
         let control = Control::parse(text).expect("valid control file");
         assert_eq!(
             control,
@@ -180,6 +237,9 @@ mod tests {
                 fail_sign_after: Some(3),
                 hang_sign: true,
                 crash_on: vec!["C_Sign".to_owned(), "C_Login".to_owned()],
+                crash_how: CrashHow::Segv,
+                hang_on: vec!["C_GetTokenInfo".to_owned()],
+                deadlock_on: vec!["C_Sign".to_owned()],
                 general_error: false,
                 pin_pad: true,
                 pin_pad_entry: PadEntry::Pin("654321".to_owned()),
@@ -207,6 +267,9 @@ mod tests {
             "crash_on=Sign",
             "pin_pad_entry=",
             "pin_pad_delay_ms=soon",
+            "crash_how=explode",
+            "hang_on=Sign",
+            "deadlock_on=C_Sign,x",
         ] {
             assert!(Control::parse(text).is_err(), "{text:?} should be rejected");
         }

@@ -13,11 +13,12 @@ mod functions;
 
 use std::ffi::OsString;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use cryptoki_sys::{CKR_ARGUMENTS_BAD, CKR_GENERAL_ERROR, CKR_OK, CK_FUNCTION_LIST, CK_RV};
 
-use crate::control::Control;
+use crate::control::{Control, CrashHow};
 
 const TARGET_ENV: &str = "KEYPORT_FAULT_TARGET";
 const LOG_ENV: &str = "KEYPORT_FAULT_LOG";
@@ -125,10 +126,19 @@ pub(crate) fn call_noted(
             CKR_GENERAL_ERROR
         }
         (Ok(target), Ok(control)) => {
+            if DEADLOCKED.load(Ordering::SeqCst) || control.deadlocks_on(name) {
+                deadlock(name);
+            }
             if control.crashes_on(name) {
                 log_line(&format!("{name} crash"));
-                std::process::abort();
+                crash(control.crash_how);
             }
+            let control = if control.hangs_on(name) {
+                log_line(&format!("{name} hang"));
+                wait_while_hanging_on(name)
+            } else {
+                control
+            };
             observe_sign_setting(&control);
             body(&mut Call {
                 real: &target.real,
@@ -142,6 +152,68 @@ pub(crate) fn call_noted(
         log_line(&format!("{name} {note} rv=0x{rv:08X}"));
     }
     rv
+}
+
+/// Set once a `deadlock_on` function ran: every wrapped call blocks on [`DEADLOCK`] from then on.
+static DEADLOCKED: AtomicBool = AtomicBool::new(false);
+/// The lock held forever by a thread of its own once the deadlock happened.
+static DEADLOCK: Mutex<()> = Mutex::new(());
+
+/// Takes the module-wide lock on a thread that keeps it forever, then blocks on it: a driver
+/// that deadlocked. Never returns.
+fn deadlock(name: &str) -> ! {
+    log_line(&format!("{name} deadlock"));
+    if !DEADLOCKED.swap(true, Ordering::SeqCst) {
+        let (held, is_held) = std::sync::mpsc::channel();
+        let holder = std::thread::Builder::new()
+            .name("fault-deadlock".into())
+            .spawn(move || {
+                let _guard = DEADLOCK.lock();
+                let _ = held.send(());
+                loop {
+                    std::thread::park();
+                }
+            });
+        if holder.is_ok() {
+            let _ = is_held.recv();
+        }
+    }
+    loop {
+        // Blocks for good: the holder never lets go. (The loop only satisfies `!`.)
+        let _guard = DEADLOCK.lock();
+        std::thread::park();
+    }
+}
+
+/// Ends the process the way `crash_how` says.
+fn crash(how: CrashHow) -> ! {
+    match how {
+        CrashHow::Abort => std::process::abort(),
+        CrashHow::Exit => std::process::exit(1),
+        CrashHow::Segv => {
+            // SAFETY: raise() only sends this process a signal; SIGSEGV's default action ends
+            // it (the point of this fault), exactly as a stray pointer in a driver would.
+            unsafe {
+                libc::raise(libc::SIGSEGV);
+            }
+            // Should a handler have caught it, end anyway.
+            std::process::abort()
+        }
+    }
+}
+
+/// Blocks until the control file no longer names `function` in `hang_on`; returns the control
+/// then in force.
+fn wait_while_hanging_on(function: &str) -> Control {
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        match Control::load() {
+            Ok(control) if control.hangs_on(function) => {}
+            Ok(control) => return control,
+            // A broken control file ends the hang; the next call reports it.
+            Err(_) => return Control::default(),
+        }
+    }
 }
 
 /// Signatures produced since `fail_sign_after` last changed, and the setting they count for.

@@ -1,0 +1,143 @@
+//! PKCS#11 modules in hosts: the host mode (`keyport host --pkcs11 PATH`, hidden) that loads
+//! one module and answers [`pkcs11_shim::remote::Job`]s, and the agent's [`Transport`] over a
+//! [`Supervisor`], which makes a hosted [`Module`] with the in-process module's API.
+//!
+//! An SKF library would get its own job set beside this one (`skf_shim` jobs, its own
+//! `--skf PATH` host mode); the frames, the supervisor and the sandbox are shared.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pkcs11_shim::remote::{self, Job, Reply, Transport, TransportError, WireError};
+use pkcs11_shim::{Error, LoadOptions, Module};
+
+use super::serve::{serve_with, socket_from_stdin, JobContext};
+use super::supervisor::{HostCommand, HostError, OnExit, Supervisor};
+
+/// The supervisor of one PKCS#11 module's hosts.
+pub type Pkcs11Supervisor = Supervisor<Job, Reply>;
+
+/// Inside the host, the module's own calls are never cut short: the agent's deadline is the
+/// one that counts (it stops the whole host).
+const NO_DEADLINE_IN_HOST: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The host mode: confine the process, load the module, answer jobs until the agent goes.
+/// Returns the process's exit status; the caller exits with it at once (a module thread may
+/// still hang in the library, and C_Finalize is not waited for).
+pub fn run_host(path: &Path) -> i32 {
+    if let Err(e) = super::sandbox::confine() {
+        tracing::error!(error = %e, "the module host could not confine itself");
+        return 2;
+    }
+    let socket = match socket_from_stdin() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "the module host has no socket on its standard input");
+            return 2;
+        }
+    };
+    // A module that does not load is reported in every answer, so that the agent can tell
+    // the user why (as it would for a module loaded in its own process).
+    let module = Module::load_with(
+        path,
+        LoadOptions {
+            call_timeout: NO_DEADLINE_IN_HOST,
+        },
+    )
+    .map_err(|e| WireError::from(&e));
+    let served = serve_with(socket, move |job: Job, ctx: &JobContext<Reply>| {
+        let module = match &module {
+            Ok(m) => m,
+            Err(e) => return failed(&job, e.clone()),
+        };
+        let mut progress = |p| {
+            if let Err(e) = ctx.interim(Reply::Progress(p)) {
+                tracing::debug!(error = %e, "a progress message did not reach the agent");
+            }
+        };
+        remote::run(module, job, &mut progress, ctx.cancel_flag())
+    });
+    match served {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "the module host's connection failed");
+            1
+        }
+    }
+}
+
+/// The answer to `job` when the module did not load.
+fn failed(job: &Job, e: WireError) -> Reply {
+    match job {
+        Job::Info => Reply::Info(Err(e)),
+        Job::Tokens => Reply::Tokens(Err(e)),
+        Job::Certificates { .. } => Reply::Certificates(Err(e)),
+        Job::LoginState { .. } => Reply::LoginState(Err(e)),
+        Job::Logout { .. } => Reply::LoggedOut(Err(e)),
+        Job::Sign { .. } => Reply::Signed(Err(remote::WireFailure {
+            error: e,
+            completed: Vec::new(),
+        })),
+    }
+}
+
+/// How the agent starts a host for the module at `path`: this same program, `host --pkcs11
+/// PATH`, with the agent's environment (SOFTHSM2_CONF, OPENSC_CONF… reach the module).
+pub fn host_command(path: &Path) -> std::io::Result<HostCommand> {
+    Ok(HostCommand {
+        program: std::env::current_exe()?,
+        args: vec![
+            OsString::from("host"),
+            OsString::from("--pkcs11"),
+            path.as_os_str().to_owned(),
+        ],
+        env: Vec::new(),
+    })
+}
+
+/// A supervisor for the module at `path`; `on_exit` runs each time one of its hosts ends.
+pub fn supervisor(path: &Path, on_exit: Option<OnExit>) -> std::io::Result<Arc<Pkcs11Supervisor>> {
+    Ok(Arc::new(Supervisor::new(host_command(path)?, on_exit)))
+}
+
+/// The module at `path` in a host of `supervisor`: the in-process module's API.
+pub fn hosted_module(
+    path: &Path,
+    options: LoadOptions,
+    pin_pad_wait: Duration,
+    supervisor: Arc<Pkcs11Supervisor>,
+) -> Result<Module, Error> {
+    Module::hosted(
+        path,
+        options,
+        pin_pad_wait,
+        Box::new(SupervisedTransport(supervisor)),
+    )
+}
+
+/// [`Transport`] over a [`Supervisor`].
+struct SupervisedTransport(Arc<Pkcs11Supervisor>);
+
+impl Transport for SupervisedTransport {
+    fn run(
+        &self,
+        job: Job,
+        deadline: Duration,
+        cancel: Option<&AtomicBool>,
+        interim: &mut dyn FnMut(Reply),
+    ) -> Result<Reply, TransportError> {
+        let what = job.name();
+        self.0
+            .call_with(job, deadline, cancel, interim)
+            .map_err(|e| {
+                tracing::warn!(job = what, error = %e, "a module host call failed");
+                match e {
+                    HostError::Busy { after } => TransportError::Busy { waited: after },
+                    other => TransportError::Failed(other.to_string()),
+                }
+            })
+    }
+}
