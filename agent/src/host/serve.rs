@@ -90,11 +90,14 @@ where
                     writer: Arc::clone(&job_writer),
                     _answers: PhantomData,
                 };
-                let sent = write_frame(&mut *lock(&job_writer), &FromHost::<A>::Started { id })
-                    .and_then(|()| {
-                        let answer = handle(job, &ctx);
-                        write_frame(&mut *lock(&job_writer), &FromHost::Answer { id, answer })
-                    });
+                // Each write takes the writer's lock for itself only: the job sends interim
+                // answers in between.
+                let started = write_frame(&mut *lock(&job_writer), &FromHost::<A>::Started { id });
+                let sent = started.and_then(|()| {
+                    let answer = handle(job, &ctx);
+                    let mut writer = lock(&job_writer);
+                    write_frame(&mut *writer, &FromHost::Answer { id, answer })
+                });
                 lock(&job_flags).remove(&id);
                 if let Err(e) = sent {
                     tracing::error!(error = %e, "the agent's socket failed; the host stops answering");
