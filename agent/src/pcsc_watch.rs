@@ -198,7 +198,9 @@ impl Loop {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return false,
             }
-            if self.tokens.take_hosts_changed() || self.retry {
+            if self.tokens.take_hosts_changed() {
+                self.refresh_with(&[], false);
+            } else if self.retry {
                 self.refresh(&[]);
             }
         }
@@ -269,7 +271,9 @@ impl Loop {
                 tracing::debug!(readers = ?now.iter().map(|r| (&r.name, r.atr.is_some())).collect::<Vec<_>>(), "PC/SC change");
                 self.refresh(&now);
                 seen = Some(now);
-            } else if self.tokens.take_hosts_changed() || self.retry {
+            } else if self.tokens.take_hosts_changed() {
+                self.refresh_with(&now, false);
+            } else if self.retry {
                 self.refresh(&now);
             }
             self.first_look_done();
@@ -279,6 +283,12 @@ impl Loop {
     /// Loads the modules the ATR table names for present cards, maps readers onto tokens, and
     /// reports the token list when it changed.
     fn refresh(&mut self, readers: &[ReaderSnapshot]) {
+        self.refresh_with(readers, true);
+    }
+
+    /// [`Self::refresh`]; `start_hosts` false after a module host ended (see
+    /// [`TokenSet::listing_with`]): the next round lists with a new host.
+    fn refresh_with(&mut self, readers: &[ReaderSnapshot], start_hosts: bool) {
         for r in readers {
             let Some(atr) = &r.atr else { continue };
             load_atr_module(&self.tokens, &self.atr, &r.name, atr);
@@ -291,7 +301,7 @@ impl Loop {
                 .map(|r| r.name.clone())
                 .collect(),
         );
-        let listing = self.tokens.listing(WhenBehind::Skip);
+        let listing = self.tokens.listing_with(WhenBehind::Skip, start_hosts);
         self.retry = listing.unanswered > 0 || listing.hosts_down > 0;
         let entries = token_entries(&listing.tokens);
         if entries != self.last {

@@ -347,6 +347,13 @@ impl TokenSet {
     /// listing then worth repeating). A module that does not answer within its deadline is
     /// represented by its last answer, and logged once until it answers again.
     pub fn listing(&self, when_behind: WhenBehind) -> Listing {
+        self.listing_with(when_behind, true)
+    }
+
+    /// [`Self::listing`]; with `start_hosts` false, a hosted module whose host is down is left
+    /// out without a call (which would start a new host): the watcher's first look after a
+    /// host ended, so that the tokens' going is reported before their coming back.
+    pub fn listing_with(&self, when_behind: WhenBehind, start_hosts: bool) -> Listing {
         let readers = self
             .inner
             .readers
@@ -356,6 +363,14 @@ impl TokenSet {
         let mut listing = Listing::default();
         for m in self.modules() {
             let module = &m.module;
+            if !start_hosts
+                && self
+                    .host_status(module.path())
+                    .is_some_and(|s| s.pid.is_none())
+            {
+                listing.hosts_down += 1;
+                continue;
+            }
             let answer = if when_behind == WhenBehind::Skip && module.is_behind() {
                 Err(pkcs11_shim::Error::Busy {
                     waited: module.call_timeout(),
@@ -445,7 +460,10 @@ impl TokenSet {
         }
         match (busy, last_err) {
             (Some(e), _) => Err(e),
-            (None, Some(e)) if e.is_removal() => Err(e),
+            // A module host that failed says so (TOKEN_ERROR), rather than "no such certificate".
+            (None, Some(e)) if e.is_removal() || matches!(e, pkcs11_shim::Error::ModuleHost(_)) => {
+                Err(e)
+            }
             _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
         }
     }
