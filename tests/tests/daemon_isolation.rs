@@ -149,7 +149,10 @@ async fn a_crash_in_c_sign_fails_the_sign_and_a_new_host_signs() {
     assert_eq!(agent.pid(), agent_pid, "the agent itself never restarted");
     let stderr = agent.stderr();
     for how in ["SIGSEGV", "SIGABRT", "exited with status 1"] {
-        assert!(stderr.contains(how), "the agent logged how the host ended: {how}");
+        assert!(
+            stderr.contains(how),
+            "the agent logged how the host ended: {how}\n{stderr}"
+        );
     }
     audit_has_failures_and_verifies(&agent, "TOKEN_ERROR", 3);
 }

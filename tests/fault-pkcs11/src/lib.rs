@@ -191,9 +191,12 @@ fn crash(how: CrashHow) -> ! {
         CrashHow::Abort => std::process::abort(),
         CrashHow::Exit => std::process::exit(1),
         CrashHow::Segv => {
-            // SAFETY: raise() only sends this process a signal; SIGSEGV's default action ends
-            // it (the point of this fault), exactly as a stray pointer in a driver would.
+            // SAFETY: signal() puts back SIGSEGV's default action (the Rust runtime of the
+            // host installs a handler for stack overflows that would return from a raised
+            // signal); raise() then ends the process with SIGSEGV, exactly as a stray pointer
+            // in a driver would. No memory is touched.
             unsafe {
+                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
                 libc::raise(libc::SIGSEGV);
             }
             // Should a handler have caught it, end anyway.
