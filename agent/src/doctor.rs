@@ -312,6 +312,36 @@ fn print_modules(
     for s in &discovery.skipped {
         say!("  skipped {}: {}", s.what, s.why);
     }
+    print_hosts(tokens, &loaded)
+}
+
+/// One row per module host (`module_isolation`): module, pid, restarts, last failure.
+fn print_hosts(tokens: &TokenSet, loaded: &[crate::tokens::LoadedModule]) -> anyhow::Result<()> {
+    let rows: Vec<_> = loaded
+        .iter()
+        .filter_map(|m| {
+            let path = m.module.path();
+            tokens.host_status(path).map(|s| (path, s))
+        })
+        .collect();
+    if rows.is_empty() {
+        if !loaded.is_empty() {
+            say!("\nModule hosts: none (module_isolation = false: modules run inside the agent)");
+        }
+        return Ok(());
+    }
+    say!("\nModule hosts (this command's own; module, pid, restarts, last failure):");
+    for (path, status) in rows {
+        say!(
+            "  {}  pid {}  restarts {}  last failure: {}",
+            path.display(),
+            status
+                .pid
+                .map_or_else(|| "none".to_owned(), |p| p.to_string()),
+            status.restarts,
+            status.last_failure.as_deref().unwrap_or("none")
+        );
+    }
     Ok(())
 }
 

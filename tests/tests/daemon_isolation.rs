@@ -282,3 +282,26 @@ async fn a_deadlock_for_good_in_c_sign_recovers_in_a_new_host() {
     );
     audit_has_failures_and_verifies(&agent, "TOKEN_ERROR", 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_shows_a_row_per_module_host() {
+    let tk = TestToken::provision().unwrap();
+    let (agent, _client, _id) = start(&tk).await;
+    let out = agent.keyport(&["doctor"]).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let row = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Module hosts"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no module host rows:\n{stdout}"));
+    assert!(row.contains("libkeyport_fault_pkcs11"), "{row}");
+    let pid: u32 = row
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("a pid in {row}"));
+    assert!(pid > 0);
+    assert!(row.contains("restarts 0") && row.contains("last failure: none"), "{row}");
+}
