@@ -301,8 +301,10 @@ fn isolation_from_env(extra: &[String]) -> Option<String> {
         "0" => false,
         _ => return None,
     };
-    (!extra.iter().any(|l| l.trim_start().starts_with("module_isolation")))
-        .then(|| format!("module_isolation = {on}\n"))
+    (!extra
+        .iter()
+        .any(|l| l.trim_start().starts_with("module_isolation")))
+    .then(|| format!("module_isolation = {on}\n"))
 }
 
 /// An audit key file as the agent wants it: 32 random bytes, mode 0600 from its creation.

@@ -71,7 +71,10 @@ async fn tokens_changed(client: &mut Client, present: bool) {
             .unwrap();
         if let Message::Text(text) = message {
             let value: Value = serde_json::from_str(text.as_str()).unwrap();
-            assert!(value.get("id").is_none(), "no request is in flight: {value}");
+            assert!(
+                value.get("id").is_none(),
+                "no request is in flight: {value}"
+            );
             client.notifications.push(value);
         }
     }
@@ -105,7 +108,10 @@ async fn next_signature_verifies(agent: &Agent, client: &mut Client, tk: &TestTo
 fn audit_has_failures_and_verifies(agent: &Agent, reason: &str, at_least: usize) {
     let log = std::fs::read_to_string(agent.audit_log()).unwrap();
     let failures = log.lines().filter(|l| l.contains(reason)).count();
-    assert!(failures >= at_least, "{failures} lines with {reason}:\n{log}");
+    assert!(
+        failures >= at_least,
+        "{failures} lines with {reason}:\n{log}"
+    );
     assert!(!log.contains(USER_PIN));
     let out = agent.keyport(&["audit", "--verify"]).unwrap();
     assert!(
@@ -120,13 +126,10 @@ fn audit_has_failures_and_verifies(agent: &Agent, reason: &str, at_least: usize)
 async fn failing_sign(agent: &Agent, client: &mut Client, id: &str) -> (String, Duration) {
     agent.script().push(&Step::pin(USER_PIN)).unwrap();
     let t = Instant::now();
-    let answer = tokio::time::timeout(
-        DEADLINE,
-        client.call("sign", sign_params(id, &[7; 32])),
-    )
-    .await
-    .expect("the sign is answered")
-    .unwrap();
+    let answer = tokio::time::timeout(DEADLINE, client.call("sign", sign_params(id, &[7; 32])))
+        .await
+        .expect("the sign is answered")
+        .unwrap();
     (answer.unwrap_err().reason, t.elapsed())
 }
 
@@ -162,7 +165,9 @@ async fn a_crash_during_a_batch_fails_it_with_no_partial_result_and_a_new_host_s
     let tk = TestToken::provision().unwrap();
     let (agent, mut client, id) = start(&tk).await;
     // The third signature (two C_Sign calls each: length, then signature) crashes the host.
-    agent.set_fault("crash_on=C_SignInit\ncrash_how=segv\n").unwrap();
+    agent
+        .set_fault("crash_on=C_SignInit\ncrash_how=segv\n")
+        .unwrap();
     agent.script().push(&Step::pin(USER_PIN)).unwrap();
     let items: Vec<Value> = (0..5u8)
         .map(|i| json!({"digest": {"algorithm": "SHA-256", "value": b64(&[i; 32])}, "label": format!("doc {i}")}))
@@ -303,5 +308,8 @@ async fn doctor_shows_a_row_per_module_host() {
         .parse()
         .unwrap_or_else(|_| panic!("a pid in {row}"));
     assert!(pid > 0);
-    assert!(row.contains("restarts 0") && row.contains("last failure: none"), "{row}");
+    assert!(
+        row.contains("restarts 0") && row.contains("last failure: none"),
+        "{row}"
+    );
 }

@@ -108,7 +108,9 @@ mod tests {
         let mut input = buf.as_slice();
         let back: ToHost<(String, Vec<u8>)> = read_frame(&mut input).unwrap().unwrap();
         match back {
-            ToHost::Job { id, job } => assert_eq!((id, job), (7, ("sign".to_owned(), vec![1, 2, 3]))),
+            ToHost::Job { id, job } => {
+                assert_eq!((id, job), (7, ("sign".to_owned(), vec![1, 2, 3])))
+            }
             other => panic!("{other:?}"),
         }
         let greeting: Greeting = read_frame(&mut input).unwrap().unwrap();

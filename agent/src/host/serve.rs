@@ -10,7 +10,9 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::frame::{read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION};
+use super::frame::{
+    read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
+};
 
 /// The socket the supervisor hands a host: its standard input.
 pub fn socket_from_stdin() -> std::io::Result<UnixStream> {

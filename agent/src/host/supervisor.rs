@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::frame::{read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION};
+use super::frame::{
+    read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
+};
 
 /// The first wait after a host died; doubled after each death, up to [`MAX_BACKOFF`], and back
 /// to this after a call answered.
@@ -211,7 +213,11 @@ where
         let timed_out = loop {
             let watch_cancel = cancel.is_some() && !cancel_sent;
             let left = step_end.saturating_duration_since(Instant::now());
-            let wait = if watch_cancel { left.min(CANCEL_POLL) } else { left };
+            let wait = if watch_cancel {
+                left.min(CANCEL_POLL)
+            } else {
+                left
+            };
             match rx.recv_timeout(wait) {
                 Ok(Delivery::Interim(answer)) => {
                     interim(answer);
@@ -237,38 +243,31 @@ where
         if !timed_out {
             return Err(self.died(&shared));
         }
+        lock(&shared.pending).remove(&id);
+        let running = *lock(&shared.running);
+        let ahead_is_watched =
+            running.is_some_and(|r| r != id && !lock(&shared.abandoned).contains(&r));
+        if ahead_is_watched {
+            lock(&shared.abandoned).insert(id);
+            let _ = write_frame(&mut *lock(&writer), &ToHost::<J>::Cancel { id });
+            tracing::debug!(pid, "a job queued behind a long one was given up on");
+            return Err(HostError::Busy { after: deadline });
+        }
+        tracing::warn!(
+            pid,
+            ?deadline,
+            "module host did not answer in time; stopping it"
+        );
         {
-            lock(&shared.pending).remove(&id);
-            let running = *lock(&shared.running);
-            let ahead_is_watched = running
-                .is_some_and(|r| r != id && !lock(&shared.abandoned).contains(&r));
-            if ahead_is_watched {
-                lock(&shared.abandoned).insert(id);
-                let _ = write_frame(&mut *lock(&writer), &ToHost::<J>::Cancel { id });
-                tracing::debug!(pid, "a job queued behind a long one was given up on");
-                return Err(HostError::Busy { after: deadline });
+            let mut state = lock(&self.state);
+            if state.live.as_ref().is_some_and(|l| l.pid == pid) {
+                state.live = None;
+                state.last_failure = Some(format!("no answer within {} s", deadline.as_secs_f32()));
+                Self::schedule_restart(&mut state);
             }
         }
-        {
-            {
-                tracing::warn!(
-                    pid,
-                    ?deadline,
-                    "module host did not answer in time; stopping it"
-                );
-                {
-                    let mut state = lock(&self.state);
-                    if state.live.as_ref().is_some_and(|l| l.pid == pid) {
-                        state.live = None;
-                        state.last_failure =
-                            Some(format!("no answer within {} s", deadline.as_secs_f32()));
-                        Self::schedule_restart(&mut state);
-                    }
-                }
-                kill_group(pid);
-                Err(HostError::TimedOut { after: deadline })
-            }
-        }
+        kill_group(pid);
+        Err(HostError::TimedOut { after: deadline })
     }
 
     /// Stops the live host, if any (the agent is shutting down, or the library is unloaded).
