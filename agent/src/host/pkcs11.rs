@@ -87,15 +87,20 @@ fn failed(job: &Job, e: WireError) -> Reply {
 /// How the agent starts a host for the module at `path`: this same program, `host --pkcs11
 /// PATH`, with the agent's environment (SOFTHSM2_CONF, OPENSC_CONF… reach the module).
 pub fn host_command(path: &Path) -> std::io::Result<HostCommand> {
-    Ok(HostCommand {
-        program: std::env::current_exe()?,
+    Ok(host_command_with(std::env::current_exe()?, path))
+}
+
+/// [`host_command`] with another `keyport` program (a benchmark or test that is not one).
+pub fn host_command_with(program: std::path::PathBuf, path: &Path) -> HostCommand {
+    HostCommand {
+        program,
         args: vec![
             OsString::from("host"),
             OsString::from("--pkcs11"),
             path.as_os_str().to_owned(),
         ],
         env: Vec::new(),
-    })
+    }
 }
 
 /// A supervisor for the module at `path`; `on_exit` runs each time one of its hosts ends.

@@ -28,6 +28,7 @@
 //! `cargo test`.
 #![forbid(unsafe_code)]
 
+mod isolation;
 mod load;
 
 use std::fmt::Write as _;
@@ -164,6 +165,14 @@ fn main() -> Result<()> {
     let softhsm_conf = token.conf();
     // Set before any thread exists and before SoftHSM is loaded, which reads it in C_Initialize.
     std::env::set_var("SOFTHSM2_CONF", &softhsm_conf);
+    if std::env::args().skip(1).any(|a| a == "--isolation-only") {
+        // Issue 11's rows alone (isolation.rs).
+        print!(
+            "{}",
+            isolation::table(&binary(&root, "keyport", scale.profiles())?, scale)?
+        );
+        return Ok(());
+    }
     let spy_log = work.path().join("spy.log");
     std::env::set_var("PKCS11SPY", MODULE);
     std::env::set_var("PKCS11SPY_OUTPUT", &spy_log);
@@ -226,6 +235,12 @@ fn main() -> Result<()> {
     for (what, value) in agent {
         writeln!(out, "| {what} | {value} |")?;
     }
+    // Issue 11: module isolation's process hop (isolation.rs).
+    eprintln!("module isolation (in process vs module host) …");
+    out.push_str(&isolation::table(
+        &binary(&root, "keyport", scale.profiles())?,
+        scale,
+    )?);
     print!("{out}");
     if !problems.is_empty() {
         bail!(
