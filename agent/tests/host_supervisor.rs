@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::host::HostError;
@@ -127,4 +129,64 @@ fn inherited_descriptors() -> Vec<u32> {
             (fd > 2 && flags & O_CLOEXEC == 0).then_some(fd)
         })
         .collect()
+}
+
+#[test]
+fn interim_answers_arrive_in_order_and_rearm_the_deadline() {
+    let s = supervisor(HOST);
+    let mut steps = Vec::new();
+    // 12 steps of 100 ms: 1.2 s in all, past the 1 s deadline, but no step is.
+    let answer = s.call_with(
+        TestJob::Steps {
+            count: 12,
+            every_ms: 100,
+        },
+        Duration::from_secs(1),
+        None,
+        &mut |a| steps.push(a),
+    );
+    assert_eq!(answer, Ok(TestAnswer::Echo(Vec::new())));
+    assert_eq!(steps, (0..12).map(TestAnswer::Step).collect::<Vec<_>>());
+    assert_eq!(s.status().restarts, 0);
+}
+
+#[test]
+fn a_cancel_reaches_the_running_job_as_a_message() {
+    let s = supervisor(HOST);
+    let cancel = AtomicBool::new(true);
+    assert_eq!(
+        s.call_with(TestJob::WaitForCancel, CALL, Some(&cancel), &mut |_| {}),
+        Ok(TestAnswer::Cancelled)
+    );
+}
+
+#[test]
+fn a_job_queued_behind_a_watched_long_one_is_busy_and_the_host_lives_on() {
+    let s = Arc::new(supervisor(HOST));
+    let pid = s.ensure_running().unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let long = {
+        let (s, cancel) = (Arc::clone(&s), Arc::clone(&cancel));
+        std::thread::spawn(move || {
+            s.call_with(TestJob::WaitForCancel, CALL, Some(&cancel), &mut |_| {})
+        })
+    };
+    // The long job is watched by its caller, within its deadline: the short one behind it
+    // gives up without stopping the host.
+    let deadline = Duration::from_millis(300);
+    let mut busy = s.call(TestJob::Echo(vec![1]), deadline);
+    while busy == Ok(TestAnswer::Echo(vec![1])) {
+        // The long job had not reached the host yet: try again.
+        busy = s.call(TestJob::Echo(vec![1]), deadline);
+    }
+    assert_eq!(busy, Err(HostError::Busy { after: deadline }));
+    assert_eq!(s.status().pid, Some(pid));
+    cancel.store(true, Ordering::SeqCst);
+    assert_eq!(long.join().unwrap(), Ok(TestAnswer::Cancelled));
+    assert_eq!(
+        s.call(TestJob::Echo(vec![2]), CALL),
+        Ok(TestAnswer::Echo(vec![2]))
+    );
+    assert_eq!(s.status().pid, Some(pid));
+    assert_eq!(s.status().restarts, 0);
 }

@@ -25,6 +25,13 @@ pub enum TestJob {
     Descriptors,
     /// Try to open a TCP socket: the sandbox must refuse it.
     Tcp,
+    /// Send this many interim `Step`s, one every `every_ms`, then answer `Echo([])`.
+    Steps {
+        count: u32,
+        every_ms: u64,
+    },
+    /// Wait until the agent cancels this job, then answer `Cancelled`.
+    WaitForCancel,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +40,8 @@ pub enum TestAnswer {
     /// Each open descriptor: its number and what it points at.
     Descriptors(Vec<(u32, String)>),
     Tcp(Result<(), i32>),
+    Step(u32),
+    Cancelled,
 }
 
 pub type TestSupervisor = Supervisor<TestJob, TestAnswer>;
@@ -72,7 +81,7 @@ pub fn run_host_if_asked() {
     }
     let socket = agent::host::serve::socket_from_stdin().unwrap();
     agent::host::sandbox::confine().unwrap();
-    let served = agent::host::serve::serve(socket, |job: TestJob| match job {
+    let served = agent::host::serve::serve_with(socket, |job: TestJob, ctx| match job {
         TestJob::Echo(b) => TestAnswer::Echo(b),
         TestJob::PrintThenEcho(b) => {
             println!("a library writing to stdout");
@@ -110,6 +119,21 @@ pub fn run_host_if_asked() {
                 .map(drop)
                 .map_err(|e| e.raw_os_error().unwrap_or(-1)),
         ),
+        TestJob::Steps { count, every_ms } => {
+            for i in 0..count {
+                // A slow library call, not a synchronisation.
+                std::thread::sleep(Duration::from_millis(every_ms));
+                ctx.interim(TestAnswer::Step(i)).unwrap();
+            }
+            TestAnswer::Echo(Vec::new())
+        }
+        TestJob::WaitForCancel => {
+            let cancel = ctx.cancel_flag();
+            while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            TestAnswer::Cancelled
+        }
     });
     std::process::exit(i32::from(served.is_err()));
 }
