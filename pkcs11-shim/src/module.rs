@@ -192,8 +192,8 @@ impl Module {
     pub fn is_behind(&self) -> bool {
         match &self.inner.engine {
             Engine::Thread(t) => t.pace.is_behind(),
-            // A host behind a call given up on is stopped, or skips that call.
-            Engine::Hosted(_) => false,
+            // The host runs a job: a call now would queue behind it.
+            Engine::Hosted(h) => h.transport.is_busy(),
         }
     }
 

@@ -146,6 +146,11 @@ pub trait Transport: Send + Sync + 'static {
         cancel: Option<&AtomicBool>,
         interim: &mut dyn FnMut(Reply),
     ) -> Result<Reply, TransportError>;
+
+    /// True while the host runs a job (a call now would queue behind it); no call is made.
+    fn is_busy(&self) -> bool {
+        false
+    }
 }
 
 impl From<TransportError> for Error {

@@ -145,4 +145,8 @@ impl Transport for SupervisedTransport {
                 }
             })
     }
+
+    fn is_busy(&self) -> bool {
+        self.0.is_busy()
+    }
 }

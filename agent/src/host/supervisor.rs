@@ -391,6 +391,14 @@ where
 }
 
 impl<J, A> Supervisor<J, A> {
+    /// True while the live host runs a job (a call now would queue behind it).
+    pub fn is_busy(&self) -> bool {
+        lock(&self.state)
+            .live
+            .as_ref()
+            .is_some_and(|l| lock(&l.shared.running).is_some())
+    }
+
     pub fn status(&self) -> HostStatus {
         let mut state = lock(&self.state);
         forget_ended(&mut state);
