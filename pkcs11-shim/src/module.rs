@@ -327,7 +327,18 @@ impl Module {
                 cancel.as_deref(),
                 &mut interim,
             )
-            .map_err(|e| SignFailure::from(Error::from(e)))?;
+            .map_err(|e| {
+                // A job cancelled by its caller whose host then failed (a hang stopped at the
+                // deadline) was cancelled, as the in-process module answers it.
+                let cancelled = cancel
+                    .as_deref()
+                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+                SignFailure::from(if cancelled {
+                    Error::Cancelled
+                } else {
+                    Error::from(e)
+                })
+            })?;
         match reply {
             Reply::Signed(r) => r.map_err(SignFailure::from),
             other => Err(remote::unexpected(&other).into()),
