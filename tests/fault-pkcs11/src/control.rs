@@ -146,8 +146,8 @@ impl Control {
                         _ => return Err(bad("expected abort, segv or exit")),
                     };
                 }
-                "hang_on" => control.hang_on = function_list(value).map_err(|e| bad(e))?,
-                "deadlock_on" => control.deadlock_on = function_list(value).map_err(|e| bad(e))?,
+                "hang_on" => control.hang_on = function_list(value).map_err(&bad)?,
+                "deadlock_on" => control.deadlock_on = function_list(value).map_err(&bad)?,
                 "crash_on" => {
                     control.crash_on = value
                         .split(',')
