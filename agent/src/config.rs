@@ -212,7 +212,7 @@ impl Default for Config {
             pin_cache_seconds: 0,
             dialog_timeout_seconds: 120,
             token_wait_seconds: 30,
-            module_isolation: false,
+            module_isolation: true,
             allowed_origins: Vec::new(),
             denied_origins: Vec::new(),
             unknown_origins: UnknownOrigins::Prompt,
