@@ -19,7 +19,7 @@ use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
 use crate::pin::Credential;
-use crate::remote::{self, Job, Reply, Transport};
+use crate::remote::{self, Job, Transport};
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
 use crate::worker;
 
@@ -165,7 +165,7 @@ impl Module {
     }
 
     /// Runs one job on the module host; `None` for an in-process module.
-    fn hosted_call(&self, job: Job) -> Option<Result<Reply, Error>> {
+    fn hosted_call(&self, job: Job) -> Option<Result<remote::Reply, Error>> {
         match &self.inner.engine {
             Engine::Hosted(h) => Some(
                 h.transport
@@ -200,7 +200,7 @@ impl Module {
     /// C_GetInfo: the library's description, manufacturer and versions.
     pub fn info(&self) -> Result<ModuleInfo, Error> {
         match self.hosted_call(Job::Info) {
-            Some(Ok(Reply::Info(r))) => r.map_err(Error::from),
+            Some(Ok(remote::Reply::Info(r))) => r.map_err(Error::from),
             Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
             None => self.call(Request::Info),
         }
@@ -209,7 +209,7 @@ impl Module {
     /// The tokens present now.
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, Error> {
         match self.hosted_call(Job::Tokens) {
-            Some(Ok(Reply::Tokens(r))) => r.map_err(Error::from),
+            Some(Ok(remote::Reply::Tokens(r))) => r.map_err(Error::from),
             Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
             None => self.call(Request::Tokens),
         }
@@ -220,7 +220,7 @@ impl Module {
         let token = token.cloned();
         if self.is_hosted() {
             return match self.hosted_call(Job::Certificates { token }) {
-                Some(Ok(Reply::Certificates(r))) => r.map_err(Error::from),
+                Some(Ok(remote::Reply::Certificates(r))) => r.map_err(Error::from),
                 Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
                 None => Err(Error::WorkerGone),
             };
@@ -233,7 +233,7 @@ impl Module {
         let token = token.clone();
         if self.is_hosted() {
             return match self.hosted_call(Job::LoginState { token }) {
-                Some(Ok(Reply::LoginState(r))) => r.map_err(Error::from),
+                Some(Ok(remote::Reply::LoginState(r))) => r.map_err(Error::from),
                 Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
                 None => Err(Error::WorkerGone),
             };
@@ -291,7 +291,7 @@ impl Module {
         let token = token.clone();
         if self.is_hosted() {
             return match self.hosted_call(Job::Logout { token }) {
-                Some(Ok(Reply::LoggedOut(r))) => r.map_err(Error::from),
+                Some(Ok(remote::Reply::LoggedOut(r))) => r.map_err(Error::from),
                 Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
                 None => Err(Error::WorkerGone),
             };
@@ -314,8 +314,8 @@ impl Module {
         } else {
             self.inner.call_timeout
         };
-        let mut interim = |reply: Reply| {
-            if let (Reply::Progress(p), Some(tx)) = (reply, progress.as_ref()) {
+        let mut interim = |reply: remote::Reply| {
+            if let (remote::Reply::Progress(p), Some(tx)) = (reply, progress.as_ref()) {
                 let _ = tx.send(p);
             }
         };
@@ -340,13 +340,13 @@ impl Module {
                 })
             })?;
         match reply {
-            Reply::Signed(r) => r.map_err(SignFailure::from),
+            remote::Reply::Signed(r) => r.map_err(SignFailure::from),
             other => Err(remote::unexpected(&other).into()),
         }
     }
 
     /// Sends a request and waits, at most the call timeout, for its answer.
-    fn call<T>(&self, make: impl FnOnce(ReplyTo<T>) -> Request) -> Result<T, Error> {
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
         let (reply, rx) = mpsc::channel();
         let request = make(reply);
@@ -486,19 +486,19 @@ impl Pace {
 }
 
 /// Where the worker sends one answer.
-pub(crate) type ReplyTo<T> = mpsc::Sender<Result<T, Error>>;
+pub(crate) type Reply<T> = mpsc::Sender<Result<T, Error>>;
 
 /// One request to the worker thread.
 pub(crate) enum Request {
-    Info(ReplyTo<ModuleInfo>),
-    Tokens(ReplyTo<Vec<TokenInfo>>),
+    Info(Reply<ModuleInfo>),
+    Tokens(Reply<Vec<TokenInfo>>),
     Certificates {
         token: Option<TokenId>,
-        reply: ReplyTo<Vec<CertificateInfo>>,
+        reply: Reply<Vec<CertificateInfo>>,
     },
     LoginState {
         token: TokenId,
-        reply: ReplyTo<LoginState>,
+        reply: Reply<LoginState>,
     },
     Sign {
         job: SignJob,
@@ -509,7 +509,7 @@ pub(crate) enum Request {
     },
     Logout {
         token: TokenId,
-        reply: ReplyTo<()>,
+        reply: Reply<()>,
     },
 }
 
