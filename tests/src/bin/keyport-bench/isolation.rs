@@ -64,6 +64,20 @@ fn isolation_rows(keyport: &Path, scale: Scale) -> Result<Vec<(String, String)>>
         ));
         per_sign.push(sign);
     }
+    for (name, module) in [("in process", &in_process), ("module host", &hosted)] {
+        let calls = scale.of(SIGNS);
+        let info = median_of(scale.runs(), || {
+            let start = Instant::now();
+            for _ in 0..calls {
+                module.info()?;
+            }
+            Ok(start.elapsed().as_secs_f64() / calls as f64)
+        })?;
+        rows.push((
+            format!("isolation: one C_GetInfo round trip ({name})"),
+            format!("{:.1} µs", info * 1e6),
+        ));
+    }
     if let [inside, hosted] = per_sign[..] {
         rows.push((
             "isolation: the process hop per `sign`".into(),
