@@ -162,12 +162,14 @@ impl From<TransportError> for Error {
     }
 }
 
-/// The host's side: runs `job` on an in-process `module`. A signing job sends each
-/// [`Progress`] to `progress` and stops before its next signature once `cancel` is set.
+/// The host's side: runs `job` on an in-process `module`, on the calling thread. A signing
+/// job sends each [`Progress`] to `progress` (whoever reads it must do so while this runs; the
+/// sender is dropped when the job ends) and stops before its next signature once `cancel` is
+/// set.
 pub fn run(
     module: &Module,
     job: Job,
-    progress: &mut dyn FnMut(Progress),
+    progress: Option<mpsc::Sender<Progress>>,
     cancel: Arc<AtomicBool>,
 ) -> Reply {
     let wire = |e: Error| WireError::from(&e);
@@ -179,27 +181,14 @@ pub fn run(
         }
         Job::LoginState { token } => Reply::LoginState(module.login_state(&token).map_err(wire)),
         Job::Logout { token } => Reply::LoggedOut(module.logout(&token).map_err(wire)),
-        Job::Sign { req, credential } => {
-            let (tx, rx) = mpsc::channel();
-            let result = std::thread::scope(|s| {
-                let signer = s.spawn(|| module.sign(req, credential, Some(tx), Some(cancel)));
-                // The worker drops the sender with the job; until then, forward each step.
-                for p in rx.iter() {
-                    progress(p);
-                }
-                signer.join()
-            });
-            Reply::Signed(match result {
-                Ok(r) => r.map_err(|f| WireFailure {
+        Job::Sign { req, credential } => Reply::Signed(
+            module
+                .sign(req, credential, progress, Some(cancel))
+                .map_err(|f| WireFailure {
                     error: WireError::from(&f.error),
                     completed: f.completed,
                 }),
-                Err(_) => Err(WireFailure {
-                    error: WireError::Other("the signing thread panicked".into()),
-                    completed: Vec::new(),
-                }),
-            })
-        }
+        ),
     }
 }
 

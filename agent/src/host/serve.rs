@@ -31,6 +31,17 @@ pub struct JobContext<A> {
     _answers: PhantomData<fn(A)>,
 }
 
+impl<A> Clone for JobContext<A> {
+    fn clone(&self) -> Self {
+        JobContext {
+            id: self.id,
+            cancel: Arc::clone(&self.cancel),
+            writer: Arc::clone(&self.writer),
+            _answers: PhantomData,
+        }
+    }
+}
+
 impl<A: Serialize> JobContext<A> {
     /// Set once the agent cancelled this job.
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
