@@ -23,7 +23,7 @@ use pkcs11_shim::CertificateId;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::audit::{AuditLog, AuditRecord, Operation};
+use crate::audit::{AuditRecord, AuditWriter, Operation};
 use crate::config::Config;
 use crate::dialog::Texts;
 use crate::origins::OriginStore;
@@ -52,7 +52,8 @@ pub struct Service {
     origins: Mutex<OriginStore>,
     pinentry: Pinentry,
     texts: Texts,
-    audit: Option<Mutex<AuditLog>>,
+    /// The audit log's group-commit writer.
+    audit: Option<AuditWriter>,
     /// Each origin's dialogs: one shown, at most `origin::MAX_WAITING` waiting.
     dialog_lines: origin::DialogLines,
     connections: Mutex<HashMap<ConnectionId, ConnState>>,
@@ -67,7 +68,7 @@ impl Service {
         origins: OriginStore,
         pinentry: Pinentry,
         texts: Texts,
-        audit: Option<AuditLog>,
+        audit: Option<AuditWriter>,
     ) -> Service {
         Service {
             config,
@@ -75,7 +76,7 @@ impl Service {
             origins: Mutex::new(origins),
             pinentry,
             texts,
-            audit: audit.map(Mutex::new),
+            audit,
             dialog_lines: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
             pin_cache: Arc::new(Mutex::new(HashMap::new())),
@@ -100,32 +101,36 @@ impl Service {
         }
     }
 
-    fn audit(&self, record: AuditRecord) {
-        if let Err(e) = self.audit_durable(record) {
+    async fn audit(&self, record: AuditRecord) {
+        if let Err(e) = self.audit_durable(record).await {
             tracing::error!(error = %e, "audit log append failed");
         }
     }
 
-    /// Appends the record and returns once it is on disk. A granted signature or login is
-    /// released only after this succeeds (fails closed: INTERNAL, nothing released).
-    fn audit_durable(&self, record: AuditRecord) -> Result<(), Failure> {
-        let Some(log) = &self.audit else {
+    /// Appends the record and returns once it is on disk (its group's `fdatasync`). A granted
+    /// signature or login is released only after this succeeds (fails closed: INTERNAL,
+    /// nothing released).
+    async fn audit_durable(&self, record: AuditRecord) -> Result<(), Failure> {
+        let Some(writer) = &self.audit else {
             return Ok(());
         };
-        let mut log = log
-            .lock()
-            .map_err(|_| Failure::Internal("audit log lock poisoned".into()))?;
-        log.append(&record).map_err(|e| {
+        writer.append(record).await.map_err(|e| {
             tracing::error!(error = %crate::tokens::error_chain(&e), "audit record not written: the result is withheld");
             Failure::Internal(format!("the audit record could not be written: {e}"))
         })
     }
 
     /// Audits a request that failed before it reached a certificate; gives the failure back.
-    fn audit_failure(&self, origin: &str, operation: &Operation, failure: Failure) -> Failure {
+    async fn audit_failure(
+        &self,
+        origin: &str,
+        operation: &Operation,
+        failure: Failure,
+    ) -> Failure {
         self.audit(
             AuditRecord::new(origin.to_owned(), operation.clone()).outcome(failure.outcome()),
-        );
+        )
+        .await;
         failure
     }
 

@@ -23,11 +23,18 @@ impl Service {
         p: AuthenticateParams,
     ) -> Result<Value, Failure> {
         let origin = ctx.origin.as_str().to_owned();
-        let cert = match &p.certificate_id {
+        let found = match &p.certificate_id {
             Some(id) => self.find_certificate(id).await,
             None => self.pick_login_certificate().await,
-        }
-        .map_err(|e| self.audit_failure(&origin, &Operation::Authenticate, e))?;
+        };
+        let cert = match found {
+            Ok(cert) => cert,
+            Err(e) => {
+                return Err(self
+                    .audit_failure(&origin, &Operation::Authenticate, e)
+                    .await)
+            }
+        };
         let result = self.authenticate_with(ctx, &cert, &p).await;
         let mut record = AuditRecord::new(origin, Operation::Authenticate)
             .certificate(cert.info.subject.clone(), &cert.info.der);
@@ -37,9 +44,9 @@ impl Service {
         };
         if result.is_ok() {
             // Fails closed: no login token leaves without its durable audit record.
-            self.audit_durable(record)?;
+            self.audit_durable(record).await?;
         } else {
-            self.audit(record);
+            self.audit(record).await;
         }
         result.map(|(v, _)| v)
     }

@@ -112,7 +112,8 @@ impl Service {
                 self.audit(
                     AuditRecord::new(origin.clone(), Operation::OriginApprove)
                         .outcome(Outcome::Granted),
-                );
+                )
+                .await;
                 Ok(true)
             }
             OriginDecision::AllowOnce => {
@@ -123,7 +124,9 @@ impl Service {
                 if let Ok(o) = self.origins.lock() {
                     o.deny_for_now(&origin);
                 }
-                Err(self.audit_failure(&origin, &Operation::OriginApprove, Failure::OriginDenied))
+                Err(self
+                    .audit_failure(&origin, &Operation::OriginApprove, Failure::OriginDenied)
+                    .await)
             }
         }
     }

@@ -104,10 +104,10 @@ impl Service {
         };
         // No dialog slot is held here: a request waits for its origin's dialog turn only when
         // it is about to show a dialog (`run_token`), so one that needs none never waits.
-        let cert = self
-            .find_certificate(certificate_id)
-            .await
-            .map_err(|e| self.audit_failure(&origin, &operation, e))?;
+        let cert = match self.find_certificate(certificate_id).await {
+            Ok(cert) => cert,
+            Err(e) => return Err(self.audit_failure(&origin, &operation, e).await),
+        };
         let result = self
             .sign_with(ctx, &cert, items, labels, options, batch)
             .await;
@@ -129,9 +129,9 @@ impl Service {
         }
         if result.is_ok() {
             // Fails closed: no signature leaves without its durable audit record.
-            self.audit_durable(record)?;
+            self.audit_durable(record).await?;
         } else {
-            self.audit(record);
+            self.audit(record).await;
         }
         result.map_err(|(e, _)| e)
     }
