@@ -2,6 +2,10 @@
 //! worker thread. Every public method is a blocking request/reply over a channel, so the worker
 //! could later live in a child process without changing this API.
 //!
+//! Each call also has an async form (`*_async`) for callers on an async runtime: the worker
+//! answers it through a `tokio` oneshot, so no thread of the caller blocks while the module
+//! works and the answer wakes the waiting task directly.
+//!
 //! A module may hang inside a call (a deadlocked driver, a card that stopped answering). Every
 //! call but the signatures themselves therefore waits at most [`LoadOptions::call_timeout`] for
 //! its answer and then fails with [`Error::Busy`]; the worker keeps its queue and the late
@@ -9,11 +13,14 @@
 //! queued behind it: a call waits (within its own deadline) for the worker to catch up.
 
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
 
 use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
@@ -136,10 +143,30 @@ impl Module {
         self.call(|reply| Request::Certificates { token, reply })
     }
 
+    /// [`Module::certificates`] for a caller on an async runtime.
+    pub fn certificates_async(
+        &self,
+        token: Option<&TokenId>,
+    ) -> impl Future<Output = Result<Vec<CertificateInfo>, Error>> + Send + 'static {
+        let token = token.cloned();
+        self.clone()
+            .call_async(|reply| Request::Certificates { token, reply })
+    }
+
     /// Whether signing with this token needs a PIN now.
     pub fn login_state(&self, token: &TokenId) -> Result<LoginState, Error> {
         let token = token.clone();
         self.call(|reply| Request::LoginState { token, reply })
+    }
+
+    /// [`Module::login_state`] for a caller on an async runtime.
+    pub fn login_state_async(
+        &self,
+        token: &TokenId,
+    ) -> impl Future<Output = Result<LoginState, Error>> + Send + 'static {
+        let token = token.clone();
+        self.clone()
+            .call_async(|reply| Request::LoginState { token, reply })
     }
 
     /// Signs the inputs with the certificate's key, in order, logging in with `credential`
@@ -170,8 +197,8 @@ impl Module {
         let seq = self.send(
             Request::Sign {
                 job,
-                started,
-                reply,
+                started: Answer::Blocking(started),
+                reply: Answer::Blocking(reply),
             },
             deadline,
         )?;
@@ -184,6 +211,53 @@ impl Module {
             .map_err(|_| SignFailure::from(Error::WorkerGone))?
     }
 
+    /// [`Module::sign`] for a caller on an async runtime: the job goes to the worker's queue at
+    /// once and the worker answers through a oneshot, so no thread waits for it. The same
+    /// rules: the worker must start the job within the call timeout (else [`Error::Busy`]),
+    /// then it runs to its end. Dropping the future before the answer abandons the wait, not
+    /// the job (the worker finishes it; its answer is dropped).
+    pub fn sign_async(
+        &self,
+        req: SignRequest,
+        credential: Credential,
+        progress: Option<mpsc::Sender<Progress>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, SignFailure>> + Send + 'static {
+        let module = self.clone();
+        async move {
+            let deadline = Instant::now() + module.inner.call_timeout;
+            let (started, mut started_rx) = oneshot::channel();
+            let (reply, mut rx) = oneshot::channel();
+            let job = SignJob {
+                req,
+                credential,
+                progress,
+                cancel,
+            };
+            let request = Request::Sign {
+                job,
+                started: Answer::Async(started),
+                reply: Answer::Async(reply),
+            };
+            let seq = module.send_async(request, deadline).await?;
+            // The answer usually comes first; the start matters only when it does not come
+            // within the deadline (one wake-up per signature, not two).
+            tokio::select! {
+                biased;
+                answer = &mut rx => return answer.map_err(|_| SignFailure::from(Error::WorkerGone))?,
+                () = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            match started_rx.try_recv() {
+                Ok(()) => {}
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    return Err(module.gave_up(seq, "sign").into())
+                }
+                Err(oneshot::error::TryRecvError::Closed) => return Err(Error::WorkerGone.into()),
+            }
+            rx.await.map_err(|_| SignFailure::from(Error::WorkerGone))?
+        }
+    }
+
     /// C_Logout on the token (a no-op when not logged in); drops the cached PIN login.
     pub fn logout(&self, token: &TokenId) -> Result<(), Error> {
         let token = token.clone();
@@ -194,7 +268,7 @@ impl Module {
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
         let (reply, rx) = mpsc::channel();
-        let request = make(reply);
+        let request = make(Answer::Blocking(reply));
         let what = request.name();
         let seq = self.send(request, deadline)?;
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -204,12 +278,39 @@ impl Module {
         }
     }
 
+    /// [`Module::call`] on an async runtime: the same deadline, awaited instead of blocked on.
+    async fn call_async<T>(self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
+        let deadline = Instant::now() + self.inner.call_timeout;
+        let (reply, rx) = oneshot::channel();
+        let request = make(Answer::Async(reply));
+        let what = request.name();
+        let seq = self.send_async(request, deadline).await?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(Error::WorkerGone),
+            Err(_) => Err(self.gave_up(seq, what)),
+        }
+    }
+
     /// Queues a request once the worker has caught up (waiting until `deadline` at most);
     /// returns its sequence number.
     fn send(&self, req: Request, deadline: Instant) -> Result<u64, Error> {
         if !self.inner.pace.wait_caught_up(deadline) {
             return Err(self.busy());
         }
+        self.enqueue(req)
+    }
+
+    /// [`Module::send`] on an async runtime: the wait for the worker to catch up is awaited.
+    async fn send_async(&self, req: Request, deadline: Instant) -> Result<u64, Error> {
+        if !self.inner.pace.caught_up_async(deadline).await {
+            return Err(self.busy());
+        }
+        self.enqueue(req)
+    }
+
+    /// Puts a request in the worker's queue; returns its sequence number.
+    fn enqueue(&self, req: Request) -> Result<u64, Error> {
         let mut queue = lock(&self.inner.queue);
         queue
             .tx
@@ -288,6 +389,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Pace {
     counts: Mutex<Counts>,
     changed: Condvar,
+    /// The same news for waiters on an async runtime.
+    changed_async: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -303,6 +406,7 @@ impl Pace {
     pub(crate) fn finished_one(&self) {
         lock(&self.counts).done += 1;
         self.changed.notify_all();
+        self.changed_async.notify_waiters();
     }
 
     fn gave_up(&self, seq: u64) {
@@ -325,10 +429,45 @@ impl Pace {
             .unwrap_or_else(PoisonError::into_inner);
         c.done >= c.given_up
     }
+
+    /// [`Pace::wait_caught_up`] on an async runtime.
+    async fn caught_up_async(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.changed_async.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a notification after it is not lost.
+            notified.as_mut().enable();
+            if !self.is_behind() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                return !self.is_behind();
+            }
+        }
+    }
 }
 
 /// Where the worker sends one answer.
-pub(crate) type Reply<T> = mpsc::Sender<Result<T, Error>>;
+pub(crate) type Reply<T> = Answer<Result<T, Error>>;
+
+/// The way back for one answer: to a thread that blocks on it, or to a task that awaits it.
+pub(crate) enum Answer<T> {
+    Blocking(mpsc::Sender<T>),
+    Async(oneshot::Sender<T>),
+}
+
+impl<T> Answer<T> {
+    /// Err when the caller stopped waiting.
+    pub(crate) fn send(self, value: T) -> Result<(), T> {
+        match self {
+            Answer::Blocking(tx) => tx.send(value).map_err(|e| e.0),
+            Answer::Async(tx) => tx.send(value),
+        }
+    }
+}
 
 /// One request to the worker thread.
 pub(crate) enum Request {
@@ -346,8 +485,8 @@ pub(crate) enum Request {
         job: SignJob,
         /// Told when the worker takes the job up; a send that fails means the caller gave up
         /// waiting, and the job is dropped unsigned.
-        started: mpsc::Sender<()>,
-        reply: mpsc::Sender<Result<Vec<Vec<u8>>, SignFailure>>,
+        started: Answer<()>,
+        reply: Answer<Result<Vec<Vec<u8>>, SignFailure>>,
     },
     Logout {
         token: TokenId,

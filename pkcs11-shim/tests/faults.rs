@@ -315,3 +315,94 @@ fn a_hanging_module_answers_busy_within_the_call_timeout_and_recovers() {
     assert!(second_asked.lock().expect("log").is_empty());
     assert_eq!(rig.calls("C_SignInit"), 1, "the second signature never ran");
 }
+
+/// The async calls keep the blocking ones' rules: a signature answered straight to the task
+/// (and verifiable), a second one queued behind a hung module is BUSY once not started within
+/// the call timeout and never runs, other calls BUSY too, and all answer again once released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_calls_answer_the_task_and_keep_the_busy_rules() {
+    let timeout = Duration::from_millis(500);
+    let rig = FaultRig::with_options(LoadOptions {
+        call_timeout: timeout,
+    });
+    let req = rig.p256(vec![SignInput::Data(b"async".to_vec())]);
+    let token = req.certificate.token_id().clone();
+    let sigs = rig
+        .module
+        .sign_async(
+            req.clone(),
+            Credential::Pin(SecretPin::from(USER_PIN.to_owned())),
+            None,
+            None,
+        )
+        .await
+        .expect("signed");
+    let pem = rig.dir.path().join("certs/sign-p256.pem");
+    assert!(openssl_verify(&pem, "ecdsa", "sha256", b"async", &sigs[0]));
+    assert_eq!(
+        rig.module
+            .login_state_async(&token)
+            .await
+            .expect("login state"),
+        LoginState::LoggedIn
+    );
+    let certs = rig
+        .module
+        .certificates_async(Some(&token))
+        .await
+        .expect("certificates");
+    assert!(certs.iter().any(|c| c.id == req.certificate));
+
+    FaultRig::set_control(&rig.control, "hang_sign=1\n");
+    let signs_before = rig.calls("C_SignInit");
+    let hung = tokio::spawn(rig.module.sign_async(
+        SignRequest {
+            inputs: vec![SignInput::Data(b"hung".to_vec())],
+            ..req.clone()
+        },
+        Credential::None,
+        None,
+        None,
+    ));
+    let until = Instant::now() + Duration::from_secs(10);
+    while rig.calls("C_SignInit") == signs_before {
+        assert!(
+            Instant::now() < until,
+            "the worker never reached C_SignInit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let f = rig
+        .module
+        .sign_async(req.clone(), Credential::None, None, None)
+        .await
+        .expect_err("not started within the timeout");
+    assert!(matches!(f.error, Error::Busy { .. }), "{f:?}");
+    assert!(rig.module.is_behind());
+    let e = rig
+        .module
+        .login_state_async(&token)
+        .await
+        .expect_err("still hung");
+    assert!(matches!(e, Error::Busy { .. }), "{e:?}");
+
+    FaultRig::set_control(&rig.control, "");
+    let sigs = hung
+        .await
+        .expect("task")
+        .expect("the hung signature completes once released");
+    assert!(openssl_verify(&pem, "ecdsa", "sha256", b"hung", &sigs[0]));
+    assert_eq!(
+        rig.module
+            .login_state_async(&token)
+            .await
+            .expect("answers again"),
+        LoginState::LoggedIn
+    );
+    assert!(!rig.module.is_behind());
+    assert_eq!(
+        rig.calls("C_SignInit"),
+        signs_before + 1,
+        "the signature given up on never ran"
+    );
+}

@@ -346,8 +346,8 @@ impl Service {
             .map_err(|e| Failure::Dialog(Arc::new(e)))
     }
 
-    /// One job on the token, on a thread of its own; `cancel` honoured. `pin_pad`: the job logs
-    /// in on the reader's PIN pad, which gets the dialog timeout to answer.
+    /// One job on the token, answered by the module's worker; `cancel` honoured. `pin_pad`: the
+    /// job logs in on the reader's PIN pad, which gets the dialog timeout to answer.
     async fn sign_on_token(
         &self,
         ctx: &RequestContext,
@@ -360,8 +360,6 @@ impl Service {
         let flag = Arc::new(AtomicBool::new(false));
         let token_id = req.certificate.token_id().clone();
         let card_mark = self.tokens.card_mark();
-        let f2 = Arc::clone(&flag);
-        let (m2, t2) = (module.clone(), token_id.clone());
         let logout_after = req.logout_after;
         let (progress_tx, progress_rx) = std::sync::mpsc::channel();
         // Events stop once the request is answered (a job left to end in the background).
@@ -377,29 +375,17 @@ impl Service {
             })
         });
         let progress_tx = forward.is_some().then_some(progress_tx);
-        // A thread of its own rather than a blocking task: a module that hangs in C_Sign must
-        // hold up neither this answer (see the cancel below) nor the runtime's shutdown.
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("keyport-sign".into())
-            .spawn(move || {
-                let result = m2.sign(req, credential, progress_tx, Some(f2));
-                if tx.send(result).is_err() && !logout_after {
-                    // Given up on after a cancel; a login it made is not left cached.
-                    let _ = m2.logout(&t2);
-                }
-            })
-            .map_err(|e| {
-                TokenStop::Other(Failure::Internal(format!(
-                    "cannot start a signing thread: {e}"
-                )))
-            })?;
+        // The module's worker answers this task directly (no thread of ours waits on it): a
+        // module that hangs in C_Sign holds up neither this answer (see the cancel below) nor
+        // the runtime's shutdown.
+        let mut call =
+            Box::pin(module.sign_async(req, credential, progress_tx, Some(flag.clone())));
         let pad_deadline = self.config.dialog_timeout();
-        let joined = tokio::select! {
-            r = &mut rx => r,
+        let mut result = tokio::select! {
+            r = &mut call => r,
             () = ctx.cancel.cancelled() => {
                 flag.store(true, Ordering::SeqCst);
-                match tokio::time::timeout(CANCEL_GRACE, &mut rx).await {
+                match tokio::time::timeout(CANCEL_GRACE, &mut call).await {
                     Ok(r) => r,
                     Err(_) => {
                         tracing::warn!(
@@ -409,6 +395,7 @@ impl Service {
                             CANCEL_GRACE.as_secs()
                         );
                         answered.store(true, Ordering::SeqCst);
+                        abandon(call, module, token_id, logout_after);
                         return Err(TokenStop::Token(pkcs11_shim::Error::Cancelled.into()));
                     }
                 }
@@ -419,14 +406,10 @@ impl Service {
                 flag.store(true, Ordering::SeqCst);
                 answered.store(true, Ordering::SeqCst);
                 tracing::warn!(token = %token_id, "no answer from the PIN pad within the dialog timeout");
+                abandon(call, module, token_id, logout_after);
                 return Err(TokenStop::Other(Failure::PinPadTimeout));
             }
         };
-        let mut result = joined.map_err(|_| {
-            TokenStop::Other(Failure::Internal(
-                "the signing thread ended without an answer".into(),
-            ))
-        })?;
         // The job's events all precede its answer: a job the worker ran has dropped its sender,
         // so the forwarder ends; one it never started (BUSY) still holds it in the queue.
         let started =
@@ -706,6 +689,22 @@ fn progress_sender(ctx: &RequestContext, offset: usize, total: usize) -> Progres
             });
         }
     })
+}
+
+/// A token job given up on (cancel, PIN-pad timeout) ends in the background; a login it made
+/// is not left cached.
+fn abandon(
+    call: impl std::future::Future<Output = Result<Vec<Vec<u8>>, SignFailure>> + Send + 'static,
+    module: pkcs11_shim::Module,
+    token: pkcs11_shim::TokenId,
+    logout_after: bool,
+) {
+    tokio::spawn(async move {
+        let _ = call.await;
+        if !logout_after {
+            let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
+        }
+    });
 }
 
 /// Why one token job did not return its signatures.
