@@ -173,13 +173,17 @@ impl Service {
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
-        let tokens = self.tokens.clone();
-        blocking(move || tokens.certificate(&id))
-            .await?
+        self.tokens
+            .certificate_async(&id)
+            .await
             .map_err(Failure::Token)
     }
 
+    /// The token's label for a dialog: as the last listing saw it, else from a listing now.
     async fn token_label(&self, token: &pkcs11_shim::TokenId) -> Option<String> {
+        if let Some(label) = self.tokens.known_label(token) {
+            return Some(label);
+        }
         let tokens = self.tokens.clone();
         let token = token.clone();
         blocking(move || tokens.token(&token))

@@ -127,6 +127,13 @@ impl Module {
         self.inner.pace.is_behind()
     }
 
+    /// A card went in or out of a reader (the PC/SC watcher says so): the next request on
+    /// every token of this module probes it again (C_GetTokenInfo) rather than reusing the
+    /// last probe of a logged-in token. No PKCS#11 call.
+    pub fn token_event(&self) {
+        self.inner.pace.token_event();
+    }
+
     /// C_GetInfo: the library's description, manufacturer and versions.
     pub fn info(&self) -> Result<ModuleInfo, Error> {
         self.call(Request::Info)
@@ -391,6 +398,8 @@ pub(crate) struct Pace {
     changed: Condvar,
     /// The same news for waiters on an async runtime.
     changed_async: Notify,
+    /// Token events seen (cards in or out): a probe taken before the last one is not reused.
+    token_events: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -407,6 +416,16 @@ impl Pace {
         lock(&self.counts).done += 1;
         self.changed.notify_all();
         self.changed_async.notify_waiters();
+    }
+
+    fn token_event(&self) {
+        self.token_events
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many token events were seen so far.
+    pub(crate) fn token_events(&self) -> u64 {
+        self.token_events.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn gave_up(&self, seq: u64) {

@@ -406,3 +406,63 @@ async fn the_async_calls_answer_the_task_and_keep_the_busy_rules() {
         "the signature given up on never ran"
     );
 }
+
+/// A token our session is logged in to is not probed (C_GetTokenInfo) again for each request,
+/// until a token event (a card in or out) or an error; without a login it always is.
+#[test]
+fn a_logged_in_token_is_probed_again_only_after_an_event_or_an_error() {
+    let rig = FaultRig::new();
+    let req = rig.p256(vec![SignInput::Data(b"probe".to_vec())]);
+    let token = req.certificate.token_id().clone();
+    let (pin, _) = ScriptedPin::right();
+    rig.module
+        .sign_with(req.clone(), pin, None, None)
+        .expect("first sign logs in");
+    let probes = || rig.calls("C_GetTokenInfo");
+    let sign = || {
+        rig.module
+            .sign_with(req.clone(), no_pin(), None, None)
+            .expect("sign on the cached login")
+    };
+    // The request after the login probes once (the login dropped the probe), then none.
+    let before = probes();
+    sign();
+    assert_eq!(probes() - before, 1);
+    let before = probes();
+    for _ in 0..3 {
+        sign();
+        assert_eq!(
+            rig.module.login_state(&token).expect("state"),
+            LoginState::LoggedIn
+        );
+    }
+    assert_eq!(probes() - before, 0, "probed on a cached login");
+    // A card event: probed again once.
+    rig.module.token_event();
+    let before = probes();
+    sign();
+    sign();
+    assert_eq!(probes() - before, 1);
+    // An error (an input the token refuses): probed again.
+    rig.module
+        .sign_with(
+            SignRequest {
+                inputs: vec![SignInput::Digest(vec![1; 5])],
+                ..req.clone()
+            },
+            no_pin(),
+            None,
+            None,
+        )
+        .expect_err("a 5-byte digest is refused");
+    let before = probes();
+    sign();
+    assert_eq!(probes() - before, 1);
+    // Logged out: every request probes (the PIN flags decide the dialog).
+    rig.module.logout(&token).expect("logout");
+    FaultRig::set_control(&rig.control, "pin_locked=1\n");
+    assert_eq!(
+        rig.module.login_state(&token).expect("state"),
+        LoginState::Locked
+    );
+}

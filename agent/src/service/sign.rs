@@ -244,11 +244,7 @@ impl Service {
         let module = cert.module.clone();
         let token_id = cert.info.token_id.clone();
         let total = req.inputs.len();
-        let state = {
-            let module = module.clone();
-            let token_id = token_id.clone();
-            blocking(move || module.login_state(&token_id)).await??
-        };
+        let state = module.login_state_async(&token_id).await?;
         tracing::debug!(?state, "token login state");
         if state == LoginState::Locked {
             return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
