@@ -17,10 +17,9 @@ pub(crate) use sign::{signing_allowed, SignPlan};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use browser_bridge::protocol::{Request, RpcError};
+use browser_bridge::protocol::{Answer, Request, RpcError};
 use browser_bridge::{Backend, ConnectionId, Origin, RequestContext};
 use pkcs11_shim::CertificateId;
-use serde_json::Value;
 use tracing::Instrument;
 
 use crate::audit::{AuditRecord, AuditWriter, Operation};
@@ -134,7 +133,7 @@ impl Service {
         failure
     }
 
-    async fn dispatch(&self, ctx: &RequestContext, request: Request) -> Result<Value, Failure> {
+    async fn dispatch(&self, ctx: &RequestContext, request: Request) -> Result<Answer, Failure> {
         match request {
             Request::Hello(_) => Ok(self.hello(ctx)),
             Request::RequestAccess => self.request_access(ctx).await,
@@ -211,7 +210,7 @@ impl Backend for Service {
         self.is_approved_origin(origin.as_str())
     }
 
-    async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Value, RpcError> {
+    async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Answer, RpcError> {
         let method = request.method();
         let span = tracing::info_span!(
             "request",

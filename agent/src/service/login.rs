@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use browser_bridge::protocol::{self, AuthAlgorithm, AuthenticateParams, AuthenticateResult};
+use browser_bridge::protocol::Answer;
+use browser_bridge::protocol::{AuthAlgorithm, AuthenticateParams, AuthenticateResult};
 use browser_bridge::RequestContext;
 use pkcs11_shim::{SignInput, SignRequest};
 use serde_json::Value;
@@ -21,7 +22,7 @@ impl Service {
         &self,
         ctx: &RequestContext,
         p: AuthenticateParams,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Answer, Failure> {
         let origin = ctx.origin.as_str().to_owned();
         let found = match &p.certificate_id {
             Some(id) => self.find_certificate(id).await,
@@ -56,7 +57,7 @@ impl Service {
         ctx: &RequestContext,
         cert: &CertificateView,
         p: &AuthenticateParams,
-    ) -> Result<(Value, Vec<u8>), Failure> {
+    ) -> Result<(Answer, Vec<u8>), Failure> {
         let info = &cert.info;
         if !crate::purpose::may_log_in(info, &self.config) {
             return Err(Failure::KeyUsage(
@@ -100,7 +101,7 @@ impl Service {
         let algorithm: AuthAlgorithm = serde_json::from_value(Value::String(alg.jwa.to_owned()))
             .map_err(|e| Failure::Internal(format!("algorithm name: {e}")))?;
         let token = AuthenticateResult::new(info.der.clone(), algorithm, sig, VERSION);
-        Ok((protocol::to_json(&token), shown_digest))
+        Ok((Answer::of(&token), shown_digest))
     }
 
     /// Without a `certificateId`: the certificate made for logging in (clientAuth), else the

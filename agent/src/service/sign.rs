@@ -5,17 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use browser_bridge::protocol::Answer;
 use browser_bridge::protocol::{
-    self, Base64Bytes, BatchSignature, DigestAlgorithm, EcdsaEncoding as WireEcdsa,
-    SignBatchParams, SignBatchResult, SignFormat, SignInput as WireInput, SignOptions, SignParams,
-    SignProgress, SignResult, SignatureAlgorithm,
+    Base64Bytes, BatchSignature, DigestAlgorithm, EcdsaEncoding as WireEcdsa, SignBatchParams,
+    SignBatchResult, SignFormat, SignInput as WireInput, SignOptions, SignParams, SignProgress,
+    SignResult, SignatureAlgorithm,
 };
 use browser_bridge::RequestContext;
 use pkcs11_shim::{
     Credential, EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage, LoginState, SignAlgorithm,
     SignFailure, SignInput, SignRequest,
 };
-use serde_json::Value;
 
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::cms::{self, CmsSignatureAlg, DigestAlg};
@@ -39,7 +39,11 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 impl Service {
-    pub(super) async fn sign(&self, ctx: &RequestContext, p: SignParams) -> Result<Value, Failure> {
+    pub(super) async fn sign(
+        &self,
+        ctx: &RequestContext,
+        p: SignParams,
+    ) -> Result<Answer, Failure> {
         let items = vec![p.input];
         let (sigs, plan) = self
             .sign_items(ctx, &p.certificate_id, items, Vec::new(), &p.options, false)
@@ -48,7 +52,7 @@ impl Service {
             .into_iter()
             .next()
             .ok_or_else(|| Failure::Internal("the token returned no signature".into()))?;
-        Ok(protocol::to_json(&SignResult {
+        Ok(Answer::of(&SignResult {
             signature: Base64Bytes(signature),
             format: plan.format,
             signature_algorithm: plan.wire_algorithm,
@@ -61,7 +65,7 @@ impl Service {
         &self,
         ctx: &RequestContext,
         p: SignBatchParams,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Answer, Failure> {
         let labels = p
             .items
             .iter()
@@ -76,7 +80,7 @@ impl Service {
         let (sigs, _plan) = self
             .sign_items(ctx, &p.certificate_id, items, labels, &p.options, true)
             .await?;
-        Ok(protocol::to_json(&SignBatchResult {
+        Ok(Answer::of(&SignBatchResult {
             results: sigs
                 .into_iter()
                 .map(|s| BatchSignature {
