@@ -8,6 +8,7 @@ mod failure;
 mod listing;
 mod login;
 mod origin;
+mod pin_cache;
 mod sign;
 
 pub use failure::Failure;
@@ -56,8 +57,8 @@ pub struct Service {
     /// Each origin's dialogs: one shown, at most `origin::MAX_WAITING` waiting.
     dialog_lines: origin::DialogLines,
     connections: Mutex<HashMap<ConnectionId, ConnState>>,
-    /// A generation per token, so a delayed logout does not end a newer cached login.
-    pin_cache: Arc<Mutex<HashMap<String, u64>>>,
+    /// The PIN cache's logout timer of each token.
+    pin_cache: pin_cache::LogoutTimers,
 }
 
 impl Service {
@@ -78,7 +79,7 @@ impl Service {
             audit,
             dialog_lines: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
-            pin_cache: Arc::new(Mutex::new(HashMap::new())),
+            pin_cache: pin_cache::LogoutTimers::default(),
         }
     }
 

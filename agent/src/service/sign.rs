@@ -441,24 +441,10 @@ impl Service {
 
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
     fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
-        let secs = self.config.pin_cache_seconds;
-        let cache = Arc::clone(&self.pin_cache);
-        let key = token.to_string();
-        let generation = match cache.lock() {
-            Ok(mut c) => {
-                let g = c.entry(key.clone()).or_insert(0);
-                *g += 1;
-                *g
-            }
-            Err(_) => return,
-        };
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(secs)).await;
-            let current = cache.lock().ok().and_then(|c| c.get(&key).copied());
-            if current == Some(generation) {
-                let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
-                tracing::debug!("PIN cache expired; token logged out");
-            }
+        let after = Duration::from_secs(self.config.pin_cache_seconds);
+        self.pin_cache.used(token.to_string(), after, async move {
+            let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
+            tracing::debug!("PIN cache expired; token logged out");
         });
     }
 }
