@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
+use crate::keygen::{
+    EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported, KeySignRequest,
+};
 use crate::pin::Credential;
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
 use crate::worker;
@@ -190,6 +193,43 @@ impl Module {
         self.call(|reply| Request::Logout { token, reply })
     }
 
+    /// Generates a key pair on the token, logging in with `credential` where the token asks
+    /// (see [`crate::keygen`] for what the token holds afterwards). Waits at most the call
+    /// timeout; [`Error::LoginRequired`] and [`Error::PinIncorrect`] mean "ask the user, then
+    /// send it again".
+    pub fn generate_key(
+        &self,
+        req: GenerateRequest,
+        credential: Credential,
+    ) -> Result<GeneratedKey, Error> {
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::Generate { job, reply })
+    }
+
+    /// One signature by the key with this CKA_ID, certificate or not (the certificate request
+    /// of a key just generated). Same login rules as [`Module::sign`], one input.
+    pub fn sign_with_key(
+        &self,
+        req: KeySignRequest,
+        credential: Credential,
+    ) -> Result<Vec<u8>, Error> {
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::KeySign { job, reply })
+    }
+
+    /// Stores a certificate beside the private key whose public key it carries (the key's
+    /// CKA_ID and label). [`Error::NoMatchingKey`] when no key on the token matches;
+    /// [`Error::CertificateExists`] when the key has another certificate and the request does
+    /// not say [`crate::ImportMode::Replace`].
+    pub fn import_certificate(
+        &self,
+        req: ImportRequest,
+        credential: Credential,
+    ) -> Result<Imported, Error> {
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::Import { job, reply })
+    }
+
     /// Sends a request and waits, at most the call timeout, for its answer.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
@@ -353,6 +393,18 @@ pub(crate) enum Request {
         token: TokenId,
         reply: Reply<()>,
     },
+    Generate {
+        job: EnrolJob<GenerateRequest>,
+        reply: Reply<GeneratedKey>,
+    },
+    KeySign {
+        job: EnrolJob<KeySignRequest>,
+        reply: Reply<Vec<u8>>,
+    },
+    Import {
+        job: EnrolJob<ImportRequest>,
+        reply: Reply<Imported>,
+    },
 }
 
 impl Request {
@@ -365,6 +417,9 @@ impl Request {
             Request::LoginState { .. } => "login_state",
             Request::Sign { .. } => "sign",
             Request::Logout { .. } => "logout",
+            Request::Generate { .. } => "generate_key",
+            Request::KeySign { .. } => "sign_with_key",
+            Request::Import { .. } => "import_certificate",
         }
     }
 }
