@@ -419,9 +419,9 @@ impl Texts {
     ) -> Dialog {
         let (title, header, ok) = if self.zh() {
             (
-                "KeyPort：生成密钥",
+                "KeyPort：生成密钥对",
                 format!("{origin} 请求在您的 USB Key 中生成新的密钥对。"),
-                "生成密钥",
+                "生成密钥对",
             )
         } else {
             (
@@ -448,13 +448,15 @@ impl Texts {
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
-    /// Consent to store a certificate beside its key (`certificates.import`).
+    /// Consent to store a certificate beside its key (`certificates.import`); `replaces`: the
+    /// key's present certificate is replaced (a renewal for the same key).
     pub fn import_certificate(
         &self,
         origin: &str,
         token_label: &str,
         subject: &str,
         issuer: &str,
+        replaces: bool,
         unlock: Unlock,
     ) -> Dialog {
         let (title, header, ok) = if self.zh() {
@@ -470,7 +472,7 @@ impl Texts {
                 "Store certificate",
             )
         };
-        let lines = vec![
+        let mut lines = vec![
             header,
             String::new(),
             format!(
@@ -485,6 +487,15 @@ impl Texts {
             ),
             self.token_line(token_label),
         ];
+        if replaces {
+            lines.push(
+                self.pick(
+                    "The certificate this key has now is replaced.",
+                    "该密钥现有的证书将被替换。",
+                )
+                .to_owned(),
+            );
+        }
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
@@ -1149,6 +1160,7 @@ mod tests {
             "SoftHSM token",
             "CN=Jane Doe",
             "CN=KeyPort Test CA",
+            true,
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
@@ -1157,8 +1169,19 @@ mod tests {
                 "请求将一张证书导入您的 USB Key。",
                 "“CN=Jane Doe”",
                 "颁发者：“CN=KeyPort Test CA”",
+                "该密钥现有的证书将被替换。",
             ],
         );
+        assert_eq!(zh.title, "KeyPort：导入证书");
+        let zh = confirm(Texts::new(Language::ZhCn).generate_key(
+            ORIGIN,
+            "SoftHSM token",
+            "EC-P256",
+            "CN=张伟,C=CN",
+            Unlock::LoggedIn,
+        ));
+        assert_eq!(zh.title, "KeyPort：生成密钥对");
+        assert_has(&zh.description, &["请求在您的 USB Key 中生成新的密钥对。"]);
     }
 
     #[test]

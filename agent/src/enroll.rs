@@ -108,6 +108,15 @@ pub struct RequestToSign {
     info: Vec<u8>,
 }
 
+/// Checks that `subject` is a distinguished name a request can carry, before anything is asked
+/// of the user or the token.
+pub fn check_subject(subject: &str) -> Result<(), EnrollError> {
+    match Name::from_str(subject) {
+        Ok(name) if !name.is_empty() => Ok(()),
+        _ => Err(EnrollError::BadSubject(subject.to_owned())),
+    }
+}
+
 /// Builds the request for `subject` (RFC 4514, e.g. `CN=Li Lei,O=Example,C=CN`) and the new
 /// key's public key (`SubjectPublicKeyInfo`, DER).
 pub fn request(subject: &str, public_key_der: &[u8]) -> Result<RequestToSign, EnrollError> {

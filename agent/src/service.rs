@@ -4,6 +4,7 @@
 //! This file holds the service's state, the dispatch and the helpers every operation shares;
 //! each operation group has its own file under `service/`.
 
+mod enroll;
 mod failure;
 mod listing;
 mod login;
@@ -153,8 +154,14 @@ impl Service {
                 self.ensure_approved(ctx).await?;
                 self.authenticate(ctx, p).await
             }
-            Request::KeysGenerate(_) => Err(Failure::NotBuilt("keys.generate")),
-            Request::CertificatesImport(_) => Err(Failure::NotBuilt("certificates.import")),
+            Request::KeysGenerate(p) => {
+                self.ensure_approved(ctx).await?;
+                self.keys_generate(ctx, p).await
+            }
+            Request::CertificatesImport(p) => {
+                self.ensure_approved(ctx).await?;
+                self.certificates_import(ctx, p).await
+            }
             Request::Cancel { .. } => Err(Failure::Internal(
                 "cancel reached the service; the bridge answers it".into(),
             )),

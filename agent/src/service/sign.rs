@@ -329,7 +329,7 @@ impl Service {
 
     /// Shows one consent dialog once it is this origin's turn; the request's cancel closes it
     /// (or ends the wait for the turn).
-    async fn ask(
+    pub(super) async fn ask(
         &self,
         ctx: &RequestContext,
         build: &DialogBuilder,
@@ -457,7 +457,7 @@ impl Service {
     }
 
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
-    fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
+    pub(super) fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
         let secs = self.config.pin_cache_seconds;
         let cache = Arc::clone(&self.pin_cache);
         let key = token.to_string();
