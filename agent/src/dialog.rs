@@ -517,6 +517,16 @@ impl Texts {
         (!parts.is_empty()).then(|| parts.join(self.pick(" ", "")))
     }
 
+    /// What a request of the `keyport` command line shows in the origin's place, naming the
+    /// command (`keys generate`, `certs import`).
+    pub fn command_line_program(&self, command: &str) -> String {
+        if self.zh() {
+            format!("命令行程序 keyport {command}")
+        } else {
+            format!("keyport {command} (command line)")
+        }
+    }
+
     /// What a signature asked by `keyport sign` shows in the origin's place.
     pub fn command_line_origin(&self) -> &'static str {
         self.pick("keyport sign (command line)", "命令行程序 keyport sign")

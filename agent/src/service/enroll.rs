@@ -17,8 +17,8 @@ use browser_bridge::protocol::{
 use browser_bridge::RequestContext;
 use der::Decode as _;
 use pkcs11_shim::{
-    Credential, EcdsaEncoding, GenerateRequest, HashAlg, ImportMode, ImportRequest, KeySignRequest,
-    KeySpec, LoginState, SignAlgorithm, SignInput, TokenId,
+    Credential, GenerateRequest, ImportMode, ImportRequest, KeySignRequest, KeySpec, LoginState,
+    SignInput, TokenId,
 };
 use serde_json::Value;
 use sha2::Digest as _;
@@ -28,7 +28,7 @@ use crate::consent::{
     self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
 };
 use crate::dialog::Unlock;
-use crate::enroll::{self, RequestSignature};
+use crate::enroll;
 use crate::tokens::TokenView;
 
 use super::{blocking, common_name, Failure, Service};
@@ -110,21 +110,9 @@ impl Service {
         let result = async {
             let pending = enroll::request(&subject, &key.public_key_der)
                 .map_err(|e| Failure::Internal(format!("certificate request: {e}")))?;
-            let algorithm = match pending.signature() {
-                RequestSignature::EcdsaSha256 => {
-                    SignAlgorithm::Ecdsa(HashAlg::Sha256, EcdsaEncoding::Der)
-                }
-                RequestSignature::EcdsaSha384 => {
-                    SignAlgorithm::Ecdsa(HashAlg::Sha384, EcdsaEncoding::Der)
-                }
-                RequestSignature::RsaSha256 => SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
-                RequestSignature::Ed25519 => SignAlgorithm::Ed25519,
-                RequestSignature::Sm2Sm3 => {
-                    return Err(Failure::Algorithm(
-                        "SM2 requests are made on SKF keys, not PKCS#11 tokens".into(),
-                    ))
-                }
-            };
+            let algorithm = pending.signature().pkcs11_algorithm().ok_or_else(|| {
+                Failure::Algorithm("SM2 requests are made on SKF keys, not PKCS#11 tokens".into())
+            })?;
             let message = pending.message().to_vec();
             let signed_digest = sha2::Sha256::digest(&message).to_vec();
             let sign = KeySignRequest {
@@ -296,7 +284,7 @@ impl Service {
 }
 
 /// The PKCS#11 key type for a wire algorithm.
-fn key_generation(algorithm: GenerateAlgorithm) -> KeySpec {
+pub(crate) fn key_generation(algorithm: GenerateAlgorithm) -> KeySpec {
     match algorithm {
         GenerateAlgorithm::EcP256 => KeySpec::EcP256,
         GenerateAlgorithm::EcP384 => KeySpec::EcP384,
