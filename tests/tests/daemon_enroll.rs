@@ -349,3 +349,84 @@ async fn cancels_wrong_pins_strangers_and_renewals() {
     assert!(audit.contains("USER_CANCELLED"), "{audit}");
     assert!(audit.contains("CERTIFICATE_NOT_FOUND"), "{audit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_authenticate_key_asks_again_to_sign_its_request() {
+    let tk = TestToken::provision().unwrap();
+    let agent = Agent::start(&tk, AgentOptions::default()).unwrap();
+    let mut client = agent.connect(PORTAL).await.unwrap();
+    let token = token_id(&client.call_ok("tokens.list", json!({})).await.unwrap());
+    // The key's PIN dialog, then the request's own (the key asks for its PIN per signature).
+    agent
+        .script()
+        .push_all(&[
+            Step::pin(USER_PIN).expect(Command::GetPin),
+            Step::pin(USER_PIN).expect(Command::GetPin),
+        ])
+        .unwrap();
+    let r = client
+        .call_ok(
+            "keys.generate",
+            json!({"tokenId": token, "algorithm": "EC-P256", "label": "qualified",
+                   "subject": "CN=Qualified Signer", "alwaysAuthenticate": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(agent.script().dialogs().unwrap().len(), 2);
+    let work = tempfile::tempdir().unwrap();
+    let der = verify_and_issue(
+        &tk,
+        &unb64(&r["csr"]).unwrap(),
+        "Qualified Signer",
+        42,
+        work.path(),
+    );
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    client
+        .call_ok(
+            "certificates.import",
+            json!({"tokenId": token, "certificate": b64(&der)}),
+        )
+        .await
+        .unwrap();
+    // The pkcs11-tool view: the private key asks for its PIN per signature.
+    let out = Process::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", tk.conf())
+        .args([
+            "--module",
+            keyport_e2e::harness::SOFTHSM,
+            "--login",
+            "--pin",
+            USER_PIN,
+        ])
+        .args([
+            "--list-objects",
+            "--type",
+            "privkey",
+            "--label",
+            "qualified",
+        ])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("always authenticate"), "{listing}");
+    // And it signs, one dialog for the login and the signature's own PIN.
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    let doc = b"a qualified signature".to_vec();
+    let signed = client
+        .call_ok(
+            "sign",
+            json!({"certificateId": r["keyId"], "data": b64(&doc),
+                   "display": {"title": "Qualified"}}),
+        )
+        .await
+        .unwrap();
+    verify_raw(
+        &work.path().join("cert.pem"),
+        &Signed::Data(doc),
+        &unb64(&signed["signature"]).unwrap(),
+        RawAlg::EcdsaDer(Hash::Sha256),
+    )
+    .unwrap();
+    assert_eq!(agent.script().dialogs().unwrap().len(), 4);
+}
