@@ -420,8 +420,8 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：生成密钥对",
-                format!("{origin} 请求在您的 USB Key 中生成新的密钥对。"),
-                "生成密钥对",
+                format!("{} 请求在您的 USB Key 中生成新的密钥对。", asker_zh(origin)),
+                "生成密钥对(_G)",
             )
         } else {
             (
@@ -462,8 +462,8 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：导入证书",
-                format!("{origin} 请求将一张证书导入您的 USB Key。"),
-                "导入证书",
+                format!("{} 请求将一张证书导入您的 USB Key。", asker_zh(origin)),
+                "导入证书(_I)",
             )
         } else {
             (
@@ -679,6 +679,16 @@ impl Texts {
                 })
             }
         }
+    }
+}
+
+/// Who asks, in a Chinese sentence: "网站 https://…" for a web origin, the command line's own
+/// name (命令行程序 keyport …) as it is.
+fn asker_zh(origin: &str) -> String {
+    if origin.contains("://") {
+        format!("网站 {origin}")
+    } else {
+        origin.to_owned()
     }
 }
 
@@ -1211,7 +1221,7 @@ mod tests {
         assert_has(
             &zh.description,
             &[
-                "请求将一张证书导入您的 USB Key。",
+                "网站 https://portal.example 请求将一张证书导入您的 USB Key。",
                 "“CN=Jane Doe”",
                 "颁发者：“CN=KeyPort Test CA”",
                 "该密钥现有的证书将被替换。",
@@ -1226,7 +1236,23 @@ mod tests {
             Unlock::LoggedIn,
         ));
         assert_eq!(zh.title, "KeyPort：生成密钥对");
-        assert_has(&zh.description, &["请求在您的 USB Key 中生成新的密钥对。"]);
+        assert_eq!(zh.ok, "生成密钥对(_G)");
+        assert_has(
+            &zh.description,
+            &["网站 https://portal.example 请求在您的 USB Key 中生成新的密钥对。"],
+        );
+        let cli = Texts::new(Language::ZhCn);
+        let zh = confirm(cli.generate_key(
+            &cli.command_line_program("keys generate"),
+            "SoftHSM token",
+            "EC-P256",
+            "CN=张伟,C=CN",
+            Unlock::LoggedIn,
+        ));
+        assert_has(
+            &zh.description,
+            &["命令行程序 keyport keys generate 请求在您的 USB Key 中生成新的密钥对。"],
+        );
     }
 
     #[test]
