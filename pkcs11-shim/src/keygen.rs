@@ -127,6 +127,17 @@ pub struct KeySignRequest {
     pub logout_after: bool,
 }
 
+/// Undoes a generation whose certificate request could not be made (the user cancelled the
+/// request's own PIN dialog, say): destroys the key pair, in the login the generation made.
+/// A key that has a certificate is never destroyed ([`Error::CertificateExists`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeleteKeyRequest {
+    /// The key, as [`GeneratedKey::id`].
+    pub key: CertificateId,
+    /// C_Logout after the job.
+    pub logout_after: bool,
+}
+
 /// What an import does when the key already has a different certificate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ImportMode {

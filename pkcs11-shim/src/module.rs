@@ -19,7 +19,8 @@ use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
 use crate::keygen::{
-    EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported, KeySignRequest,
+    DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported,
+    KeySignRequest,
 };
 use crate::pin::Credential;
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
@@ -230,6 +231,17 @@ impl Module {
         self.call(|reply| Request::Import { job, reply })
     }
 
+    /// Destroys a key pair made by [`Module::generate_key`] whose certificate request could
+    /// not be made, in the login the generation left open (no credential: without that login it
+    /// answers [`Error::LoginRequired`] and destroys nothing).
+    pub fn delete_new_key(&self, req: DeleteKeyRequest) -> Result<(), Error> {
+        let job = EnrolJob {
+            req,
+            credential: Credential::None,
+        };
+        self.call(|reply| Request::DeleteKey { job, reply })
+    }
+
     /// Sends a request and waits, at most the call timeout, for its answer.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
@@ -405,6 +417,10 @@ pub(crate) enum Request {
         job: EnrolJob<ImportRequest>,
         reply: Reply<Imported>,
     },
+    DeleteKey {
+        job: EnrolJob<DeleteKeyRequest>,
+        reply: Reply<()>,
+    },
 }
 
 impl Request {
@@ -420,6 +436,7 @@ impl Request {
             Request::Generate { .. } => "generate_key",
             Request::KeySign { .. } => "sign_with_key",
             Request::Import { .. } => "import_certificate",
+            Request::DeleteKey { .. } => "delete_new_key",
         }
     }
 }

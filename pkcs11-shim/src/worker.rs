@@ -293,6 +293,11 @@ impl Worker {
                 self.needs_reinit |= breaks_module(&r);
                 let _ = reply.send(r);
             }
+            Request::DeleteKey { job, reply } => {
+                let r = self.delete_new_key(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
         }
     }
 

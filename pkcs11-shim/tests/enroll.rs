@@ -11,8 +11,9 @@ use std::path::Path;
 use std::process::Command;
 
 use pkcs11_shim::{
-    Credential, EcdsaEncoding, Error, GenerateRequest, GeneratedKey, HashAlg, ImportMode,
-    ImportRequest, KeySignRequest, KeySpec, SecretPin, SignAlgorithm, SignInput, SignRequest,
+    Credential, DeleteKeyRequest, EcdsaEncoding, Error, GenerateRequest, GeneratedKey, HashAlg,
+    ImportMode, ImportRequest, KeySignRequest, KeySpec, SecretPin, SignAlgorithm, SignInput,
+    SignRequest,
 };
 use rig::{openssl_verify, Rig, SOFTHSM, USER_PIN};
 
@@ -283,6 +284,60 @@ fn an_always_authenticate_key_asks_for_the_pin_per_signature() {
     ));
     let sig = rig.module.sign_with_key(req(true), pin()).unwrap();
     assert!(!sig.is_empty());
+
+    // A generation whose request could not be made is undone in the same login; without a
+    // login nothing is destroyed, and a key with a certificate never is.
+    let undone = rig
+        .module
+        .generate_key(
+            GenerateRequest {
+                token: rig.token.clone(),
+                spec: KeySpec::EcP256,
+                label: "undone".into(),
+                always_authenticate: true,
+                logout_after: false,
+            },
+            pin(),
+        )
+        .unwrap();
+    assert!(pkcs11_tool_list(&rig, "privkey").contains("undone"));
+    rig.module
+        .delete_new_key(DeleteKeyRequest {
+            key: undone.id.clone(),
+            logout_after: true,
+        })
+        .unwrap();
+    assert!(!pkcs11_tool_list(&rig, "privkey").contains("undone"));
+    assert!(!pkcs11_tool_list(&rig, "pubkey").contains("undone"));
+    assert!(matches!(
+        rig.module.delete_new_key(DeleteKeyRequest {
+            key: key.id.clone(),
+            logout_after: true,
+        }),
+        Err(Error::LoginRequired { .. })
+    ));
+    assert!(pkcs11_tool_list(&rig, "privkey").contains("label:      always"));
+    let certified = rig.certificate("sign-p256");
+    rig.module
+        .generate_key(
+            GenerateRequest {
+                token: rig.token.clone(),
+                spec: KeySpec::EcP256,
+                label: "login only".into(),
+                always_authenticate: false,
+                logout_after: false,
+            },
+            pin(),
+        )
+        .unwrap();
+    assert!(matches!(
+        rig.module.delete_new_key(DeleteKeyRequest {
+            key: certified.id.clone(),
+            logout_after: true,
+        }),
+        Err(Error::CertificateExists { .. })
+    ));
+    assert!(pkcs11_tool_list(&rig, "privkey").contains("sign-p256"));
 }
 
 #[test]

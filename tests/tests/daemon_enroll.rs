@@ -430,3 +430,46 @@ async fn an_always_authenticate_key_asks_again_to_sign_its_request() {
     .unwrap();
     assert_eq!(agent.script().dialogs().unwrap().len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_the_requests_own_pin_dialog_leaves_no_key() {
+    let tk = TestToken::provision().unwrap();
+    let agent = Agent::start(&tk, AgentOptions::default()).unwrap();
+    let mut client = agent.connect(PORTAL).await.unwrap();
+    let token = token_id(&client.call_ok("tokens.list", json!({})).await.unwrap());
+    let keys_before = private_keys(&tk);
+    agent
+        .script()
+        .push_all(&[Step::pin(USER_PIN), Step::cancel()])
+        .unwrap();
+    client
+        .call_err(
+            "keys.generate",
+            json!({"tokenId": token, "algorithm": "EC-P384", "label": "undone",
+                   "subject": "CN=Undone", "alwaysAuthenticate": true}),
+            "USER_CANCELLED",
+        )
+        .await
+        .unwrap();
+    assert_eq!(agent.script().dialogs().unwrap().len(), 2);
+    assert_eq!(private_keys(&tk), keys_before, "the new key was destroyed");
+    // The token is logged out again: the next request asks for the PIN.
+    agent
+        .script()
+        .push(&Step::cancel().expect(Command::GetPin))
+        .unwrap();
+    client
+        .call_err(
+            "keys.generate",
+            json!({"tokenId": token, "algorithm": "EC-P256", "label": "x", "subject": "CN=X"}),
+            "USER_CANCELLED",
+        )
+        .await
+        .unwrap();
+    assert!(agent
+        .script()
+        .dialogs()
+        .unwrap()
+        .iter()
+        .all(|d| d.script_errors.is_empty()));
+}

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pkcs11_shim::{
-    Credential, GenerateRequest, ImportMode, ImportRequest, KeySignRequest, KeySpec, LoginState,
-    SignInput, TokenId,
+    Credential, DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest,
+    KeySpec, LoginState, SignInput, TokenId,
 };
 use sha2::Digest as _;
 
@@ -120,10 +120,20 @@ fn generate_with(
             key: key.id.clone(),
             algorithm,
             input: SignInput::Data(pending.message().to_vec()),
-            logout_after: true,
+            logout_after: false,
         };
         let signature = with_dialogs(pinentry, texts, &build, None, |credential| {
             module.sign_with_key(sign.clone(), credential)
+        })
+        .inspect_err(|_| {
+            // No request, no use for the key: a cancel here leaves nothing behind either.
+            let undo = DeleteKeyRequest {
+                key: key.id.clone(),
+                logout_after: false,
+            };
+            if let Err(e) = module.delete_new_key(undo) {
+                tracing::warn!(key = %key.id, error = %e, "the new key stays on the token");
+            }
         })?;
         let csr = pending
             .finish(&signature)

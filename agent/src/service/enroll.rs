@@ -17,8 +17,8 @@ use browser_bridge::protocol::{
 use browser_bridge::RequestContext;
 use der::Decode as _;
 use pkcs11_shim::{
-    Credential, GenerateRequest, ImportMode, ImportRequest, KeySignRequest, KeySpec, LoginState,
-    SignInput, TokenId,
+    Credential, DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest,
+    KeySpec, LoginState, SignInput, TokenId,
 };
 use serde_json::Value;
 use sha2::Digest as _;
@@ -119,7 +119,8 @@ impl Service {
                 key: key.id.clone(),
                 algorithm,
                 input: SignInput::Data(message),
-                logout_after,
+                // The login stays for an undo; `end_enrolment` ends it.
+                logout_after: false,
             };
             // Logged in already: no dialog, unless the key asks for its PIN per signature.
             let m = module.clone();
@@ -134,11 +135,29 @@ impl Service {
             Ok((key.id.to_string(), csr, signed_digest))
         }
         .await;
+        if let Err(e) = &result {
+            // No request, no use for the key: a cancel here leaves nothing behind either.
+            let (m, undo) = (
+                module.clone(),
+                DeleteKeyRequest {
+                    key: key.id.clone(),
+                    logout_after: false,
+                },
+            );
+            match blocking(move || m.delete_new_key(undo)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(key = %key.id, error = %e, "no certificate request: the new key is destroyed");
+                }
+                Ok(Err(undo)) => {
+                    tracing::warn!(key = %key.id, error = %e, undo = %undo, "no certificate request, and the new key stays on the token");
+                }
+                Err(undo) => {
+                    tracing::warn!(key = %key.id, error = %e, undo = %undo, "no certificate request, and the new key stays on the token");
+                }
+            }
+        }
         self.end_enrolment(&module, &token.info.id, logout_after)
             .await;
-        if let Err(e) = &result {
-            tracing::warn!(key = %key.id, error = %e, "the new key is on the token without a certificate request");
-        }
         result
     }
 

@@ -16,8 +16,8 @@ use crate::algorithm::{check_input, ecdsa_p1363_to_der, EcdsaEncoding, SignAlgor
 use crate::certificate::{CertificateId, KeyAlgorithm, ParsedCertificate};
 use crate::error::{from_cryptoki, Error};
 use crate::keygen::{
-    ec_spki, key_id, rsa_spki, EnrolJob, GenerateRequest, GeneratedKey, ImportMode, ImportRequest,
-    Imported, KeySignRequest, KeySpec,
+    ec_spki, key_id, rsa_spki, DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey,
+    ImportMode, ImportRequest, Imported, KeySignRequest, KeySpec,
 };
 use crate::pin::{Credential, LoginKind};
 use crate::token::TokenId;
@@ -69,6 +69,57 @@ impl Worker {
             Err(e) => tracing::info!(error = %e, "no certificate imported"),
         }
         result
+    }
+
+    pub(super) fn delete_new_key(&mut self, job: EnrolJob<DeleteKeyRequest>) -> Result<(), Error> {
+        let EnrolJob { req, credential } = job;
+        let token = req.key.token_id().clone();
+        let result = self.delete_new_key_on(&token, &req, &credential);
+        drop(credential);
+        self.end_job(&token, &result, req.logout_after);
+        match &result {
+            Ok(()) => tracing::info!(key = %req.key, "new key pair destroyed"),
+            Err(e) => {
+                tracing::warn!(key = %req.key, error = %e, "the new key pair could not be destroyed")
+            }
+        }
+        result
+    }
+
+    fn delete_new_key_on(
+        &mut self,
+        token: &TokenId,
+        req: &DeleteKeyRequest,
+        credential: &Credential,
+    ) -> Result<(), Error> {
+        let cka_id = req
+            .key
+            .cka_id()
+            .ok_or_else(|| Error::InvalidInput("a key is named by its CKA_ID".to_owned()))?;
+        let found = self.find(token)?;
+        let found = self.ensure_user_login(token, found, credential)?;
+        let session = self
+            .ctx
+            .open_rw_session(found.slot)
+            .map_err(from_cryptoki)?;
+        let with_id = |class| {
+            session
+                .find_objects(&[Attribute::Class(class), Attribute::Id(cka_id.clone())])
+                .map_err(from_cryptoki)
+        };
+        if !with_id(ObjectClass::CERTIFICATE)?.is_empty() {
+            return Err(Error::CertificateExists {
+                existing: req.key.clone(),
+            });
+        }
+        let private = with_id(ObjectClass::PRIVATE_KEY)?;
+        if private.is_empty() {
+            return Err(Error::KeyNotFound);
+        }
+        for handle in private.into_iter().chain(with_id(ObjectClass::PUBLIC_KEY)?) {
+            session.destroy_object(handle).map_err(from_cryptoki)?;
+        }
+        Ok(())
     }
 
     /// After an enrolment job: objects may have changed (the scan is dropped); a removal drops
