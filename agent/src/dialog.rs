@@ -448,6 +448,47 @@ impl Texts {
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
+    /// The PIN for the first signature of a key just made that asks for its PIN at every
+    /// signature (`keys.generate` with `alwaysAuthenticate`): the one over its certificate
+    /// request.
+    pub fn sign_new_key_request(
+        &self,
+        origin: &str,
+        token_label: &str,
+        subject: &str,
+        unlock: Unlock,
+    ) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：签署证书请求",
+                format!("{} 请求用刚生成的密钥签署证书请求。", asker_zh(origin)),
+                "签署(_S)",
+            )
+        } else {
+            (
+                "KeyPort: sign the certificate request",
+                format!("{origin} asks your new key to sign its certificate request."),
+                "Sign",
+            )
+        };
+        let lines = vec![
+            header,
+            self.pick(
+                "This key asks for your PIN at every signature.",
+                "此密钥每次签名都要输入 PIN 码。",
+            )
+            .to_owned(),
+            String::new(),
+            format!(
+                "{}{}",
+                self.pick("For: ", "证书主体："),
+                quote(subject, SUBJECT_CHARS)
+            ),
+            self.token_line(token_label),
+        ];
+        self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
     /// Consent to store a certificate beside its key (`certificates.import`); `replaces`: the
     /// key's present certificate is replaced (a renewal for the same key).
     pub fn import_certificate(
@@ -1240,6 +1281,35 @@ mod tests {
         assert_has(
             &zh.description,
             &["网站 https://portal.example 请求在您的 USB Key 中生成新的密钥对。"],
+        );
+        let en = pin(Texts::new(Language::En).sign_new_key_request(
+            ORIGIN,
+            "SoftHSM token",
+            "CN=Jane Doe",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_eq!(en.title, "KeyPort: sign the certificate request");
+        assert_has(
+            &en.description,
+            &[
+                "https://portal.example asks your new key to sign its certificate request.",
+                "This key asks for your PIN at every signature.",
+                "«CN=Jane Doe»",
+            ],
+        );
+        let zh = pin(Texts::new(Language::ZhCn).sign_new_key_request(
+            ORIGIN,
+            "SoftHSM token",
+            "CN=张伟",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &zh.description,
+            &[
+                "网站 https://portal.example 请求用刚生成的密钥签署证书请求。",
+                "此密钥每次签名都要输入 PIN 码。",
+                "证书主体：“CN=张伟”",
+            ],
         );
         let cli = Texts::new(Language::ZhCn);
         let zh = confirm(cli.generate_key(

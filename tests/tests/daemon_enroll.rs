@@ -372,7 +372,12 @@ async fn an_always_authenticate_key_asks_again_to_sign_its_request() {
         )
         .await
         .unwrap();
-    assert_eq!(agent.script().dialogs().unwrap().len(), 2);
+    let dialogs = agent.script().dialogs().unwrap();
+    assert_eq!(dialogs.len(), 2);
+    assert_eq!(
+        dialogs[1].title.as_deref(),
+        Some("KeyPort: sign the certificate request")
+    );
     let work = tempfile::tempdir().unwrap();
     let der = verify_and_issue(
         &tk,

@@ -95,8 +95,13 @@ fn generate_with(
         token.info.label.trim().to_owned(),
     );
     let (algorithm, subject) = (req.spec.wire_name(), req.subject.to_owned());
+    let (origin2, label2, subject2) = (origin.clone(), token_label.clone(), subject.clone());
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
         texts.generate_key(&origin, &token_label, &algorithm, &subject, unlock)
+    });
+    // Only a key that asks for its PIN at every signature shows this one.
+    let build_request: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+        texts.sign_new_key_request(&origin2, &label2, &subject2, unlock)
     });
     let generate = GenerateRequest {
         token: token.info.id.clone(),
@@ -122,7 +127,7 @@ fn generate_with(
             input: SignInput::Data(pending.message().to_vec()),
             logout_after: false,
         };
-        let signature = with_dialogs(pinentry, texts, &build, None, |credential| {
+        let signature = with_dialogs(pinentry, texts, &build_request, None, |credential| {
             module.sign_with_key(sign.clone(), credential)
         })
         .inspect_err(|_| {

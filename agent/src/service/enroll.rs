@@ -77,8 +77,13 @@ impl Service {
         let label = token.info.label.trim().to_owned();
         let algorithm = spec.wire_name();
         let shown_subject = subject.clone();
+        let (origin2, label2, subject2) = (origin.clone(), label.clone(), subject.clone());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
             texts.generate_key(&origin, &label, &algorithm, &shown_subject, unlock)
+        });
+        // Only a key that asks for its PIN at every signature shows this one.
+        let build_request: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+            texts.sign_new_key_request(&origin2, &label2, &subject2, unlock)
         });
 
         let module = token.module.clone();
@@ -125,7 +130,7 @@ impl Service {
             // Logged in already: no dialog, unless the key asks for its PIN per signature.
             let m = module.clone();
             let signature = self
-                .with_consent(ctx, &build, None, move |credential| {
+                .with_consent(ctx, &build_request, None, move |credential| {
                     m.sign_with_key(sign.clone(), credential)
                 })
                 .await?;
