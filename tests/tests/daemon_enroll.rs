@@ -478,3 +478,54 @@ async fn cancelling_the_requests_own_pin_dialog_leaves_no_key() {
         .iter()
         .all(|d| d.script_errors.is_empty()));
 }
+
+/// A PIN-pad reader (the fault module in front of SoftHSM stands in for it): the enrolment
+/// dialog only confirms, and the PIN is typed on the pad, never passing through KeyPort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_pad_token_enrols_with_a_confirm_dialog() {
+    use keyport_e2e::pinentry::Button;
+    let tk = TestToken::provision().unwrap();
+    let agent = Agent::start(&tk, AgentOptions::default().fault()).unwrap();
+    agent
+        .set_fault(&format!("pin_pad=1\npin_pad_entry={USER_PIN}\n"))
+        .unwrap();
+    let mut client = agent.connect(PORTAL).await.unwrap();
+    let token = token_id(&client.call_ok("tokens.list", json!({})).await.unwrap());
+    agent
+        .script()
+        .push(&Step::confirm(Button::Ok).expect(Command::Confirm))
+        .unwrap();
+    let (key_id, csr) = generate(&mut client, &token, "EC-P256", "Pad User").await;
+    let dialogs = agent.script().dialogs().unwrap();
+    assert_eq!(dialogs.len(), 1);
+    assert_eq!(
+        dialogs[0].command.as_deref(),
+        Some("CONFIRM"),
+        "no PIN field"
+    );
+    assert!(dialogs[0]
+        .description
+        .as_deref()
+        .unwrap_or_default()
+        .contains("Enter your PIN on the reader's keypad"));
+    let logins: Vec<String> = agent
+        .fault_log()
+        .into_iter()
+        .filter(|l| l.starts_with("C_Login "))
+        .collect();
+    assert_eq!(logins.len(), 1, "{logins:?}");
+    let work = tempfile::tempdir().unwrap();
+    let der = verify_and_issue(&tk, &csr, "Pad User", 9, work.path());
+    agent
+        .script()
+        .push(&Step::confirm(Button::Ok).expect(Command::Confirm))
+        .unwrap();
+    let r = client
+        .call_ok(
+            "certificates.import",
+            json!({"tokenId": token, "certificate": b64(&der)}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["certificateId"], key_id.as_str());
+}
