@@ -11,6 +11,7 @@ mod login;
 mod origin;
 mod sign;
 
+pub(crate) use enroll::generation_failure;
 pub use failure::Failure;
 pub use listing::{certificate_entry, token_entry};
 pub(crate) use sign::{signing_allowed, SignPlan};

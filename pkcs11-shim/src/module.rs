@@ -20,7 +20,7 @@ use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
 use crate::keygen::{
     DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported,
-    KeySignRequest,
+    KeySignRequest, KeySpec,
 };
 use crate::pin::Credential;
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
@@ -231,6 +231,14 @@ impl Module {
         self.call(|reply| Request::Import { job, reply })
     }
 
+    /// Whether the token can generate keys of this type (its mechanism list, and for RSA the
+    /// key sizes C_GetMechanismInfo gives), without a login: [`Error::MechanismNotSupported`]
+    /// when it cannot. A token that lists no mechanisms is given the benefit of the doubt.
+    pub fn check_generation(&self, token: &TokenId, spec: KeySpec) -> Result<(), Error> {
+        let token = token.clone();
+        self.call(|reply| Request::CheckGeneration { token, spec, reply })
+    }
+
     /// Destroys a key pair made by [`Module::generate_key`] whose certificate request could
     /// not be made, in the login the generation left open (no credential: without that login it
     /// answers [`Error::LoginRequired`] and destroys nothing).
@@ -421,6 +429,11 @@ pub(crate) enum Request {
         job: EnrolJob<DeleteKeyRequest>,
         reply: Reply<()>,
     },
+    CheckGeneration {
+        token: TokenId,
+        spec: KeySpec,
+        reply: Reply<()>,
+    },
 }
 
 impl Request {
@@ -437,6 +450,7 @@ impl Request {
             Request::KeySign { .. } => "sign_with_key",
             Request::Import { .. } => "import_certificate",
             Request::DeleteKey { .. } => "delete_new_key",
+            Request::CheckGeneration { .. } => "check_generation",
         }
     }
 }

@@ -293,6 +293,13 @@ impl Worker {
                 self.needs_reinit |= breaks_module(&r);
                 let _ = reply.send(r);
             }
+            Request::CheckGeneration { token, spec, reply } => {
+                let r = self
+                    .find(&token)
+                    .and_then(|found| self.check_generation(&token, found.slot, spec));
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
             Request::DeleteKey { job, reply } => {
                 let r = self.delete_new_key(job);
                 self.needs_reinit |= breaks_module(&r);

@@ -529,3 +529,28 @@ async fn a_pin_pad_token_enrols_with_a_confirm_dialog() {
         .unwrap();
     assert_eq!(r["certificateId"], key_id.as_str());
 }
+
+/// A token without Ed25519 key generation (the fault module hides CKM_EC_EDWARDS_KEY_PAIR_GEN,
+/// 0x1055): ALGORITHM_NOT_SUPPORTED before any dialog; the other types still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_the_token_cannot_generate_is_refused_before_any_dialog() {
+    let tk = TestToken::provision().unwrap();
+    let agent = Agent::start(&tk, AgentOptions::default().fault()).unwrap();
+    agent.set_fault("hide_mechanisms=0x1055\n").unwrap();
+    let mut client = agent.connect(PORTAL).await.unwrap();
+    let token = token_id(&client.call_ok("tokens.list", json!({})).await.unwrap());
+    let e = client
+        .call_err(
+            "keys.generate",
+            json!({"tokenId": token, "algorithm": "Ed25519", "label": "ed", "subject": "CN=Ed"}),
+            "ALGORITHM_NOT_SUPPORTED",
+        )
+        .await
+        .unwrap();
+    assert_eq!(e.message, "this token cannot generate Ed25519 keys");
+    assert!(agent.script().dialogs().unwrap().is_empty());
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    let (_, csr) = generate(&mut client, &token, "EC-P256", "Still Works").await;
+    let work = tempfile::tempdir().unwrap();
+    verify_and_issue(&tk, &csr, "Still Works", 5, work.path());
+}

@@ -17,7 +17,7 @@ use crate::consent::{self, credential as credential_from, first_question, Dialog
 use crate::dialog::{Texts, Unlock};
 use crate::enroll;
 use crate::pinentry::{DialogCancel, Pinentry};
-use crate::service::{common_name, Failure};
+use crate::service::{common_name, generation_failure, Failure};
 use crate::tokens::{TokenSet, TokenView};
 
 /// What `keyport keys generate` was asked.
@@ -110,10 +110,18 @@ fn generate_with(
         always_authenticate: req.always_authenticate,
         logout_after: false,
     };
+    // A type the token cannot make is refused before anyone is asked.
+    module
+        .check_generation(&token.info.id, req.spec)
+        .map_err(|e| generation_failure(e, req.spec))?;
     let first = first_dialog(token)?;
     let result = (|| {
         let key = with_dialogs(pinentry, texts, &build, first, |credential| {
             module.generate_key(generate.clone(), credential)
+        })
+        .map_err(|e| match e {
+            Failure::Token(e) => generation_failure(e, req.spec),
+            other => other,
         })?;
         let pending = enroll::request(req.subject, &key.public_key_der)
             .map_err(|e| Failure::Internal(format!("certificate request: {e}")))?;

@@ -95,13 +95,22 @@ impl Service {
             // The request's signature follows with the same login.
             logout_after: false,
         };
+        // A type the token cannot make is refused before anyone is asked.
+        let (m, id) = (module.clone(), token.info.id.clone());
+        blocking(move || m.check_generation(&id, spec))
+            .await?
+            .map_err(|e| generation_failure(e, spec))?;
         let first = self.first_enrolment_question(&token).await?;
         let m = module.clone();
         let key = self
             .with_consent(ctx, &build, first, move |credential| {
                 m.generate_key(request.clone(), credential)
             })
-            .await;
+            .await
+            .map_err(|e| match e {
+                Failure::Token(e) => generation_failure(e, spec),
+                other => other,
+            });
         let key = match key {
             Ok(key) => key,
             Err(e) => {
@@ -304,6 +313,17 @@ impl Service {
         } else {
             self.schedule_logout(module.clone(), token.clone());
         }
+    }
+}
+
+/// ALGORITHM_NOT_SUPPORTED in the protocol's words for a key type the token cannot make.
+pub(crate) fn generation_failure(e: pkcs11_shim::Error, spec: KeySpec) -> Failure {
+    match e {
+        pkcs11_shim::Error::MechanismNotSupported { .. } => Failure::Algorithm(format!(
+            "this token cannot generate {} keys",
+            spec.wire_name()
+        )),
+        other => Failure::Token(other),
     }
 }
 

@@ -122,6 +122,37 @@ impl Worker {
         Ok(())
     }
 
+    /// Whether the token in `slot` can generate `spec` keys: the mechanism is listed (or the
+    /// list is unknown) and, for RSA, the size is within what C_GetMechanismInfo says.
+    pub(super) fn check_generation(
+        &mut self,
+        token: &TokenId,
+        slot: cryptoki::slot::Slot,
+        spec: KeySpec,
+    ) -> Result<(), Error> {
+        let (_, mechanism_type) = generation_mechanism(spec);
+        let cannot = || Error::MechanismNotSupported {
+            algorithm: format!("{} key generation", spec.wire_name()),
+            key: "no".to_owned(),
+        };
+        let mechanisms = self.mechanisms_at(token, slot)?;
+        if !mechanisms.is_empty() && !mechanisms.contains(&mechanism_type) {
+            return Err(cannot());
+        }
+        if let KeySpec::Rsa { bits } = spec {
+            // A module that will not say is not held to it.
+            if let Ok(info) = self.ctx.get_mechanism_info(slot, mechanism_type) {
+                let bits = bits as usize;
+                if bits < info.min_key_size()
+                    || (info.max_key_size() > 0 && bits > info.max_key_size())
+                {
+                    return Err(cannot());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// After an enrolment job: objects may have changed (the scan is dropped); a removal drops
     /// the token; another failure continues in a fresh session (an operation may be active);
     /// then the logout the job asked for.
@@ -159,27 +190,9 @@ impl Worker {
             return Err(Error::InvalidInput("a new key needs a label".to_owned()));
         }
         let found = self.find(token)?;
-        let (mechanism, mechanism_type) = match req.spec {
-            KeySpec::EcP256 | KeySpec::EcP384 => {
-                (Mechanism::EccKeyPairGen, MechanismType::ECC_KEY_PAIR_GEN)
-            }
-            KeySpec::Rsa { .. } => (
-                Mechanism::RsaPkcsKeyPairGen,
-                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
-            ),
-            KeySpec::Ed25519 => (
-                Mechanism::EccEdwardsKeyPairGen,
-                MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
-            ),
-        };
+        let (mechanism, _) = generation_mechanism(req.spec);
         // Refused before any login when the token says it cannot.
-        let mechanisms = self.mechanisms_at(token, found.slot)?;
-        if !mechanisms.is_empty() && !mechanisms.contains(&mechanism_type) {
-            return Err(Error::MechanismNotSupported {
-                algorithm: format!("generating {} keys", req.spec.wire_name()),
-                key: "this token's".to_owned(),
-            });
-        }
+        self.check_generation(token, found.slot, req.spec)?;
         let found = self.ensure_user_login(token, found, credential)?;
         let session = self
             .ctx
@@ -432,6 +445,23 @@ impl Worker {
         let id = CertificateId::new(token, cka_id, der);
         let found = self.find(token)?;
         self.entry_at(&id, &found).map(|e| e.info)
+    }
+}
+
+/// The key-pair generation mechanism for a key type.
+fn generation_mechanism(spec: KeySpec) -> (Mechanism<'static>, MechanismType) {
+    match spec {
+        KeySpec::EcP256 | KeySpec::EcP384 => {
+            (Mechanism::EccKeyPairGen, MechanismType::ECC_KEY_PAIR_GEN)
+        }
+        KeySpec::Rsa { .. } => (
+            Mechanism::RsaPkcsKeyPairGen,
+            MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+        ),
+        KeySpec::Ed25519 => (
+            Mechanism::EccEdwardsKeyPairGen,
+            MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+        ),
     }
 }
 
