@@ -4,6 +4,7 @@
 //! This file holds the service's state, the dispatch and the helpers every operation shares;
 //! each operation group has its own file under `service/`.
 
+mod enroll;
 mod failure;
 mod listing;
 mod login;
@@ -11,6 +12,7 @@ mod origin;
 mod pin_cache;
 mod sign;
 
+pub(crate) use enroll::generation_failure;
 pub use failure::Failure;
 pub use listing::{certificate_entry, token_entry};
 pub(crate) use sign::{signing_allowed, SignPlan};
@@ -158,8 +160,14 @@ impl Service {
                 self.ensure_approved(ctx).await?;
                 self.authenticate(ctx, p).await
             }
-            Request::KeysGenerate(_) => Err(Failure::NotBuilt("keys.generate")),
-            Request::CertificatesImport(_) => Err(Failure::NotBuilt("certificates.import")),
+            Request::KeysGenerate(p) => {
+                self.ensure_approved(ctx).await?;
+                self.keys_generate(ctx, p).await
+            }
+            Request::CertificatesImport(p) => {
+                self.ensure_approved(ctx).await?;
+                self.certificates_import(ctx, p).await
+            }
             Request::Cancel { .. } => Err(Failure::Internal(
                 "cancel reached the service; the bridge answers it".into(),
             )),

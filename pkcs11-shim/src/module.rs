@@ -25,6 +25,10 @@ use tokio::sync::{oneshot, Notify};
 use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
+use crate::keygen::{
+    DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported,
+    KeySignRequest, KeySpec,
+};
 use crate::pin::Credential;
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
 use crate::worker;
@@ -271,6 +275,62 @@ impl Module {
         self.call(|reply| Request::Logout { token, reply })
     }
 
+    /// Generates a key pair on the token, logging in with `credential` where the token asks
+    /// (see [`crate::keygen`] for what the token holds afterwards). Waits at most the call
+    /// timeout; [`Error::LoginRequired`] and [`Error::PinIncorrect`] mean "ask the user, then
+    /// send it again".
+    pub fn generate_key(
+        &self,
+        req: GenerateRequest,
+        credential: Credential,
+    ) -> Result<GeneratedKey, Error> {
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::Generate { job, reply })
+    }
+
+    /// One signature by the key with this CKA_ID, certificate or not (the certificate request
+    /// of a key just generated). Same login rules as [`Module::sign`], one input.
+    pub fn sign_with_key(
+        &self,
+        req: KeySignRequest,
+        credential: Credential,
+    ) -> Result<Vec<u8>, Error> {
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::KeySign { job, reply })
+    }
+
+    /// Stores a certificate beside the private key whose public key it carries (the key's
+    /// CKA_ID and label). [`Error::NoMatchingKey`] when no key on the token matches;
+    /// [`Error::CertificateExists`] when the key has another certificate and the request does
+    /// not say [`crate::ImportMode::Replace`].
+    pub fn import_certificate(
+        &self,
+        req: ImportRequest,
+        credential: Credential,
+    ) -> Result<Imported, Error> {
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::Import { job, reply })
+    }
+
+    /// Whether the token can generate keys of this type (its mechanism list, and for RSA the
+    /// key sizes C_GetMechanismInfo gives), without a login: [`Error::MechanismNotSupported`]
+    /// when it cannot. A token that lists no mechanisms is given the benefit of the doubt.
+    pub fn check_generation(&self, token: &TokenId, spec: KeySpec) -> Result<(), Error> {
+        let token = token.clone();
+        self.call(|reply| Request::CheckGeneration { token, spec, reply })
+    }
+
+    /// Destroys a key pair made by [`Module::generate_key`] whose certificate request could
+    /// not be made, in the login the generation left open (no credential: without that login it
+    /// answers [`Error::LoginRequired`] and destroys nothing).
+    pub fn delete_new_key(&self, req: DeleteKeyRequest) -> Result<(), Error> {
+        let job = EnrolJob {
+            req,
+            credential: Credential::None,
+        };
+        self.call(|reply| Request::DeleteKey { job, reply })
+    }
+
     /// Sends a request and waits, at most the call timeout, for its answer.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
@@ -511,6 +571,27 @@ pub(crate) enum Request {
         token: TokenId,
         reply: Reply<()>,
     },
+    Generate {
+        job: EnrolJob<GenerateRequest>,
+        reply: Reply<GeneratedKey>,
+    },
+    KeySign {
+        job: EnrolJob<KeySignRequest>,
+        reply: Reply<Vec<u8>>,
+    },
+    Import {
+        job: EnrolJob<ImportRequest>,
+        reply: Reply<Imported>,
+    },
+    DeleteKey {
+        job: EnrolJob<DeleteKeyRequest>,
+        reply: Reply<()>,
+    },
+    CheckGeneration {
+        token: TokenId,
+        spec: KeySpec,
+        reply: Reply<()>,
+    },
 }
 
 impl Request {
@@ -523,6 +604,11 @@ impl Request {
             Request::LoginState { .. } => "login_state",
             Request::Sign { .. } => "sign",
             Request::Logout { .. } => "logout",
+            Request::Generate { .. } => "generate_key",
+            Request::KeySign { .. } => "sign_with_key",
+            Request::Import { .. } => "import_certificate",
+            Request::DeleteKey { .. } => "delete_new_key",
+            Request::CheckGeneration { .. } => "check_generation",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The worker thread that owns one module's cryptoki context, its sessions and caches.
 //! Nothing else touches cryptoki.
 
+mod keygen;
 mod login;
 mod sign;
 
@@ -290,6 +291,33 @@ impl Worker {
             }
             Request::Logout { token, reply } => {
                 let _ = reply.send(self.logout(&token));
+            }
+            Request::Generate { job, reply } => {
+                let r = self.generate(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::KeySign { job, reply } => {
+                let r = self.sign_with_key(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::Import { job, reply } => {
+                let r = self.import(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::CheckGeneration { token, spec, reply } => {
+                let r = self
+                    .find(&token)
+                    .and_then(|found| self.check_generation(&token, found.slot, spec));
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::DeleteKey { job, reply } => {
+                let r = self.delete_new_key(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
         }
     }

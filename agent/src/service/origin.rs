@@ -17,13 +17,14 @@ use crate::pinentry::{DialogCancel, DialogError};
 
 use super::{run_cancellable, Failure, Service, VERSION};
 
-/// Capabilities built in this agent (`keys.generate` is not built yet, so it is not claimed).
+/// Capabilities built in this agent (`keys.generate` covers `certificates.import` too).
 const CAPABILITIES: &[&str] = &[
     "certificates",
     "sign",
     "sign.batch",
     "cms",
     "authenticate",
+    "keys.generate",
     "events",
 ];
 

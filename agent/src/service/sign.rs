@@ -329,7 +329,7 @@ impl Service {
 
     /// Shows one consent dialog once it is this origin's turn; the request's cancel closes it
     /// (or ends the wait for the turn).
-    async fn ask(
+    pub(super) async fn ask(
         &self,
         ctx: &RequestContext,
         build: &DialogBuilder,
@@ -440,7 +440,7 @@ impl Service {
     }
 
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
-    fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
+    pub(super) fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
         let after = Duration::from_secs(self.config.pin_cache_seconds);
         self.pin_cache.used(token.to_string(), after, async move {
             let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
