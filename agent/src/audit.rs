@@ -24,11 +24,22 @@
 //! together with a log cut to match; the head only moves that from "truncate one file" to
 //! "keep and restore two".
 //!
-//! Crash safety: a line is written with one `write_all` of the complete line and its `\n`,
-//! then `sync_data`. [`AuditLog::open`] cuts a trailing partial line (a crash mid-write) and
-//! continues the chain from the last whole line, so a crash never breaks verification.
+//! Crash safety: a line (or a group of lines, see below) is written with one `write_all` of
+//! the complete lines and their `\n`, then `sync_data`. [`AuditLog::open`] cuts a trailing
+//! partial line (a crash mid-write) and continues the chain from the last whole line, so a
+//! crash never breaks verification. The head is written only after its lines are durable, so
+//! the head on disk is never ahead of the log; the agent syncs the head lazily (when the writer
+//! goes idle, and at least once a second), so a crash may leave it behind the log, which
+//! [`AuditLog::open`] brings level and [`verify`] accepts.
 //!
-//! Thread safety: [`AuditLog`] is `Send`; share it behind a `Mutex`.
+//! Group commit: the agent appends through an [`AuditWriter`], a thread of its own that takes
+//! every record waiting when it is free and writes them as one group ([`AuditLog::append_group`]:
+//! one `write`, one `fdatasync`). Each caller's answer comes once its group is durable, and a
+//! failed group fails every request in it: a signature is still released only after its own
+//! record is on disk.
+//!
+//! Thread safety: [`AuditLog`] is `Send`; share it behind a `Mutex`, or hand it to an
+//! [`AuditWriter`].
 //!
 //! Several processes (the agent and `keyport sign`) may append to one log: each append holds an
 //! exclusive lock on the file (`flock`) and, if the file grew since this handle last wrote,
@@ -43,9 +54,12 @@ use std::path::{Path, PathBuf};
 use hmac::{KeyInit, Mac};
 
 use crate::files;
+pub use group::AuditWriter;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use zeroize::Zeroizing;
+
+mod group;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -100,6 +114,12 @@ pub enum AuditError {
     /// A record could not be serialised (cannot happen with the types here; kept typed).
     #[error("audit record could not be serialised")]
     Serialize(#[source] serde_json::Error),
+    /// The group this record was written in failed; every request in it gets this error.
+    #[error(transparent)]
+    Group(std::sync::Arc<AuditError>),
+    /// The [`AuditWriter`]'s thread is gone (it could not start, or the agent is stopping).
+    #[error("the audit writer is not running")]
+    WriterGone,
 }
 
 /// The secret key that chains the log. Zeroed on drop; never printed.
@@ -579,6 +599,7 @@ impl AuditLog {
             // A crash between a line and its head leaves the head one behind (or a log from
             // before heads existed has none): bring it level.
             write_head(&head_file, &key, last_seq, &prev_mac)
+                .and_then(|()| head_file.sync_data())
                 .map_err(io("writing the head", head))?;
         }
         Ok(AuditLog {
@@ -600,20 +621,46 @@ impl AuditLog {
         self
     }
 
-    /// Append one record: one `write_all` of the whole line, then `sync_data`. If the write
-    /// fails the file is cut back to its previous length and the chain does not advance.
+    /// Append one record: one `write_all` of the whole line, then `sync_data`, then the head
+    /// (written and synced). If the write fails the file is cut back to its previous length and
+    /// the chain does not advance.
     pub fn append(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
+        self.append_group(std::slice::from_ref(rec))?;
+        self.sync_head()
+    }
+
+    /// Append records as one group: their lines chained in order, written with one
+    /// `write_all`, made durable with one `sync_data`, then the head written for the last of
+    /// them (not synced: see [`AuditLog::sync_head`]). All or none: if the write or its sync
+    /// fails, the file is cut back to its previous length, the chain does not advance and the
+    /// error is the whole group's.
+    pub fn append_group(&mut self, recs: &[AuditRecord]) -> Result<(), AuditError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
         let lock_err = |source| AuditError::Io {
             path: self.path.clone(),
             action: "locking",
             source,
         };
         self.file.lock().map_err(lock_err)?;
-        let appended = self.resync().and_then(|()| self.append_locked(rec));
+        let appended = self.resync().and_then(|()| self.append_locked(recs));
         if let Err(e) = self.file.unlock() {
             tracing::warn!(error = %e, "could not unlock the audit log");
         }
         appended
+    }
+
+    /// Makes the last head written durable (`fdatasync` of the head file). The log's lines are
+    /// durable before their head is written, so a head on disk never runs ahead of the log; a
+    /// head not yet synced at a crash only leaves the head on disk behind the log, which
+    /// [`AuditLog::open`] brings level and [`verify`] accepts.
+    pub fn sync_head(&self) -> Result<(), AuditError> {
+        self.head_file.sync_data().map_err(|source| AuditError::Io {
+            path: self.head.clone(),
+            action: "syncing the head of",
+            source,
+        })
     }
 
     /// Continues the chain from another writer's last line if the file changed under us.
@@ -637,34 +684,42 @@ impl AuditLog {
         Ok(())
     }
 
-    fn append_locked(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
-        let time = rec
-            .time
-            .to_offset(time::UtcOffset::UTC)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_else(|_| "invalid-time".to_owned());
-        let mut line = AuditLine {
-            seq: self.next_seq,
-            time,
-            origin: rec.origin.clone(),
-            operation: rec.operation.as_str().to_owned(),
-            certificate: rec.certificate.clone(),
-            digests: rec.digests.clone(),
-            outcome: rec.outcome.render(),
-            mac: String::new(),
-        };
-        let canonical = line.canonical().map_err(AuditError::Serialize)?;
-        let mac = self.key.mac(&self.prev_mac, &canonical);
-        line.mac = hex::encode(mac);
-        let mut bytes = serde_json::to_vec(&line).map_err(AuditError::Serialize)?;
-        bytes.push(b'\n');
+    fn append_locked(&mut self, recs: &[AuditRecord]) -> Result<(), AuditError> {
+        let mut bytes = Vec::with_capacity(recs.len() * 512);
+        let mut lines = Vec::with_capacity(recs.len());
+        let (mut seq, mut prev) = (self.next_seq, self.prev_mac);
+        for rec in recs {
+            let time = rec
+                .time
+                .to_offset(time::UtcOffset::UTC)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| "invalid-time".to_owned());
+            let mut line = AuditLine {
+                seq,
+                time,
+                origin: rec.origin.clone(),
+                operation: rec.operation.as_str().to_owned(),
+                certificate: rec.certificate.clone(),
+                digests: rec.digests.clone(),
+                outcome: rec.outcome.render(),
+                mac: String::new(),
+            };
+            let canonical = line.canonical().map_err(AuditError::Serialize)?;
+            prev = self.key.mac(&prev, &canonical);
+            line.mac = hex::encode(prev);
+            serde_json::to_writer(&mut bytes, &line).map_err(AuditError::Serialize)?;
+            bytes.push(b'\n');
+            lines.push(line);
+            seq += 1;
+        }
 
         let written = self
             .file
             .write_all(&bytes)
             .and_then(|()| self.file.sync_data());
         if let Err(source) = written {
-            // Best effort: remove what part of the line got out; open() would cut it anyway.
+            // Best effort: remove what part of the lines got out; open() would cut a partial
+            // last line anyway, and the whole group is refused.
             if let Err(e) = self.file.set_len(self.len) {
                 tracing::error!(error = %e, "could not cut a failed audit write");
             }
@@ -675,10 +730,10 @@ impl AuditLog {
             });
         }
         self.len += bytes.len() as u64;
-        self.next_seq += 1;
-        self.prev_mac = mac;
-        // The line is durable; now the head, so that cutting it off shows.
-        write_head(&self.head_file, &self.key, self.next_seq - 1, &mac).map_err(|source| {
+        self.next_seq = seq;
+        self.prev_mac = prev;
+        // The lines are durable; now the head, so that cutting them off shows.
+        write_head(&self.head_file, &self.key, seq - 1, &prev).map_err(|source| {
             AuditError::Io {
                 path: self.head.clone(),
                 action: "writing the head of",
@@ -686,7 +741,9 @@ impl AuditLog {
             }
         })?;
         if let Some(journal) = &self.journal {
-            journal.send(&line);
+            for line in &lines {
+                journal.send(line);
+            }
         }
         Ok(())
     }
@@ -799,8 +856,8 @@ enum HeadState {
 }
 
 /// Bytes of one slot of the head file. Two slots alternate by seq (even at 0, odd at 256), so a
-/// write torn by a crash leaves the other, one record older, intact; each write is one `pwrite`
-/// and one `fdatasync`, no rename.
+/// write torn by a crash leaves the other, older, intact; each write is one `pwrite` (and an
+/// `fdatasync` when [`AuditLog::sync_head`] says), no rename.
 const HEAD_SLOT: usize = 256;
 
 /// One slot of the head file: `{"seq":N,"mac":"hex","head_mac":"hex"}`, padded with spaces and
@@ -848,7 +905,7 @@ fn read_slot(slot: &[u8], key: &AuditKey) -> Option<(u64, [u8; MAC_LEN])> {
     (head_mac(key, record.seq, &mac) == hm).then_some((record.seq, mac))
 }
 
-/// Writes the head for `seq` into its slot and syncs it.
+/// Writes the head for `seq` into its slot (not synced: the caller decides when).
 fn write_head(file: &File, key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let record = HeadRecord {
@@ -864,8 +921,7 @@ fn write_head(file: &File, key: &AuditKey, seq: u64, mac: &[u8; MAC_LEN]) -> std
     }
     bytes.resize(HEAD_SLOT - 1, b' ');
     bytes.push(b'\n');
-    file.write_all_at(&bytes, (seq % 2) * HEAD_SLOT as u64)?;
-    file.sync_data()
+    file.write_all_at(&bytes, (seq % 2) * HEAD_SLOT as u64)
 }
 
 /// Whether the audit log can take a record now: a probe of 4 KiB is written and synced in the

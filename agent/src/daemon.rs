@@ -117,6 +117,7 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
         let (c, p) = (config.clone(), paths.clone());
         tokio::task::spawn_blocking(move || open_audit(&c, &p)).await??
     };
+    let audit = crate::audit::AuditWriter::start(audit)?;
     let pinentry = pinentry_for(&config)?;
     let origins = OriginStore::open(&paths.origins_file(), &config)?;
     let tokens = {

@@ -419,9 +419,9 @@ impl Texts {
     ) -> Dialog {
         let (title, header, ok) = if self.zh() {
             (
-                "KeyPort：生成密钥",
-                format!("{origin} 请求在您的 USB Key 中生成新的密钥对。"),
-                "生成密钥",
+                "KeyPort：生成密钥对",
+                format!("{} 请求在您的 USB Key 中生成新的密钥对。", asker_zh(origin)),
+                "生成密钥对(_G)",
             )
         } else {
             (
@@ -448,20 +448,63 @@ impl Texts {
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
-    /// Consent to store a certificate beside its key (`certificates.import`).
+    /// The PIN for the first signature of a key just made that asks for its PIN at every
+    /// signature (`keys.generate` with `alwaysAuthenticate`): the one over its certificate
+    /// request.
+    pub fn sign_new_key_request(
+        &self,
+        origin: &str,
+        token_label: &str,
+        subject: &str,
+        unlock: Unlock,
+    ) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：签署证书请求",
+                format!("{} 请求用刚生成的密钥签署证书请求。", asker_zh(origin)),
+                "签署(_S)",
+            )
+        } else {
+            (
+                "KeyPort: sign the certificate request",
+                format!("{origin} asks your new key to sign its certificate request."),
+                "Sign",
+            )
+        };
+        let lines = vec![
+            header,
+            self.pick(
+                "This key asks for your PIN at every signature.",
+                "此密钥每次签名都要输入 PIN 码。",
+            )
+            .to_owned(),
+            String::new(),
+            format!(
+                "{}{}",
+                self.pick("For: ", "证书主体："),
+                quote(subject, SUBJECT_CHARS)
+            ),
+            self.token_line(token_label),
+        ];
+        self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// Consent to store a certificate beside its key (`certificates.import`); `replaces`: the
+    /// key's present certificate is replaced (a renewal for the same key).
     pub fn import_certificate(
         &self,
         origin: &str,
         token_label: &str,
         subject: &str,
         issuer: &str,
+        replaces: bool,
         unlock: Unlock,
     ) -> Dialog {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：导入证书",
-                format!("{origin} 请求将一张证书导入您的 USB Key。"),
-                "导入证书",
+                format!("{} 请求将一张证书导入您的 USB Key。", asker_zh(origin)),
+                "导入证书(_I)",
             )
         } else {
             (
@@ -470,7 +513,7 @@ impl Texts {
                 "Store certificate",
             )
         };
-        let lines = vec![
+        let mut lines = vec![
             header,
             String::new(),
             format!(
@@ -485,6 +528,15 @@ impl Texts {
             ),
             self.token_line(token_label),
         ];
+        if replaces {
+            lines.push(
+                self.pick(
+                    "The certificate this key has now is replaced.",
+                    "该密钥现有的证书将被替换。",
+                )
+                .to_owned(),
+            );
+        }
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
@@ -504,6 +556,16 @@ impl Texts {
         }
         // Chinese sentences follow each other with no space after the full stop.
         (!parts.is_empty()).then(|| parts.join(self.pick(" ", "")))
+    }
+
+    /// What a request of the `keyport` command line shows in the origin's place, naming the
+    /// command (`keys generate`, `certs import`).
+    pub fn command_line_program(&self, command: &str) -> String {
+        if self.zh() {
+            format!("命令行程序 keyport {command}")
+        } else {
+            format!("keyport {command} (command line)")
+        }
     }
 
     /// What a signature asked by `keyport sign` shows in the origin's place.
@@ -658,6 +720,16 @@ impl Texts {
                 })
             }
         }
+    }
+}
+
+/// Who asks, in a Chinese sentence: "网站 https://…" for a web origin, the command line's own
+/// name (命令行程序 keyport …) as it is.
+fn asker_zh(origin: &str) -> String {
+    if origin.contains("://") {
+        format!("网站 {origin}")
+    } else {
+        origin.to_owned()
     }
 }
 
@@ -1184,15 +1256,72 @@ mod tests {
             "SoftHSM token",
             "CN=Jane Doe",
             "CN=KeyPort Test CA",
+            true,
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
             &zh.description,
             &[
-                "请求将一张证书导入您的 USB Key。",
+                "网站 https://portal.example 请求将一张证书导入您的 USB Key。",
                 "“CN=Jane Doe”",
                 "颁发者：“CN=KeyPort Test CA”",
+                "该密钥现有的证书将被替换。",
             ],
+        );
+        assert_eq!(zh.title, "KeyPort：导入证书");
+        let zh = confirm(Texts::new(Language::ZhCn).generate_key(
+            ORIGIN,
+            "SoftHSM token",
+            "EC-P256",
+            "CN=张伟,C=CN",
+            Unlock::LoggedIn,
+        ));
+        assert_eq!(zh.title, "KeyPort：生成密钥对");
+        assert_eq!(zh.ok, "生成密钥对(_G)");
+        assert_has(
+            &zh.description,
+            &["网站 https://portal.example 请求在您的 USB Key 中生成新的密钥对。"],
+        );
+        let en = pin(Texts::new(Language::En).sign_new_key_request(
+            ORIGIN,
+            "SoftHSM token",
+            "CN=Jane Doe",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_eq!(en.title, "KeyPort: sign the certificate request");
+        assert_has(
+            &en.description,
+            &[
+                "https://portal.example asks your new key to sign its certificate request.",
+                "This key asks for your PIN at every signature.",
+                "«CN=Jane Doe»",
+            ],
+        );
+        let zh = pin(Texts::new(Language::ZhCn).sign_new_key_request(
+            ORIGIN,
+            "SoftHSM token",
+            "CN=张伟",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &zh.description,
+            &[
+                "网站 https://portal.example 请求用刚生成的密钥签署证书请求。",
+                "此密钥每次签名都要输入 PIN 码。",
+                "证书主体：“CN=张伟”",
+            ],
+        );
+        let cli = Texts::new(Language::ZhCn);
+        let zh = confirm(cli.generate_key(
+            &cli.command_line_program("keys generate"),
+            "SoftHSM token",
+            "EC-P256",
+            "CN=张伟,C=CN",
+            Unlock::LoggedIn,
+        ));
+        assert_has(
+            &zh.description,
+            &["命令行程序 keyport keys generate 请求在您的 USB Key 中生成新的密钥对。"],
         );
     }
 

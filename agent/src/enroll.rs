@@ -67,6 +67,22 @@ impl RequestSignature {
         }
     }
 
+    /// How a PKCS#11 token makes this signature (`None`: SM2, which SKF keys make).
+    pub fn pkcs11_algorithm(self) -> Option<pkcs11_shim::SignAlgorithm> {
+        use pkcs11_shim::{EcdsaEncoding, HashAlg, SignAlgorithm};
+        match self {
+            RequestSignature::EcdsaSha256 => {
+                Some(SignAlgorithm::Ecdsa(HashAlg::Sha256, EcdsaEncoding::Der))
+            }
+            RequestSignature::EcdsaSha384 => {
+                Some(SignAlgorithm::Ecdsa(HashAlg::Sha384, EcdsaEncoding::Der))
+            }
+            RequestSignature::RsaSha256 => Some(SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256)),
+            RequestSignature::Ed25519 => Some(SignAlgorithm::Ed25519),
+            RequestSignature::Sm2Sm3 => None,
+        }
+    }
+
     fn algorithm_identifier(self) -> Result<AlgorithmIdentifierOwned, EnrollError> {
         let (oid, parameters) = match self {
             RequestSignature::EcdsaSha256 => (rfc5912::ECDSA_WITH_SHA_256, None),
@@ -106,6 +122,15 @@ pub struct RequestToSign {
     builder: RequestBuilder,
     key: TokenKey,
     info: Vec<u8>,
+}
+
+/// Checks that `subject` is a distinguished name a request can carry, before anything is asked
+/// of the user or the token.
+pub fn check_subject(subject: &str) -> Result<(), EnrollError> {
+    match Name::from_str(subject) {
+        Ok(name) if !name.is_empty() => Ok(()),
+        _ => Err(EnrollError::BadSubject(subject.to_owned())),
+    }
 }
 
 /// Builds the request for `subject` (RFC 4514, e.g. `CN=Li Lei,O=Example,C=CN`) and the new

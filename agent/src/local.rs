@@ -1,5 +1,12 @@
-//! What the command line does with tokens: list them, list certificates, sign a file. The same
+//! What the command line does with tokens: list them, list certificates, sign a file, enrol
+//! (`local/enroll.rs`). The same
 //! planning, PIN dialog and output code as the WebSocket service, without a page.
+
+mod enroll;
+
+pub use enroll::{
+    generate_key, import_certificate, GenerateKeyRequest, GeneratedKey, ImportedCertificate,
+};
 
 use std::path::Path;
 

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 use agent::config::{Config, Paths};
 use agent::daemon::{self, RunOptions};
 use agent::dialog::{Language, Texts};
-use agent::local::{self, SignFileRequest};
+use agent::local::{self, GenerateKeyRequest, SignFileRequest};
 use agent::origins::OriginStore;
 use agent::tokens::TokenSet;
 use browser_bridge::protocol::{DigestAlgorithm, EcdsaEncoding, SignFormat, SignatureAlgorithm};
 use clap::{Parser, Subcommand, ValueEnum};
+use pkcs11_shim::KeySpec;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,10 +60,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Lists the certificates whose private key is on a token.
+    /// Lists the certificates whose private key is on a token (or imports one: `certs import`).
+    #[command(args_conflicts_with_subcommands = true)]
     Certs {
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<CertsAction>,
+    },
+    /// Generates key pairs on a token (enrolment).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Signs a file with a certificate's key (consent and PIN are asked through pinentry).
     ///
@@ -118,6 +127,62 @@ enum Command {
         /// The output folder: DIR/man/*.1 and DIR/completions/{keyport.bash,_keyport,keyport.fish}.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Generates a key pair on the token and writes its certificate request (PKCS#10, signed by
+    /// the new key) for your CA. Consent and PIN are asked through pinentry.
+    Generate {
+        /// The token id, as `keyport tokens` shows it.
+        #[arg(long, value_name = "ID")]
+        token: String,
+        #[arg(long, value_enum, default_value_t = KeyAlgorithmArg::EcP256)]
+        algorithm: KeyAlgorithmArg,
+        /// The request's subject, e.g. "CN=Li Lei,O=Example Bank,C=CN".
+        #[arg(long)]
+        subject: String,
+        /// The key's label on the token (default: the subject's CN).
+        #[arg(long)]
+        label: Option<String>,
+        /// A key that asks for the PIN at every signature (CKA_ALWAYS_AUTHENTICATE).
+        #[arg(long)]
+        always_authenticate: bool,
+        /// Where to write the request: PEM if the name ends in .pem, else DER.
+        #[arg(long = "out", value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KeyAlgorithmArg {
+    #[value(name = "EC-P256")]
+    EcP256,
+    #[value(name = "EC-P384")]
+    EcP384,
+    #[value(name = "RSA-2048")]
+    Rsa2048,
+    #[value(name = "RSA-3072")]
+    Rsa3072,
+    #[value(name = "Ed25519")]
+    Ed25519,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsAction {
+    /// Stores a certificate (DER or PEM) beside its key on the token. Consent and PIN are asked
+    /// through pinentry.
+    Import {
+        /// The token id, as `keyport tokens` shows it.
+        #[arg(long, value_name = "ID")]
+        token: String,
+        /// The certificate file.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// Replace the certificate the key has now (a renewal for the same key).
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -315,7 +380,73 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Certs { json } => {
+        Command::Certs {
+            action:
+                Some(CertsAction::Import {
+                    token,
+                    input,
+                    replace,
+                }),
+            ..
+        } => {
+            let mut audit = daemon::open_audit(&config, &paths)?;
+            let tokens = TokenSet::load(&config);
+            tokens.report_failures();
+            let pinentry = local_pinentry(&config)?;
+            let texts = Texts::new(Language::from_config(config.language.as_deref()));
+            let imported = local::import_certificate(
+                &tokens, &pinentry, texts, &mut audit, &token, &input, replace,
+            )?;
+            out!(
+                "stored {} on the token: certificate {}",
+                imported.subject,
+                imported.certificate_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            action:
+                KeysAction::Generate {
+                    token,
+                    algorithm,
+                    subject,
+                    label,
+                    always_authenticate,
+                    output,
+                },
+        } => {
+            let mut audit = daemon::open_audit(&config, &paths)?;
+            let tokens = TokenSet::load(&config);
+            tokens.report_failures();
+            let pinentry = local_pinentry(&config)?;
+            let texts = Texts::new(Language::from_config(config.language.as_deref()));
+            let spec = match algorithm {
+                KeyAlgorithmArg::EcP256 => KeySpec::EcP256,
+                KeyAlgorithmArg::EcP384 => KeySpec::EcP384,
+                KeyAlgorithmArg::Rsa2048 => KeySpec::Rsa { bits: 2048 },
+                KeyAlgorithmArg::Rsa3072 => KeySpec::Rsa { bits: 3072 },
+                KeyAlgorithmArg::Ed25519 => KeySpec::Ed25519,
+            };
+            let req = GenerateKeyRequest {
+                token: &token,
+                spec,
+                label: label.as_deref(),
+                subject: &subject,
+                always_authenticate,
+                output: &output,
+            };
+            let key = local::generate_key(&tokens, &pinentry, texts, &mut audit, &req)?;
+            out!(
+                "generated a {} key on the token: {}\nwrote its certificate request to {} ({}); \
+                 import the issued certificate with `keyport certs import --token {token} --in FILE`",
+                spec.wire_name(),
+                key.key_id,
+                output.display(),
+                if key.pem { "PEM" } else { "DER" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs { json, .. } => {
             let tokens = TokenSet::load(&config);
             tokens.report_failures();
             if json {
@@ -353,14 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut audit = daemon::open_audit(&config, &paths)?;
             let tokens = TokenSet::load(&config);
             tokens.report_failures();
-            let mut pinentry = daemon::pinentry_for(&config)?;
-            // A terminal pinentry (tty, curses) must be told which terminal to use, as GnuPG
-            // tells it with GPG_TTY; without one it fails or cancels at once.
-            if std::env::var_os("GPG_TTY").is_none() {
-                if let Some(tty) = local::terminal_name() {
-                    pinentry = pinentry.tty_name(tty);
-                }
-            }
+            let pinentry = local_pinentry(&config)?;
             let texts = Texts::new(Language::from_config(config.language.as_deref()));
             let req = SignFileRequest {
                 certificate: &cert,
@@ -455,6 +579,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             u8::try_from(agent::host::pkcs11::run_host(&pkcs11)).unwrap_or(1),
         )),
     }
+}
+
+/// The dialog program for a command run in a terminal. A terminal pinentry (tty, curses)
+/// must be told which terminal to use, as GnuPG tells it with GPG_TTY; without one it fails or
+/// cancels at once.
+fn local_pinentry(config: &Config) -> anyhow::Result<agent::pinentry::Pinentry> {
+    let mut pinentry = daemon::pinentry_for(config)?;
+    if std::env::var_os("GPG_TTY").is_none() {
+        if let Some(tty) = local::terminal_name() {
+            pinentry = pinentry.tty_name(tty);
+        }
+    }
+    Ok(pinentry)
 }
 
 /// The man pages (one per command, from the same definitions as `--help`) and the shell

@@ -4,12 +4,15 @@
 //! This file holds the service's state, the dispatch and the helpers every operation shares;
 //! each operation group has its own file under `service/`.
 
+mod enroll;
 mod failure;
 mod listing;
 mod login;
 mod origin;
+mod pin_cache;
 mod sign;
 
+pub(crate) use enroll::generation_failure;
 pub use failure::Failure;
 pub use listing::{certificate_entry, token_entry};
 pub(crate) use sign::{signing_allowed, SignPlan};
@@ -17,13 +20,12 @@ pub(crate) use sign::{signing_allowed, SignPlan};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use browser_bridge::protocol::{Request, RpcError};
+use browser_bridge::protocol::{Answer, Request, RpcError};
 use browser_bridge::{Backend, ConnectionId, Origin, RequestContext};
 use pkcs11_shim::CertificateId;
-use serde_json::Value;
 use tracing::Instrument;
 
-use crate::audit::{AuditLog, AuditRecord, Operation};
+use crate::audit::{AuditRecord, AuditWriter, Operation};
 use crate::config::Config;
 use crate::dialog::Texts;
 use crate::origins::OriginStore;
@@ -52,12 +54,13 @@ pub struct Service {
     origins: Mutex<OriginStore>,
     pinentry: Pinentry,
     texts: Texts,
-    audit: Option<Mutex<AuditLog>>,
+    /// The audit log's group-commit writer.
+    audit: Option<AuditWriter>,
     /// Each origin's dialogs: one shown, at most `origin::MAX_WAITING` waiting.
     dialog_lines: origin::DialogLines,
     connections: Mutex<HashMap<ConnectionId, ConnState>>,
-    /// A generation per token, so a delayed logout does not end a newer cached login.
-    pin_cache: Arc<Mutex<HashMap<String, u64>>>,
+    /// The PIN cache's logout timer of each token.
+    pin_cache: pin_cache::LogoutTimers,
 }
 
 impl Service {
@@ -67,7 +70,7 @@ impl Service {
         origins: OriginStore,
         pinentry: Pinentry,
         texts: Texts,
-        audit: Option<AuditLog>,
+        audit: Option<AuditWriter>,
     ) -> Service {
         Service {
             config,
@@ -75,10 +78,10 @@ impl Service {
             origins: Mutex::new(origins),
             pinentry,
             texts,
-            audit: audit.map(Mutex::new),
+            audit,
             dialog_lines: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
-            pin_cache: Arc::new(Mutex::new(HashMap::new())),
+            pin_cache: pin_cache::LogoutTimers::default(),
         }
     }
 
@@ -100,36 +103,40 @@ impl Service {
         }
     }
 
-    fn audit(&self, record: AuditRecord) {
-        if let Err(e) = self.audit_durable(record) {
+    async fn audit(&self, record: AuditRecord) {
+        if let Err(e) = self.audit_durable(record).await {
             tracing::error!(error = %e, "audit log append failed");
         }
     }
 
-    /// Appends the record and returns once it is on disk. A granted signature or login is
-    /// released only after this succeeds (fails closed: INTERNAL, nothing released).
-    fn audit_durable(&self, record: AuditRecord) -> Result<(), Failure> {
-        let Some(log) = &self.audit else {
+    /// Appends the record and returns once it is on disk (its group's `fdatasync`). A granted
+    /// signature or login is released only after this succeeds (fails closed: INTERNAL,
+    /// nothing released).
+    async fn audit_durable(&self, record: AuditRecord) -> Result<(), Failure> {
+        let Some(writer) = &self.audit else {
             return Ok(());
         };
-        let mut log = log
-            .lock()
-            .map_err(|_| Failure::Internal("audit log lock poisoned".into()))?;
-        log.append(&record).map_err(|e| {
+        writer.append(record).await.map_err(|e| {
             tracing::error!(error = %crate::tokens::error_chain(&e), "audit record not written: the result is withheld");
             Failure::Internal(format!("the audit record could not be written: {e}"))
         })
     }
 
     /// Audits a request that failed before it reached a certificate; gives the failure back.
-    fn audit_failure(&self, origin: &str, operation: &Operation, failure: Failure) -> Failure {
+    async fn audit_failure(
+        &self,
+        origin: &str,
+        operation: &Operation,
+        failure: Failure,
+    ) -> Failure {
         self.audit(
             AuditRecord::new(origin.to_owned(), operation.clone()).outcome(failure.outcome()),
-        );
+        )
+        .await;
         failure
     }
 
-    async fn dispatch(&self, ctx: &RequestContext, request: Request) -> Result<Value, Failure> {
+    async fn dispatch(&self, ctx: &RequestContext, request: Request) -> Result<Answer, Failure> {
         match request {
             Request::Hello(_) => Ok(self.hello(ctx)),
             Request::RequestAccess => self.request_access(ctx).await,
@@ -153,8 +160,14 @@ impl Service {
                 self.ensure_approved(ctx).await?;
                 self.authenticate(ctx, p).await
             }
-            Request::KeysGenerate(_) => Err(Failure::NotBuilt("keys.generate")),
-            Request::CertificatesImport(_) => Err(Failure::NotBuilt("certificates.import")),
+            Request::KeysGenerate(p) => {
+                self.ensure_approved(ctx).await?;
+                self.keys_generate(ctx, p).await
+            }
+            Request::CertificatesImport(p) => {
+                self.ensure_approved(ctx).await?;
+                self.certificates_import(ctx, p).await
+            }
             Request::Cancel { .. } => Err(Failure::Internal(
                 "cancel reached the service; the bridge answers it".into(),
             )),
@@ -168,13 +181,17 @@ impl Service {
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
-        let tokens = self.tokens.clone();
-        blocking(move || tokens.certificate(&id))
-            .await?
+        self.tokens
+            .certificate_async(&id)
+            .await
             .map_err(Failure::Token)
     }
 
+    /// The token's label for a dialog: as the last listing saw it, else from a listing now.
     async fn token_label(&self, token: &pkcs11_shim::TokenId) -> Option<String> {
+        if let Some(label) = self.tokens.known_label(token) {
+            return Some(label);
+        }
         let tokens = self.tokens.clone();
         let token = token.clone();
         blocking(move || tokens.token(&token))
@@ -202,7 +219,7 @@ impl Backend for Service {
         self.is_approved_origin(origin.as_str())
     }
 
-    async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Value, RpcError> {
+    async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Answer, RpcError> {
         let method = request.method();
         let span = tracing::info_span!(
             "request",

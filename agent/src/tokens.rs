@@ -282,6 +282,12 @@ impl TokenSet {
         let Ok(mut c) = self.inner.cards.lock() else {
             return;
         };
+        if c.with_card != with_card {
+            // A card went in or out: no module reuses its last probe of a token (issue 12).
+            for m in self.modules() {
+                m.module.token_event();
+            }
+        }
         if c.with_card.iter().any(|r| !with_card.contains(r)) {
             c.removals += 1;
         }
@@ -489,6 +495,52 @@ impl TokenSet {
     /// The token with this id.
     pub fn token(&self, id: &TokenId) -> Option<TokenView> {
         self.tokens().into_iter().find(|t| &t.info.id == id)
+    }
+
+    // ---- the signing hot path (issue 12): no blocking thread, no listing ----
+
+    /// [`Self::certificate`] on an async runtime: each module's worker answers this task.
+    pub async fn certificate_async(
+        &self,
+        id: &CertificateId,
+    ) -> Result<CertificateView, pkcs11_shim::Error> {
+        let token = id.token_id();
+        let mut last_err = None;
+        let mut busy = None;
+        for m in self.modules() {
+            match m.module.certificates_async(Some(token)).await {
+                Ok(certs) => {
+                    self.answered(&m.module);
+                    if let Some(info) = certs.into_iter().find(|c| &c.id == id) {
+                        return Ok(CertificateView {
+                            info,
+                            module: m.module.clone(),
+                        });
+                    }
+                }
+                Err(pkcs11_shim::Error::TokenNotFound(_)) => {}
+                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                    self.not_answered(&m.module, &e);
+                    busy = Some(e);
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match (busy, last_err) {
+            (Some(e), _) => Err(e),
+            (None, Some(e)) if e.is_removal() => Err(e),
+            _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
+        }
+    }
+
+    /// The token's label as the last listing saw it (no module call); None when no listing
+    /// has shown it yet.
+    pub fn known_label(&self, id: &TokenId) -> Option<String> {
+        lock(&self.inner.last_tokens)
+            .values()
+            .flatten()
+            .find(|t| &t.id == id)
+            .map(|t| t.label.trim().to_owned())
     }
 }
 

@@ -273,6 +273,39 @@ pub fn contains_secret_key(value: &Value) -> bool {
     }
 }
 
+/// A result's JSON text, serialised once from its typed struct: no `Value` tree is built for
+/// an answer (a signature's certificate and signature are not copied into one and out again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer(String);
+
+impl Answer {
+    /// The JSON text of `value` (`null` if it cannot be serialised, which the result types here
+    /// cannot fail to be).
+    pub fn of<T: Serialize>(value: &T) -> Answer {
+        Answer(serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned()))
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Value> for Answer {
+    fn from(value: Value) -> Answer {
+        Answer(value.to_string())
+    }
+}
+
+/// `{"jsonrpc":"2.0","id":id,"result":…}` as text, around an [`Answer`] already serialised.
+pub fn response_text(id: &Value, result: &Answer) -> String {
+    // `Value`'s Display is its compact JSON; the answer is JSON that serde_json wrote.
+    format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{}}}",
+        result.0
+    )
+}
+
 /// `{"jsonrpc": "2.0", "id": id, "result": result}`.
 pub fn response(id: &Value, result: Value) -> Value {
     serde_json::json!({ "jsonrpc": "2.0", "id": id, "result": result })
@@ -306,6 +339,20 @@ fn typed<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_text_is_the_response_value() {
+        let result = SignBatchResult {
+            results: vec![BatchSignature {
+                signature: Base64Bytes(vec![1, 2, 3]),
+            }],
+        };
+        for id in [Value::from(7), Value::from("a\"b")] {
+            let text = response_text(&id, &Answer::of(&result));
+            let parsed: Value = serde_json::from_str(&text).expect("JSON");
+            assert_eq!(parsed, response(&id, to_json(&result)));
+        }
+    }
 
     #[test]
     fn secret_keys_found_at_any_depth_and_case() {

@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::protocol::{self, Event, Request, RpcError};
+use crate::protocol::{self, Answer, Event, Request, RpcError};
 use crate::{Error, Origin};
 
 /// The agent's port unless configured otherwise.
@@ -142,7 +142,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         ctx: RequestContext,
         request: Request,
-    ) -> impl Future<Output = Result<Value, RpcError>> + Send;
+    ) -> impl Future<Output = Result<Answer, RpcError>> + Send;
 
     /// A connection ended (its pending requests have been cancelled).
     fn connection_closed(&self, _conn: ConnectionId) {}

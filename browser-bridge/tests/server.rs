@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use browser_bridge::protocol::{HelloResult, Reason, Request, RpcError, TokensListResult};
+use browser_bridge::protocol::{Answer, HelloResult, Reason, Request, RpcError, TokensListResult};
 use browser_bridge::{
     bind, Backend, Broadcaster, ConnectionId, Error, Limits, Origin, RequestContext, ServerConfig,
 };
@@ -45,17 +45,15 @@ impl Backend for Toy {
         origin.as_str() == PORTAL
     }
 
-    async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Value, RpcError> {
+    async fn handle(&self, ctx: RequestContext, request: Request) -> Result<Answer, RpcError> {
         match request {
-            Request::Hello(_) => {
-                Ok(
-                    serde_json::to_value(HelloResult::new("keyport", "0.1.0", &ctx.origin, false))
-                        .unwrap(),
-                )
-            }
-            Request::TokensList => {
-                Ok(serde_json::to_value(TokensListResult { tokens: vec![] }).unwrap())
-            }
+            Request::Hello(_) => Ok(Answer::of(&HelloResult::new(
+                "keyport",
+                "0.1.0",
+                &ctx.origin,
+                false,
+            ))),
+            Request::TokensList => Ok(Answer::of(&TokensListResult { tokens: vec![] })),
             Request::Sign(_) => {
                 ctx.notifier
                     .notify("test.started", json!({"id": ctx.request_id}));

@@ -59,6 +59,15 @@ pub enum Error {
     /// The certificate is there but its private key is not.
     #[error("the private key of the certificate was not found on the token")]
     KeyNotFound,
+    /// A certificate to import matches no private key on the token (by public key).
+    #[error("the certificate's public key matches no private key on the token")]
+    NoMatchingKey,
+    /// The key already has a different certificate, and the import was not asked to replace it.
+    #[error("the key already has a certificate ({existing})")]
+    CertificateExists {
+        /// The certificate the key has.
+        existing: CertificateId,
+    },
     /// Neither the token nor the shim can do what was asked with this key.
     #[error("mechanism not supported: {algorithm} with a {key} key")]
     MechanismNotSupported {
@@ -219,6 +228,10 @@ pub(crate) fn function_name(f: cryptoki::context::Function) -> &'static str {
         F::Sign => "C_Sign",
         F::SignUpdate => "C_SignUpdate",
         F::SignFinal => "C_SignFinal",
+        F::GenerateKeyPair => "C_GenerateKeyPair",
+        F::CreateObject => "C_CreateObject",
+        F::DestroyObject => "C_DestroyObject",
+        F::SetAttributeValue => "C_SetAttributeValue",
         _ => "C_(other)",
     }
 }

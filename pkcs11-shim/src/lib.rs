@@ -19,6 +19,7 @@
 mod algorithm;
 mod certificate;
 mod error;
+mod keygen;
 mod module;
 mod pin;
 mod raw;
@@ -34,6 +35,10 @@ pub use algorithm::{
 pub use certificate::parse_certificate_for_fuzzing;
 pub use certificate::{CertificateId, CertificateInfo, KeyAlgorithm, KeyUsage};
 pub use error::{Error, SignFailure};
+pub use keygen::{
+    key_id, DeleteKeyRequest, GenerateRequest, GeneratedKey, ImportMode, ImportRequest, Imported,
+    KeySignRequest, KeySpec,
+};
 pub use module::{LoadOptions, Module, Progress, DEFAULT_CALL_TIMEOUT};
 pub use pin::{Credential, LoginKind, SecretPin};
 pub use token::{LoginState, ModuleInfo, ParseIdError, PinStatus, TokenId, TokenInfo};

@@ -1,6 +1,12 @@
 //! The public handle to one loaded PKCS#11 module, and the messages it sends to the module's
-//! worker thread. Every public method is a blocking request/reply over a channel, so the worker
-//! could later live in a child process without changing this API.
+//! worker thread. Every public method is a blocking request/reply over a channel; the same API
+//! also drives a module in another process ([`Module::hosted`]: each call a [`Job`] through a
+//! [`Transport`]).
+//!
+//! Each call also has an async form (`*_async`) for callers on an async runtime: the worker
+//! answers it through a `tokio` oneshot, so no thread of the caller blocks while the module
+//! works and the answer wakes the waiting task directly. A hosted module runs the blocking call
+//! on the runtime's blocking pool (the transport waits on a socket).
 //!
 //! A module may hang inside a call (a deadlocked driver, a card that stopped answering). Every
 //! call but the signatures themselves therefore waits at most [`LoadOptions::call_timeout`] for
@@ -9,17 +15,24 @@
 //! queued behind it: a call waits (within its own deadline) for the worker to catch up.
 
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tokio::sync::{oneshot, Notify};
+
 use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
+use crate::keygen::{
+    DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported,
+    KeySignRequest, KeySpec,
+};
 use crate::pin::Credential;
-use crate::remote::{self, Job, Transport};
+use crate::remote::{self, Job, Transport, TransportError};
 use crate::token::{LoginState, ModuleInfo, TokenId, TokenInfo};
 use crate::worker;
 
@@ -75,8 +88,49 @@ enum Engine {
 /// A module in another process, reached through a [`Transport`].
 struct Hosted {
     transport: Box<dyn Transport>,
-    /// A signing job that logs in on a PIN pad waits this long for each step.
+    /// A job that logs in on a PIN pad waits this long for each step.
     pin_pad_wait: Duration,
+    /// Token events seen ([`Module::token_event`]), and how many of them the host was told of:
+    /// the next job first tells it ([`Job::TokenEvent`]), so that its module probes again.
+    token_events: AtomicU64,
+    told: AtomicU64,
+}
+
+impl Hosted {
+    /// Runs `job` on the host, after telling it of token events it has not heard of.
+    fn run(
+        &self,
+        job: Job,
+        deadline: Duration,
+        cancel: Option<&AtomicBool>,
+        interim: &mut dyn FnMut(remote::Reply),
+    ) -> Result<remote::Reply, TransportError> {
+        let events = self.token_events.load(Ordering::SeqCst);
+        if self.told.load(Ordering::SeqCst) < events {
+            match self
+                .transport
+                .run(Job::TokenEvent, deadline, None, &mut |_| {})
+            {
+                // A host that failed is replaced by one with no probes to forget.
+                Ok(_) | Err(TransportError::Failed(_)) => {
+                    self.told.fetch_max(events, Ordering::SeqCst);
+                }
+                Err(TransportError::Busy { .. }) => {}
+            }
+        }
+        self.transport.run(job, deadline, cancel, interim)
+    }
+}
+
+/// Runs a job on a module host and takes the answer out of the reply variant that answers it.
+macro_rules! on_host {
+    ($hosted:expr, $deadline:expr, $job:expr, $answer:path) => {
+        match $hosted.run($job, $deadline, None, &mut |_| {}) {
+            Ok($answer(r)) => r.map_err(Error::from),
+            Ok(other) => Err(remote::unexpected(&other)),
+            Err(e) => Err(Error::from(e)),
+        }
+    };
 }
 
 struct ThreadEngine {
@@ -129,9 +183,9 @@ impl Module {
 
     /// The module at `path`, loaded in a module host that `transport` reaches: the same API,
     /// each call a [`Job`] with the call timeout as its deadline (a signing job: for each of
-    /// its steps; `pin_pad_wait` when it logs in on a PIN pad). Asks the host for the module's
-    /// info once, so that a module that does not load fails here, as [`Module::load_with`]
-    /// does.
+    /// its steps; `pin_pad_wait` when a job logs in on a PIN pad). Asks the host for the
+    /// module's info once, so that a module that does not load fails here, as
+    /// [`Module::load_with`] does.
     pub fn hosted(
         path: &Path,
         options: LoadOptions,
@@ -145,6 +199,8 @@ impl Module {
                 engine: Engine::Hosted(Hosted {
                     transport,
                     pin_pad_wait: pin_pad_wait.max(options.call_timeout),
+                    token_events: AtomicU64::new(0),
+                    told: AtomicU64::new(0),
                 }),
             }),
         };
@@ -157,6 +213,7 @@ impl Module {
         matches!(self.inner.engine, Engine::Hosted(_))
     }
 
+    /// The in-process engine; a hosted module has none (its calls never get here).
     fn thread(&self) -> Result<&ThreadEngine, Error> {
         match &self.inner.engine {
             Engine::Thread(t) => Ok(t),
@@ -164,15 +221,20 @@ impl Module {
         }
     }
 
-    /// Runs one job on the module host; `None` for an in-process module.
-    fn hosted_call(&self, job: Job) -> Option<Result<remote::Reply, Error>> {
+    /// The module host, for a hosted module.
+    fn host(&self) -> Option<&Hosted> {
         match &self.inner.engine {
-            Engine::Hosted(h) => Some(
-                h.transport
-                    .run(job, self.inner.call_timeout, None, &mut |_| {})
-                    .map_err(Error::from),
-            ),
+            Engine::Hosted(h) => Some(h),
             Engine::Thread(_) => None,
+        }
+    }
+
+    /// How long a hosted job with this credential may wait for each of its steps.
+    fn host_deadline(&self, h: &Hosted, credential: &Credential) -> Duration {
+        if matches!(credential, Credential::PinPad) {
+            h.pin_pad_wait
+        } else {
+            self.inner.call_timeout
         }
     }
 
@@ -197,48 +259,91 @@ impl Module {
         }
     }
 
+    /// A card went in or out of a reader (the PC/SC watcher says so): the next request on
+    /// every token of this module probes it again (C_GetTokenInfo) rather than reusing the
+    /// last probe of a logged-in token. No PKCS#11 call.
+    pub fn token_event(&self) {
+        match &self.inner.engine {
+            Engine::Thread(t) => t.pace.token_event(),
+            Engine::Hosted(h) => {
+                h.token_events.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
     /// C_GetInfo: the library's description, manufacturer and versions.
     pub fn info(&self) -> Result<ModuleInfo, Error> {
-        match self.hosted_call(Job::Info) {
-            Some(Ok(remote::Reply::Info(r))) => r.map_err(Error::from),
-            Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
-            None => self.call(Request::Info),
+        if let Some(h) = self.host() {
+            return on_host!(h, self.inner.call_timeout, Job::Info, remote::Reply::Info);
         }
+        self.call(Request::Info)
     }
 
     /// The tokens present now.
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, Error> {
-        match self.hosted_call(Job::Tokens) {
-            Some(Ok(remote::Reply::Tokens(r))) => r.map_err(Error::from),
-            Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
-            None => self.call(Request::Tokens),
+        if let Some(h) = self.host() {
+            return on_host!(
+                h,
+                self.inner.call_timeout,
+                Job::Tokens,
+                remote::Reply::Tokens
+            );
         }
+        self.call(Request::Tokens)
     }
 
     /// Certificates whose private key is on a token (all tokens, or one).
     pub fn certificates(&self, token: Option<&TokenId>) -> Result<Vec<CertificateInfo>, Error> {
         let token = token.cloned();
-        if self.is_hosted() {
-            return match self.hosted_call(Job::Certificates { token }) {
-                Some(Ok(remote::Reply::Certificates(r))) => r.map_err(Error::from),
-                Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
-                None => Err(Error::WorkerGone),
-            };
+        if let Some(h) = self.host() {
+            let job = Job::Certificates { token };
+            return on_host!(h, self.inner.call_timeout, job, remote::Reply::Certificates);
         }
         self.call(|reply| Request::Certificates { token, reply })
+    }
+
+    /// [`Module::certificates`] for a caller on an async runtime.
+    pub fn certificates_async(
+        &self,
+        token: Option<&TokenId>,
+    ) -> impl Future<Output = Result<Vec<CertificateInfo>, Error>> + Send + 'static {
+        let token = token.cloned();
+        let module = self.clone();
+        async move {
+            if module.is_hosted() {
+                return off_thread(move || module.certificates(token.as_ref())).await?;
+            }
+            module
+                .call_async(|reply| Request::Certificates { token, reply })
+                .await
+        }
     }
 
     /// Whether signing with this token needs a PIN now.
     pub fn login_state(&self, token: &TokenId) -> Result<LoginState, Error> {
         let token = token.clone();
-        if self.is_hosted() {
-            return match self.hosted_call(Job::LoginState { token }) {
-                Some(Ok(remote::Reply::LoginState(r))) => r.map_err(Error::from),
-                Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
-                None => Err(Error::WorkerGone),
-            };
+        if let Some(h) = self.host() {
+            let job = Job::LoginState { token };
+            return on_host!(h, self.inner.call_timeout, job, remote::Reply::LoginState);
         }
         self.call(|reply| Request::LoginState { token, reply })
+    }
+
+    /// [`Module::login_state`] for a caller on an async runtime.
+    pub fn login_state_async(
+        &self,
+        token: &TokenId,
+    ) -> impl Future<Output = Result<LoginState, Error>> + Send + 'static {
+        let token = token.clone();
+        let module = self.clone();
+        async move {
+            if module.is_hosted() {
+                return off_thread(move || module.login_state(&token)).await?;
+            }
+            module
+                .call_async(|reply| Request::LoginState { token, reply })
+                .await
+        }
     }
 
     /// Signs the inputs with the certificate's key, in order, logging in with `credential`
@@ -257,7 +362,7 @@ impl Module {
         progress: Option<mpsc::Sender<Progress>>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
-        if let Engine::Hosted(h) = &self.inner.engine {
+        if let Some(h) = self.host() {
             return self.sign_hosted(h, req, credential, progress, cancel);
         }
         let deadline = Instant::now() + self.inner.call_timeout;
@@ -272,8 +377,8 @@ impl Module {
         let seq = self.send(
             Request::Sign {
                 job,
-                started,
-                reply,
+                started: Answer::Blocking(started),
+                reply: Answer::Blocking(reply),
             },
             deadline,
         )?;
@@ -286,15 +391,62 @@ impl Module {
             .map_err(|_| SignFailure::from(Error::WorkerGone))?
     }
 
+    /// [`Module::sign`] for a caller on an async runtime: the job goes to the worker's queue at
+    /// once and the worker answers through a oneshot, so no thread waits for it. The same
+    /// rules: the worker must start the job within the call timeout (else [`Error::Busy`]),
+    /// then it runs to its end. Dropping the future before the answer abandons the wait, not
+    /// the job (the worker finishes it; its answer is dropped).
+    pub fn sign_async(
+        &self,
+        req: SignRequest,
+        credential: Credential,
+        progress: Option<mpsc::Sender<Progress>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, SignFailure>> + Send + 'static {
+        let module = self.clone();
+        async move {
+            if module.is_hosted() {
+                return off_thread(move || module.sign(req, credential, progress, cancel)).await?;
+            }
+            let deadline = Instant::now() + module.inner.call_timeout;
+            let (started, mut started_rx) = oneshot::channel();
+            let (reply, mut rx) = oneshot::channel();
+            let job = SignJob {
+                req,
+                credential,
+                progress,
+                cancel,
+            };
+            let request = Request::Sign {
+                job,
+                started: Answer::Async(started),
+                reply: Answer::Async(reply),
+            };
+            let seq = module.send_async(request, deadline).await?;
+            // The answer usually comes first; the start matters only when it does not come
+            // within the deadline (one wake-up per signature, not two).
+            tokio::select! {
+                biased;
+                answer = &mut rx => return answer.map_err(|_| SignFailure::from(Error::WorkerGone))?,
+                () = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            match started_rx.try_recv() {
+                Ok(()) => {}
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    return Err(module.gave_up(seq, "sign").into())
+                }
+                Err(oneshot::error::TryRecvError::Closed) => return Err(Error::WorkerGone.into()),
+            }
+            rx.await.map_err(|_| SignFailure::from(Error::WorkerGone))?
+        }
+    }
+
     /// C_Logout on the token (a no-op when not logged in); drops the cached PIN login.
     pub fn logout(&self, token: &TokenId) -> Result<(), Error> {
         let token = token.clone();
-        if self.is_hosted() {
-            return match self.hosted_call(Job::Logout { token }) {
-                Some(Ok(remote::Reply::LoggedOut(r))) => r.map_err(Error::from),
-                Some(other) => Err(other.map_or_else(|e| e, |r| remote::unexpected(&r))),
-                None => Err(Error::WorkerGone),
-            };
+        if let Some(h) = self.host() {
+            let job = Job::Logout { token };
+            return on_host!(h, self.inner.call_timeout, job, remote::Reply::LoggedOut);
         }
         self.call(|reply| Request::Logout { token, reply })
     }
@@ -309,18 +461,13 @@ impl Module {
         progress: Option<mpsc::Sender<Progress>>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
-        let deadline = if matches!(credential, Credential::PinPad) {
-            h.pin_pad_wait
-        } else {
-            self.inner.call_timeout
-        };
+        let deadline = self.host_deadline(h, &credential);
         let mut interim = |reply: remote::Reply| {
             if let (remote::Reply::Progress(p), Some(tx)) = (reply, progress.as_ref()) {
                 let _ = tx.send(p);
             }
         };
         let reply = h
-            .transport
             .run(
                 Job::Sign { req, credential },
                 deadline,
@@ -330,9 +477,7 @@ impl Module {
             .map_err(|e| {
                 // A job cancelled by its caller whose host then failed (a hang stopped at the
                 // deadline) was cancelled, as the in-process module answers it.
-                let cancelled = cancel
-                    .as_deref()
-                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+                let cancelled = cancel.as_deref().is_some_and(|c| c.load(Ordering::SeqCst));
                 SignFailure::from(if cancelled {
                     Error::Cancelled
                 } else {
@@ -345,11 +490,95 @@ impl Module {
         }
     }
 
+    /// Generates a key pair on the token, logging in with `credential` where the token asks
+    /// (see [`crate::keygen`] for what the token holds afterwards). Waits at most the call
+    /// timeout; [`Error::LoginRequired`] and [`Error::PinIncorrect`] mean "ask the user, then
+    /// send it again".
+    pub fn generate_key(
+        &self,
+        req: GenerateRequest,
+        credential: Credential,
+    ) -> Result<GeneratedKey, Error> {
+        if let Some(h) = self.host() {
+            let deadline = self.host_deadline(h, &credential);
+            let job = Job::Generate { req, credential };
+            return on_host!(h, deadline, job, remote::Reply::Generated);
+        }
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::Generate { job, reply })
+    }
+
+    /// One signature by the key with this CKA_ID, certificate or not (the certificate request
+    /// of a key just generated). Same login rules as [`Module::sign`], one input.
+    pub fn sign_with_key(
+        &self,
+        req: KeySignRequest,
+        credential: Credential,
+    ) -> Result<Vec<u8>, Error> {
+        if let Some(h) = self.host() {
+            let deadline = self.host_deadline(h, &credential);
+            let job = Job::KeySign { req, credential };
+            return on_host!(h, deadline, job, remote::Reply::KeySigned);
+        }
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::KeySign { job, reply })
+    }
+
+    /// Stores a certificate beside the private key whose public key it carries (the key's
+    /// CKA_ID and label). [`Error::NoMatchingKey`] when no key on the token matches;
+    /// [`Error::CertificateExists`] when the key has another certificate and the request does
+    /// not say [`crate::ImportMode::Replace`].
+    pub fn import_certificate(
+        &self,
+        req: ImportRequest,
+        credential: Credential,
+    ) -> Result<Imported, Error> {
+        if let Some(h) = self.host() {
+            let deadline = self.host_deadline(h, &credential);
+            let job = Job::Import { req, credential };
+            return on_host!(h, deadline, job, remote::Reply::Imported).map(|i| *i);
+        }
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::Import { job, reply })
+    }
+
+    /// Whether the token can generate keys of this type (its mechanism list, and for RSA the
+    /// key sizes C_GetMechanismInfo gives), without a login: [`Error::MechanismNotSupported`]
+    /// when it cannot. A token that lists no mechanisms is given the benefit of the doubt.
+    pub fn check_generation(&self, token: &TokenId, spec: KeySpec) -> Result<(), Error> {
+        let token = token.clone();
+        if let Some(h) = self.host() {
+            let job = Job::CheckGeneration { token, spec };
+            return on_host!(
+                h,
+                self.inner.call_timeout,
+                job,
+                remote::Reply::GenerationChecked
+            );
+        }
+        self.call(|reply| Request::CheckGeneration { token, spec, reply })
+    }
+
+    /// Destroys a key pair made by [`Module::generate_key`] whose certificate request could
+    /// not be made, in the login the generation left open (no credential: without that login it
+    /// answers [`Error::LoginRequired`] and destroys nothing).
+    pub fn delete_new_key(&self, req: DeleteKeyRequest) -> Result<(), Error> {
+        if let Some(h) = self.host() {
+            let job = Job::DeleteKey { req };
+            return on_host!(h, self.inner.call_timeout, job, remote::Reply::KeyDeleted);
+        }
+        let job = EnrolJob {
+            req,
+            credential: Credential::None,
+        };
+        self.call(|reply| Request::DeleteKey { job, reply })
+    }
+
     /// Sends a request and waits, at most the call timeout, for its answer.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
         let (reply, rx) = mpsc::channel();
-        let request = make(reply);
+        let request = make(Answer::Blocking(reply));
         let what = request.name();
         let seq = self.send(request, deadline)?;
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -359,14 +588,40 @@ impl Module {
         }
     }
 
+    /// [`Module::call`] on an async runtime: the same deadline, awaited instead of blocked on.
+    async fn call_async<T>(self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
+        let deadline = Instant::now() + self.inner.call_timeout;
+        let (reply, rx) = oneshot::channel();
+        let request = make(Answer::Async(reply));
+        let what = request.name();
+        let seq = self.send_async(request, deadline).await?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(Error::WorkerGone),
+            Err(_) => Err(self.gave_up(seq, what)),
+        }
+    }
+
     /// Queues a request once the worker has caught up (waiting until `deadline` at most);
     /// returns its sequence number.
     fn send(&self, req: Request, deadline: Instant) -> Result<u64, Error> {
-        let t = self.thread()?;
-        if !t.pace.wait_caught_up(deadline) {
+        if !self.thread()?.pace.wait_caught_up(deadline) {
             return Err(self.busy());
         }
-        let mut queue = lock(&t.queue);
+        self.enqueue(req)
+    }
+
+    /// [`Module::send`] on an async runtime: the wait for the worker to catch up is awaited.
+    async fn send_async(&self, req: Request, deadline: Instant) -> Result<u64, Error> {
+        if !self.thread()?.pace.caught_up_async(deadline).await {
+            return Err(self.busy());
+        }
+        self.enqueue(req)
+    }
+
+    /// Puts a request in the worker's queue; returns its sequence number.
+    fn enqueue(&self, req: Request) -> Result<u64, Error> {
+        let mut queue = lock(&self.thread()?.queue);
         queue
             .tx
             .as_ref()
@@ -435,6 +690,29 @@ impl Drop for ThreadEngine {
     }
 }
 
+/// Runs a blocking call of a hosted module off the async runtime's workers (on its blocking
+/// pool; on a thread of its own outside a runtime).
+async fn off_thread<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    fn gone<E>(_: E) -> Error {
+        Error::ModuleHost("the call to the module host was lost".to_owned())
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime.spawn_blocking(call).await.map_err(gone),
+        Err(_) => {
+            let (tx, rx) = oneshot::channel();
+            std::thread::Builder::new()
+                .name("pkcs11-hosted-call".into())
+                .spawn(move || {
+                    let _ = tx.send(call());
+                })
+                .map_err(|e| Error::ModuleHost(format!("no thread for the call: {e}")))?;
+            rx.await.map_err(gone)
+        }
+    }
+}
+
 /// A lock on state that stays consistent after a panic elsewhere (each update is one step).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -446,6 +724,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Pace {
     counts: Mutex<Counts>,
     changed: Condvar,
+    /// The same news for waiters on an async runtime.
+    changed_async: Notify,
+    /// Token events seen (cards in or out): a probe taken before the last one is not reused.
+    token_events: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -461,6 +743,17 @@ impl Pace {
     pub(crate) fn finished_one(&self) {
         lock(&self.counts).done += 1;
         self.changed.notify_all();
+        self.changed_async.notify_waiters();
+    }
+
+    fn token_event(&self) {
+        self.token_events
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many token events were seen so far.
+    pub(crate) fn token_events(&self) -> u64 {
+        self.token_events.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn gave_up(&self, seq: u64) {
@@ -483,10 +776,45 @@ impl Pace {
             .unwrap_or_else(PoisonError::into_inner);
         c.done >= c.given_up
     }
+
+    /// [`Pace::wait_caught_up`] on an async runtime.
+    async fn caught_up_async(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.changed_async.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a notification after it is not lost.
+            notified.as_mut().enable();
+            if !self.is_behind() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                return !self.is_behind();
+            }
+        }
+    }
 }
 
 /// Where the worker sends one answer.
-pub(crate) type Reply<T> = mpsc::Sender<Result<T, Error>>;
+pub(crate) type Reply<T> = Answer<Result<T, Error>>;
+
+/// The way back for one answer: to a thread that blocks on it, or to a task that awaits it.
+pub(crate) enum Answer<T> {
+    Blocking(mpsc::Sender<T>),
+    Async(oneshot::Sender<T>),
+}
+
+impl<T> Answer<T> {
+    /// Err when the caller stopped waiting.
+    pub(crate) fn send(self, value: T) -> Result<(), T> {
+        match self {
+            Answer::Blocking(tx) => tx.send(value).map_err(|e| e.0),
+            Answer::Async(tx) => tx.send(value),
+        }
+    }
+}
 
 /// One request to the worker thread.
 pub(crate) enum Request {
@@ -504,11 +832,32 @@ pub(crate) enum Request {
         job: SignJob,
         /// Told when the worker takes the job up; a send that fails means the caller gave up
         /// waiting, and the job is dropped unsigned.
-        started: mpsc::Sender<()>,
-        reply: mpsc::Sender<Result<Vec<Vec<u8>>, SignFailure>>,
+        started: Answer<()>,
+        reply: Answer<Result<Vec<Vec<u8>>, SignFailure>>,
     },
     Logout {
         token: TokenId,
+        reply: Reply<()>,
+    },
+    Generate {
+        job: EnrolJob<GenerateRequest>,
+        reply: Reply<GeneratedKey>,
+    },
+    KeySign {
+        job: EnrolJob<KeySignRequest>,
+        reply: Reply<Vec<u8>>,
+    },
+    Import {
+        job: EnrolJob<ImportRequest>,
+        reply: Reply<Imported>,
+    },
+    DeleteKey {
+        job: EnrolJob<DeleteKeyRequest>,
+        reply: Reply<()>,
+    },
+    CheckGeneration {
+        token: TokenId,
+        spec: KeySpec,
         reply: Reply<()>,
     },
 }
@@ -523,6 +872,11 @@ impl Request {
             Request::LoginState { .. } => "login_state",
             Request::Sign { .. } => "sign",
             Request::Logout { .. } => "logout",
+            Request::Generate { .. } => "generate_key",
+            Request::KeySign { .. } => "sign_with_key",
+            Request::Import { .. } => "import_certificate",
+            Request::DeleteKey { .. } => "delete_new_key",
+            Request::CheckGeneration { .. } => "check_generation",
         }
     }
 }

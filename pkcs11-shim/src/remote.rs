@@ -7,7 +7,8 @@
 //! (frames, a socket pair, a versioned greeting, deadlines, restarts) is the transport's
 //! business, not this crate's.
 //!
-//! The PIN crosses only inside a [`Job::Sign`] (a credential is the user's one answer to one
+//! The PIN crosses only inside a job that logs in ([`Job::Sign`], and the enrolment jobs
+//! [`Job::Generate`], [`Job::KeySign`], [`Job::Import`]; a credential is the user's one answer to one
 //! dialog); it is serialised straight from and into a [`SecretPin`], never into any other
 //! string, and `Debug` never shows it. The cancel flag of the in-process API becomes a message
 //! of the transport (see [`Transport::run`]).
@@ -23,6 +24,10 @@ use serde::{Deserialize, Serialize};
 use crate::algorithm::SignRequest;
 use crate::certificate::{CertificateId, CertificateInfo};
 use crate::error::{function_name, Error, SignFailure};
+use crate::keygen::{
+    DeleteKeyRequest, GenerateRequest, GeneratedKey, ImportRequest, Imported, KeySignRequest,
+    KeySpec,
+};
 use crate::module::{Module, Progress};
 use crate::pin::{Credential, LoginKind, SecretPin};
 use crate::token::{LoginState, ModuleInfo, PinStatus, TokenId, TokenInfo};
@@ -47,6 +52,35 @@ pub enum Job {
     Logout {
         token: TokenId,
     },
+    /// A card went in or out ([`Module::token_event`]); answered [`Reply::TokenEventSeen`].
+    TokenEvent,
+    /// [`Module::generate_key`].
+    Generate {
+        req: GenerateRequest,
+        #[serde(with = "credential_wire")]
+        credential: Credential,
+    },
+    /// [`Module::sign_with_key`].
+    KeySign {
+        req: KeySignRequest,
+        #[serde(with = "credential_wire")]
+        credential: Credential,
+    },
+    /// [`Module::import_certificate`].
+    Import {
+        req: ImportRequest,
+        #[serde(with = "credential_wire")]
+        credential: Credential,
+    },
+    /// [`Module::check_generation`].
+    CheckGeneration {
+        token: TokenId,
+        spec: KeySpec,
+    },
+    /// [`Module::delete_new_key`] (no credential: it uses the generation's login).
+    DeleteKey {
+        req: DeleteKeyRequest,
+    },
 }
 
 impl Job {
@@ -59,6 +93,12 @@ impl Job {
             Job::LoginState { .. } => "login_state",
             Job::Sign { .. } => "sign",
             Job::Logout { .. } => "logout",
+            Job::TokenEvent => "token_event",
+            Job::Generate { .. } => "generate_key",
+            Job::KeySign { .. } => "sign_with_key",
+            Job::Import { .. } => "import_certificate",
+            Job::CheckGeneration { .. } => "check_generation",
+            Job::DeleteKey { .. } => "delete_new_key",
         }
     }
 }
@@ -73,6 +113,13 @@ pub enum Reply {
     Progress(Progress),
     Signed(Result<Vec<Vec<u8>>, WireFailure>),
     LoggedOut(Result<(), WireError>),
+    TokenEventSeen,
+    Generated(Result<GeneratedKey, WireError>),
+    KeySigned(Result<Vec<u8>, WireError>),
+    /// Boxed: a certificate is far larger than the other answers.
+    Imported(Result<Box<Imported>, WireError>),
+    GenerationChecked(Result<(), WireError>),
+    KeyDeleted(Result<(), WireError>),
 }
 
 /// A failed signing job: [`SignFailure`] as data.
@@ -105,6 +152,10 @@ pub enum WireError {
     TokenNotFound(TokenId),
     CertificateNotFound(CertificateId),
     KeyNotFound,
+    NoMatchingKey,
+    CertificateExists {
+        existing: CertificateId,
+    },
     MechanismNotSupported {
         algorithm: String,
         key: String,
@@ -181,6 +232,26 @@ pub fn run(
         }
         Job::LoginState { token } => Reply::LoginState(module.login_state(&token).map_err(wire)),
         Job::Logout { token } => Reply::LoggedOut(module.logout(&token).map_err(wire)),
+        Job::TokenEvent => {
+            module.token_event();
+            Reply::TokenEventSeen
+        }
+        Job::Generate { req, credential } => {
+            Reply::Generated(module.generate_key(req, credential).map_err(wire))
+        }
+        Job::KeySign { req, credential } => {
+            Reply::KeySigned(module.sign_with_key(req, credential).map_err(wire))
+        }
+        Job::Import { req, credential } => Reply::Imported(
+            module
+                .import_certificate(req, credential)
+                .map(Box::new)
+                .map_err(wire),
+        ),
+        Job::CheckGeneration { token, spec } => {
+            Reply::GenerationChecked(module.check_generation(&token, spec).map_err(wire))
+        }
+        Job::DeleteKey { req } => Reply::KeyDeleted(module.delete_new_key(req).map_err(wire)),
         Job::Sign { req, credential } => Reply::Signed(
             module
                 .sign(req, credential, progress, Some(cancel))
@@ -204,6 +275,12 @@ pub(crate) fn unexpected(reply: &Reply) -> Error {
             Reply::Progress(_) => "progress",
             Reply::Signed(_) => "signed",
             Reply::LoggedOut(_) => "logged_out",
+            Reply::TokenEventSeen => "token_event_seen",
+            Reply::Generated(_) => "generated",
+            Reply::KeySigned(_) => "key_signed",
+            Reply::Imported(_) => "imported",
+            Reply::GenerationChecked(_) => "generation_checked",
+            Reply::KeyDeleted(_) => "key_deleted",
         }
     ))
 }
@@ -241,6 +318,10 @@ impl From<&Error> for WireError {
             Error::TokenNotFound(id) => WireError::TokenNotFound(id.clone()),
             Error::CertificateNotFound(id) => WireError::CertificateNotFound(id.clone()),
             Error::KeyNotFound => WireError::KeyNotFound,
+            Error::NoMatchingKey => WireError::NoMatchingKey,
+            Error::CertificateExists { existing } => WireError::CertificateExists {
+                existing: existing.clone(),
+            },
             Error::MechanismNotSupported { algorithm, key } => WireError::MechanismNotSupported {
                 algorithm: algorithm.clone(),
                 key: key.clone(),
@@ -288,6 +369,8 @@ impl From<WireError> for Error {
             WireError::TokenNotFound(id) => Error::TokenNotFound(id),
             WireError::CertificateNotFound(id) => Error::CertificateNotFound(id),
             WireError::KeyNotFound => Error::KeyNotFound,
+            WireError::NoMatchingKey => Error::NoMatchingKey,
+            WireError::CertificateExists { existing } => Error::CertificateExists { existing },
             WireError::MechanismNotSupported { algorithm, key } => {
                 Error::MechanismNotSupported { algorithm, key }
             }
@@ -316,7 +399,7 @@ impl From<WireError> for Error {
 }
 
 /// The functions [`function_name`] names (the ones the shim calls).
-const KNOWN_FUNCTIONS: [Function; 23] = [
+const KNOWN_FUNCTIONS: [Function; 27] = [
     Function::Initialize,
     Function::Finalize,
     Function::GetInfo,
@@ -340,6 +423,10 @@ const KNOWN_FUNCTIONS: [Function; 23] = [
     Function::Sign,
     Function::SignUpdate,
     Function::SignFinal,
+    Function::GenerateKeyPair,
+    Function::CreateObject,
+    Function::DestroyObject,
+    Function::SetAttributeValue,
 ];
 
 /// The CK_RV of a return value. cryptoki 0.12 converts CK_RV → RvError only, so the spec's

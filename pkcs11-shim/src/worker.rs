@@ -1,6 +1,7 @@
 //! The worker thread that owns one module's cryptoki context, its sessions and caches.
 //! Nothing else touches cryptoki.
 
+mod keygen;
 mod login;
 mod sign;
 
@@ -67,6 +68,7 @@ pub(crate) fn spawn(
             let mut worker = Worker {
                 ctx,
                 raw,
+                pace: Arc::clone(&pace),
                 path,
                 tokens: HashMap::new(),
                 needs_reinit: false,
@@ -115,6 +117,9 @@ struct TokenState {
     /// The last scan of certificates and keys; dropped on login and logout because they
     /// change which objects are visible.
     entries: Option<Vec<Entry>>,
+    /// The last health probe's C_GetTokenInfo, and the count of token events when it was
+    /// taken: reused while our session holds a login (see [`Worker::find`]).
+    probe: Option<(u64, cryptoki::slot::TokenInfo)>,
 }
 
 impl TokenState {
@@ -124,6 +129,7 @@ impl TokenState {
             session: None,
             mechanisms: None,
             entries: None,
+            probe: None,
         }
     }
 }
@@ -147,6 +153,8 @@ pub(crate) struct Worker {
     ctx: Pkcs11,
     /// The module's own C_Sign, for CKA_ALWAYS_AUTHENTICATE keys (see `raw`).
     raw: Option<RawSign>,
+    /// Shared with the module's handles; counts token events ([`Pace::token_event`]).
+    pace: Arc<Pace>,
     path: PathBuf,
     tokens: HashMap<TokenId, TokenState>,
     /// The module answered CKR_GENERAL_ERROR, CKR_DEVICE_ERROR or CKR_CRYPTOKI_NOT_INITIALIZED:
@@ -252,11 +260,17 @@ impl Worker {
             Request::Certificates { token, reply } => {
                 let r = self.certificates(token.as_ref());
                 self.needs_reinit |= breaks_module(&r);
+                if r.is_err() {
+                    self.drop_probes();
+                }
                 let _ = reply.send(r);
             }
             Request::LoginState { token, reply } => {
                 let r = self.login_state(&token);
                 self.needs_reinit |= breaks_module(&r);
+                if r.is_err() {
+                    self.drop_probes();
+                }
                 let _ = reply.send(r);
             }
             Request::Sign {
@@ -271,11 +285,39 @@ impl Worker {
                 let r = self.sign(job);
                 if let Err(failure) = &r {
                     self.needs_reinit |= breaks(&failure.error);
+                    self.drop_probes();
                 }
                 let _ = reply.send(r);
             }
             Request::Logout { token, reply } => {
                 let _ = reply.send(self.logout(&token));
+            }
+            Request::Generate { job, reply } => {
+                let r = self.generate(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::KeySign { job, reply } => {
+                let r = self.sign_with_key(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::Import { job, reply } => {
+                let r = self.import(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::CheckGeneration { token, spec, reply } => {
+                let r = self
+                    .find(&token)
+                    .and_then(|found| self.check_generation(&token, found.slot, spec));
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
+            Request::DeleteKey { job, reply } => {
+                let r = self.delete_new_key(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
             }
         }
     }
@@ -383,11 +425,24 @@ impl Worker {
     /// Where the token is now, with its C_GetTokenInfo: the health probe, made once per
     /// request (see [`Found`]). A cached slot is re-checked with C_GetTokenInfo, and on a
     /// mismatch all slots are scanned again (slot numbers change on reinsertion).
+    ///
+    /// While our cached session holds a login (C_GetSessionInfo says so: a session the module
+    /// closed, as on a removal, fails it) and no token event ([`Pace::token_event`]: a card in
+    /// or out) nor error came since the last probe, that probe's answer is reused: a signature
+    /// on a cached login makes no C_GetTokenInfo (SoftHSM opens and locks its token files for
+    /// one). Without a login the probe is always made: its PIN flags decide the next dialog.
     pub(super) fn find(&mut self, id: &TokenId) -> Result<Found, Error> {
+        let events = self.pace.token_events();
+        if let Some(found) = self.cached_probe(id, events) {
+            return Ok(found);
+        }
         if let Some(state) = self.tokens.get(id) {
             let slot = state.slot;
             match self.ctx.get_token_info(slot) {
-                Ok(info) if &self.token_id_of(&info) == id => return Ok(Found { slot, info }),
+                Ok(info) if &self.token_id_of(&info) == id => {
+                    self.keep_probe(id, events, &info);
+                    return Ok(Found { slot, info });
+                }
                 _ => self.forget(id),
             }
         }
@@ -398,10 +453,36 @@ impl Worker {
             };
             if &self.token_id_of(&info) == id {
                 self.tokens.insert(id.clone(), TokenState::new(slot));
+                self.keep_probe(id, events, &info);
                 return Ok(Found { slot, info });
             }
         }
         Err(Error::TokenNotFound(id.clone()))
+    }
+
+    /// The last probe of a logged-in token, when nothing happened since (see [`Worker::find`]).
+    fn cached_probe(&mut self, id: &TokenId, events: u64) -> Option<Found> {
+        let (slot, info) = {
+            let state = self.tokens.get(id)?;
+            match &state.probe {
+                Some((at, info)) if *at == events => (state.slot, info.clone()),
+                _ => return None,
+            }
+        };
+        self.logged_in(id).then_some(Found { slot, info })
+    }
+
+    fn keep_probe(&mut self, id: &TokenId, events: u64, info: &cryptoki::slot::TokenInfo) {
+        if let Some(state) = self.tokens.get_mut(id) {
+            state.probe = Some((events, info.clone()));
+        }
+    }
+
+    /// Forgets every kept probe: after an error, or a login (its flags may have changed).
+    pub(super) fn drop_probes(&mut self) {
+        for state in self.tokens.values_mut() {
+            state.probe = None;
+        }
     }
 
     /// The token as the public API describes it, from its probe's C_GetTokenInfo.

@@ -315,3 +315,154 @@ fn a_hanging_module_answers_busy_within_the_call_timeout_and_recovers() {
     assert!(second_asked.lock().expect("log").is_empty());
     assert_eq!(rig.calls("C_SignInit"), 1, "the second signature never ran");
 }
+
+/// The async calls keep the blocking ones' rules: a signature answered straight to the task
+/// (and verifiable), a second one queued behind a hung module is BUSY once not started within
+/// the call timeout and never runs, other calls BUSY too, and all answer again once released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_calls_answer_the_task_and_keep_the_busy_rules() {
+    let timeout = Duration::from_millis(500);
+    let rig = FaultRig::with_options(LoadOptions {
+        call_timeout: timeout,
+    });
+    let req = rig.p256(vec![SignInput::Data(b"async".to_vec())]);
+    let token = req.certificate.token_id().clone();
+    let sigs = rig
+        .module
+        .sign_async(
+            req.clone(),
+            Credential::Pin(SecretPin::from(USER_PIN.to_owned())),
+            None,
+            None,
+        )
+        .await
+        .expect("signed");
+    let pem = rig.dir.path().join("certs/sign-p256.pem");
+    assert!(openssl_verify(&pem, "ecdsa", "sha256", b"async", &sigs[0]));
+    assert_eq!(
+        rig.module
+            .login_state_async(&token)
+            .await
+            .expect("login state"),
+        LoginState::LoggedIn
+    );
+    let certs = rig
+        .module
+        .certificates_async(Some(&token))
+        .await
+        .expect("certificates");
+    assert!(certs.iter().any(|c| c.id == req.certificate));
+
+    FaultRig::set_control(&rig.control, "hang_sign=1\n");
+    let signs_before = rig.calls("C_SignInit");
+    let hung = tokio::spawn(rig.module.sign_async(
+        SignRequest {
+            inputs: vec![SignInput::Data(b"hung".to_vec())],
+            ..req.clone()
+        },
+        Credential::None,
+        None,
+        None,
+    ));
+    let until = Instant::now() + Duration::from_secs(10);
+    while rig.calls("C_SignInit") == signs_before {
+        assert!(
+            Instant::now() < until,
+            "the worker never reached C_SignInit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let f = rig
+        .module
+        .sign_async(req.clone(), Credential::None, None, None)
+        .await
+        .expect_err("not started within the timeout");
+    assert!(matches!(f.error, Error::Busy { .. }), "{f:?}");
+    assert!(rig.module.is_behind());
+    let e = rig
+        .module
+        .login_state_async(&token)
+        .await
+        .expect_err("still hung");
+    assert!(matches!(e, Error::Busy { .. }), "{e:?}");
+
+    FaultRig::set_control(&rig.control, "");
+    let sigs = hung
+        .await
+        .expect("task")
+        .expect("the hung signature completes once released");
+    assert!(openssl_verify(&pem, "ecdsa", "sha256", b"hung", &sigs[0]));
+    assert_eq!(
+        rig.module
+            .login_state_async(&token)
+            .await
+            .expect("answers again"),
+        LoginState::LoggedIn
+    );
+    assert!(!rig.module.is_behind());
+    assert_eq!(
+        rig.calls("C_SignInit"),
+        signs_before + 1,
+        "the signature given up on never ran"
+    );
+}
+
+/// A token our session is logged in to is not probed (C_GetTokenInfo) again for each request,
+/// until a token event (a card in or out) or an error; without a login it always is.
+#[test]
+fn a_logged_in_token_is_probed_again_only_after_an_event_or_an_error() {
+    let rig = FaultRig::new();
+    let req = rig.p256(vec![SignInput::Data(b"probe".to_vec())]);
+    let token = req.certificate.token_id().clone();
+    let (pin, _) = ScriptedPin::right();
+    rig.module
+        .sign_with(req.clone(), pin, None, None)
+        .expect("first sign logs in");
+    let probes = || rig.calls("C_GetTokenInfo");
+    let sign = || {
+        rig.module
+            .sign_with(req.clone(), no_pin(), None, None)
+            .expect("sign on the cached login")
+    };
+    // The request after the login probes once (the login dropped the probe), then none.
+    let before = probes();
+    sign();
+    assert_eq!(probes() - before, 1);
+    let before = probes();
+    for _ in 0..3 {
+        sign();
+        assert_eq!(
+            rig.module.login_state(&token).expect("state"),
+            LoginState::LoggedIn
+        );
+    }
+    assert_eq!(probes() - before, 0, "probed on a cached login");
+    // A card event: probed again once.
+    rig.module.token_event();
+    let before = probes();
+    sign();
+    sign();
+    assert_eq!(probes() - before, 1);
+    // An error (an input the token refuses): probed again.
+    rig.module
+        .sign_with(
+            SignRequest {
+                inputs: vec![SignInput::Digest(vec![1; 5])],
+                ..req.clone()
+            },
+            no_pin(),
+            None,
+            None,
+        )
+        .expect_err("a 5-byte digest is refused");
+    let before = probes();
+    sign();
+    assert_eq!(probes() - before, 1);
+    // Logged out: every request probes (the PIN flags decide the dialog).
+    rig.module.logout(&token).expect("logout");
+    FaultRig::set_control(&rig.control, "pin_locked=1\n");
+    assert_eq!(
+        rig.module.login_state(&token).expect("state"),
+        LoginState::Locked
+    );
+}

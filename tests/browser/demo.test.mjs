@@ -380,3 +380,67 @@ test('Local Network Access: a public https page is blocked (LOOPBACK_BLOCKED) un
   assert.equal(await allowed.$$eval('#certs option', (o) => o.length), cliCerts.length);
   await allowed.close();
 });
+
+// Enrolment (issue 13): the demo makes a key and its request on the token, the test CA issues a
+// certificate from the request with OpenSSL, the page stores it, lists it and signs with it.
+test('the demo portal enrols: a key and request made on the token, the issued certificate stored and used', async (t) => {
+  dumpOnFailure(t);
+  const page = await openPage(demoUrl);
+  await page.waitForSelector('#status[data-state=ready]', { timeout: 30_000 });
+  const before = await page.$$eval('#certs option', (o) => o.length);
+
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  await page.selectOption('#enrol-algorithm', 'EC-P256');
+  await page.fill('#enrol-subject', 'CN=Demo Enrolee,O=Example Bank,C=CN');
+  const generated = await step('generate a key and a request', () => clickAndSettle(page, '#generate', 'generate-result'));
+  assert.equal(generated.error, null);
+  assert.ok(generated.ok, generated.text);
+  const dialog = pinentry.dialogs().at(-1);
+  assert.equal(dialog.title, 'KeyPort: create a key');
+  assert.ok(dialog.description.includes(`${demoOrigin} asks to create a new key on your token.`), dialog.description);
+  assert.ok(dialog.description.includes('CN=Demo Enrolee,O=Example Bank,C=CN'), dialog.description);
+
+  // The request the page shows verifies with OpenSSL; the test CA issues from it.
+  const csr = await page.inputValue('#csr');
+  assert.match(csr, /^-----BEGIN CERTIFICATE REQUEST-----\n/);
+  const work = fs.mkdtempSync(path.join(dir, 'enrol-'));
+  fs.writeFileSync(path.join(work, 'req.pem'), csr);
+  const verified = spawnSync('openssl', ['req', '-verify', '-in', 'req.pem', '-noout', '-subject'], { cwd: work, encoding: 'utf8' });
+  assert.equal(verified.status, 0, verified.stderr);
+  assert.match(verified.stdout + verified.stderr, /verify OK/);
+  assert.match(verified.stdout, /CN = Demo Enrolee/);
+  fs.writeFileSync(path.join(work, 'ext.cnf'), '[ext]\nkeyUsage=critical,digitalSignature,nonRepudiation\n');
+  const hsm = path.dirname(token.certDir);
+  const issued = spawnSync('openssl', ['x509', '-req', '-in', 'req.pem', '-CA', path.join(hsm, 'ca.pem'), '-CAkey', path.join(hsm, 'ca.key'),
+    '-days', '30', '-extfile', 'ext.cnf', '-extensions', 'ext', '-out', 'cert.pem'], { cwd: work, encoding: 'utf8' });
+  assert.equal(issued.status, 0, issued.stderr);
+
+  // A paste that is not a certificate is refused in the page, without a dialog.
+  const dialogsBefore = pinentry.dialogs().length;
+  await page.fill('#cert-pem', 'hello');
+  await page.click('#import');
+  await page.waitForFunction(() => document.getElementById('import-result').className === 'bad');
+  assert.equal(pinentry.dialogs().length, dialogsBefore);
+
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  await page.fill('#cert-pem', fs.readFileSync(path.join(work, 'cert.pem'), 'utf8'));
+  const stored = await step('store the issued certificate', () => clickAndSettle(page, '#import', 'import-result'));
+  assert.equal(stored.error, null);
+  assert.ok(stored.ok, stored.text);
+  assert.match(stored.text, /Demo Enrolee/);
+  assert.equal(pinentry.dialogs().at(-1).title, 'KeyPort: store a certificate');
+  assert.equal(await page.$$eval('#certs option', (o) => o.length), before + 1);
+  const option = await page.$eval('#certs', (s) => s.selectedOptions[0].textContent);
+  assert.equal(option, 'Demo Enrolee — signing documents — issued by KeyPort Test CA');
+
+  // The new key signs the contract, verified in the page and again with Node's crypto.
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  const signed = await step('sign with the enrolled key', () => clickAndSettle(page, '#sign', 'verify-result'));
+  assert.equal(signed.error, null);
+  assert.ok(signed.ok, signed.text);
+  const signature = Buffer.from(await page.textContent('#signature'), 'base64');
+  const contract = Buffer.from(await page.textContent('#contract'));
+  const pemText = fs.readFileSync(path.join(work, 'cert.pem'), 'utf8');
+  assert.ok(cryptoVerify('SHA256', contract, { key: pemText, dsaEncoding: 'ieee-p1363' }, signature));
+  await page.close();
+});

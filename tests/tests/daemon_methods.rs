@@ -769,16 +769,24 @@ async fn request_errors_that_need_no_dialog() {
         )
         .await
         .unwrap();
-    // keys.generate / certificates.import are not built: METHOD_NOT_FOUND.
-    let e = client
+    // Enrolment input that is wrong before any dialog: a subject that is no name, a
+    // certificate that is no certificate.
+    client
         .call_err(
             "keys.generate",
-            json!({"tokenId": token_id, "algorithm": "EC-P256", "label": "new", "subject": "CN=New"}),
-            "METHOD_NOT_FOUND",
+            json!({"tokenId": token_id, "algorithm": "EC-P256", "label": "new", "subject": "New"}),
+            "INVALID_PARAMS",
         )
         .await
         .unwrap();
-    assert_eq!(e.code, -32601);
+    client
+        .call_err(
+            "certificates.import",
+            json!({"tokenId": token_id, "certificate": b64(b"not a certificate")}),
+            "INVALID_PARAMS",
+        )
+        .await
+        .unwrap();
     assert!(agent.script().dialogs().unwrap().is_empty());
 }
 

@@ -136,8 +136,10 @@ async fn a_wrong_pin_on_the_pad_asks_again_with_the_warning() {
     assert_eq!(e.code, 1002);
     let dialogs = agent.script().dialogs().unwrap();
     assert_eq!(dialogs.len(), 2);
-    let warning = dialogs[1].error.clone().unwrap_or_default();
+    // The warning is in the description, once (not again as the dialog's SETERROR).
+    let warning = dialogs[1].description.clone().unwrap_or_default();
     assert!(warning.contains("Wrong PIN."), "{warning}");
+    assert_eq!(dialogs[1].error, None);
     assert_eq!(logins(&agent), ["C_Login CKU_USER null-pin rv=0x000000A0"]);
     assert_eq!(agent.fault_calls("C_Sign"), 0);
 }

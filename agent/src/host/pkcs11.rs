@@ -133,6 +133,13 @@ fn failed(job: &Job, e: WireError) -> Reply {
         Job::Certificates { .. } => Reply::Certificates(Err(e)),
         Job::LoginState { .. } => Reply::LoginState(Err(e)),
         Job::Logout { .. } => Reply::LoggedOut(Err(e)),
+        // No module, no probes to forget.
+        Job::TokenEvent => Reply::TokenEventSeen,
+        Job::Generate { .. } => Reply::Generated(Err(e)),
+        Job::KeySign { .. } => Reply::KeySigned(Err(e)),
+        Job::Import { .. } => Reply::Imported(Err(e)),
+        Job::CheckGeneration { .. } => Reply::GenerationChecked(Err(e)),
+        Job::DeleteKey { .. } => Reply::KeyDeleted(Err(e)),
         Job::Sign { .. } => Reply::Signed(Err(remote::WireFailure {
             error: e,
             completed: Vec::new(),

@@ -81,6 +81,17 @@ impl Failure {
                 E::TokenNotPresent | E::TokenNotFound(_) => {
                     RpcError::new(Reason::TokenNotPresent, "the token is not present")
                 }
+                E::NoMatchingKey => RpcError::new(
+                    Reason::CertificateNotFound,
+                    "the certificate's public key matches no key on this token",
+                ),
+                E::CertificateExists { existing } => RpcError::invalid_params(format!(
+                    "this key already has a certificate ({existing}); send \"replace\": true to \
+                     replace it"
+                )),
+                E::Certificate(_) => {
+                    RpcError::invalid_params("certificate is not an X.509 certificate")
+                }
                 E::CertificateNotFound(_) | E::KeyNotFound => RpcError::new(
                     Reason::CertificateNotFound,
                     "no such certificate with its key on a present token",

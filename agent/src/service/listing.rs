@@ -1,6 +1,7 @@
 //! `tokens.list` and `certificates.list`: the filter, and the protocol's entries for tokens and
 //! certificates.
 
+use browser_bridge::protocol::Answer;
 use browser_bridge::protocol::{
     self, Base64Bytes, CertificateEntry, CertificateFilter, CertificatesListParams,
     CertificatesListResult, KeyUsage as WireKeyUsage, PinState as WirePinState, Timestamp,
@@ -14,10 +15,10 @@ use crate::tokens::TokenView;
 use super::{blocking, Failure, Service};
 
 impl Service {
-    pub(super) async fn tokens_list(&self) -> Result<Value, Failure> {
+    pub(super) async fn tokens_list(&self) -> Result<Answer, Failure> {
         let tokens = self.tokens.clone();
         let list = blocking(move || tokens.tokens()).await?;
-        Ok(protocol::to_json(&TokensListResult {
+        Ok(Answer::of(&TokensListResult {
             tokens: list.iter().map(token_entry).collect(),
         }))
     }
@@ -25,7 +26,7 @@ impl Service {
     pub(super) async fn certificates_list(
         &self,
         p: CertificatesListParams,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Answer, Failure> {
         let tokens = self.tokens.clone();
         let certs = blocking(move || tokens.certificates()).await?;
         let filter = p.filter.unwrap_or_default();
@@ -35,7 +36,7 @@ impl Service {
             .filter(|c| matches_filter(&c.info, &filter, now))
             .filter_map(|c| certificate_entry(&c.info))
             .collect();
-        Ok(protocol::to_json(&CertificatesListResult { certificates }))
+        Ok(Answer::of(&CertificatesListResult { certificates }))
     }
 }
 

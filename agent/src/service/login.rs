@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use browser_bridge::protocol::{self, AuthAlgorithm, AuthenticateParams, AuthenticateResult};
+use browser_bridge::protocol::Answer;
+use browser_bridge::protocol::{AuthAlgorithm, AuthenticateParams, AuthenticateResult};
 use browser_bridge::RequestContext;
 use pkcs11_shim::{SignInput, SignRequest};
 use serde_json::Value;
@@ -21,13 +22,20 @@ impl Service {
         &self,
         ctx: &RequestContext,
         p: AuthenticateParams,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Answer, Failure> {
         let origin = ctx.origin.as_str().to_owned();
-        let cert = match &p.certificate_id {
+        let found = match &p.certificate_id {
             Some(id) => self.find_certificate(id).await,
             None => self.pick_login_certificate().await,
-        }
-        .map_err(|e| self.audit_failure(&origin, &Operation::Authenticate, e))?;
+        };
+        let cert = match found {
+            Ok(cert) => cert,
+            Err(e) => {
+                return Err(self
+                    .audit_failure(&origin, &Operation::Authenticate, e)
+                    .await)
+            }
+        };
         let result = self.authenticate_with(ctx, &cert, &p).await;
         let mut record = AuditRecord::new(origin, Operation::Authenticate)
             .certificate(cert.info.subject.clone(), &cert.info.der);
@@ -37,9 +45,9 @@ impl Service {
         };
         if result.is_ok() {
             // Fails closed: no login token leaves without its durable audit record.
-            self.audit_durable(record)?;
+            self.audit_durable(record).await?;
         } else {
-            self.audit(record);
+            self.audit(record).await;
         }
         result.map(|(v, _)| v)
     }
@@ -49,7 +57,7 @@ impl Service {
         ctx: &RequestContext,
         cert: &CertificateView,
         p: &AuthenticateParams,
-    ) -> Result<(Value, Vec<u8>), Failure> {
+    ) -> Result<(Answer, Vec<u8>), Failure> {
         let info = &cert.info;
         if !crate::purpose::may_log_in(info, &self.config) {
             return Err(Failure::KeyUsage(
@@ -93,7 +101,7 @@ impl Service {
         let algorithm: AuthAlgorithm = serde_json::from_value(Value::String(alg.jwa.to_owned()))
             .map_err(|e| Failure::Internal(format!("algorithm name: {e}")))?;
         let token = AuthenticateResult::new(info.der.clone(), algorithm, sig, VERSION);
-        Ok((protocol::to_json(&token), shown_digest))
+        Ok((Answer::of(&token), shown_digest))
     }
 
     /// Without a `certificateId`: the certificate made for logging in (clientAuth), else the

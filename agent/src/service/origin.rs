@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use browser_bridge::protocol::{self, HelloResult, RequestAccessResult};
+use browser_bridge::protocol::Answer;
+use browser_bridge::protocol::{HelloResult, RequestAccessResult};
 use browser_bridge::RequestContext;
-use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{AuditRecord, Operation, Outcome};
@@ -17,42 +17,43 @@ use crate::pinentry::{DialogCancel, DialogError};
 
 use super::{run_cancellable, Failure, Service, VERSION};
 
-/// Capabilities built in this agent (`keys.generate` is not built yet, so it is not claimed).
+/// Capabilities built in this agent (`keys.generate` covers `certificates.import` too).
 const CAPABILITIES: &[&str] = &[
     "certificates",
     "sign",
     "sign.batch",
     "cms",
     "authenticate",
+    "keys.generate",
     "events",
 ];
 
 impl Service {
-    pub(super) fn hello(&self, ctx: &RequestContext) -> Value {
+    pub(super) fn hello(&self, ctx: &RequestContext) -> Answer {
         let mut hello = HelloResult::new("keyport", VERSION, &ctx.origin, self.approved(ctx));
         hello.capabilities = CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
-        protocol::to_json(&hello)
+        Answer::of(&hello)
     }
 
-    pub(super) async fn request_access(&self, ctx: &RequestContext) -> Result<Value, Failure> {
+    pub(super) async fn request_access(&self, ctx: &RequestContext) -> Result<Answer, Failure> {
         let origin = ctx.origin.as_str();
         if self.is_denied_now(origin) {
             return Err(Failure::OriginDenied);
         }
         if self.is_approved_origin(origin) {
-            return Ok(protocol::to_json(&RequestAccessResult {
+            return Ok(Answer::of(&RequestAccessResult {
                 approved: true,
                 remembered: true,
             }));
         }
         if self.conn(ctx.connection).approved_once {
-            return Ok(protocol::to_json(&RequestAccessResult {
+            return Ok(Answer::of(&RequestAccessResult {
                 approved: true,
                 remembered: false,
             }));
         }
         let remembered = self.ask_origin(ctx).await?;
-        Ok(protocol::to_json(&RequestAccessResult {
+        Ok(Answer::of(&RequestAccessResult {
             approved: true,
             remembered,
         }))
@@ -112,7 +113,8 @@ impl Service {
                 self.audit(
                     AuditRecord::new(origin.clone(), Operation::OriginApprove)
                         .outcome(Outcome::Granted),
-                );
+                )
+                .await;
                 Ok(true)
             }
             OriginDecision::AllowOnce => {
@@ -123,7 +125,9 @@ impl Service {
                 if let Ok(o) = self.origins.lock() {
                     o.deny_for_now(&origin);
                 }
-                Err(self.audit_failure(&origin, &Operation::OriginApprove, Failure::OriginDenied))
+                Err(self
+                    .audit_failure(&origin, &Operation::OriginApprove, Failure::OriginDenied)
+                    .await)
             }
         }
     }

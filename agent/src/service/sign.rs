@@ -5,17 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use browser_bridge::protocol::Answer;
 use browser_bridge::protocol::{
-    self, Base64Bytes, BatchSignature, DigestAlgorithm, EcdsaEncoding as WireEcdsa,
-    SignBatchParams, SignBatchResult, SignFormat, SignInput as WireInput, SignOptions, SignParams,
-    SignProgress, SignResult, SignatureAlgorithm,
+    Base64Bytes, BatchSignature, DigestAlgorithm, EcdsaEncoding as WireEcdsa, SignBatchParams,
+    SignBatchResult, SignFormat, SignInput as WireInput, SignOptions, SignParams, SignProgress,
+    SignResult, SignatureAlgorithm,
 };
 use browser_bridge::RequestContext;
 use pkcs11_shim::{
     Credential, EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage, LoginState, SignAlgorithm,
     SignFailure, SignInput, SignRequest,
 };
-use serde_json::Value;
 
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::cms::{self, CmsSignatureAlg, DigestAlg};
@@ -39,7 +39,11 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 impl Service {
-    pub(super) async fn sign(&self, ctx: &RequestContext, p: SignParams) -> Result<Value, Failure> {
+    pub(super) async fn sign(
+        &self,
+        ctx: &RequestContext,
+        p: SignParams,
+    ) -> Result<Answer, Failure> {
         let items = vec![p.input];
         let (sigs, plan) = self
             .sign_items(ctx, &p.certificate_id, items, Vec::new(), &p.options, false)
@@ -48,7 +52,7 @@ impl Service {
             .into_iter()
             .next()
             .ok_or_else(|| Failure::Internal("the token returned no signature".into()))?;
-        Ok(protocol::to_json(&SignResult {
+        Ok(Answer::of(&SignResult {
             signature: Base64Bytes(signature),
             format: plan.format,
             signature_algorithm: plan.wire_algorithm,
@@ -61,7 +65,7 @@ impl Service {
         &self,
         ctx: &RequestContext,
         p: SignBatchParams,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Answer, Failure> {
         let labels = p
             .items
             .iter()
@@ -76,7 +80,7 @@ impl Service {
         let (sigs, _plan) = self
             .sign_items(ctx, &p.certificate_id, items, labels, &p.options, true)
             .await?;
-        Ok(protocol::to_json(&SignBatchResult {
+        Ok(Answer::of(&SignBatchResult {
             results: sigs
                 .into_iter()
                 .map(|s| BatchSignature {
@@ -104,10 +108,10 @@ impl Service {
         };
         // No dialog slot is held here: a request waits for its origin's dialog turn only when
         // it is about to show a dialog (`run_token`), so one that needs none never waits.
-        let cert = self
-            .find_certificate(certificate_id)
-            .await
-            .map_err(|e| self.audit_failure(&origin, &operation, e))?;
+        let cert = match self.find_certificate(certificate_id).await {
+            Ok(cert) => cert,
+            Err(e) => return Err(self.audit_failure(&origin, &operation, e).await),
+        };
         let result = self
             .sign_with(ctx, &cert, items, labels, options, batch)
             .await;
@@ -129,9 +133,9 @@ impl Service {
         }
         if result.is_ok() {
             // Fails closed: no signature leaves without its durable audit record.
-            self.audit_durable(record)?;
+            self.audit_durable(record).await?;
         } else {
-            self.audit(record);
+            self.audit(record).await;
         }
         result.map_err(|(e, _)| e)
     }
@@ -244,11 +248,7 @@ impl Service {
         let module = cert.module.clone();
         let token_id = cert.info.token_id.clone();
         let total = req.inputs.len();
-        let state = {
-            let module = module.clone();
-            let token_id = token_id.clone();
-            blocking(move || module.login_state(&token_id)).await??
-        };
+        let state = module.login_state_async(&token_id).await?;
         tracing::debug!(?state, "token login state");
         if state == LoginState::Locked {
             return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
@@ -329,7 +329,7 @@ impl Service {
 
     /// Shows one consent dialog once it is this origin's turn; the request's cancel closes it
     /// (or ends the wait for the turn).
-    async fn ask(
+    pub(super) async fn ask(
         &self,
         ctx: &RequestContext,
         build: &DialogBuilder,
@@ -346,8 +346,8 @@ impl Service {
             .map_err(|e| Failure::Dialog(Arc::new(e)))
     }
 
-    /// One job on the token, on a thread of its own; `cancel` honoured. `pin_pad`: the job logs
-    /// in on the reader's PIN pad, which gets the dialog timeout to answer.
+    /// One job on the token, answered by the module's worker; `cancel` honoured. `pin_pad`: the
+    /// job logs in on the reader's PIN pad, which gets the dialog timeout to answer.
     async fn sign_on_token(
         &self,
         ctx: &RequestContext,
@@ -360,8 +360,6 @@ impl Service {
         let flag = Arc::new(AtomicBool::new(false));
         let token_id = req.certificate.token_id().clone();
         let card_mark = self.tokens.card_mark();
-        let f2 = Arc::clone(&flag);
-        let (m2, t2) = (module.clone(), token_id.clone());
         let logout_after = req.logout_after;
         let (progress_tx, progress_rx) = std::sync::mpsc::channel();
         // Events stop once the request is answered (a job left to end in the background).
@@ -377,29 +375,17 @@ impl Service {
             })
         });
         let progress_tx = forward.is_some().then_some(progress_tx);
-        // A thread of its own rather than a blocking task: a module that hangs in C_Sign must
-        // hold up neither this answer (see the cancel below) nor the runtime's shutdown.
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("keyport-sign".into())
-            .spawn(move || {
-                let result = m2.sign(req, credential, progress_tx, Some(f2));
-                if tx.send(result).is_err() && !logout_after {
-                    // Given up on after a cancel; a login it made is not left cached.
-                    let _ = m2.logout(&t2);
-                }
-            })
-            .map_err(|e| {
-                TokenStop::Other(Failure::Internal(format!(
-                    "cannot start a signing thread: {e}"
-                )))
-            })?;
+        // The module's worker answers this task directly (no thread of ours waits on it): a
+        // module that hangs in C_Sign holds up neither this answer (see the cancel below) nor
+        // the runtime's shutdown.
+        let mut call =
+            Box::pin(module.sign_async(req, credential, progress_tx, Some(flag.clone())));
         let pad_deadline = self.config.dialog_timeout();
-        let joined = tokio::select! {
-            r = &mut rx => r,
+        let mut result = tokio::select! {
+            r = &mut call => r,
             () = ctx.cancel.cancelled() => {
                 flag.store(true, Ordering::SeqCst);
-                match tokio::time::timeout(CANCEL_GRACE, &mut rx).await {
+                match tokio::time::timeout(CANCEL_GRACE, &mut call).await {
                     Ok(r) => r,
                     Err(_) => {
                         tracing::warn!(
@@ -409,6 +395,7 @@ impl Service {
                             CANCEL_GRACE.as_secs()
                         );
                         answered.store(true, Ordering::SeqCst);
+                        abandon(call, module, token_id, logout_after);
                         return Err(TokenStop::Token(pkcs11_shim::Error::Cancelled.into()));
                     }
                 }
@@ -419,14 +406,10 @@ impl Service {
                 flag.store(true, Ordering::SeqCst);
                 answered.store(true, Ordering::SeqCst);
                 tracing::warn!(token = %token_id, "no answer from the PIN pad within the dialog timeout");
+                abandon(call, module, token_id, logout_after);
                 return Err(TokenStop::Other(Failure::PinPadTimeout));
             }
         };
-        let mut result = joined.map_err(|_| {
-            TokenStop::Other(Failure::Internal(
-                "the signing thread ended without an answer".into(),
-            ))
-        })?;
         // The job's events all precede its answer: a job the worker ran has dropped its sender,
         // so the forwarder ends; one it never started (BUSY) still holds it in the queue.
         let started =
@@ -457,25 +440,11 @@ impl Service {
     }
 
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
-    fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
-        let secs = self.config.pin_cache_seconds;
-        let cache = Arc::clone(&self.pin_cache);
-        let key = token.to_string();
-        let generation = match cache.lock() {
-            Ok(mut c) => {
-                let g = c.entry(key.clone()).or_insert(0);
-                *g += 1;
-                *g
-            }
-            Err(_) => return,
-        };
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(secs)).await;
-            let current = cache.lock().ok().and_then(|c| c.get(&key).copied());
-            if current == Some(generation) {
-                let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
-                tracing::debug!("PIN cache expired; token logged out");
-            }
+    pub(super) fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
+        let after = Duration::from_secs(self.config.pin_cache_seconds);
+        self.pin_cache.used(token.to_string(), after, async move {
+            let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
+            tracing::debug!("PIN cache expired; token logged out");
         });
     }
 }
@@ -706,6 +675,22 @@ fn progress_sender(ctx: &RequestContext, offset: usize, total: usize) -> Progres
             });
         }
     })
+}
+
+/// A token job given up on (cancel, PIN-pad timeout) ends in the background; a login it made
+/// is not left cached.
+fn abandon(
+    call: impl std::future::Future<Output = Result<Vec<Vec<u8>>, SignFailure>> + Send + 'static,
+    module: pkcs11_shim::Module,
+    token: pkcs11_shim::TokenId,
+    logout_after: bool,
+) {
+    tokio::spawn(async move {
+        let _ = call.await;
+        if !logout_after {
+            let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
+        }
+    });
 }
 
 /// Why one token job did not return its signatures.

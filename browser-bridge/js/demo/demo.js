@@ -1,5 +1,6 @@
 // The KeyPort reference integration: connect, ask access, list certificates, sign and verify,
-// sign a batch with progress, log in. Copy what you need; each step is one short function.
+// sign a batch with progress, log in, enrol (a key and request made on the token, the issued
+// certificate stored beside it). Copy what you need; each step is one short function.
 import { KeyPort, KeyPortError, DEFAULT_URL, fromBase64, toBase64 } from '../src/keyport.js';
 import { schemeFor, signInputFor, verifySignature, verifyWebEidToken } from './verify.js';
 import { TEXTS, pickLanguage, translate } from './texts.js';
@@ -112,6 +113,8 @@ function setBusy(busy) {
   const none = certificates.length === 0;
   for (const id of ['sign', 'batch', 'login']) $(id).disabled = busy || none;
   $('certs').disabled = busy || none;
+  // Enrolment needs a token, not a certificate.
+  for (const id of ['generate', 'import']) $(id).disabled = busy || !keyport;
 }
 
 /** Runs one user action: one at a time, a fresh line and no stale error when it starts. */
@@ -235,6 +238,63 @@ function loginCertificate() {
   return ok(selected()) ? selected() : certificates.find(ok);
 }
 
+// ---- 4. enrolment: a key and its request made on the token, the issued certificate stored ----
+
+let enrolToken = null; // the token the key was made on: its certificate goes there
+
+function generateKey() {
+  return action('generate-result', t('waitingShort'), async () => {
+    try {
+      // The selected certificate's token, else the first token present.
+      const tokens = await keyport.listTokens();
+      const token = tokens.find((tk) => tk.id === selected()?.tokenId) ?? tokens[0];
+      if (!token) {
+        setResult('generate-result', false, t('noToken'));
+        return;
+      }
+      const subject = $('enrol-subject').value.trim();
+      const { csrBase64 } = await keyport.generateKey({
+        tokenId: token.id,
+        algorithm: $('enrol-algorithm').value,
+        label: holder(subject),
+        subject,
+      });
+      enrolToken = token;
+      $('csr').value = pem('CERTIFICATE REQUEST', csrBase64);
+      setResult('generate-result', true, t('generated', { token: token.label }));
+    } catch (err) {
+      setResult('generate-result', false, t('notGenerated'));
+      fail(err);
+    }
+  });
+}
+
+function importCertificate() {
+  return action('import-result', t('waitingShort'), async () => {
+    const m = /-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----/.exec($('cert-pem').value);
+    if (!m) {
+      setResult('import-result', false, t('notPem'));
+      return;
+    }
+    try {
+      const tokenId = enrolToken?.id ?? (await keyport.listTokens())[0]?.id;
+      const { certificateId } = await keyport.importCertificate({ tokenId, certificate: m[1].replace(/\s+/g, '') });
+      await loadCertificates();
+      $('certs').value = certificateId;
+      showDetails();
+      setResult('import-result', true, t('imported', { holder: holder(selected()?.subject ?? '') }));
+    } catch (err) {
+      setResult('import-result', false, t('notImported'));
+      fail(err);
+    }
+  });
+}
+
+/** Base64 DER as PEM, 64 characters a line. */
+function pem(label, base64) {
+  return `-----BEGIN ${label}-----\n${base64.match(/.{1,64}/g).join('\n')}\n-----END ${label}-----\n`;
+}
+
 // ---- display helpers ------------------------------------------------------------------------
 
 function fail(err) {
@@ -296,5 +356,7 @@ $('certs').addEventListener('change', showDetails);
 $('sign').addEventListener('click', signContract);
 $('batch').addEventListener('click', signBatch);
 $('login').addEventListener('click', logIn);
+$('generate').addEventListener('click', generateKey);
+$('import').addEventListener('click', importCertificate);
 $('connect').addEventListener('click', start);
 start();

@@ -193,9 +193,15 @@ export declare class KeyPort {
   sign(options: SignOptions): Call<SignResult>;
   signBatch(options: SignBatchOptions): Call<SignResult[]>;
   authenticate(options: AuthenticateOptions): Call<WebEidAuthToken>;
-  generateKey(options: { tokenId: string; algorithm: 'EC-P256' | 'EC-P384' | 'RSA-2048' | 'RSA-3072'; label: string; subject: string } & CallOptions):
-    Call<{ keyId: string; csr: Uint8Array; csrBase64: string }>;
-  importCertificate(options: { tokenId: string; certificate: Binary } & CallOptions): Call<{ certificateId: string }>;
+  generateKey(options: {
+    tokenId: string;
+    algorithm: 'EC-P256' | 'EC-P384' | 'RSA-2048' | 'RSA-3072' | 'Ed25519';
+    label: string;
+    subject: string;
+    alwaysAuthenticate?: boolean;
+  } & CallOptions): Call<{ keyId: string; csr: Uint8Array; csrBase64: string }>;
+  importCertificate(options: { tokenId: string; certificate: Binary; replace?: boolean } & CallOptions):
+    Call<{ certificateId: string }>;
   cancel(requestId: number | string, options?: CallOptions): Call<{ cancelled: boolean }>;
 
   onTokensChanged(callback: (tokens: Token[], params: { tokens: Token[] }) => void): () => void;

@@ -197,21 +197,24 @@ export class KeyPort {
     return this.#call('authenticate', params, { signal, timeoutMs });
   }
 
-  /** `keys.generate` → `{keyId, csr, csrBase64}`. */
-  generateKey({ tokenId, algorithm, label, subject, signal, timeoutMs } = {}) {
+  /**
+   * `keys.generate` → `{keyId, csr, csrBase64}`: a key pair made on the token and its PKCS#10
+   * request (DER), signed by the new key. `keyId` is the `certificateId` its certificate gets.
+   */
+  generateKey({ tokenId, algorithm, label, subject, alwaysAuthenticate, signal, timeoutMs } = {}) {
     return this.#call(
       'keys.generate',
-      { tokenId, algorithm, label, subject },
+      { tokenId, algorithm, label, subject, alwaysAuthenticate },
       { signal, timeoutMs },
       (r) => withBytes(r, 'csr'),
     );
   }
 
-  /** `certificates.import` → `{certificateId}`. */
-  importCertificate({ tokenId, certificate, signal, timeoutMs } = {}) {
+  /** `certificates.import` → `{certificateId}`; `replace: true` renews a key's certificate. */
+  importCertificate({ tokenId, certificate, replace, signal, timeoutMs } = {}) {
     return this.#call(
       'certificates.import',
-      () => ({ tokenId, certificate: toBase64(certificate, 'certificate') }),
+      () => ({ tokenId, certificate: toBase64(certificate, 'certificate'), replace }),
       { signal, timeoutMs },
     );
   }

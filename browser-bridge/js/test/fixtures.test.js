@@ -75,8 +75,10 @@ const CALLS = {
     }),
   'authenticate*': (c, p) => c.authenticate(p),
   'cancel*': (c, p) => c.cancel(p.requestId),
-  'keys.generate': (c, p) => c.generateKey(p),
+  'keys.generate*': (c, p) => c.generateKey(p),
   'certificates.import': (c, p) => c.importCertificate({ tokenId: p.tokenId, certificate: b(p.certificate) }),
+  'certificates.import.replace': (c, p) =>
+    c.importCertificate({ tokenId: p.tokenId, certificate: p.certificate, replace: p.replace }),
 };
 
 function callFor(stem) {

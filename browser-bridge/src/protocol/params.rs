@@ -637,6 +637,8 @@ pub enum GenerateAlgorithm {
     Rsa2048,
     #[serde(rename = "RSA-3072")]
     Rsa3072,
+    /// Where the token offers Ed25519 key generation.
+    Ed25519,
 }
 
 /// `keys.generate` params.
@@ -651,6 +653,9 @@ pub struct KeysGenerateParams {
     pub label: Title,
     /// The CSR subject, RFC 4514 (shown in the dialog).
     pub subject: DialogText<1024, false>,
+    /// Ask for a key that wants the PIN for every signature (CKA_ALWAYS_AUTHENTICATE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub always_authenticate: Option<bool>,
 }
 
 /// `certificates.import` params.
@@ -661,6 +666,10 @@ pub struct CertificatesImportParams {
     pub token_id: String,
     /// DER certificate.
     pub certificate: Base64Bytes,
+    /// Replace the certificate the key already has (a renewal for the same key); without it
+    /// such an import is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<bool>,
 }
 
 /// `cancel` params: the `id` of a pending request of this connection (number or string).

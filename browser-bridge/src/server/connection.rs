@@ -30,6 +30,9 @@ use crate::Origin;
 
 type Pending = Arc<Mutex<HashMap<String, CancelTrigger>>>;
 
+/// A connection's initial read buffer (tungstenite's default is 128 KiB).
+const READ_BUFFER_BYTES: usize = 4096;
+
 /// At shutdown, how long a connection's cancelled requests get to send their answers before the
 /// close frame goes out. A dialog closes at once on cancel and a token gets 2 s (the service's
 /// cancel grace), so this bound is only reached by a module that ignores both.
@@ -73,7 +76,12 @@ pub(crate) async fn run<B: Backend>(
             return;
         }
     };
+    // tungstenite's defaults give every connection a 128 KiB read buffer up front and gather
+    // 128 KiB before a write: requests and answers here are small (a large batch grows the
+    // buffer while it lasts), and each answer is sent at once.
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
         .max_message_size(Some(shared.limits.max_message_bytes))
         .max_frame_size(Some(shared.limits.max_message_bytes));
     let ws =
@@ -382,19 +390,20 @@ fn handle_text<B: Backend>(
             let _running = running;
             let outcome = backend.handle(ctx, request).await;
             lock(&pending).remove(&key);
-            let message = match outcome {
-                Ok(result) => protocol::response(&id, result),
+            let text = match outcome {
+                Ok(result) => protocol::response_text(&id, &result),
                 Err(error) if error.reason == Reason::Internal => {
                     // The detail (paths, program names, a bug's text) is for the log only.
                     tracing::warn!(detail = %error.message, "internal error");
-                    protocol::error_response(&id, &RpcError::internal_for(&id))
+                    protocol::error_response(&id, &RpcError::internal_for(&id)).to_string()
                 }
                 Err(error) => {
                     tracing::debug!(reason = %error.reason, "request failed");
-                    protocol::error_response(&id, &error)
+                    protocol::error_response(&id, &error).to_string()
                 }
             };
-            send_json(&tx, &message);
+            // The writer may be gone when the peer left; the answer has nobody to go to.
+            let _ = tx.send(Outgoing::Text(text));
         }
         .instrument(span),
     );

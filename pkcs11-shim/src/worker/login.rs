@@ -53,6 +53,8 @@ impl Worker {
         kind: LoginKind,
         credential: &Credential,
     ) -> Result<(), Error> {
+        // A login changes the token's flags (PIN counters): the next request probes again.
+        self.drop_probes();
         let status = pin_status(&found.info);
         let pin_pad = found.info.protected_authentication_path();
         if status.locked {

@@ -166,7 +166,7 @@ impl Worker {
     /// One signature with a CKA_ALWAYS_AUTHENTICATE key: C_SignInit, C_Login
     /// (CKU_CONTEXT_SPECIFIC) with the credential, then a single-part C_Sign. A failed login
     /// leaves the operation active; the caller renews the session.
-    fn sign_always_authenticate(
+    pub(super) fn sign_always_authenticate(
         &mut self,
         token: &TokenId,
         found: &mut Found,
@@ -194,7 +194,10 @@ impl Worker {
     }
 
     /// The token's open session, without the health probe (inside a batch).
-    fn cached_session(&self, token: &TokenId) -> Result<&cryptoki::session::Session, Error> {
+    pub(super) fn cached_session(
+        &self,
+        token: &TokenId,
+    ) -> Result<&cryptoki::session::Session, Error> {
         self.tokens
             .get(token)
             .and_then(|s| s.session.as_ref())
@@ -204,7 +207,7 @@ impl Worker {
 
 /// A mechanism choice, free of cryptoki's borrowed parameter types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mech {
+pub(super) enum Mech {
     /// CKM_RSA_PKCS over a DigestInfo.
     RsaPkcs,
     /// CKM_SHAxxx_RSA_PKCS over the message.
@@ -253,7 +256,7 @@ impl Mech {
         }
     }
 
-    fn to_cryptoki(self) -> Mechanism<'static> {
+    pub(super) fn to_cryptoki(self) -> Mechanism<'static> {
         match self {
             Mech::RsaPkcs => Mechanism::RsaPkcs,
             Mech::ShaRsaPkcs(HashAlg::Sha256) => Mechanism::Sha256RsaPkcs,
@@ -288,15 +291,15 @@ fn pss_params(h: HashAlg) -> PkcsPssParams {
 
 /// What to call C_Sign with.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Planned {
-    mech: Mech,
-    data: Vec<u8>,
+pub(super) struct Planned {
+    pub(super) mech: Mech,
+    pub(super) data: Vec<u8>,
 }
 
 /// Picks the mechanism for one input: the token's combined hash-and-sign mechanism for a
 /// message when it offers one, else hash here and use the raw mechanism. An empty
 /// `offered` list means "unknown": the raw mechanisms are tried.
-fn plan(
+pub(super) fn plan(
     alg: SignAlgorithm,
     input: &SignInput,
     offered: &[MechanismType],
@@ -351,7 +354,7 @@ fn plan(
 }
 
 /// Refuses an algorithm the key cannot do.
-fn check_key(alg: SignAlgorithm, key: KeyAlgorithm) -> Result<(), Error> {
+pub(super) fn check_key(alg: SignAlgorithm, key: KeyAlgorithm) -> Result<(), Error> {
     let ok = matches!(
         (alg, key),
         (
@@ -373,7 +376,7 @@ fn check_key(alg: SignAlgorithm, key: KeyAlgorithm) -> Result<(), Error> {
 }
 
 /// PKCS#11 returns ECDSA signatures as r‖s with both halves the curve's size.
-fn check_ecdsa_len(sig: &[u8], key: KeyAlgorithm) -> Result<(), Error> {
+pub(super) fn check_ecdsa_len(sig: &[u8], key: KeyAlgorithm) -> Result<(), Error> {
     match key.ec_field_len() {
         Some(n) if sig.len() == 2 * n => Ok(()),
         _ => Err(Error::InvalidInput(format!(

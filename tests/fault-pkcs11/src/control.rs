@@ -44,6 +44,9 @@ pub(crate) struct Control {
     pub(crate) pin_pad_entry: PadEntry,
     /// How long the user takes on the pad, in milliseconds.
     pub(crate) pin_pad_delay_ms: u64,
+    /// Mechanisms the token does not have: left out of C_GetMechanismList, CKR_MECHANISM_INVALID
+    /// from C_GetMechanismInfo (`hide_mechanisms=0x1055,0x1040`).
+    pub(crate) hide_mechanisms: Vec<u64>,
 }
 
 /// How a `crash_on` function ends the process.
@@ -162,6 +165,18 @@ impl Control {
                         })
                         .collect::<Result<_, _>>()?;
                 }
+                "hide_mechanisms" => {
+                    control.hide_mechanisms = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty())
+                        .map(|m| {
+                            m.strip_prefix("0x")
+                                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                                .ok_or_else(|| bad("expected hex mechanism numbers like 0x1055"))
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
                 _ => return Err(bad("unknown key")),
             }
         }
@@ -225,7 +240,8 @@ mod tests {
         let text = "pin_locked=1\npin_count_low = true\npin_final_try=1\ntoken_removed=1\n\
                     fail_sign_after=3\nhang_sign=1\ncrash_on=C_Sign, C_Login\n\
                     pin_pad=1\npin_pad_entry=654321\npin_pad_delay_ms=250\n\
-                    crash_how=segv\nhang_on=C_GetTokenInfo\ndeadlock_on=C_Sign\n";
+                    crash_how=segv\nhang_on=C_GetTokenInfo\ndeadlock_on=C_Sign\n\
+                    hide_mechanisms=0x1055, 0x1040\n";
         let control = Control::parse(text).expect("valid control file");
         assert_eq!(
             control,
@@ -244,6 +260,7 @@ mod tests {
                 pin_pad: true,
                 pin_pad_entry: PadEntry::Pin("654321".to_owned()),
                 pin_pad_delay_ms: 250,
+                hide_mechanisms: vec![0x1055, 0x1040],
             }
         );
         assert!(control.crashes_on("C_Login"));

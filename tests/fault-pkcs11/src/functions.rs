@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use cryptoki_sys::{
     CKF_PROTECTED_AUTHENTICATION_PATH, CKF_TOKEN_PRESENT, CKF_USER_PIN_COUNT_LOW,
-    CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_ARGUMENTS_BAD, CKR_DEVICE_ERROR,
-    CKR_DEVICE_REMOVED, CKR_FUNCTION_CANCELED, CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR,
-    CKR_OK, CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT, CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER,
-    CK_ATTRIBUTE, CK_BBOOL, CK_BYTE, CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_INFO,
-    CK_MECHANISM_TYPE, CK_NOTIFY, CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO,
-    CK_SLOT_ID, CK_SLOT_INFO, CK_TOKEN_INFO, CK_ULONG, CK_USER_TYPE,
+    CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_ARGUMENTS_BAD, CKR_BUFFER_TOO_SMALL,
+    CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_FUNCTION_CANCELED, CKR_FUNCTION_NOT_SUPPORTED,
+    CKR_GENERAL_ERROR, CKR_MECHANISM_INVALID, CKR_OK, CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT,
+    CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER, CK_ATTRIBUTE, CK_BBOOL, CK_BYTE, CK_FLAGS,
+    CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_INFO, CK_MECHANISM_TYPE, CK_NOTIFY,
+    CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO, CK_SLOT_ID, CK_SLOT_INFO,
+    CK_TOKEN_INFO, CK_ULONG, CK_USER_TYPE,
 };
 
 use crate::control::{Control, PadEntry};
@@ -168,10 +169,51 @@ unsafe extern "C" fn get_mechanism_list(
     call("C_GetMechanismList", |c| {
         if c.control.token_removed {
             CKR_TOKEN_NOT_PRESENT
-        } else {
+        } else if c.control.hide_mechanisms.is_empty() {
             forward!(c, C_GetMechanismList(slot, mechanisms, count))
+        } else {
+            mechanism_list_without(c, slot, mechanisms, count)
         }
     })
+}
+
+/// C_GetMechanismList of the real module less the hidden mechanisms, by the two-call rule
+/// (a null list asks for the count; a list too short is CKR_BUFFER_TOO_SMALL).
+fn mechanism_list_without(
+    c: &mut Call,
+    slot: CK_SLOT_ID,
+    mechanisms: *mut CK_MECHANISM_TYPE,
+    count: *mut CK_ULONG,
+) -> CK_RV {
+    if count.is_null() {
+        return CKR_ARGUMENTS_BAD;
+    }
+    let mut n: CK_ULONG = 0;
+    let rv = forward!(c, C_GetMechanismList(slot, std::ptr::null_mut(), &mut n));
+    if rv != CKR_OK {
+        return rv;
+    }
+    let mut all: Vec<CK_MECHANISM_TYPE> = vec![0; n as usize];
+    let rv = forward!(c, C_GetMechanismList(slot, all.as_mut_ptr(), &mut n));
+    if rv != CKR_OK {
+        return rv;
+    }
+    all.truncate(n as usize);
+    all.retain(|m| !c.control.hide_mechanisms.contains(m));
+    // SAFETY: `count` is the caller's non-null out pointer (checked above).
+    let room = unsafe { *count } as usize;
+    // SAFETY: as above.
+    unsafe { *count = all.len() as CK_ULONG };
+    if mechanisms.is_null() {
+        return CKR_OK;
+    }
+    if room < all.len() {
+        return CKR_BUFFER_TOO_SMALL;
+    }
+    // SAFETY: the caller's list has room for `room` entries (the PKCS#11 contract of *count on
+    // entry), at least `all.len()`; the two buffers cannot overlap (`all` is ours).
+    unsafe { std::ptr::copy_nonoverlapping(all.as_ptr(), mechanisms, all.len()) };
+    CKR_OK
 }
 
 unsafe extern "C" fn get_mechanism_info(
@@ -182,6 +224,8 @@ unsafe extern "C" fn get_mechanism_info(
     call("C_GetMechanismInfo", |c| {
         if c.control.token_removed {
             CKR_TOKEN_NOT_PRESENT
+        } else if c.control.hide_mechanisms.contains(&mechanism) {
+            CKR_MECHANISM_INVALID
         } else {
             forward!(c, C_GetMechanismInfo(slot, mechanism, info))
         }

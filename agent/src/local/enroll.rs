@@ -1,0 +1,288 @@
+//! `keyport keys generate` and `keyport certs import`: the service's enrolment without a page.
+//! The same dialogs (with the command line in the origin's place), the same consent loop as
+//! `keyport sign`, the same audit records under the origin `local`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pkcs11_shim::{
+    Credential, DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest,
+    KeySpec, LoginState, SignInput, TokenId,
+};
+use sha2::Digest as _;
+
+use super::{PendingOutput, SignFileError, LOCAL_ORIGIN};
+use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
+use crate::consent::{self, credential as credential_from, first_question, DialogBuilder, Next};
+use crate::dialog::{Texts, Unlock};
+use crate::enroll;
+use crate::pinentry::{DialogCancel, Pinentry};
+use crate::service::{common_name, generation_failure, Failure};
+use crate::tokens::{TokenSet, TokenView};
+
+/// What `keyport keys generate` was asked.
+#[derive(Debug, Clone)]
+pub struct GenerateKeyRequest<'a> {
+    /// The token id, as `keyport tokens` shows it.
+    pub token: &'a str,
+    pub spec: KeySpec,
+    /// CKA_LABEL; `None`: the subject's common name.
+    pub label: Option<&'a str>,
+    /// RFC 4514.
+    pub subject: &'a str,
+    pub always_authenticate: bool,
+    /// Where the request goes: PEM when the name ends in `.pem`, else DER.
+    pub output: &'a Path,
+}
+
+/// What `keyport keys generate` made.
+#[derive(Debug, Clone)]
+pub struct GeneratedKey {
+    /// The key's id: the certificate id its certificate will have.
+    pub key_id: String,
+    /// The request was written as PEM.
+    pub pem: bool,
+}
+
+/// Generates a key pair on the token and writes its certificate request (signed by the new
+/// key) to the output file, after the user's consent and PIN. Nothing is written on failure.
+pub fn generate_key(
+    tokens: &TokenSet,
+    pinentry: &Pinentry,
+    texts: Texts,
+    audit: &mut AuditLog,
+    req: &GenerateKeyRequest<'_>,
+) -> Result<GeneratedKey, SignFileError> {
+    enroll::check_subject(req.subject).map_err(|e| SignFileError::Usage(e.to_string()))?;
+    let token = find_token(tokens, req.token)?;
+    // The output must be writable before anyone is asked for a PIN.
+    let output = PendingOutput::create(req.output)?;
+    let pem = req
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("pem"));
+    let result = generate_with(&token, pinentry, texts, req);
+    let mut record = AuditRecord::new(LOCAL_ORIGIN, Operation::KeysGenerate);
+    match &result {
+        Ok((_, _, digest)) => record = record.digest(digest).outcome(Outcome::Granted),
+        Err(f) => record = record.outcome(f.outcome()),
+    }
+    audit.append(&record).map_err(SignFileError::Audit)?;
+    let (key_id, csr, _) = result.map_err(SignFileError::Failure)?;
+    let bytes = if pem {
+        der::pem::encode_string("CERTIFICATE REQUEST", der::pem::LineEnding::LF, &csr)
+            .map_err(|e| SignFileError::Failure(Failure::Internal(format!("PEM: {e}"))))?
+            .into_bytes()
+    } else {
+        csr
+    };
+    output.commit(&bytes)?;
+    Ok(GeneratedKey { key_id, pem })
+}
+
+fn generate_with(
+    token: &TokenView,
+    pinentry: &Pinentry,
+    texts: Texts,
+    req: &GenerateKeyRequest<'_>,
+) -> Result<(String, Vec<u8>, Vec<u8>), Failure> {
+    let module = &token.module;
+    let label = req
+        .label
+        .map_or_else(|| common_name(req.subject), str::to_owned);
+    let (origin, token_label) = (
+        texts.command_line_program("keys generate"),
+        token.info.label.trim().to_owned(),
+    );
+    let (algorithm, subject) = (req.spec.wire_name(), req.subject.to_owned());
+    let (origin2, label2, subject2) = (origin.clone(), token_label.clone(), subject.clone());
+    let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+        texts.generate_key(&origin, &token_label, &algorithm, &subject, unlock)
+    });
+    // Only a key that asks for its PIN at every signature shows this one.
+    let build_request: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+        texts.sign_new_key_request(&origin2, &label2, &subject2, unlock)
+    });
+    let generate = GenerateRequest {
+        token: token.info.id.clone(),
+        spec: req.spec,
+        label,
+        always_authenticate: req.always_authenticate,
+        logout_after: false,
+    };
+    // A type the token cannot make is refused before anyone is asked.
+    module
+        .check_generation(&token.info.id, req.spec)
+        .map_err(|e| generation_failure(e, req.spec))?;
+    let first = first_dialog(token)?;
+    let result = (|| {
+        let key = with_dialogs(pinentry, texts, &build, first, |credential| {
+            module.generate_key(generate.clone(), credential)
+        })
+        .map_err(|e| match e {
+            Failure::Token(e) => generation_failure(e, req.spec),
+            other => other,
+        })?;
+        let pending = enroll::request(req.subject, &key.public_key_der)
+            .map_err(|e| Failure::Internal(format!("certificate request: {e}")))?;
+        let algorithm = pending.signature().pkcs11_algorithm().ok_or_else(|| {
+            Failure::Algorithm("SM2 requests are made on SKF keys, not PKCS#11 tokens".into())
+        })?;
+        let digest = sha2::Sha256::digest(pending.message()).to_vec();
+        let sign = KeySignRequest {
+            key: key.id.clone(),
+            algorithm,
+            input: SignInput::Data(pending.message().to_vec()),
+            logout_after: false,
+        };
+        let signature = with_dialogs(pinentry, texts, &build_request, None, |credential| {
+            module.sign_with_key(sign.clone(), credential)
+        })
+        .inspect_err(|_| {
+            // No request, no use for the key: a cancel here leaves nothing behind either.
+            let undo = DeleteKeyRequest {
+                key: key.id.clone(),
+                logout_after: false,
+            };
+            if let Err(e) = module.delete_new_key(undo) {
+                tracing::warn!(key = %key.id, error = %e, "the new key stays on the token");
+            }
+        })?;
+        let csr = pending
+            .finish(&signature)
+            .map_err(|e| Failure::Internal(format!("certificate request: {e}")))?;
+        Ok((key.id.to_string(), csr, digest))
+    })();
+    if let Err(e) = module.logout(&token.info.id) {
+        tracing::warn!(error = %e, "C_Logout after keys generate failed");
+    }
+    result
+}
+
+/// What `keyport certs import` stored.
+#[derive(Debug, Clone)]
+pub struct ImportedCertificate {
+    pub certificate_id: String,
+    pub subject: String,
+}
+
+/// Stores a certificate (DER or PEM file) beside its key on the token, after the user's
+/// consent and PIN.
+pub fn import_certificate(
+    tokens: &TokenSet,
+    pinentry: &Pinentry,
+    texts: Texts,
+    audit: &mut AuditLog,
+    token: &str,
+    input: &Path,
+    replace: bool,
+) -> Result<ImportedCertificate, SignFileError> {
+    let bytes = std::fs::read(input).map_err(|e| SignFileError::Read {
+        path: input.display().to_string(),
+        source: e,
+    })?;
+    let der = match der::pem::decode_vec(&bytes) {
+        Ok(("CERTIFICATE", der)) => der,
+        Ok((label, _)) => {
+            return Err(SignFileError::Usage(format!(
+                "{} holds a {label}, not a CERTIFICATE",
+                input.display()
+            )))
+        }
+        Err(_) => bytes,
+    };
+    let cert = <x509_cert::Certificate as der::Decode>::from_der(&der).map_err(|_| {
+        SignFileError::Usage(format!(
+            "{} is not an X.509 certificate (DER or PEM)",
+            input.display()
+        ))
+    })?;
+    let token = find_token(tokens, token)?;
+    let tbs = cert.tbs_certificate();
+    let subject = tbs.subject().to_string();
+    let (origin, token_label) = (
+        texts.command_line_program("certs import"),
+        token.info.label.trim().to_owned(),
+    );
+    let (shown, issuer) = (subject.clone(), common_name(&tbs.issuer().to_string()));
+    let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+        texts.import_certificate(&origin, &token_label, &shown, &issuer, replace, unlock)
+    });
+    let request = ImportRequest {
+        token: token.info.id.clone(),
+        der: der.clone(),
+        mode: if replace {
+            ImportMode::Replace
+        } else {
+            ImportMode::KeepExisting
+        },
+        logout_after: true,
+    };
+    let result = first_dialog(&token).and_then(|first| {
+        with_dialogs(pinentry, texts, &build, first, |credential| {
+            token.module.import_certificate(request.clone(), credential)
+        })
+    });
+    let record = AuditRecord::new(LOCAL_ORIGIN, Operation::CertificatesImport)
+        .certificate(subject.clone(), &der)
+        .outcome(match &result {
+            Ok(_) => Outcome::Granted,
+            Err(f) => f.outcome(),
+        });
+    audit.append(&record).map_err(SignFileError::Audit)?;
+    let imported = result.map_err(SignFileError::Failure)?;
+    Ok(ImportedCertificate {
+        certificate_id: imported.certificate.id.to_string(),
+        subject,
+    })
+}
+
+fn find_token(tokens: &TokenSet, id: &str) -> Result<TokenView, SignFileError> {
+    let parsed: TokenId = id.parse().map_err(|_| {
+        SignFileError::Usage(format!("{id:?} is not a token id (see `keyport tokens`)"))
+    })?;
+    tokens
+        .token(&parsed)
+        .ok_or(SignFileError::Failure(Failure::Token(
+            pkcs11_shim::Error::TokenNotPresent,
+        )))
+}
+
+/// Enrolment always asks: a PIN dialog, or a confirmation when no PIN is typed here.
+fn first_dialog(token: &TokenView) -> Result<Option<Unlock>, Failure> {
+    let state = token.module.login_state(&token.info.id)?;
+    if state == LoginState::Locked {
+        return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
+    }
+    Ok(first_question(state, false))
+}
+
+/// The command line's consent loop around one token job (as `keyport sign`'s): ask, act with
+/// the answer, ask again on a wrong PIN or a login the answer could not serve, stop otherwise.
+fn with_dialogs<T>(
+    pinentry: &Pinentry,
+    texts: Texts,
+    build: &DialogBuilder,
+    first: Option<Unlock>,
+    mut job: impl FnMut(Credential) -> Result<T, pkcs11_shim::Error>,
+) -> Result<T, Failure> {
+    let mut question = first;
+    let mut last = None;
+    loop {
+        let mut credential = Credential::None;
+        if let Some(unlock) = question.take() {
+            let consent = build(&texts, unlock, consent::Scope::All)
+                .ask(pinentry, &DialogCancel::new())
+                .map_err(|e| Failure::Dialog(Arc::new(e)))?;
+            credential = credential_from(consent, unlock);
+            last = Some(unlock);
+        }
+        match job(credential) {
+            Ok(v) => return Ok(v),
+            Err(error) => match consent::after(error, last) {
+                Next::Ask(unlock) => question = Some(unlock),
+                Next::Stop(error) => return Err(Failure::Token(error)),
+            },
+        }
+    }
+}

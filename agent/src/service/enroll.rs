@@ -1,0 +1,341 @@
+//! `keys.generate` and `certificates.import`: enrolment from a CA's portal. Each is one consent
+//! dialog with the PIN (the same loop as signing: ask → act with that answer → on a wrong PIN
+//! ask again with the token's warning → stop at anything else), then the token's work, then an
+//! audit record.
+//!
+//! The token side is PKCS#11 ([`pkcs11_shim::Module::generate_key`] and friends). An SKF key
+//! would take the same path through `skf-shim`'s `generate_sm2` / `import_certificate` once the
+//! agent's token set has the SKF back end (issue 9): [`Service::enrolment_token`] is where
+//! the back end is chosen, and [`key_generation`] names the one PKCS#11-specific step.
+
+use std::sync::Arc;
+
+use browser_bridge::protocol::{
+    Answer, Base64Bytes, CertificatesImportParams, CertificatesImportResult, GenerateAlgorithm,
+    KeysGenerateParams, KeysGenerateResult,
+};
+use browser_bridge::RequestContext;
+use der::Decode as _;
+use pkcs11_shim::{
+    Credential, DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest,
+    KeySpec, LoginState, SignInput, TokenId,
+};
+use sha2::Digest as _;
+
+use crate::audit::{AuditRecord, Operation, Outcome};
+use crate::consent::{
+    self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
+};
+use crate::dialog::Unlock;
+use crate::enroll;
+use crate::tokens::TokenView;
+
+use super::{blocking, common_name, Failure, Service};
+
+impl Service {
+    pub(super) async fn keys_generate(
+        &self,
+        ctx: &RequestContext,
+        p: KeysGenerateParams,
+    ) -> Result<Answer, Failure> {
+        let origin = ctx.origin.as_str().to_owned();
+        let operation = Operation::KeysGenerate;
+        let result = self.generate_with(ctx, &p).await;
+        match result {
+            Ok((key_id, csr, signed_digest)) => {
+                // The request leaves only with its durable audit record.
+                self.audit_durable(
+                    AuditRecord::new(origin, operation)
+                        .digest(&signed_digest)
+                        .outcome(Outcome::Granted),
+                )
+                .await?;
+                Ok(Answer::of(&KeysGenerateResult {
+                    key_id,
+                    csr: Base64Bytes(csr),
+                }))
+            }
+            Err(e) => Err(self.audit_failure(&origin, &operation, e).await),
+        }
+    }
+
+    /// Consent and PIN, the key pair, then the certificate request signed by the new key.
+    /// Returns the key id, the DER request and the SHA-256 of what the key signed.
+    async fn generate_with(
+        &self,
+        ctx: &RequestContext,
+        p: &KeysGenerateParams,
+    ) -> Result<(String, Vec<u8>, Vec<u8>), Failure> {
+        let subject = p.subject.as_str().to_owned();
+        enroll::check_subject(&subject).map_err(|e| Failure::InvalidParams(e.to_string()))?;
+        let token = self.enrolment_token(&p.token_id).await?;
+        let spec = key_generation(p.algorithm);
+        let always_authenticate = p.always_authenticate.unwrap_or(false);
+        let logout_after = self.config.pin_cache_seconds == 0;
+
+        let origin = ctx.origin.as_str().to_owned();
+        let label = token.info.label.trim().to_owned();
+        let algorithm = spec.wire_name();
+        let shown_subject = subject.clone();
+        let (origin2, label2, subject2) = (origin.clone(), label.clone(), subject.clone());
+        let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+            texts.generate_key(&origin, &label, &algorithm, &shown_subject, unlock)
+        });
+        // Only a key that asks for its PIN at every signature shows this one.
+        let build_request: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+            texts.sign_new_key_request(&origin2, &label2, &subject2, unlock)
+        });
+
+        let module = token.module.clone();
+        let request = GenerateRequest {
+            token: token.info.id.clone(),
+            spec,
+            label: p.label.as_str().to_owned(),
+            always_authenticate,
+            // The request's signature follows with the same login.
+            logout_after: false,
+        };
+        // A type the token cannot make is refused before anyone is asked.
+        let (m, id) = (module.clone(), token.info.id.clone());
+        blocking(move || m.check_generation(&id, spec))
+            .await?
+            .map_err(|e| generation_failure(e, spec))?;
+        let first = self.first_enrolment_question(&token).await?;
+        let m = module.clone();
+        let key = self
+            .with_consent(ctx, &build, first, move |credential| {
+                m.generate_key(request.clone(), credential)
+            })
+            .await
+            .map_err(|e| match e {
+                Failure::Token(e) => generation_failure(e, spec),
+                other => other,
+            });
+        let key = match key {
+            Ok(key) => key,
+            Err(e) => {
+                self.end_enrolment(&module, &token.info.id, logout_after)
+                    .await;
+                return Err(e);
+            }
+        };
+        tracing::info!(key = %key.id, "key pair generated on the token");
+
+        let result = async {
+            let pending = enroll::request(&subject, &key.public_key_der)
+                .map_err(|e| Failure::Internal(format!("certificate request: {e}")))?;
+            let algorithm = pending.signature().pkcs11_algorithm().ok_or_else(|| {
+                Failure::Algorithm("SM2 requests are made on SKF keys, not PKCS#11 tokens".into())
+            })?;
+            let message = pending.message().to_vec();
+            let signed_digest = sha2::Sha256::digest(&message).to_vec();
+            let sign = KeySignRequest {
+                key: key.id.clone(),
+                algorithm,
+                input: SignInput::Data(message),
+                // The login stays for an undo; `end_enrolment` ends it.
+                logout_after: false,
+            };
+            // Logged in already: no dialog, unless the key asks for its PIN per signature.
+            let m = module.clone();
+            let signature = self
+                .with_consent(ctx, &build_request, None, move |credential| {
+                    m.sign_with_key(sign.clone(), credential)
+                })
+                .await?;
+            let csr = pending
+                .finish(&signature)
+                .map_err(|e| Failure::Internal(format!("certificate request: {e}")))?;
+            Ok((key.id.to_string(), csr, signed_digest))
+        }
+        .await;
+        if let Err(e) = &result {
+            // No request, no use for the key: a cancel here leaves nothing behind either.
+            let (m, undo) = (
+                module.clone(),
+                DeleteKeyRequest {
+                    key: key.id.clone(),
+                    logout_after: false,
+                },
+            );
+            match blocking(move || m.delete_new_key(undo)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(key = %key.id, error = %e, "no certificate request: the new key is destroyed");
+                }
+                Ok(Err(undo)) => {
+                    tracing::warn!(key = %key.id, error = %e, undo = %undo, "no certificate request, and the new key stays on the token");
+                }
+                Err(undo) => {
+                    tracing::warn!(key = %key.id, error = %e, undo = %undo, "no certificate request, and the new key stays on the token");
+                }
+            }
+        }
+        self.end_enrolment(&module, &token.info.id, logout_after)
+            .await;
+        result
+    }
+
+    pub(super) async fn certificates_import(
+        &self,
+        ctx: &RequestContext,
+        p: CertificatesImportParams,
+    ) -> Result<Answer, Failure> {
+        let origin = ctx.origin.as_str().to_owned();
+        let der = p.certificate.0.clone();
+        let cert = match x509_cert::Certificate::from_der(&der) {
+            Ok(cert) => cert,
+            Err(_) => {
+                return Err(self
+                    .audit_failure(
+                        &origin,
+                        &Operation::CertificatesImport,
+                        Failure::InvalidParams("certificate is not a DER X.509 certificate".into()),
+                    )
+                    .await)
+            }
+        };
+        let subject = cert.tbs_certificate().subject().to_string();
+        let result = self.import_with(ctx, &p, &cert).await;
+        let record =
+            AuditRecord::new(origin, Operation::CertificatesImport).certificate(subject, &der);
+        match result {
+            Ok(id) => {
+                self.audit_durable(record.outcome(Outcome::Granted)).await?;
+                Ok(Answer::of(&CertificatesImportResult { certificate_id: id }))
+            }
+            Err(e) => {
+                self.audit(record.outcome(e.outcome())).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn import_with(
+        &self,
+        ctx: &RequestContext,
+        p: &CertificatesImportParams,
+        cert: &x509_cert::Certificate,
+    ) -> Result<String, Failure> {
+        let token = self.enrolment_token(&p.token_id).await?;
+        let replace = p.replace.unwrap_or(false);
+        let logout_after = self.config.pin_cache_seconds == 0;
+        let tbs = cert.tbs_certificate();
+        let origin = ctx.origin.as_str().to_owned();
+        let label = token.info.label.trim().to_owned();
+        let subject = tbs.subject().to_string();
+        let issuer = common_name(&tbs.issuer().to_string());
+        let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+            texts.import_certificate(&origin, &label, &subject, &issuer, replace, unlock)
+        });
+        let request = ImportRequest {
+            token: token.info.id.clone(),
+            der: p.certificate.0.clone(),
+            mode: if replace {
+                ImportMode::Replace
+            } else {
+                ImportMode::KeepExisting
+            },
+            logout_after,
+        };
+        let first = self.first_enrolment_question(&token).await?;
+        let module = token.module.clone();
+        let m = module.clone();
+        let imported = self
+            .with_consent(ctx, &build, first, move |credential| {
+                m.import_certificate(request.clone(), credential)
+            })
+            .await;
+        self.end_enrolment(&module, &token.info.id, logout_after)
+            .await;
+        Ok(imported?.certificate.id.to_string())
+    }
+
+    /// The token a `tokenId` names, as enrolment sees it. With the SKF back end (issue 9)
+    /// this is where an SKF key would be told apart.
+    async fn enrolment_token(&self, token_id: &str) -> Result<TokenView, Failure> {
+        let id: TokenId = token_id.parse().map_err(|_| {
+            Failure::InvalidParams("tokenId is not a token id of this agent".into())
+        })?;
+        let tokens = self.tokens.clone();
+        blocking(move || tokens.token(&id))
+            .await?
+            .ok_or(Failure::Token(pkcs11_shim::Error::TokenNotPresent))
+    }
+
+    /// Enrolment always asks the user: a PIN dialog, or a confirmation when the token is
+    /// logged in (PIN cache) or has a PIN pad. A locked PIN stops before any dialog.
+    async fn first_enrolment_question(&self, token: &TokenView) -> Result<Option<Unlock>, Failure> {
+        let (module, id) = (token.module.clone(), token.info.id.clone());
+        let state = blocking(move || module.login_state(&id)).await??;
+        if state == LoginState::Locked {
+            return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
+        }
+        Ok(first_question(state, false))
+    }
+
+    /// The consent loop around one token job: ask `first` (if any) → run the job with that
+    /// answer → on a wrong PIN, or a login the answer could not serve, ask again → stop at
+    /// anything else. Never retries a PIN by itself.
+    async fn with_consent<T: Send + 'static>(
+        &self,
+        ctx: &RequestContext,
+        build: &DialogBuilder,
+        first: Option<Unlock>,
+        job: impl Fn(Credential) -> Result<T, pkcs11_shim::Error> + Send + Sync + Clone + 'static,
+    ) -> Result<T, Failure> {
+        let mut question = first;
+        let mut last = None;
+        loop {
+            let mut credential = Credential::None;
+            if let Some(unlock) = question.take() {
+                let consent = self.ask(ctx, build, unlock, Scope::All).await?;
+                credential = credential_from(consent, unlock);
+                last = Some(unlock);
+            }
+            let job = job.clone();
+            match blocking(move || job(credential)).await? {
+                Ok(v) => return Ok(v),
+                Err(error) => match consent::after(error, last) {
+                    Next::Ask(unlock) => question = Some(unlock),
+                    Next::Stop(error) => return Err(Failure::Token(error)),
+                },
+            }
+        }
+    }
+
+    /// Ends an enrolment's login: now (before the answer, so that no later request races
+    /// with it) without a PIN cache, else when the cache expires.
+    async fn end_enrolment(&self, module: &pkcs11_shim::Module, token: &TokenId, logout_now: bool) {
+        if logout_now {
+            let (module, token) = (module.clone(), token.clone());
+            let result = blocking(move || module.logout(&token)).await;
+            if let Ok(Err(e)) = result {
+                tracing::warn!(error = %e, "C_Logout after enrolment failed");
+            }
+        } else {
+            self.schedule_logout(module.clone(), token.clone());
+        }
+    }
+}
+
+/// ALGORITHM_NOT_SUPPORTED in the protocol's words for a key type the token cannot make.
+pub(crate) fn generation_failure(e: pkcs11_shim::Error, spec: KeySpec) -> Failure {
+    match e {
+        pkcs11_shim::Error::MechanismNotSupported { .. } => Failure::Algorithm(format!(
+            "this token cannot generate {} keys",
+            spec.wire_name()
+        )),
+        other => Failure::Token(other),
+    }
+}
+
+/// The PKCS#11 key type for a wire algorithm.
+pub(crate) fn key_generation(algorithm: GenerateAlgorithm) -> KeySpec {
+    match algorithm {
+        GenerateAlgorithm::EcP256 => KeySpec::EcP256,
+        GenerateAlgorithm::EcP384 => KeySpec::EcP384,
+        GenerateAlgorithm::Rsa2048 => KeySpec::Rsa { bits: 2048 },
+        GenerateAlgorithm::Rsa3072 => KeySpec::Rsa { bits: 3072 },
+        GenerateAlgorithm::Ed25519 => KeySpec::Ed25519,
+    }
+}
