@@ -464,14 +464,7 @@ impl TokenSet {
                 Err(e) => last_err = Some(e),
             }
         }
-        match (busy, last_err) {
-            (Some(e), _) => Err(e),
-            // A module host that failed says so (TOKEN_ERROR), rather than "no such certificate".
-            (None, Some(e)) if e.is_removal() || matches!(e, pkcs11_shim::Error::ModuleHost(_)) => {
-                Err(e)
-            }
-            _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
-        }
+        Err(not_found(id, busy, last_err))
     }
 
     /// A module answered: if it had not before, say so once.
@@ -526,11 +519,7 @@ impl TokenSet {
                 Err(e) => last_err = Some(e),
             }
         }
-        match (busy, last_err) {
-            (Some(e), _) => Err(e),
-            (None, Some(e)) if e.is_removal() => Err(e),
-            _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
-        }
+        Err(not_found(id, busy, last_err))
     }
 
     /// The token's label as the last listing saw it (no module call); None when no listing
@@ -541,6 +530,21 @@ impl TokenSet {
             .flatten()
             .find(|t| &t.id == id)
             .map(|t| t.label.trim().to_owned())
+    }
+}
+
+/// Why a certificate lookup found nothing: a module that did not answer in time, a token
+/// removed, or a module host that failed (TOKEN_ERROR, rather than "no such certificate");
+/// else the certificate is not there.
+fn not_found(
+    id: &CertificateId,
+    busy: Option<pkcs11_shim::Error>,
+    last_err: Option<pkcs11_shim::Error>,
+) -> pkcs11_shim::Error {
+    match (busy, last_err) {
+        (Some(e), _) => e,
+        (None, Some(e)) if e.is_removal() || matches!(e, pkcs11_shim::Error::ModuleHost(_)) => e,
+        _ => pkcs11_shim::Error::CertificateNotFound(id.clone()),
     }
 }
 
