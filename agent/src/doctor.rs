@@ -284,8 +284,8 @@ fn print_modules(
             .count();
         let description = m
             .module
-            .info()
-            .map(|i| format!(" — {}", i.library_description.trim()))
+            .description()
+            .map(|d| format!(" — {d}"))
             .unwrap_or_default();
         say!(
             "  {}  [loaded, {n} token{}]  from {}{description}",

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod audit_cli;
+pub mod backend;
 pub mod cms;
 pub mod config;
 pub mod config_keys;

@@ -17,9 +17,9 @@ pub(crate) use sign::{signing_allowed, SignPlan};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::backend::{CertificateId, TokenError, TokenId};
 use browser_bridge::protocol::{Request, RpcError};
 use browser_bridge::{Backend, ConnectionId, Origin, RequestContext};
-use pkcs11_shim::CertificateId;
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -164,7 +164,7 @@ impl Service {
 
     async fn find_certificate(&self, id: &str) -> Result<CertificateView, Failure> {
         let id: CertificateId = id.parse().map_err(|_| {
-            Failure::Token(pkcs11_shim::Error::InvalidInput(
+            Failure::Token(TokenError::InvalidInput(
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
@@ -174,7 +174,7 @@ impl Service {
             .map_err(Failure::Token)
     }
 
-    async fn token_label(&self, token: &pkcs11_shim::TokenId) -> Option<String> {
+    async fn token_label(&self, token: &TokenId) -> Option<String> {
         let tokens = self.tokens.clone();
         let token = token.clone();
         blocking(move || tokens.token(&token))

@@ -5,7 +5,7 @@
 //! received*. A response made for one site therefore fails at another, and relying parties check
 //! it with Web eID's published validation libraries unchanged.
 
-use pkcs11_shim::{EcdsaEncoding, HashAlg, KeyAlgorithm, SignAlgorithm};
+use crate::backend::{EcdsaEncoding, HashAlg, KeyAlgorithm, SignAlgorithm};
 use sha2::{Digest, Sha256};
 
 /// The smallest nonce a relying party may send, once decoded.
