@@ -433,3 +433,60 @@ fn cms_parts(der_bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         md,
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sm2_login_token_signs_sm3_of_origin_and_challenge() {
+    let token = TestToken::provision().unwrap();
+    let store = SoftSkfStore::provision().unwrap();
+    // The provisioned SM2 certificate signs documents (nonRepudiation); the administrator lets
+    // it log in too.
+    let der = std::fs::read(store.dir().join("certs/sm2-sign.der")).unwrap();
+    let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der));
+    let mut options = AgentOptions::default().skf(&store).steps(pins(1));
+    options
+        .extra_toml
+        .push(format!("dual_use_certificates = [\"{fingerprint}\"]"));
+    let agent = Agent::start(&token, options).unwrap();
+    let mut client = agent.connect(PORTAL).await.unwrap();
+    let id = certificate(&mut client, SKF_SM2_HOLDER).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let challenge = keyport_e2e::harness::nonce(32).unwrap();
+    let res = client
+        .call_ok(
+            "authenticate",
+            json!({"challenge": challenge, "certificateId": id}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res["algorithm"], "SM2");
+    assert_eq!(res["format"], "web-eid:1.0");
+    assert_eq!(unb64(&res["unverifiedCertificate"]).unwrap(), der);
+    let sig = unb64(&res["signature"]).unwrap();
+    assert_eq!(sig.len(), 64, "r || s");
+    // The signed message, made with OpenSSL's SM3.
+    let sm3 = |data: &[u8]| {
+        let mut child = Process::new("openssl")
+            .args(["dgst", "-sm3", "-binary"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), data).unwrap();
+        child.wait_with_output().unwrap().stdout
+    };
+    let mut message = sm3(PORTAL.as_bytes());
+    message.extend(sm3(challenge.as_bytes()));
+    let public = store.public_key("sm2-sign");
+    assert!(verify::gmssl_sm2(
+        &public, DEFAULT_ID, "raw", &message, &sig
+    ));
+    let as_der = verify::raw_to_der_with_openssl(&sig);
+    assert!(verify::openssl_sm2(&public, DEFAULT_ID, &message, &as_der));
+    // Bound to the origin: not a signature for another site's message.
+    let mut other = sm3(b"https://other.example");
+    other.extend(sm3(challenge.as_bytes()));
+    assert!(!verify::openssl_sm2(&public, DEFAULT_ID, &other, &as_der));
+    drop(agent);
+}

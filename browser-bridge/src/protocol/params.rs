@@ -617,11 +617,13 @@ pub enum AuthAlgorithm {
     PS384,
     PS512,
     EdDSA,
+    /// SM2 with SM3 (r ‖ s), for SM2 keys: outside Web eID's list, like EdDSA.
+    SM2,
 }
 
 impl AuthAlgorithm {
     /// Every Web eID token algorithm.
-    pub const ALL: [AuthAlgorithm; 10] = [
+    pub const ALL: [AuthAlgorithm; 11] = [
         AuthAlgorithm::ES256,
         AuthAlgorithm::ES384,
         AuthAlgorithm::ES512,
@@ -632,6 +634,7 @@ impl AuthAlgorithm {
         AuthAlgorithm::PS384,
         AuthAlgorithm::PS512,
         AuthAlgorithm::EdDSA,
+        AuthAlgorithm::SM2,
     ];
 
     /// The JWA name (`PS256`), as on the wire.
@@ -647,6 +650,7 @@ impl AuthAlgorithm {
             AuthAlgorithm::PS384 => "PS384",
             AuthAlgorithm::PS512 => "PS512",
             AuthAlgorithm::EdDSA => "EdDSA",
+            AuthAlgorithm::SM2 => "SM2",
         }
     }
 }
