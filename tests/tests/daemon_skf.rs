@@ -134,6 +134,27 @@ async fn skf_keys_and_sm2_certificates_are_listed_beside_pkcs11_ones() {
     let out = rig.agent.keyport(&["tokens", "--json"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("KeyPort SM2 Key"), "{text}");
+
+    // keyport doctor: the library, its key and containers, under their own heading.
+    let out = rig.agent.keyport(&["doctor"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let skf = text
+        .split_once("SKF libraries")
+        .unwrap_or_else(|| panic!("no SKF section: {text}"))
+        .1;
+    let library = rig.store.library().display().to_string();
+    assert!(
+        skf.contains(&format!("{library}  [loaded, 1 key]")),
+        "{skf}"
+    );
+    assert!(skf.contains("key KP-SKF-0001 \"KeyPort SM2 Key\""), "{skf}");
+    assert!(skf.contains("container SM2-SIGN: 张三 (SM2)"), "{skf}");
+    assert!(
+        skf.contains("container RSA-SIGN: 张三 RSA (RSA-2048)"),
+        "{skf}"
+    );
+    let pkcs11 = text.split_once("SKF libraries").unwrap().0;
+    assert!(!pkcs11.contains(&library), "not among the PKCS#11 modules");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
