@@ -136,8 +136,15 @@ impl Backend {
                 for t in l.tokens()? {
                     let pin = match l.applications(&t.id) {
                         Ok(apps) => apps.first().map(|a| pin_status(a.pin)).unwrap_or_default(),
-                        Err(e) if e.is_removal() => continue,
-                        Err(e) => return Err(e.into()),
+                        // Pulled out since SKF_EnumDev: not listed (the others still are).
+                        Err(
+                            skf_shim::Error::TokenNotPresent | skf_shim::Error::TokenNotFound(_),
+                        ) => continue,
+                        Err(e @ skf_shim::Error::Busy { .. }) => return Err(e.into()),
+                        Err(e) => {
+                            tracing::debug!(token = %t.id, error = %e, "the key's PIN state is unknown");
+                            PinStatus::default()
+                        }
                     };
                     out.push(TokenInfo {
                         id: TokenId::Skf(t.id),

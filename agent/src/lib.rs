@@ -27,5 +27,6 @@ pub mod policy;
 pub mod purpose;
 pub mod secrets;
 pub mod service;
+pub mod skf_watch;
 pub mod tokens;
 pub mod webeid;

@@ -511,3 +511,58 @@ async fn an_sm2_login_token_signs_sm3_of_origin_and_challenge() {
     assert!(!verify::openssl_sm2(&public, DEFAULT_ID, &other, &as_der));
     drop(agent);
 }
+
+/// The first `tokens.changed` not seen before (`seen` of the client's notifications) whose list
+/// satisfies `want`, within 20 s (frames are read as they come; no polling).
+async fn tokens_changed(
+    client: &mut Client,
+    agent: &Agent,
+    seen: &mut usize,
+    want: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    use tokio_tungstenite::tungstenite::Message;
+    let wait = async {
+        loop {
+            while *seen < client.notifications.len() {
+                let n = client.notifications[*seen].clone();
+                *seen += 1;
+                if n["method"] == "tokens.changed" {
+                    let list = n["params"]["tokens"].as_array().unwrap().clone();
+                    if want(&list) {
+                        return list;
+                    }
+                }
+            }
+            if let Message::Text(text) = client.next_message().await.unwrap() {
+                client
+                    .notifications
+                    .push(serde_json::from_str(text.as_str()).unwrap());
+            }
+        }
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(20), wait).await {
+        Ok(list) => list,
+        Err(_) => panic!("no tokens.changed within 20 s; agent: {}", agent.stderr()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugging_an_skf_key_in_and_out_reaches_an_approved_page() {
+    let mut rig = start(Vec::new()).await;
+    // Before: the spare key is not listed.
+    let tokens = rig.client.call_ok("tokens.list", json!({})).await.unwrap();
+    let spare = |list: &[Value]| list.iter().any(|t| t["label"] == "KeyPort Spare Key");
+    assert!(!spare(tokens["tokens"].as_array().unwrap()));
+
+    let mut seen = rig.client.notifications.len();
+    let present = rig.store.device_dir("SKF-KEY-1").join("present");
+    std::fs::write(&present, "insertion-1").unwrap();
+    let list = tokens_changed(&mut rig.client, &rig.agent, &mut seen, spare).await;
+    assert!(list.iter().any(|t| t["label"] == "KeyPort SM2 Key"));
+    // Its certificate is there to use at once.
+    certificate(&mut rig.client, "李四").await;
+
+    std::fs::remove_file(&present).unwrap();
+    let list = tokens_changed(&mut rig.client, &rig.agent, &mut seen, |l| !spare(l)).await;
+    assert!(list.iter().any(|t| t["label"] == "KeyPort SM2 Key"));
+}
