@@ -195,6 +195,10 @@ pub struct Config {
     pub audit_journal: bool,
     pub atr: Vec<AtrEntry>,
     pub limits: LimitsConfig,
+    /// Set by the administrator's policy (`skf_libraries`), never by the file: `skf_modules` are
+    /// the only SKF libraries that load (the vendor table is not searched).
+    #[serde(skip)]
+    pub skf_libraries_fixed: bool,
     /// Set by the administrator's policy (`crate::policy`), never by the file: the only origins
     /// that may be approved, when the policy says so.
     #[serde(skip)]
@@ -226,6 +230,7 @@ impl Default for Config {
             audit_journal: true,
             atr: Vec::new(),
             limits: LimitsConfig::default(),
+            skf_libraries_fixed: false,
             origin_ceiling: None,
         }
     }

@@ -113,7 +113,7 @@ fn discover_skf(config: &Config, table: &str) -> (Vec<Candidate>, Vec<Candidate>
         })
         .collect();
     let mut missing = Vec::new();
-    if !config.discover_modules {
+    if !config.discover_modules || config.skf_libraries_fixed {
         return (found, missing);
     }
     let entries = match toml::from_str::<SkfTable>(table) {
