@@ -284,6 +284,7 @@ async fn a_wrong_skf_pin_asks_again_with_the_warning_and_a_locked_one_asks_nothi
     let steps = vec![
         Step::pin("000000").expect(Command::GetPin),
         Step::pin(SKF_USER_PIN).expect(Command::GetPin),
+        Step::pin(SKF_USER_PIN).expect(Command::GetPin),
     ];
     let mut rig = start(steps).await;
     let id = certificate(&mut rig.client, SKF_SM2_HOLDER).await["id"]
@@ -315,7 +316,19 @@ async fn a_wrong_skf_pin_asks_again_with_the_warning_and_a_locked_one_asks_nothi
         "never a retry of our own"
     );
 
-    // One try left: the dialog warns; then locked: no dialog, no SKF_VerifyPIN.
+    // One try left (the key's own count, from SKF_GetPINInfo): the first dialog warns.
+    rig.store.set_remaining(1).unwrap();
+    rig.client
+        .call_ok("sign", sign_data(&id, b"final try", json!({})))
+        .await
+        .unwrap();
+    let dialogs = rig.agent.script().dialogs().unwrap();
+    assert_eq!(dialogs.len(), 3);
+    let warning = format!("{:?} {:?}", dialogs[2].error, dialogs[2].description);
+    assert!(warning.contains("FINAL TRY"), "{warning}");
+    assert_eq!(rig.store.calls("SKF_VerifyPIN"), 3);
+
+    // Locked: no dialog, no SKF_VerifyPIN.
     rig.store.set_remaining(0).unwrap();
     let e = rig
         .client
@@ -323,8 +336,8 @@ async fn a_wrong_skf_pin_asks_again_with_the_warning_and_a_locked_one_asks_nothi
         .await
         .unwrap();
     assert_eq!(e.reason, "PIN_LOCKED");
-    assert_eq!(rig.agent.script().dialogs().unwrap().len(), 2);
-    assert_eq!(rig.store.calls("SKF_VerifyPIN"), 2);
+    assert_eq!(rig.agent.script().dialogs().unwrap().len(), 3);
+    assert_eq!(rig.store.calls("SKF_VerifyPIN"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
