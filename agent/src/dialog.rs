@@ -255,8 +255,8 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：签署文件",
-                format!("{} 请求您签署一份文件。", signer.origin),
-                "签署".to_owned(),
+                format!("网站 {} 请求您签署一份文件。", signer.origin),
+                "签署(_S)".to_owned(),
             )
         } else {
             (
@@ -294,8 +294,8 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：批量签署",
-                format!("{} 请求您签署 {count} 份文件。", signer.origin),
-                format!("签署 {count} 份"),
+                format!("网站 {} 请求您签署 {count} 份文件。", signer.origin),
+                format!("签署 {count} 份(_S)"),
             )
         } else {
             (
@@ -343,8 +343,8 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：批量签署",
-                format!("{} 请求您签署 {count} 份文件。", signer.origin),
-                format!("签署第 {n} 份"),
+                format!("网站 {} 请求您签署 {count} 份文件。", signer.origin),
+                format!("签署第 {n} 份(_S)"),
             )
         } else {
             (
@@ -392,8 +392,8 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：登录",
-                format!("以{holder}的身份登录 {}？", signer.origin),
-                "登录",
+                format!("以{holder}的身份登录网站 {}？", signer.origin),
+                "登录(_L)",
             )
         } else {
             (
@@ -593,7 +593,7 @@ impl Texts {
         ok: String,
         unlock: Unlock,
     ) -> Dialog {
-        let cancel = self.pick("Cancel", "取消").to_owned();
+        let cancel = self.pick("Cancel", "取消(_C)").to_owned();
         let title = title.to_owned();
         for line in &mut lines {
             *line = self.quote_marks(line);
@@ -625,17 +625,22 @@ impl Texts {
             Unlock::PinPad(state) => {
                 lines.push(String::new());
                 lines.push(if self.zh() {
-                    format!("点击“{ok}”后，请在读卡器的键盘上输入 PIN 码。")
+                    format!(
+                        "点击“{}”后，请在读卡器的密码键盘上输入 PIN 码。",
+                        without_accelerator(&ok)
+                    )
                 } else {
                     format!("Enter your PIN on the reader's keypad after you choose {ok}.")
                 });
-                let warning = self.pin_warning(state);
-                lines.extend(warning.clone());
+                // The warning goes in the description alone: pinentry-tty also prints a
+                // confirm dialog's SETERROR (it showed twice), and not every pinentry shows
+                // SETERROR on a confirm dialog, so the description is the one sure place.
+                lines.extend(self.pin_warning(state));
                 lines.extend(summary_line);
                 Dialog::Confirm(ConfirmDialog {
                     title,
                     description: lines.join("\n"),
-                    error: warning,
+                    error: None,
                     ok,
                     cancel,
                     not_ok: None,
@@ -654,6 +659,15 @@ impl Texts {
             }
         }
     }
+}
+
+/// A button label as a sentence names it: "签署(_S)" → "签署", "_Sign" → "Sign".
+fn without_accelerator(label: &str) -> String {
+    let label = match label.rfind("(_") {
+        Some(at) if label.ends_with(')') => &label[..at],
+        _ => label,
+    };
+    label.replace('_', "")
 }
 
 /// An untrusted string (page, token or certificate text), put through the one cleaning of
@@ -761,6 +775,26 @@ mod tests {
     }
 
     #[test]
+    fn chinese_buttons_have_letter_keys_and_sentences_name_them_plainly() {
+        // pinentry-tty takes a label's first character as its key unless `_` marks one: without
+        // a mark "签署 3 份" would be on the key 3.
+        let zh = Texts::new(Language::ZhCn);
+        let batch = pin(zh.sign_batch(
+            &signer(),
+            &document(),
+            3,
+            &[],
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_eq!(batch.ok, "签署 3 份(_S)");
+        assert_eq!(batch.cancel, "取消(_C)");
+        assert_eq!(without_accelerator(&batch.ok), "签署 3 份");
+        assert_eq!(without_accelerator("_Sign"), "Sign");
+        assert_eq!(without_accelerator("Allow _once"), "Allow once");
+        assert_eq!(without_accelerator("(_x"), "(x");
+    }
+
+    #[test]
     fn language_from_config_and_locale() {
         assert_eq!(Language::from_config(Some("zh-CN")), Language::ZhCn);
         assert_eq!(Language::from_config(Some("zh_CN.UTF-8")), Language::ZhCn);
@@ -820,7 +854,7 @@ mod tests {
         assert_has(
             &dialog.description,
             &[
-                "https://portal.example 请求您签署一份文件。",
+                "网站 https://portal.example 请求您签署一份文件。",
                 "文件：“Loan contract 2026-114”",
                 "证书：“Jane Doe”（颁发者：“KeyPort Test CA”）",
                 "哈希值：3f2a9c0d11aa22bb…",
@@ -832,8 +866,8 @@ mod tests {
             Some("PIN 码错误。剩余尝试次数不多。")
         );
         assert_eq!(dialog.prompt, "PIN 码");
-        assert_eq!(dialog.ok, "签署");
-        assert_eq!(dialog.cancel, "取消");
+        assert_eq!(dialog.ok, "签署(_S)");
+        assert_eq!(dialog.cancel, "取消(_C)");
     }
 
     #[test]
@@ -881,7 +915,8 @@ mod tests {
             ],
         );
         assert_eq!(en.not_ok, None);
-        assert!(en.error.is_some());
+        // Shown once: in the description, not again as the dialog's error.
+        assert_eq!(en.error, None);
         let zh = confirm(Texts::new(Language::ZhCn).sign(
             &signer(),
             &document(),
@@ -889,7 +924,7 @@ mod tests {
         ));
         assert_has(
             &zh.description,
-            &["点击“签署”后，请在读卡器的键盘上输入 PIN 码。"],
+            &["点击“签署”后，请在读卡器的密码键盘上输入 PIN 码。"],
         );
     }
 
@@ -949,7 +984,7 @@ mod tests {
                 "第 1 份（共 3 份）：“发票 17”",
             ],
         );
-        assert_eq!(zh.ok, "签署第 1 份");
+        assert_eq!(zh.ok, "签署第 1 份(_S)");
     }
 
     #[test]
@@ -1055,7 +1090,7 @@ mod tests {
         assert!(
             login
                 .description
-                .starts_with("以“Jane Doe”的身份登录 https://portal.example？"),
+                .starts_with("以“Jane Doe”的身份登录网站 https://portal.example？"),
             "{}",
             login.description
         );
@@ -1092,9 +1127,9 @@ mod tests {
         let zh = pin(Texts::new(Language::ZhCn).login(&signer(), Unlock::Pin(PinState::default())));
         assert_has(
             &zh.description,
-            &["以“Jane Doe”的身份登录 https://portal.example？"],
+            &["以“Jane Doe”的身份登录网站 https://portal.example？"],
         );
-        assert_eq!(zh.ok, "登录");
+        assert_eq!(zh.ok, "登录(_L)");
     }
 
     #[test]

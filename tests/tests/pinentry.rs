@@ -322,7 +322,7 @@ mod dialogs {
         let shown = &script.dialogs().unwrap()[0];
         let description = shown.description.as_deref().unwrap();
         for part in [
-            "https://portal.example 请求您签署一份文件。",
+            "网站 https://portal.example 请求您签署一份文件。",
             "“贷款合同 100% 第二行”",
             "“张伟”",
             "a5a5a5a5a5a5a5a5…",
@@ -337,7 +337,7 @@ mod dialogs {
             shown.error.as_deref(),
             Some("PIN 码错误。仅剩最后一次机会：如再输错 PIN 码，USB Key 将被锁定。")
         );
-        assert_eq!(shown.ok.as_deref(), Some("签署"));
+        assert_eq!(shown.ok.as_deref(), Some("签署(_S)"));
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl Service {
                 .map_err(|_| Failure::Internal("dialog lines poisoned".into()))?;
             let line = lines.entry(origin.clone()).or_default();
             if let Ok(permit) = Arc::clone(&line.turn).try_acquire_owned() {
-                return Ok(DialogTurn { _permit: permit });
+                return Ok(DialogTurn::new(permit, &self.dialog_lines, origin));
             }
             if line.waiting >= MAX_WAITING {
                 return Err(Failure::Busy);
@@ -173,11 +173,11 @@ impl Service {
         };
         let _waiting = Waiting {
             lines: Arc::clone(&self.dialog_lines),
-            origin,
+            origin: origin.clone(),
         };
         tokio::select! {
             permit = turn.acquire_owned() => permit
-                .map(|p| DialogTurn { _permit: p })
+                .map(|p| DialogTurn::new(p, &self.dialog_lines, origin))
                 .map_err(|_| Failure::Internal("dialog turn closed".into())),
             () = ctx.cancel.cancelled() => Err(Failure::Dialog(Arc::new(DialogError::Cancelled))),
         }
@@ -209,7 +209,39 @@ pub(super) type DialogLines = Arc<Mutex<HashMap<String, DialogLine>>>;
 /// dropped.
 #[derive(Debug)]
 pub(super) struct DialogTurn {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
+    lines: DialogLines,
+    origin: String,
+}
+
+impl DialogTurn {
+    fn new(permit: OwnedSemaphorePermit, lines: &DialogLines, origin: String) -> Self {
+        DialogTurn {
+            permit: Some(permit),
+            lines: Arc::clone(lines),
+            origin,
+        }
+    }
+}
+
+impl Drop for DialogTurn {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if let Ok(mut lines) = self.lines.lock() {
+            prune(&mut lines, &self.origin);
+        }
+    }
+}
+
+/// Forgets an origin's line once no dialog of it is shown and none waits, so that the map holds
+/// only origins with dialogs (a page cannot grow it by opening many origins' dialogs in turn).
+fn prune(lines: &mut HashMap<String, DialogLine>, origin: &str) {
+    let idle = lines
+        .get(origin)
+        .is_some_and(|line| line.waiting == 0 && line.turn.available_permits() == 1);
+    if idle {
+        lines.remove(origin);
+    }
 }
 
 /// Counts a request as waiting while it waits, however the wait ends.
@@ -224,6 +256,54 @@ impl Drop for Waiting {
             if let Some(line) = lines.get_mut(&self.origin) {
                 line.waiting = line.waiting.saturating_sub(1);
             }
+            prune(&mut lines, &self.origin);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acquire(lines: &DialogLines, origin: &str) -> DialogTurn {
+        let turn = {
+            let mut map = lines.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(&map.entry(origin.to_owned()).or_default().turn)
+        };
+        let permit = turn.try_acquire_owned().expect("the turn is free");
+        DialogTurn::new(permit, lines, origin.to_owned())
+    }
+
+    fn has(lines: &DialogLines, origin: &str) -> bool {
+        lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(origin)
+    }
+
+    #[test]
+    fn an_origins_line_is_forgotten_once_no_dialog_is_shown_or_waits() {
+        let lines: DialogLines = Arc::default();
+        let first = acquire(&lines, "https://a.example");
+        // A second request waits behind the first.
+        if let Some(line) = lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut("https://a.example")
+        {
+            line.waiting += 1;
+        }
+        let waiting = Waiting {
+            lines: Arc::clone(&lines),
+            origin: "https://a.example".into(),
+        };
+        drop(first);
+        assert!(has(&lines, "https://a.example"), "a request still waits");
+        let second = acquire(&lines, "https://a.example");
+        drop(waiting);
+        assert!(has(&lines, "https://a.example"), "a dialog is still shown");
+        drop(second);
+        assert!(!has(&lines, "https://a.example"));
+        assert!(lines.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
     }
 }
