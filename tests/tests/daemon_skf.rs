@@ -579,3 +579,39 @@ async fn plugging_an_skf_key_in_and_out_reaches_an_approved_page() {
     let list = tokens_changed(&mut rig.client, &rig.agent, &mut seen, |l| !spare(l)).await;
     assert!(list.iter().any(|t| t["label"] == "KeyPort SM2 Key"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyport_sign_signs_a_file_with_the_sm2_key() {
+    let mut rig = start(pins(1)).await;
+    let id = certificate(&mut rig.client, SKF_SM2_HOLDER).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let (input, output) = (work.path().join("合同.txt"), work.path().join("合同.sig"));
+    std::fs::write(&input, "命令行签署的文件").unwrap();
+    // The one-shot command beside the running agent: the same store, dialog script and audit log.
+    let out = Process::new(keyport_e2e::harness::keyport_bin())
+        .arg("--config")
+        .arg(rig.agent.config_path())
+        .args(["sign", "--cert", &id, "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&output)
+        .env("KEYPORT_SOFT_SKF_DIR", rig.store.state())
+        .envs(rig.agent.script().env())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keyport sign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sig = std::fs::read(&output).unwrap();
+    let data = std::fs::read(&input).unwrap();
+    let public = rig.store.public_key("sm2-sign");
+    assert!(verify::openssl_sm2(&public, DEFAULT_ID, &data, &sig));
+    assert!(verify::gmssl_sm2(&public, DEFAULT_ID, "der", &data, &sig));
+    assert_eq!(rig.store.calls("SKF_VerifyPIN"), 1);
+}
