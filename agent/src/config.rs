@@ -91,7 +91,8 @@ pub enum ConsentMode {
     Session,
 }
 
-/// A PKCS#11 module named in the configuration.
+/// A PKCS#11 module (`[[modules]]`) or SKF library (`[[skf_modules]]`) named in the
+/// configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleConfig {
@@ -159,8 +160,11 @@ pub struct Config {
     pub port: u16,
     /// PKCS#11 modules to load before any discovered one.
     pub modules: Vec<ModuleConfig>,
-    /// Look for modules beyond `modules` (p11-kit, well-known paths).
+    /// Look for modules beyond `modules` (p11-kit, well-known paths) and SKF libraries beyond
+    /// `skf_modules` (the shipped table of vendor libraries).
     pub discover_modules: bool,
+    /// SKF (GM/T 0016) libraries to load before the table's.
+    pub skf_modules: Vec<ModuleConfig>,
     /// The pinentry program for every dialog.
     pub pinentry: Option<PathBuf>,
     /// `en` or `zh-CN`; otherwise the locale decides.
@@ -191,6 +195,10 @@ pub struct Config {
     pub audit_journal: bool,
     pub atr: Vec<AtrEntry>,
     pub limits: LimitsConfig,
+    /// Set by the administrator's policy (`skf_libraries`), never by the file: `skf_modules` are
+    /// the only SKF libraries that load (the vendor table is not searched).
+    #[serde(skip)]
+    pub skf_libraries_fixed: bool,
     /// Set by the administrator's policy (`crate::policy`), never by the file: the only origins
     /// that may be approved, when the policy says so.
     #[serde(skip)]
@@ -203,6 +211,7 @@ impl Default for Config {
             port: 47333,
             modules: Vec::new(),
             discover_modules: true,
+            skf_modules: Vec::new(),
             pinentry: None,
             language: None,
             pin_cache_seconds: 0,
@@ -221,6 +230,7 @@ impl Default for Config {
             audit_journal: true,
             atr: Vec::new(),
             limits: LimitsConfig::default(),
+            skf_libraries_fixed: false,
             origin_ceiling: None,
         }
     }

@@ -1,4 +1,5 @@
-//! The modules the agent has loaded and the tokens and certificates they show.
+//! The token libraries the agent has loaded (PKCS#11 modules and SKF libraries, each a
+//! [`Backend`]) and the tokens and certificates they show, as one set.
 //!
 //! Every call here blocks (it waits on a module's worker thread): async code reaches it through
 //! `tokio::task::spawn_blocking`.
@@ -8,39 +9,41 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use pkcs11_shim::{CertificateId, CertificateInfo, LoadOptions, Module, TokenId, TokenInfo};
-
+use crate::backend::{
+    Backend, BackendKind, CertificateId, CertificateInfo, TokenError, TokenId, TokenInfo,
+};
 use crate::config::Config;
 use crate::discovery::{self, Candidate, Discovery, Source};
 
-/// A module that loaded, and why it was chosen.
+/// A library that loaded (a PKCS#11 module or an SKF library), and why it was chosen.
 #[derive(Debug, Clone)]
 pub struct LoadedModule {
-    pub module: Module,
+    pub module: Backend,
     pub source: Source,
 }
 
-/// A module that did not load: its path and the loader's error.
+/// A library that did not load: its path and the loader's error.
 #[derive(Debug, Clone)]
 pub struct LoadFailure {
+    pub kind: BackendKind,
     pub path: PathBuf,
     pub source: Source,
     pub error: String,
 }
 
-/// A token, the module that shows it, and the reader it sits in when known.
+/// A token, the library that shows it, and the reader it sits in when known.
 #[derive(Debug, Clone)]
 pub struct TokenView {
     pub info: TokenInfo,
-    pub module: Module,
+    pub module: Backend,
     pub reader: Option<String>,
 }
 
-/// A certificate and the module that holds its key.
+/// A certificate and the library that holds its key.
 #[derive(Debug, Clone)]
 pub struct CertificateView {
     pub info: CertificateInfo,
-    pub module: Module,
+    pub module: Backend,
 }
 
 /// Every module the agent uses. Cheap to clone.
@@ -51,8 +54,8 @@ pub struct TokenSet {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// How modules are loaded: the call deadline (`token_wait_seconds`).
-    options: LoadOptions,
+    /// How long a library may take to answer (`token_wait_seconds`).
+    call_timeout: CallTimeout,
     modules: RwLock<Vec<LoadedModule>>,
     failures: RwLock<Vec<LoadFailure>>,
     discovery: RwLock<Discovery>,
@@ -67,8 +70,18 @@ struct Inner {
     unanswered: Mutex<HashSet<PathBuf>>,
 }
 
-/// What a listing does with a module whose worker is still behind a call given up on (see
-/// [`Module::is_behind`]).
+/// The libraries' call deadline; the shims' default unless the configuration says.
+#[derive(Debug, Clone, Copy)]
+struct CallTimeout(Duration);
+
+impl Default for CallTimeout {
+    fn default() -> Self {
+        CallTimeout(pkcs11_shim::DEFAULT_CALL_TIMEOUT)
+    }
+}
+
+/// What a listing does with a library whose worker is still behind a call given up on (see
+/// [`Backend::is_behind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenBehind {
     /// Wait for it, at most the call deadline (a request from a page).
@@ -107,11 +120,12 @@ impl TokenSet {
     /// Discovers and loads modules; one that fails is recorded and the others still load.
     pub fn load(config: &Config) -> TokenSet {
         let found = discovery::discover(config);
-        let set = TokenSet::with_options(LoadOptions {
-            call_timeout: config.token_wait(),
-        });
+        let set = TokenSet::with_timeout(config.token_wait());
         for candidate in &found.candidates {
             set.add(candidate.clone());
+        }
+        for candidate in &found.skf_candidates {
+            set.add_library(BackendKind::Skf, candidate.clone());
         }
         if let Ok(mut d) = set.inner.discovery.write() {
             *d = found;
@@ -119,19 +133,25 @@ impl TokenSet {
         set
     }
 
-    /// An empty set whose modules will be loaded with `options`.
-    pub fn with_options(options: LoadOptions) -> TokenSet {
+    /// An empty set whose libraries answer within `call_timeout`.
+    pub fn with_timeout(call_timeout: Duration) -> TokenSet {
         TokenSet {
             inner: Arc::new(Inner {
-                options,
+                call_timeout: CallTimeout(call_timeout),
                 ..Inner::default()
             }),
         }
     }
 
-    /// Loads one more module (an ATR match, say) unless it is loaded already. Returns whether it
-    /// is loaded now.
+    /// Loads one more PKCS#11 module (an ATR match, say) unless it is loaded already. Returns
+    /// whether it is loaded now.
     pub fn add(&self, candidate: Candidate) -> bool {
+        self.add_library(BackendKind::Pkcs11, candidate)
+    }
+
+    /// Loads one more library of `kind` unless it is loaded already. Returns whether it is
+    /// loaded now.
+    pub fn add_library(&self, kind: BackendKind, candidate: Candidate) -> bool {
         if self
             .modules()
             .iter()
@@ -139,9 +159,9 @@ impl TokenSet {
         {
             return true;
         }
-        match Module::load_with(&candidate.path, self.inner.options) {
+        match Backend::load(kind, &candidate.path, self.inner.call_timeout.0) {
             Ok(module) => {
-                tracing::info!(path = %candidate.path.display(), source = %candidate.source, "module loaded");
+                tracing::info!(path = %candidate.path.display(), source = %candidate.source, %kind, "library loaded");
                 if let Ok(mut m) = self.inner.modules.write() {
                     m.push(LoadedModule {
                         module,
@@ -151,11 +171,12 @@ impl TokenSet {
                 true
             }
             Err(e) => {
-                tracing::warn!(path = %candidate.path.display(), error = %e, "module failed to load");
+                tracing::warn!(path = %candidate.path.display(), error = %e, %kind, "library failed to load");
                 let error = error_chain(&e);
                 if let Ok(mut f) = self.inner.failures.write() {
                     f.retain(|x| x.path != candidate.path);
                     f.push(LoadFailure {
+                        kind,
                         path: candidate.path,
                         source: candidate.source,
                         error,
@@ -187,7 +208,8 @@ impl TokenSet {
     pub fn report_failures(&self) {
         for f in self.failures() {
             eprintln!(
-                "keyport: module {} ({}) did not load: {}",
+                "keyport: {} {} ({}) did not load: {}",
+                f.kind,
                 f.path.display(),
                 f.source,
                 f.error
@@ -268,7 +290,7 @@ impl TokenSet {
     /// of a command fails that command before pcscd notices (it polls some readers every
     /// 400 ms), so this waits, at most [`CARD_REMOVAL_GRACE`], for the watcher to see a card
     /// leave its reader, then asks the module whether the token is still there. Blocking.
-    pub fn card_was_pulled(&self, mark: CardMark, module: &Module, token: &TokenId) -> bool {
+    pub fn card_was_pulled(&self, mark: CardMark, module: &Backend, token: &TokenId) -> bool {
         self.wait_card_removal(mark, CARD_REMOVAL_GRACE)
             && module
                 .tokens()
@@ -296,7 +318,7 @@ impl TokenSet {
         for m in self.modules() {
             let module = &m.module;
             let answer = if when_behind == WhenBehind::Skip && module.is_behind() {
-                Err(pkcs11_shim::Error::Busy {
+                Err(TokenError::Busy {
                     waited: module.call_timeout(),
                 })
             } else {
@@ -308,7 +330,7 @@ impl TokenSet {
                     lock(&self.inner.last_tokens).insert(module.path().to_owned(), tokens.clone());
                     tokens
                 }
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                Err(e @ TokenError::Busy { .. }) => {
                     self.not_answered(module, &e);
                     listing.unanswered += 1;
                     lock(&self.inner.last_tokens)
@@ -345,7 +367,7 @@ impl TokenSet {
                         module: m.module.clone(),
                     }));
                 }
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => self.not_answered(&m.module, &e),
+                Err(e @ TokenError::Busy { .. }) => self.not_answered(&m.module, &e),
                 Err(e) => {
                     tracing::warn!(path = %m.module.path().display(), error = %e, "listing certificates failed")
                 }
@@ -354,10 +376,10 @@ impl TokenSet {
         out
     }
 
-    /// The certificate with this id, looked up on its own token only. [`pkcs11_shim::Error::Busy`]
-    /// when it was not found and a module did not answer in time.
-    pub fn certificate(&self, id: &CertificateId) -> Result<CertificateView, pkcs11_shim::Error> {
-        let token = id.token_id().clone();
+    /// The certificate with this id, looked up on its own token only. [`TokenError::Busy`]
+    /// when it was not found and a library did not answer in time.
+    pub fn certificate(&self, id: &CertificateId) -> Result<CertificateView, TokenError> {
+        let token = id.token_id();
         let mut last_err = None;
         let mut busy = None;
         for m in self.modules() {
@@ -371,8 +393,8 @@ impl TokenSet {
                         });
                     }
                 }
-                Err(pkcs11_shim::Error::TokenNotFound(_)) => {}
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                Err(TokenError::TokenNotFound(_)) => {}
+                Err(e @ TokenError::Busy { .. }) => {
                     self.not_answered(&m.module, &e);
                     busy = Some(e);
                 }
@@ -382,24 +404,24 @@ impl TokenSet {
         match (busy, last_err) {
             (Some(e), _) => Err(e),
             (None, Some(e)) if e.is_removal() => Err(e),
-            _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
+            _ => Err(TokenError::CertificateNotFound(id.clone())),
         }
     }
 
     /// A module answered: if it had not before, say so once.
-    fn answered(&self, module: &Module) {
+    fn answered(&self, module: &Backend) {
         if lock(&self.inner.unanswered).remove(module.path()) {
-            tracing::info!(path = %module.path().display(), "the PKCS#11 module answers again");
+            tracing::info!(path = %module.path().display(), "the library answers again");
         }
     }
 
     /// A module did not answer in time: say so once, until it answers again.
-    fn not_answered(&self, module: &Module, e: &pkcs11_shim::Error) {
+    fn not_answered(&self, module: &Backend, e: &TokenError) {
         if lock(&self.inner.unanswered).insert(module.path().to_owned()) {
             tracing::warn!(
                 path = %module.path().display(),
                 error = %e,
-                "the PKCS#11 module does not answer; going on without it until it does"
+                "the library does not answer; going on without it until it does"
             );
         }
     }
@@ -415,12 +437,12 @@ impl TokenSet {
     pub async fn certificate_async(
         &self,
         id: &CertificateId,
-    ) -> Result<CertificateView, pkcs11_shim::Error> {
+    ) -> Result<CertificateView, TokenError> {
         let token = id.token_id();
         let mut last_err = None;
         let mut busy = None;
         for m in self.modules() {
-            match m.module.certificates_async(Some(token)).await {
+            match m.module.certificates_async(Some(&token)).await {
                 Ok(certs) => {
                     self.answered(&m.module);
                     if let Some(info) = certs.into_iter().find(|c| &c.id == id) {
@@ -430,8 +452,8 @@ impl TokenSet {
                         });
                     }
                 }
-                Err(pkcs11_shim::Error::TokenNotFound(_)) => {}
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                Err(TokenError::TokenNotFound(_)) => {}
+                Err(e @ TokenError::Busy { .. }) => {
                     self.not_answered(&m.module, &e);
                     busy = Some(e);
                 }
@@ -441,7 +463,7 @@ impl TokenSet {
         match (busy, last_err) {
             (Some(e), _) => Err(e),
             (None, Some(e)) if e.is_removal() => Err(e),
-            _ => Err(pkcs11_shim::Error::CertificateNotFound(id.clone())),
+            _ => Err(TokenError::CertificateNotFound(id.clone())),
         }
     }
 

@@ -175,6 +175,8 @@ pub struct AgentOptions {
     pub audit_log: Option<PathBuf>,
     /// Set the configuration file's mode to this before the agent starts.
     pub config_mode: Option<u32>,
+    /// Also load this soft SKF store's library (`[[skf_modules]]`, `KEYPORT_SOFT_SKF_DIR`).
+    pub skf: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for AgentOptions {
@@ -198,6 +200,7 @@ impl Default for AgentOptions {
             extra_toml: Vec::new(),
             audit_log: None,
             config_mode: None,
+            skf: None,
         }
     }
 }
@@ -215,6 +218,12 @@ impl AgentOptions {
 
     pub fn fault(mut self) -> Self {
         self.fault = true;
+        self
+    }
+
+    /// Loads the soft SKF store's library beside SoftHSM.
+    pub fn skf(mut self, store: &crate::skf::SoftSkfStore) -> Self {
+        self.skf = Some((store.library(), store.state()));
         self
     }
 
@@ -275,6 +284,9 @@ impl AgentOptions {
                 .map(|l| format!("{l}\n"))
                 .collect::<String>(),
         );
+        if let Some((library, _)) = &self.skf {
+            text.push_str(&format!("[[skf_modules]]\npath = {}\n", toml_path(library)));
+        }
         for origin in &self.session_consent_origins {
             text.push_str(&format!(
                 "[[origin_policy]]\norigin = {}\nconsent = \"session\"\n",
@@ -325,6 +337,8 @@ pub struct Agent {
     config: PathBuf,
     script: Script,
     softhsm_conf: PathBuf,
+    /// The soft SKF store's state, for the agent and `keyport` commands.
+    skf_state: Option<PathBuf>,
     stdout_rest: Option<mpsc::Receiver<String>>,
     audit_log: PathBuf,
 }
@@ -378,6 +392,12 @@ impl Agent {
             .env("KEYPORT_FAULT_TARGET", SOFTHSM)
             .env("KEYPORT_FAULT_CONTROL", dir.path().join("fault.control"))
             .env("KEYPORT_FAULT_LOG", dir.path().join("fault.log"))
+            .envs(
+                options
+                    .skf
+                    .iter()
+                    .map(|(_, state)| ("KEYPORT_SOFT_SKF_DIR", state.as_os_str())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
@@ -400,6 +420,7 @@ impl Agent {
             config,
             script,
             softhsm_conf: token.conf(),
+            skf_state: options.skf.as_ref().map(|(_, state)| state.clone()),
             stdout_rest: None,
             audit_log: options.audit_log.clone().unwrap_or_default(),
         };
@@ -499,6 +520,11 @@ impl Agent {
             .arg(&self.config)
             .args(args)
             .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .envs(
+                self.skf_state
+                    .iter()
+                    .map(|state| ("KEYPORT_SOFT_SKF_DIR", state.as_os_str())),
+            )
             .stdin(Stdio::null())
             .output()
             .context("running keyport")
