@@ -169,7 +169,9 @@ pub struct Config {
     pub pinentry: Option<PathBuf>,
     /// `en` or `zh-CN`; otherwise the locale decides.
     pub language: Option<String>,
-    /// Keep a token logged in this long after a request; 0 logs out after each request.
+    /// Keep a token logged in this long after a request; 0 logs out after each request. PKCS#11
+    /// only: an SKF key's PIN verification is cleared after every request, since SKF cannot tell
+    /// whether a verification still holds.
     pub pin_cache_seconds: u64,
     /// How long a dialog may stay open.
     pub dialog_timeout_seconds: u64,
