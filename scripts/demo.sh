@@ -35,4 +35,7 @@ if ! command -v cargo >/dev/null; then
     echo "    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh" >&2
     exit 2
 fi
+# The soft SKF library (a test double of a Chinese USB key's vendor library) gives the demo an SM2
+# key; keyport demo loads it from next to the binary.
+cargo build --release -q -p keyport-soft-skf
 exec cargo run --release -p agent --bin keyport -- demo "$@"

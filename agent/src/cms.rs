@@ -5,7 +5,8 @@
 //! 1. [`signed_attributes`] builds the signed attributes — contentType (id-data), messageDigest,
 //!    signingTime and signingCertificateV2 (RFC 5035) — and [`SignedAttributes::to_be_signed`]
 //!    gives the DER `SET OF Attribute` the token must sign: hashed with the digest algorithm for
-//!    RSA and ECDSA, or given whole as the message for Ed25519 (RFC 8419).
+//!    RSA and ECDSA, or given whole as the message for Ed25519 (RFC 8419) and SM2 (which signs
+//!    e = SM3(Z ‖ attributes) with the default user ID, GM/T 0010 and GM/T 0009).
 //! 2. [`assemble`] wraps the attributes, the signer's certificate and the token's signature into
 //!    a DER `ContentInfo` holding a `SignedData` with no encapsulated content (detached).
 //!
@@ -67,6 +68,9 @@ pub enum CmsError {
     /// The signature is empty.
     #[error("the signature is empty")]
     EmptySignature,
+    /// No signature algorithm identifier exists for this combination (RSA or ECDSA with SM3).
+    #[error("no algorithm identifier for {0:?}")]
+    Unsupported(CmsSignatureAlg),
     /// Encoding failed (a size limit of the DER encoder was exceeded).
     #[error("DER encoding failed")]
     Encode(#[source] der::Error),
@@ -82,7 +86,14 @@ pub enum DigestAlg {
     Sha384,
     /// SHA-512.
     Sha512,
+    /// SM3 (GM/T 0004; OID of GM/T 0006).
+    Sm3,
 }
+
+/// SM3 (GM/T 0006 `1.2.156.10197.1.401`).
+pub const SM3: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.401");
+/// SM2 signature with SM3 (GM/T 0006 / GM/T 0010 `1.2.156.10197.1.501`).
+pub const SM2_WITH_SM3: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.501");
 
 impl DigestAlg {
     /// The object identifier of the algorithm.
@@ -91,13 +102,14 @@ impl DigestAlg {
             DigestAlg::Sha256 => rfc5912::ID_SHA_256,
             DigestAlg::Sha384 => rfc5912::ID_SHA_384,
             DigestAlg::Sha512 => rfc5912::ID_SHA_512,
+            DigestAlg::Sm3 => SM3,
         }
     }
 
     /// Length of the digest in bytes.
     pub fn output_len(self) -> usize {
         match self {
-            DigestAlg::Sha256 => 32,
+            DigestAlg::Sha256 | DigestAlg::Sm3 => 32,
             DigestAlg::Sha384 => 48,
             DigestAlg::Sha512 => 64,
         }
@@ -109,6 +121,7 @@ impl DigestAlg {
             DigestAlg::Sha256 => sha2::Sha256::digest(data).to_vec(),
             DigestAlg::Sha384 => sha2::Sha384::digest(data).to_vec(),
             DigestAlg::Sha512 => sha2::Sha512::digest(data).to_vec(),
+            DigestAlg::Sm3 => sm3::Sm3::digest(data).to_vec(),
         }
     }
 
@@ -133,6 +146,9 @@ pub enum CmsSignatureAlg {
     EcdsaWith(DigestAlg),
     /// Ed25519 (pure) over the DER signed attributes; the digest algorithm is SHA-512 (RFC 8419).
     Ed25519,
+    /// SM2 over e = SM3(Z ‖ DER signed attributes), default user ID; digest SM3 (GM/T 0010).
+    /// The signature passed to [`assemble`] must be DER `SEQUENCE { r, s }`.
+    Sm2,
 }
 
 impl CmsSignatureAlg {
@@ -143,6 +159,7 @@ impl CmsSignatureAlg {
             | CmsSignatureAlg::RsaPss(d)
             | CmsSignatureAlg::EcdsaWith(d) => d,
             CmsSignatureAlg::Ed25519 => DigestAlg::Sha512,
+            CmsSignatureAlg::Sm2 => DigestAlg::Sm3,
         }
     }
 
@@ -153,6 +170,7 @@ impl CmsSignatureAlg {
                     DigestAlg::Sha256 => rfc5912::SHA_256_WITH_RSA_ENCRYPTION,
                     DigestAlg::Sha384 => rfc5912::SHA_384_WITH_RSA_ENCRYPTION,
                     DigestAlg::Sha512 => rfc5912::SHA_512_WITH_RSA_ENCRYPTION,
+                    DigestAlg::Sm3 => return Err(CmsError::Unsupported(self)),
                 };
                 // RFC 4055 section 5: the parameters of the PKCS #1 v1.5 identifiers are NULL.
                 (oid, Some(Any::null()))
@@ -179,12 +197,15 @@ impl CmsSignatureAlg {
                     DigestAlg::Sha256 => rfc5912::ECDSA_WITH_SHA_256,
                     DigestAlg::Sha384 => rfc5912::ECDSA_WITH_SHA_384,
                     DigestAlg::Sha512 => rfc5912::ECDSA_WITH_SHA_512,
+                    DigestAlg::Sm3 => return Err(CmsError::Unsupported(self)),
                 };
                 // RFC 5758 section 3.2: parameters absent.
                 (oid, None)
             }
             // RFC 8410 section 3: parameters absent.
             CmsSignatureAlg::Ed25519 => (rfc8410::ID_ED_25519, None),
+            // GM/T 0010: parameters absent.
+            CmsSignatureAlg::Sm2 => (SM2_WITH_SM3, None),
         };
         Ok(AlgorithmIdentifierOwned { oid, parameters })
     }
@@ -293,7 +314,7 @@ pub fn assemble(
     if signature.is_empty() {
         return Err(CmsError::EmptySignature);
     }
-    if let CmsSignatureAlg::EcdsaWith(_) = signature_alg {
+    if let CmsSignatureAlg::EcdsaWith(_) | CmsSignatureAlg::Sm2 = signature_alg {
         EcdsaSigValue::from_der(signature).map_err(|e| CmsError::EcdsaSignature(Some(e)))?;
     }
     let cert = Certificate::from_der(signer_cert_der).map_err(CmsError::Certificate)?;

@@ -91,7 +91,8 @@ pub enum ConsentMode {
     Session,
 }
 
-/// A PKCS#11 module named in the configuration.
+/// A PKCS#11 module (`[[modules]]`) or SKF library (`[[skf_modules]]`) named in the
+/// configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleConfig {
@@ -159,13 +160,18 @@ pub struct Config {
     pub port: u16,
     /// PKCS#11 modules to load before any discovered one.
     pub modules: Vec<ModuleConfig>,
-    /// Look for modules beyond `modules` (p11-kit, well-known paths).
+    /// Look for modules beyond `modules` (p11-kit, well-known paths) and SKF libraries beyond
+    /// `skf_modules` (the shipped table of vendor libraries).
     pub discover_modules: bool,
+    /// SKF (GM/T 0016) libraries to load before the table's.
+    pub skf_modules: Vec<ModuleConfig>,
     /// The pinentry program for every dialog.
     pub pinentry: Option<PathBuf>,
     /// `en` or `zh-CN`; otherwise the locale decides.
     pub language: Option<String>,
-    /// Keep a token logged in this long after a request; 0 logs out after each request.
+    /// Keep a token logged in this long after a request; 0 logs out after each request. PKCS#11
+    /// only: an SKF key's PIN verification is cleared after every request, since SKF cannot tell
+    /// whether a verification still holds.
     pub pin_cache_seconds: u64,
     /// How long a dialog may stay open.
     pub dialog_timeout_seconds: u64,
@@ -174,7 +180,8 @@ pub struct Config {
     pub token_wait_seconds: u64,
     /// Load each PKCS#11 module in a module host (a child process), so that a module that
     /// crashes, hangs or deadlocks never takes the agent with it. `false`: in the agent's own
-    /// process (for debugging, and what the tests compare against).
+    /// process (for debugging, and what the tests compare against). SKF libraries load in the
+    /// agent's process either way (no SKF host yet).
     pub module_isolation: bool,
     pub allowed_origins: Vec<String>,
     pub denied_origins: Vec<String>,
@@ -195,6 +202,10 @@ pub struct Config {
     pub audit_journal: bool,
     pub atr: Vec<AtrEntry>,
     pub limits: LimitsConfig,
+    /// Set by the administrator's policy (`skf_libraries`), never by the file: `skf_modules` are
+    /// the only SKF libraries that load (the vendor table is not searched).
+    #[serde(skip)]
+    pub skf_libraries_fixed: bool,
     /// Set by the administrator's policy (`crate::policy`), never by the file: the only origins
     /// that may be approved, when the policy says so.
     #[serde(skip)]
@@ -207,6 +218,7 @@ impl Default for Config {
             port: 47333,
             modules: Vec::new(),
             discover_modules: true,
+            skf_modules: Vec::new(),
             pinentry: None,
             language: None,
             pin_cache_seconds: 0,
@@ -226,6 +238,7 @@ impl Default for Config {
             audit_journal: true,
             atr: Vec::new(),
             limits: LimitsConfig::default(),
+            skf_libraries_fixed: false,
             origin_ceiling: None,
         }
     }

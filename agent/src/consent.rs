@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use pkcs11_shim::{Credential, PinStatus, SecretPin};
+use crate::backend::{Credential, LoginState, PinStatus, TokenError};
 
 use crate::dialog::{Consent, Dialog, PinState, Texts, Unlock};
 
@@ -35,14 +35,14 @@ pub enum Next {
     /// Ask the user (this way) and send the rest again.
     Ask(Unlock),
     /// Stop the request with this error.
-    Stop(pkcs11_shim::Error),
+    Stop(TokenError),
 }
 
 /// The one decision after a job that did not finish: a wrong PIN asks again with the token's
 /// warning (the same way the last question asked: PIN field or PIN pad); a login the answer
 /// could not serve asks for it; anything else (a lock included) ends the request.
-pub fn after(error: pkcs11_shim::Error, last: Option<Unlock>) -> Next {
-    use pkcs11_shim::Error as E;
+pub fn after(error: TokenError, last: Option<Unlock>) -> Next {
+    use TokenError as E;
     match error {
         E::LoginRequired { pin, pin_pad, .. } => {
             let state = pin_state(pin, false);
@@ -71,8 +71,8 @@ pub fn after(error: pkcs11_shim::Error, last: Option<Unlock>) -> Next {
 }
 
 /// The first question, from the token's state before any work (`None`: no dialog needed now).
-pub fn first_question(state: pkcs11_shim::LoginState, consent_given: bool) -> Option<Unlock> {
-    use pkcs11_shim::LoginState as L;
+pub fn first_question(state: LoginState, consent_given: bool) -> Option<Unlock> {
+    use LoginState as L;
     match state {
         L::NeedsPin(st) => Some(Unlock::Pin(pin_state(st, false))),
         L::ProtectedPath => Some(Unlock::PinPad(PinState::default())),
@@ -86,7 +86,7 @@ pub fn first_question(state: pkcs11_shim::LoginState, consent_given: bool) -> Op
 /// The job's credential from the user's answer to a dialog shown as `unlock`.
 pub fn credential(consent: Consent, unlock: Unlock) -> Credential {
     match (consent, unlock) {
-        (Consent::Pin(mut pin), _) => Credential::Pin(SecretPin::from(std::mem::take(&mut *pin))),
+        (Consent::Pin(pin), _) => Credential::Pin(pin),
         (Consent::Confirmed, Unlock::PinPad(_)) => Credential::PinPad,
         (Consent::Confirmed, _) => Credential::None,
     }
@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn a_wrong_pin_asks_again_the_same_way_with_the_warning() {
-        let wrong = || pkcs11_shim::Error::PinIncorrect {
+        let wrong = || TokenError::PinIncorrect {
             count_low: true,
             final_try: false,
         };
@@ -129,12 +129,12 @@ mod tests {
     #[test]
     fn a_lock_or_a_token_error_stops() {
         assert!(matches!(
-            after(pkcs11_shim::Error::PinLocked, None),
-            Next::Stop(pkcs11_shim::Error::PinLocked)
+            after(TokenError::PinLocked, None),
+            Next::Stop(TokenError::PinLocked)
         ));
         assert!(matches!(
-            after(pkcs11_shim::Error::CancelledOnReader, None),
-            Next::Stop(pkcs11_shim::Error::CancelledOnReader)
+            after(TokenError::CancelledOnReader, None),
+            Next::Stop(TokenError::CancelledOnReader)
         ));
     }
 

@@ -176,7 +176,7 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
             Arc::clone(&service),
             server.broadcaster(),
         );
-        tokio::task::spawn_blocking(move || spawn_pcsc_watcher(&c, &t, &s, b)).await?
+        tokio::task::spawn_blocking(move || spawn_watchers(&c, &t, &s, b)).await?
     };
 
     let demo = match options.demo_port {
@@ -198,10 +198,15 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
     tracing::info!(port, "listening");
 
     server.serve(shutdown_signal()).await?;
-    if let Some(w) = watcher {
-        // Joining takes at most one PC/SC wait slice: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || w.stop()).await;
-    }
+    let (pcsc, skf) = watcher;
+    // Joining takes at most one wait slice: off the async workers.
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(w) = pcsc {
+            w.stop();
+        }
+        skf.stop();
+    })
+    .await;
     if let Some((_, task)) = demo {
         task.abort();
     }
@@ -209,32 +214,41 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
     Ok(())
 }
 
-/// Starts the PC/SC watcher: `tokens.changed` goes to connections of approved origins. Without
-/// it (the thread could not start) the agent still serves PKCS#11 tokens.
-fn spawn_pcsc_watcher(
+/// Starts the PC/SC watcher and the SKF libraries' device watchers: `tokens.changed` goes to
+/// connections of approved origins, once per change whichever saw it. Without them (a thread
+/// could not start) the agent still serves its tokens.
+fn spawn_watchers(
     config: &Config,
     tokens: &TokenSet,
     service: &Arc<Service>,
     broadcaster: browser_bridge::Broadcaster,
-) -> Option<crate::pcsc_watch::Watcher> {
+) -> (
+    Option<crate::pcsc_watch::Watcher>,
+    crate::skf_watch::SkfWatch,
+) {
     let atr = crate::discovery::AtrTable::effective(config).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "the ATR table did not load; cards are not matched to modules");
         crate::discovery::AtrTable::default()
     });
     let service = Arc::clone(service);
-    let on_change = Box::new(move |tokens: Vec<browser_bridge::protocol::TokenEntry>| {
-        broadcaster.send_event(
-            &browser_bridge::protocol::TokensChanged { tokens },
-            |origin| service.is_approved_origin(origin.as_str()),
-        );
-    });
-    match crate::pcsc_watch::Watcher::spawn(tokens.clone(), atr, on_change) {
+    let notifier = crate::skf_watch::Notifier::new(Box::new(
+        move |tokens: Vec<browser_bridge::protocol::TokenEntry>| {
+            broadcaster.send_event(
+                &browser_bridge::protocol::TokensChanged { tokens },
+                |origin| service.is_approved_origin(origin.as_str()),
+            );
+        },
+    ));
+    let n = Arc::clone(&notifier);
+    let on_change = Box::new(move |tokens| n.changed(tokens));
+    let pcsc = match crate::pcsc_watch::Watcher::spawn(tokens.clone(), atr, on_change) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "the PC/SC watcher did not start: no card events");
             None
         }
-    }
+    };
+    (pcsc, crate::skf_watch::SkfWatch::spawn(tokens, &notifier))
 }
 
 fn ipv6_loopback_available() -> bool {

@@ -15,6 +15,12 @@ use crate::daemon::{self, RunOptions};
 const PROVISION_SH: &str = include_str!("../../softhsm-config/provision.sh");
 const ISSUE_CERTS_PY: &str = include_str!("../../softhsm-config/issue_certs.py");
 const CONF_IN: &str = include_str!("../../softhsm-config/softhsm2.conf.in");
+const PROVISION_SKF_SH: &str = include_str!("../../softhsm-config/provision-skf.sh");
+
+/// The soft SKF library (tests/soft-skf, a test double speaking GM/T 0016) that gives the demo
+/// an SM2 USB key. It is not part of the agent: `scripts/demo.sh` builds it next to the
+/// `keyport` binary, and the demo loads it through the real C interface like any vendor's.
+const SOFT_SKF_LIBRARY: &str = "libkeyport_soft_skf.so";
 
 /// Where Debian and Ubuntu install SoftHSM's module.
 const SOFTHSM_MODULES: &[&str] = &[
@@ -62,6 +68,12 @@ pub fn run(
         provision(&token_dir)?;
     }
     use_token(&mut config, &token_dir, module)?;
+    if config.skf_modules.is_empty() {
+        eprintln!(
+            "keyport demo: no SM2 USB key in this demo: build the soft SKF library next to \
+             keyport (cargo build --release -p keyport-soft-skf, as scripts/demo.sh does)"
+        );
+    }
     config.allow_insecure_localhost_origins = true;
     let origin = format!("http://127.0.0.1:{port}");
     if !config.allowed_origins.contains(&origin) {
@@ -141,6 +153,7 @@ fn use_token(config: &mut Config, dir: &Path, module: PathBuf) -> anyhow::Result
     std::env::set_var("SOFTHSM2_CONF", dir.join("softhsm2.conf"));
     config.modules = vec![ModuleConfig { path: module }];
     config.discover_modules = false;
+    use_soft_skf(config, dir)?;
     if config.audit_key_file.is_none() {
         let key = dir.join("audit.key");
         if !key.exists() {
@@ -151,6 +164,37 @@ fn use_token(config: &mut Config, dir: &Path, module: PathBuf) -> anyhow::Result
     if config.audit_log.is_none() {
         config.audit_log = Some(dir.join("audit.log"));
     }
+    Ok(())
+}
+
+/// Adds the demo's SM2 USB key when the soft SKF library was built next to this binary: its
+/// store (an SM2 test CA, keys and certificates; PIN 123456) is made once in `dir/skf-key`.
+fn use_soft_skf(config: &mut Config, dir: &Path) -> anyhow::Result<()> {
+    let Some(library) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(SOFT_SKF_LIBRARY)))
+        .filter(|p| p.exists())
+    else {
+        return Ok(());
+    };
+    let store = dir.join("skf-key");
+    if !store.join("skf").exists() {
+        let scripts = tempfile::tempdir()?;
+        let sh = scripts.path().join("provision-skf.sh");
+        std::fs::write(&sh, PROVISION_SKF_SH)?;
+        let status = Command::new("bash")
+            .arg(&sh)
+            .arg(&store)
+            .status()
+            .context("cannot run bash")?;
+        if !status.success() {
+            let _ = std::fs::remove_dir_all(&store);
+            bail!("provisioning the demo's SM2 USB key failed");
+        }
+    }
+    // The soft library reads its store from the environment at its first call.
+    std::env::set_var("KEYPORT_SOFT_SKF_DIR", store.join("skf"));
+    config.skf_modules = vec![ModuleConfig { path: library }];
     Ok(())
 }
 

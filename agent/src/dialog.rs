@@ -255,7 +255,7 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：签署文件",
-                format!("网站 {} 请求您签署一份文件。", signer.origin),
+                format!("{} 请求您签署一份文件。", asker_zh(signer.origin)),
                 "签署(_S)".to_owned(),
             )
         } else {
@@ -294,7 +294,7 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：批量签署",
-                format!("网站 {} 请求您签署 {count} 份文件。", signer.origin),
+                format!("{} 请求您签署 {count} 份文件。", asker_zh(signer.origin)),
                 format!("签署 {count} 份(_S)"),
             )
         } else {
@@ -343,7 +343,7 @@ impl Texts {
         let (title, header, ok) = if self.zh() {
             (
                 "KeyPort：批量签署",
-                format!("网站 {} 请求您签署 {count} 份文件。", signer.origin),
+                format!("{} 请求您签署 {count} 份文件。", asker_zh(signer.origin)),
                 format!("签署第 {n} 份(_S)"),
             )
         } else {
@@ -864,6 +864,26 @@ mod tests {
         assert_eq!(without_accelerator("_Sign"), "Sign");
         assert_eq!(without_accelerator("Allow _once"), "Allow once");
         assert_eq!(without_accelerator("(_x"), "(x");
+    }
+
+    #[test]
+    fn the_command_line_is_not_called_a_website() {
+        let zh = Texts::new(Language::ZhCn);
+        let cli = zh.command_line_origin();
+        let mut s = signer();
+        s.origin = cli;
+        let dialog = pin(zh.sign(&s, &document(), Unlock::Pin(PinState::default())));
+        assert!(
+            dialog
+                .description
+                .starts_with("命令行程序 keyport sign 请求您签署一份文件。"),
+            "{}",
+            dialog.description
+        );
+        let web = pin(zh.sign(&signer(), &document(), Unlock::Pin(PinState::default())));
+        assert!(web
+            .description
+            .starts_with("网站 https://portal.example 请求"));
     }
 
     #[test]

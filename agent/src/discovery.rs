@@ -22,6 +22,10 @@ pub enum Source {
     WellKnown { product: &'static str },
     /// The ATR table matched a card in a reader.
     Atr { card: String, reader: String },
+    /// `[[skf_modules]]` in the configuration.
+    SkfConfig,
+    /// KeyPort's table of vendor SKF libraries (`agent/data/skf.toml`).
+    SkfTable { vendor: String, product: String },
 }
 
 impl fmt::Display for Source {
@@ -31,6 +35,10 @@ impl fmt::Display for Source {
             Source::P11Kit { file } => write!(f, "p11-kit registration {}", file.display()),
             Source::WellKnown { product } => write!(f, "well-known path of {product}"),
             Source::Atr { card, reader } => write!(f, "ATR table: {card} in {reader}"),
+            Source::SkfConfig => f.write_str("configuration [[skf_modules]]"),
+            Source::SkfTable { vendor, product } => {
+                write!(f, "SKF library table: {vendor} {product}")
+            }
         }
     }
 }
@@ -52,8 +60,97 @@ pub struct Skipped {
 /// The outcome of discovery: modules in load order, and what was passed over.
 #[derive(Debug, Clone, Default)]
 pub struct Discovery {
+    /// PKCS#11 modules.
     pub candidates: Vec<Candidate>,
+    /// SKF libraries: the configuration's, then the shipped table's that are installed.
+    pub skf_candidates: Vec<Candidate>,
+    /// Table entries looked for and not found (for `keyport doctor`).
+    pub skf_not_found: Vec<Candidate>,
     pub skipped: Vec<Skipped>,
+}
+
+/// The shipped table of vendor SKF libraries.
+const SKF_TABLE: &str = include_str!("../data/skf.toml");
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SkfTable {
+    skf_library: Vec<SkfTableEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // `source` is documentation: where the entry was seen.
+struct SkfTableEntry {
+    vendor: String,
+    product: String,
+    os: String,
+    path: PathBuf,
+    source: String,
+}
+
+/// Where the loader finds a bare library name, for telling whether it is installed.
+const LIBRARY_DIRS: &[&str] = &[
+    "/usr/local/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/lib",
+];
+
+/// SKF libraries to load: `[[skf_modules]]` first, then (with discovery on) the shipped table's
+/// entries for this OS that are installed: an absolute path that exists, or a bare file name
+/// found on `LD_LIBRARY_PATH` or in the usual library folders. Returns (to load, looked for and
+/// not found).
+fn discover_skf(config: &Config, table: &str) -> (Vec<Candidate>, Vec<Candidate>) {
+    let mut found: Vec<Candidate> = config
+        .skf_modules
+        .iter()
+        .map(|m| Candidate {
+            path: m.path.clone(),
+            source: Source::SkfConfig,
+        })
+        .collect();
+    let mut missing = Vec::new();
+    if !config.discover_modules || config.skf_libraries_fixed {
+        return (found, missing);
+    }
+    let entries = match toml::from_str::<SkfTable>(table) {
+        Ok(t) => t.skf_library,
+        Err(e) => {
+            tracing::error!(error = %e, "the shipped SKF library table does not parse");
+            Vec::new()
+        }
+    };
+    let search: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|v| std::env::split_paths(&v).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(LIBRARY_DIRS.iter().map(PathBuf::from))
+        .collect();
+    for e in entries.into_iter().filter(|e| e.os == std::env::consts::OS) {
+        let source = Source::SkfTable {
+            vendor: e.vendor,
+            product: e.product,
+        };
+        let installed = if e.path.is_absolute() {
+            e.path.exists().then(|| e.path.clone())
+        } else {
+            search.iter().map(|d| d.join(&e.path)).find(|p| p.exists())
+        };
+        match installed {
+            Some(path) if !found.iter().any(|c| c.path == path) => {
+                found.push(Candidate { path, source });
+            }
+            Some(_) => {}
+            None => missing.push(Candidate {
+                path: e.path,
+                source,
+            }),
+        }
+    }
+    (found, missing)
 }
 
 /// Folders where p11-kit looks for `.module` files: the system's, then the user's.
@@ -115,7 +212,9 @@ const WELL_KNOWN: &[(&str, &str)] = &[
 /// Runs the configuration, p11-kit and well-known steps (the ATR step needs readers: see
 /// [`AtrTable::module_for`]).
 pub fn discover(config: &Config) -> Discovery {
-    discover_in(config, &p11kit_module_dirs(), WELL_KNOWN)
+    let mut d = discover_in(config, &p11kit_module_dirs(), WELL_KNOWN);
+    (d.skf_candidates, d.skf_not_found) = discover_skf(config, SKF_TABLE);
+    d
 }
 
 fn discover_in(
@@ -325,6 +424,46 @@ pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::config::ModuleConfig;
+
+    #[test]
+    fn skf_libraries_come_from_the_config_then_the_installed_table_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let installed = dir.path().join("libvendor-skf.so");
+        std::fs::write(&installed, b"").expect("write");
+        let table = format!(
+            "[[skf_library]]\nvendor = \"V\"\nproduct = \"P\"\nos = \"{os}\"\npath = \"{}\"\nsource = \"s\"\n\
+             [[skf_library]]\nvendor = \"W\"\nproduct = \"Q\"\nos = \"{os}\"\npath = \"/nowhere/libq.so\"\nsource = \"s\"\n\
+             [[skf_library]]\nvendor = \"X\"\nproduct = \"R\"\nos = \"plan9\"\npath = \"{}\"\nsource = \"s\"\n",
+            installed.display(),
+            installed.display(),
+            os = std::env::consts::OS
+        );
+        let config = Config {
+            skf_modules: vec![ModuleConfig {
+                path: PathBuf::from("/configured/libskf.so"),
+            }],
+            ..Config::default()
+        };
+        let (found, missing) = discover_skf(&config, &table);
+        let paths: Vec<&Path> = found.iter().map(|c| c.path.as_path()).collect();
+        assert_eq!(
+            paths,
+            [Path::new("/configured/libskf.so"), installed.as_path()]
+        );
+        assert_eq!(found[0].source, Source::SkfConfig);
+        assert_eq!(
+            missing.len(),
+            1,
+            "the absent library is reported, the other OS's is not"
+        );
+        let off = Config {
+            discover_modules: false,
+            ..config
+        };
+        assert_eq!(discover_skf(&off, &table).0.len(), 1);
+        // The shipped table parses.
+        assert!(toml::from_str::<SkfTable>(SKF_TABLE).is_ok());
+    }
 
     #[test]
     fn config_modules_come_first_and_duplicates_are_dropped() {

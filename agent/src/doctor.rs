@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use crate::backend::BackendKind;
 use crate::config::{Config, Paths};
 use crate::discovery::AtrTable;
 use crate::pcsc_watch::{self, hex_spaced, ReaderSnapshot};
@@ -266,8 +267,14 @@ fn print_modules(
     problems: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let discovery = tokens.discovery();
-    let loaded = tokens.modules();
-    let failures = tokens.failures();
+    let (loaded, skf_loaded): (Vec<_>, Vec<_>) = tokens
+        .modules()
+        .into_iter()
+        .partition(|m| m.module.kind() == BackendKind::Pkcs11);
+    let (failures, skf_failures): (Vec<_>, Vec<_>) = tokens
+        .failures()
+        .into_iter()
+        .partition(|f| f.kind == BackendKind::Pkcs11);
     say!("\nPKCS#11 modules, in load order:");
     if loaded.is_empty() && failures.is_empty() {
         say!("  none found");
@@ -284,8 +291,8 @@ fn print_modules(
             .count();
         let description = m
             .module
-            .info()
-            .map(|i| format!(" — {}", i.library_description.trim()))
+            .description()
+            .map(|d| format!(" — {d}"))
             .unwrap_or_default();
         say!(
             "  {}  [loaded, {n} token{}]  from {}{description}",
@@ -311,6 +318,69 @@ fn print_modules(
     }
     for s in &discovery.skipped {
         say!("  skipped {}: {}", s.what, s.why);
+    }
+
+    say!("\nSKF libraries (Chinese USB keys, GM/T 0016), in load order:");
+    if skf_loaded.is_empty() && skf_failures.is_empty() {
+        say!("  none found");
+    }
+    for m in &skf_loaded {
+        let on_it: Vec<&TokenView> = list
+            .iter()
+            .filter(|t| t.module.path() == m.module.path())
+            .collect();
+        let description = m
+            .module
+            .description()
+            .map(|d| format!(" — {d}"))
+            .unwrap_or_default();
+        say!(
+            "  {}  [loaded, {} key{}]  from {}{description}",
+            m.module.path().display(),
+            on_it.len(),
+            if on_it.len() == 1 { "" } else { "s" },
+            m.source
+        );
+        // Each key's containers with a signing certificate, as the agent lists them.
+        let certs = m.module.certificates(None).unwrap_or_default();
+        for t in on_it {
+            say!(
+                "    key {} \"{}\" (device {})",
+                t.info.serial.trim(),
+                t.info.label.trim(),
+                t.info.slot_description
+            );
+            for c in certs.iter().filter(|c| c.token_id == t.info.id) {
+                say!(
+                    "      container {}: {} ({})",
+                    c.label,
+                    c.holder,
+                    c.key_algorithm.wire_name()
+                );
+            }
+        }
+    }
+    for f in &skf_failures {
+        say!(
+            "  {}  [NOT LOADED]  from {}: {}",
+            f.path.display(),
+            f.source,
+            f.error
+        );
+        problems.push(format!(
+            "SKF library {} ({}) failed to load: {} — check the path, install the vendor's \
+             software, or remove it from [[skf_modules]]",
+            f.path.display(),
+            f.source,
+            f.error
+        ));
+    }
+    for c in &discovery.skf_not_found {
+        say!(
+            "  looked for {} ({}): not installed",
+            c.path.display(),
+            c.source
+        );
     }
     print_hosts(tokens, &loaded)
 }

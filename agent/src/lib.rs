@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod audit_cli;
+pub mod backend;
 pub mod cms;
 pub mod config;
 pub mod config_keys;
@@ -26,5 +27,6 @@ pub mod policy;
 pub mod purpose;
 pub mod secrets;
 pub mod service;
+pub mod skf_watch;
 pub mod tokens;
 pub mod webeid;

@@ -10,11 +10,13 @@ pub use enroll::{
 
 use std::path::Path;
 
+use crate::backend::{
+    Backend, CertificateId, Credential, LoginState, SignFailure, SignRequest, TokenError,
+};
 use browser_bridge::protocol::{
     Base64Bytes, DigestAlgorithm, Display, EcdsaEncoding as WireEcdsa, SignFormat,
     SignInput as WireInput, SignOptions, SignatureAlgorithm, Title,
 };
-use pkcs11_shim::{CertificateId, Credential, LoginState, SignFailure, SignRequest};
 use serde_json::Value;
 
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
@@ -181,6 +183,7 @@ fn sign_with(
         signature_algorithm: req.signature_algorithm,
         format: Some(req.format),
         ecdsa_encoding: req.ecdsa_encoding,
+        sm2_user_id: None,
         display: Display {
             title,
             summary: None,
@@ -223,6 +226,7 @@ fn sign_with(
         algorithm: plan.algorithm,
         inputs,
         logout_after: true,
+        sm2_user_id: None,
     };
     let sigs = sign_with_dialogs(&cert.module, sign_req, pinentry, texts, &build)
         .map_err(SignFileError::Failure)?;
@@ -241,17 +245,17 @@ fn sign_with(
 /// stop at a cancel, a lock or any other error. One file, so one signature: a key that asks for
 /// its PIN per signature is served by the same dialog.
 fn sign_with_dialogs(
-    module: &pkcs11_shim::Module,
+    module: &Backend,
     req: SignRequest,
     pinentry: &Pinentry,
     texts: Texts,
     build: &DialogBuilder,
 ) -> Result<Vec<Vec<u8>>, Failure> {
     let state = module
-        .login_state(req.certificate.token_id())
+        .login_state(&req.certificate)
         .map_err(Failure::Token)?;
     if state == LoginState::Locked {
-        return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
+        return Err(Failure::Token(TokenError::PinLocked));
     }
     let mut question = first_question(state, false);
     let mut last = None;

@@ -341,15 +341,45 @@ impl Loaded {
                 },
             });
         }
-        if let Some(libs) = &p.skf_libraries {
+        if let Some(allowed) = &p.skf_libraries {
+            // As for modules: the user's allowed ones first, then the rest of the policy's; the
+            // shipped vendor table is not searched.
+            let user: Vec<PathBuf> = config.skf_modules.iter().map(|m| m.path.clone()).collect();
+            let mut kept: Vec<PathBuf> = user
+                .iter()
+                .filter(|m| allowed.contains(m))
+                .cloned()
+                .collect();
+            for m in allowed {
+                if !kept.contains(m) {
+                    kept.push(m.clone());
+                }
+            }
+            let dropped: Vec<String> = user
+                .iter()
+                .filter(|m| !allowed.contains(m))
+                .map(|m| m.display().to_string())
+                .collect();
+            config.skf_modules = kept
+                .iter()
+                .map(|path| ModuleConfig { path: path.clone() })
+                .collect();
+            config.skf_libraries_fixed = true;
             report.push(Setting {
                 key: "skf_libraries",
-                value: libs
+                value: kept
                     .iter()
                     .map(|m| m.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
-                source: "policy (this build has no SKF support: none loads)".into(),
+                source: if dropped.is_empty() {
+                    "policy (vendor table off)".into()
+                } else {
+                    format!(
+                        "policy (vendor table off; yours not allowed: {})",
+                        dropped.join(", ")
+                    )
+                },
             });
         }
         (config, report)
@@ -457,11 +487,16 @@ mod tests {
             atr = "3B 88"
             name = "my card"
             module = "/home/ann/evil.so"
+            [[skf_modules]]
+            path = "/home/ann/evil-skf.so"
+            [[skf_modules]]
+            path = "/opt/lm-gm3000user/lib/libgm3000.1.0.so"
             "#,
         )
         .expect("config");
         let policy = loaded(
             r#"
+            skf_libraries = ["/opt/lm-gm3000user/lib/libgm3000.1.0.so", "/opt/other/libskf.so"]
             allowed_origins = ["https://portal.example.gov"]
             denied_origins = ["https://old.example.gov"]
             unknown_origins = "reject"
@@ -510,6 +545,24 @@ mod tests {
         );
         assert!(
             source("modules").contains("/home/ann/evil.so"),
+            "{report:?}"
+        );
+        let skf: Vec<&str> = eff
+            .skf_modules
+            .iter()
+            .filter_map(|m| m.path.to_str())
+            .collect();
+        assert_eq!(
+            skf,
+            [
+                "/opt/lm-gm3000user/lib/libgm3000.1.0.so",
+                "/opt/other/libskf.so"
+            ],
+            "the user's allowed library first, the stranger gone"
+        );
+        assert!(eff.skf_libraries_fixed, "the vendor table is not searched");
+        assert!(
+            source("skf_libraries").contains("/home/ann/evil-skf.so"),
             "{report:?}"
         );
     }

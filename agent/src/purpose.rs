@@ -21,7 +21,7 @@
 //! signature (nor the reverse), and a signature with one certificate never covers another
 //! certificate. Documents are one kind: `sign` and `sign.batch` with the same certificate.
 
-use pkcs11_shim::{CertificateInfo, KeyUsage};
+use crate::backend::{CertificateInfo, KeyUsage};
 use sha2::Digest as _;
 
 use crate::config::{Config, SigningKeyUsage};

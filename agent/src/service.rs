@@ -20,9 +20,9 @@ pub(crate) use sign::{signing_allowed, SignPlan};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::backend::{CertificateId, TokenError, TokenId};
 use browser_bridge::protocol::{Answer, Request, RpcError};
 use browser_bridge::{Backend, ConnectionId, Origin, RequestContext};
-use pkcs11_shim::CertificateId;
 use tracing::Instrument;
 
 use crate::audit::{AuditRecord, AuditWriter, Operation};
@@ -177,7 +177,7 @@ impl Service {
 
     async fn find_certificate(&self, id: &str) -> Result<CertificateView, Failure> {
         let id: CertificateId = id.parse().map_err(|_| {
-            Failure::Token(pkcs11_shim::Error::InvalidInput(
+            Failure::Token(TokenError::InvalidInput(
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
@@ -188,7 +188,7 @@ impl Service {
     }
 
     /// The token's label for a dialog: as the last listing saw it, else from a listing now.
-    async fn token_label(&self, token: &pkcs11_shim::TokenId) -> Option<String> {
+    async fn token_label(&self, token: &TokenId) -> Option<String> {
         if let Some(label) = self.tokens.known_label(token) {
             return Some(label);
         }

@@ -1,4 +1,5 @@
-//! The modules the agent has loaded and the tokens and certificates they show.
+//! The token libraries the agent has loaded (PKCS#11 modules and SKF libraries, each a
+//! [`Backend`]) and the tokens and certificates they show, as one set.
 //!
 //! Every call here blocks (it waits on a module's worker thread): async code reaches it through
 //! `tokio::task::spawn_blocking`.
@@ -9,41 +10,43 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use pkcs11_shim::{CertificateId, CertificateInfo, LoadOptions, Module, TokenId, TokenInfo};
-
+use crate::backend::{
+    Backend, BackendKind, CertificateId, CertificateInfo, TokenError, TokenId, TokenInfo,
+};
 use crate::config::Config;
 use crate::discovery::{self, Candidate, Discovery, Source};
 use crate::host::pkcs11::Pkcs11Supervisor;
 use crate::host::HostStatus;
 
-/// A module that loaded, and why it was chosen.
+/// A library that loaded (a PKCS#11 module or an SKF library), and why it was chosen.
 #[derive(Debug, Clone)]
 pub struct LoadedModule {
-    pub module: Module,
+    pub module: Backend,
     pub source: Source,
 }
 
-/// A module that did not load: its path and the loader's error.
+/// A library that did not load: its path and the loader's error.
 #[derive(Debug, Clone)]
 pub struct LoadFailure {
+    pub kind: BackendKind,
     pub path: PathBuf,
     pub source: Source,
     pub error: String,
 }
 
-/// A token, the module that shows it, and the reader it sits in when known.
+/// A token, the library that shows it, and the reader it sits in when known.
 #[derive(Debug, Clone)]
 pub struct TokenView {
     pub info: TokenInfo,
-    pub module: Module,
+    pub module: Backend,
     pub reader: Option<String>,
 }
 
-/// A certificate and the module that holds its key.
+/// A certificate and the library that holds its key.
 #[derive(Debug, Clone)]
 pub struct CertificateView {
     pub info: CertificateInfo,
-    pub module: Module,
+    pub module: Backend,
 }
 
 /// Every module the agent uses. Cheap to clone.
@@ -54,8 +57,8 @@ pub struct TokenSet {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// How modules are loaded: the call deadline (`token_wait_seconds`).
-    options: LoadOptions,
+    /// How long a library may take to answer (`token_wait_seconds`).
+    call_timeout: CallTimeout,
     modules: RwLock<Vec<LoadedModule>>,
     failures: RwLock<Vec<LoadFailure>>,
     discovery: RwLock<Discovery>,
@@ -83,8 +86,18 @@ struct Isolation {
     pin_pad_wait: Duration,
 }
 
-/// What a listing does with a module whose worker is still behind a call given up on (see
-/// [`Module::is_behind`]).
+/// The libraries' call deadline; the shims' default unless the configuration says.
+#[derive(Debug, Clone, Copy)]
+struct CallTimeout(Duration);
+
+impl Default for CallTimeout {
+    fn default() -> Self {
+        CallTimeout(pkcs11_shim::DEFAULT_CALL_TIMEOUT)
+    }
+}
+
+/// What a listing does with a library whose worker is still behind a call given up on (see
+/// [`Backend::is_behind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenBehind {
     /// Wait for it, at most the call deadline (a request from a page).
@@ -126,16 +139,16 @@ impl TokenSet {
     /// Discovers and loads modules; one that fails is recorded and the others still load.
     pub fn load(config: &Config) -> TokenSet {
         let found = discovery::discover(config);
-        let options = LoadOptions {
-            call_timeout: config.token_wait(),
-        };
         let set = if config.module_isolation {
-            TokenSet::isolated(options, config.dialog_timeout())
+            TokenSet::isolated(config.token_wait(), config.dialog_timeout())
         } else {
-            TokenSet::with_options(options)
+            TokenSet::with_timeout(config.token_wait())
         };
         for candidate in &found.candidates {
             set.add(candidate.clone());
+        }
+        for candidate in &found.skf_candidates {
+            set.add_library(BackendKind::Skf, candidate.clone());
         }
         if let Ok(mut d) = set.inner.discovery.write() {
             *d = found;
@@ -143,11 +156,11 @@ impl TokenSet {
         set
     }
 
-    /// An empty set whose modules will be loaded with `options`.
-    pub fn with_options(options: LoadOptions) -> TokenSet {
+    /// An empty set whose libraries answer within `call_timeout`.
+    pub fn with_timeout(call_timeout: Duration) -> TokenSet {
         TokenSet {
             inner: Arc::new(Inner {
-                options,
+                call_timeout: CallTimeout(call_timeout),
                 ..Inner::default()
             }),
         }
@@ -155,20 +168,27 @@ impl TokenSet {
 
     /// An empty set whose modules will each run in a module host (`module_isolation`);
     /// `pin_pad_wait`: how long a PIN-pad login may take.
-    pub fn isolated(options: LoadOptions, pin_pad_wait: Duration) -> TokenSet {
+    /// PKCS#11 modules only: an SKF library loads in this process as before.
+    pub fn isolated(call_timeout: Duration, pin_pad_wait: Duration) -> TokenSet {
         TokenSet {
             inner: Arc::new(Inner {
-                options,
+                call_timeout: CallTimeout(call_timeout),
                 isolation: Some(Isolation { pin_pad_wait }),
                 ..Inner::default()
             }),
         }
     }
 
-    /// Loads the module: in a host of its own with isolation, else in this process.
-    fn load_module(&self, path: &std::path::Path) -> Result<Module, pkcs11_shim::Error> {
-        let Some(isolation) = self.inner.isolation else {
-            return Module::load_with(path, self.inner.options);
+    /// Loads the library: a PKCS#11 module in a host of its own with isolation, else in this
+    /// process.
+    fn load_library(
+        &self,
+        kind: BackendKind,
+        path: &std::path::Path,
+    ) -> Result<Backend, TokenError> {
+        let call_timeout = self.inner.call_timeout.0;
+        let (BackendKind::Pkcs11, Some(isolation)) = (kind, self.inner.isolation) else {
+            return Backend::load(kind, path, call_timeout);
         };
         let changed = Arc::clone(&self.inner.hosts_changed);
         let on_exit: crate::host::supervisor::OnExit = Arc::new(move |_how: &str| {
@@ -178,12 +198,12 @@ impl TokenSet {
             .map_err(|e| pkcs11_shim::Error::ModuleHost(format!("no host program: {e}")))?;
         let module = crate::host::pkcs11::hosted_module(
             path,
-            self.inner.options,
+            pkcs11_shim::LoadOptions { call_timeout },
             isolation.pin_pad_wait,
             Arc::clone(&supervisor),
         )?;
         lock(&self.inner.hosts).insert(path.to_owned(), supervisor);
-        Ok(module)
+        Ok(Backend::Pkcs11(module))
     }
 
     /// The host of a hosted module, for `keyport doctor`: pid, restarts, last failure.
@@ -196,9 +216,15 @@ impl TokenSet {
         self.inner.hosts_changed.swap(false, Ordering::SeqCst)
     }
 
-    /// Loads one more module (an ATR match, say) unless it is loaded already. Returns whether it
-    /// is loaded now.
+    /// Loads one more PKCS#11 module (an ATR match, say) unless it is loaded already. Returns
+    /// whether it is loaded now.
     pub fn add(&self, candidate: Candidate) -> bool {
+        self.add_library(BackendKind::Pkcs11, candidate)
+    }
+
+    /// Loads one more library of `kind` unless it is loaded already. Returns whether it is
+    /// loaded now.
+    pub fn add_library(&self, kind: BackendKind, candidate: Candidate) -> bool {
         if self
             .modules()
             .iter()
@@ -206,9 +232,9 @@ impl TokenSet {
         {
             return true;
         }
-        match self.load_module(&candidate.path) {
+        match self.load_library(kind, &candidate.path) {
             Ok(module) => {
-                tracing::info!(path = %candidate.path.display(), source = %candidate.source, "module loaded");
+                tracing::info!(path = %candidate.path.display(), source = %candidate.source, %kind, "library loaded");
                 if let Ok(mut m) = self.inner.modules.write() {
                     m.push(LoadedModule {
                         module,
@@ -218,11 +244,12 @@ impl TokenSet {
                 true
             }
             Err(e) => {
-                tracing::warn!(path = %candidate.path.display(), error = %e, "module failed to load");
+                tracing::warn!(path = %candidate.path.display(), error = %e, %kind, "library failed to load");
                 let error = error_chain(&e);
                 if let Ok(mut f) = self.inner.failures.write() {
                     f.retain(|x| x.path != candidate.path);
                     f.push(LoadFailure {
+                        kind,
                         path: candidate.path,
                         source: candidate.source,
                         error,
@@ -254,7 +281,8 @@ impl TokenSet {
     pub fn report_failures(&self) {
         for f in self.failures() {
             eprintln!(
-                "keyport: module {} ({}) did not load: {}",
+                "keyport: {} {} ({}) did not load: {}",
+                f.kind,
                 f.path.display(),
                 f.source,
                 f.error
@@ -335,7 +363,7 @@ impl TokenSet {
     /// of a command fails that command before pcscd notices (it polls some readers every
     /// 400 ms), so this waits, at most [`CARD_REMOVAL_GRACE`], for the watcher to see a card
     /// leave its reader, then asks the module whether the token is still there. Blocking.
-    pub fn card_was_pulled(&self, mark: CardMark, module: &Module, token: &TokenId) -> bool {
+    pub fn card_was_pulled(&self, mark: CardMark, module: &Backend, token: &TokenId) -> bool {
         self.wait_card_removal(mark, CARD_REMOVAL_GRACE)
             && module
                 .tokens()
@@ -378,7 +406,7 @@ impl TokenSet {
                 continue;
             }
             let answer = if when_behind == WhenBehind::Skip && module.is_behind() {
-                Err(pkcs11_shim::Error::Busy {
+                Err(TokenError::Busy {
                     waited: module.call_timeout(),
                 })
             } else {
@@ -390,7 +418,7 @@ impl TokenSet {
                     lock(&self.inner.last_tokens).insert(module.path().to_owned(), tokens.clone());
                     tokens
                 }
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                Err(e @ TokenError::Busy { .. }) => {
                     self.not_answered(module, &e);
                     listing.unanswered += 1;
                     lock(&self.inner.last_tokens)
@@ -399,7 +427,7 @@ impl TokenSet {
                         .unwrap_or_default()
                 }
                 Err(e) => {
-                    if matches!(e, pkcs11_shim::Error::ModuleHost(_)) {
+                    if matches!(e, TokenError::ModuleHost(_)) {
                         listing.hosts_down += 1;
                     }
                     tracing::warn!(path = %module.path().display(), error = %e, "listing tokens failed");
@@ -430,7 +458,7 @@ impl TokenSet {
                         module: m.module.clone(),
                     }));
                 }
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => self.not_answered(&m.module, &e),
+                Err(e @ TokenError::Busy { .. }) => self.not_answered(&m.module, &e),
                 Err(e) => {
                     tracing::warn!(path = %m.module.path().display(), error = %e, "listing certificates failed")
                 }
@@ -439,10 +467,10 @@ impl TokenSet {
         out
     }
 
-    /// The certificate with this id, looked up on its own token only. [`pkcs11_shim::Error::Busy`]
-    /// when it was not found and a module did not answer in time.
-    pub fn certificate(&self, id: &CertificateId) -> Result<CertificateView, pkcs11_shim::Error> {
-        let token = id.token_id().clone();
+    /// The certificate with this id, looked up on its own token only. [`TokenError::Busy`]
+    /// when it was not found and a library did not answer in time.
+    pub fn certificate(&self, id: &CertificateId) -> Result<CertificateView, TokenError> {
+        let token = id.token_id();
         let mut last_err = None;
         let mut busy = None;
         for m in self.modules() {
@@ -456,8 +484,8 @@ impl TokenSet {
                         });
                     }
                 }
-                Err(pkcs11_shim::Error::TokenNotFound(_)) => {}
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                Err(TokenError::TokenNotFound(_)) => {}
+                Err(e @ TokenError::Busy { .. }) => {
                     self.not_answered(&m.module, &e);
                     busy = Some(e);
                 }
@@ -468,19 +496,19 @@ impl TokenSet {
     }
 
     /// A module answered: if it had not before, say so once.
-    fn answered(&self, module: &Module) {
+    fn answered(&self, module: &Backend) {
         if lock(&self.inner.unanswered).remove(module.path()) {
-            tracing::info!(path = %module.path().display(), "the PKCS#11 module answers again");
+            tracing::info!(path = %module.path().display(), "the library answers again");
         }
     }
 
     /// A module did not answer in time: say so once, until it answers again.
-    fn not_answered(&self, module: &Module, e: &pkcs11_shim::Error) {
+    fn not_answered(&self, module: &Backend, e: &TokenError) {
         if lock(&self.inner.unanswered).insert(module.path().to_owned()) {
             tracing::warn!(
                 path = %module.path().display(),
                 error = %e,
-                "the PKCS#11 module does not answer; going on without it until it does"
+                "the library does not answer; going on without it until it does"
             );
         }
     }
@@ -496,12 +524,12 @@ impl TokenSet {
     pub async fn certificate_async(
         &self,
         id: &CertificateId,
-    ) -> Result<CertificateView, pkcs11_shim::Error> {
+    ) -> Result<CertificateView, TokenError> {
         let token = id.token_id();
         let mut last_err = None;
         let mut busy = None;
         for m in self.modules() {
-            match m.module.certificates_async(Some(token)).await {
+            match m.module.certificates_async(Some(&token)).await {
                 Ok(certs) => {
                     self.answered(&m.module);
                     if let Some(info) = certs.into_iter().find(|c| &c.id == id) {
@@ -511,8 +539,8 @@ impl TokenSet {
                         });
                     }
                 }
-                Err(pkcs11_shim::Error::TokenNotFound(_)) => {}
-                Err(e @ pkcs11_shim::Error::Busy { .. }) => {
+                Err(TokenError::TokenNotFound(_)) => {}
+                Err(e @ TokenError::Busy { .. }) => {
                     self.not_answered(&m.module, &e);
                     busy = Some(e);
                 }
@@ -538,13 +566,13 @@ impl TokenSet {
 /// else the certificate is not there.
 fn not_found(
     id: &CertificateId,
-    busy: Option<pkcs11_shim::Error>,
-    last_err: Option<pkcs11_shim::Error>,
-) -> pkcs11_shim::Error {
+    busy: Option<TokenError>,
+    last_err: Option<TokenError>,
+) -> TokenError {
     match (busy, last_err) {
         (Some(e), _) => e,
-        (None, Some(e)) if e.is_removal() || matches!(e, pkcs11_shim::Error::ModuleHost(_)) => e,
-        _ => pkcs11_shim::Error::CertificateNotFound(id.clone()),
+        (None, Some(e)) if e.is_removal() || matches!(e, TokenError::ModuleHost(_)) => e,
+        _ => TokenError::CertificateNotFound(id.clone()),
     }
 }
 

@@ -5,7 +5,7 @@
 //! received*. A response made for one site therefore fails at another, and relying parties check
 //! it with Web eID's published validation libraries unchanged.
 
-use pkcs11_shim::{EcdsaEncoding, HashAlg, KeyAlgorithm, SignAlgorithm};
+use crate::backend::{EcdsaEncoding, HashAlg, KeyAlgorithm, SignAlgorithm};
 use sha2::{Digest, Sha256};
 
 /// The smallest nonce a relying party may send, once decoded.
@@ -15,8 +15,28 @@ pub const MIN_NONCE_BYTES: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginAlgorithm {
     pub jwa: &'static str,
-    pub hash: HashAlg,
+    pub hash: LoginHash,
     pub sign: SignAlgorithm,
+}
+
+/// The H of `H(origin) ‖ H(challenge)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginHash {
+    Sha(HashAlg),
+    /// SM3, for SM2 keys (which then sign e = SM3(Z ‖ that message), default user ID).
+    Sm3,
+}
+
+impl LoginHash {
+    pub fn digest(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            LoginHash::Sha(h) => h.digest(data),
+            LoginHash::Sm3 => {
+                use sm3::Digest as _;
+                sm3::Sm3::digest(data).to_vec()
+            }
+        }
+    }
 }
 
 /// Picks the algorithm for a key: P-256 → ES256, P-384 → ES384, P-521 → ES512, RSA → RS256 (PS256
@@ -24,7 +44,7 @@ pub struct LoginAlgorithm {
 pub fn algorithm_for(key: KeyAlgorithm, requested: Option<&str>) -> Result<LoginAlgorithm, String> {
     let ecdsa = |jwa, hash| LoginAlgorithm {
         jwa,
-        hash,
+        hash: LoginHash::Sha(hash),
         sign: SignAlgorithm::Ecdsa(hash, EcdsaEncoding::P1363),
     };
     let chosen = match key {
@@ -34,32 +54,36 @@ pub fn algorithm_for(key: KeyAlgorithm, requested: Option<&str>) -> Result<Login
         KeyAlgorithm::Rsa { .. } => match requested {
             Some("PS256") => LoginAlgorithm {
                 jwa: "PS256",
-                hash: HashAlg::Sha256,
+                hash: LoginHash::Sha(HashAlg::Sha256),
                 sign: SignAlgorithm::RsaPss(HashAlg::Sha256),
             },
             Some("PS384") => LoginAlgorithm {
                 jwa: "PS384",
-                hash: HashAlg::Sha384,
+                hash: LoginHash::Sha(HashAlg::Sha384),
                 sign: SignAlgorithm::RsaPss(HashAlg::Sha384),
             },
             Some("RS384") => LoginAlgorithm {
                 jwa: "RS384",
-                hash: HashAlg::Sha384,
+                hash: LoginHash::Sha(HashAlg::Sha384),
                 sign: SignAlgorithm::RsaPkcs1v15(HashAlg::Sha384),
             },
             _ => LoginAlgorithm {
                 jwa: "RS256",
-                hash: HashAlg::Sha256,
+                hash: LoginHash::Sha(HashAlg::Sha256),
                 sign: SignAlgorithm::RsaPkcs1v15(HashAlg::Sha256),
             },
         },
         KeyAlgorithm::Ed25519 => LoginAlgorithm {
             jwa: "EdDSA",
-            hash: HashAlg::Sha256,
+            hash: LoginHash::Sha(HashAlg::Sha256),
             sign: SignAlgorithm::Ed25519,
         },
-        #[allow(unreachable_patterns)]
-        _ => return Err("this key type cannot make a Web eID token".into()),
+        // Outside Web eID's list, like EdDSA: SM3(origin) ‖ SM3(challenge), signed r ‖ s.
+        KeyAlgorithm::Sm2 => LoginAlgorithm {
+            jwa: "SM2",
+            hash: LoginHash::Sm3,
+            sign: SignAlgorithm::Sm2(EcdsaEncoding::P1363),
+        },
     };
     match requested {
         Some(r) if r != chosen.jwa => Err(format!("the key makes {}, not {r}", chosen.jwa)),
@@ -108,7 +132,12 @@ mod tests {
             algorithm_for(KeyAlgorithm::Ed25519, None).map(|a| a.jwa),
             Ok("EdDSA")
         );
+        assert_eq!(
+            algorithm_for(KeyAlgorithm::Sm2, None).map(|a| a.jwa),
+            Ok("SM2")
+        );
         assert!(algorithm_for(KeyAlgorithm::EcP256, Some("RS256")).is_err());
+        assert!(algorithm_for(KeyAlgorithm::Sm2, Some("ES256")).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use const_oid::ObjectIdentifier;
 use der::asn1::UintRef;
 use der::{Decode, Reader, SliceReader};
 use time::OffsetDateTime;
-use x509_cert::ext::pkix::KeyUsage as KeyUsageExt;
+use x509_cert::ext::pkix::{ExtendedKeyUsage, KeyUsage as KeyUsageExt};
 use x509_cert::Certificate;
 
 use crate::error::Error;
@@ -148,6 +148,8 @@ pub struct CertificateInfo {
     pub key_algorithm: KeyAlgorithm,
     /// Key usage bits (empty when the extension is absent).
     pub key_usage: Vec<KeyUsage>,
+    /// Extended key usages: "clientAuth", "serverAuth", … or the dotted OID.
+    pub extended_key_usage: Vec<String>,
     /// Who holds it: the subject's CN, else the full subject.
     pub holder: String,
     /// The container's encryption certificate (dual-certificate keys), DER, if it has one.
@@ -164,6 +166,7 @@ pub(crate) struct ParsedCertificate {
     pub(crate) not_after: OffsetDateTime,
     pub(crate) key_algorithm: KeyAlgorithm,
     pub(crate) key_usage: Vec<KeyUsage>,
+    pub(crate) extended_key_usage: Vec<String>,
     pub(crate) holder: String,
     /// The subjectPublicKey bits: `04‖X‖Y` for SM2, the RSAPublicKey DER for RSA.
     pub(crate) public_key: Vec<u8>,
@@ -201,6 +204,11 @@ impl ParsedCertificate {
             Ok(None) => Vec::new(),
             Err(e) => return Err(Error::Certificate(e)),
         };
+        let extended_key_usage = match tbs.get_extension::<ExtendedKeyUsage>() {
+            Ok(Some((_, eku))) => eku.0.iter().map(eku_name).collect(),
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(Error::Certificate(e)),
+        };
         let subject = tbs.subject().to_string();
         let holder = match tbs.subject().common_name() {
             Ok(Some(cn)) => cn.value().into_owned(),
@@ -214,6 +222,7 @@ impl ParsedCertificate {
             not_after: to_offset(validity.not_after.to_unix_duration())?,
             key_algorithm,
             key_usage,
+            extended_key_usage,
             holder,
             subject,
             public_key: key_bytes.to_vec(),
@@ -254,6 +263,23 @@ fn rsa_modulus_bits(key: &[u8]) -> Result<u32, Error> {
             (len - 1) * 8 + (8 - top.leading_zeros())
         }
     })
+}
+
+/// The RFC 5280 name of an extended key usage, or its dotted OID.
+fn eku_name(oid: &ObjectIdentifier) -> String {
+    use const_oid::db::rfc5280;
+    let known = [
+        (rfc5280::ID_KP_SERVER_AUTH, "serverAuth"),
+        (rfc5280::ID_KP_CLIENT_AUTH, "clientAuth"),
+        (rfc5280::ID_KP_CODE_SIGNING, "codeSigning"),
+        (rfc5280::ID_KP_EMAIL_PROTECTION, "emailProtection"),
+        (rfc5280::ID_KP_TIME_STAMPING, "timeStamping"),
+        (rfc5280::ID_KP_OCSP_SIGNING, "OCSPSigning"),
+    ];
+    known
+        .iter()
+        .find(|(k, _)| k == oid)
+        .map_or_else(|| oid.to_string(), |(_, name)| (*name).to_owned())
 }
 
 fn key_usages(ku: &KeyUsageExt) -> Vec<KeyUsage> {

@@ -104,6 +104,11 @@ impl Library {
         &self.inner.path
     }
 
+    /// The longest wait for one of this library's answers.
+    pub fn call_timeout(&self) -> Duration {
+        self.inner.call_timeout
+    }
+
     /// The optional SKF functions this library lacks (SKF_WaitForDevEvent and
     /// SKF_CancelWaitForDevEvent: no events, poll the token list instead; SKF_RSASignData: no RSA
     /// containers; SKF_CreateContainer, SKF_DeleteContainer, SKF_GenECCKeyPair,

@@ -703,6 +703,7 @@ fn read_container(
         not_after: parsed.not_after,
         key_algorithm: parsed.key_algorithm,
         key_usage: parsed.key_usage,
+        extended_key_usage: parsed.extended_key_usage,
         holder: parsed.holder,
         encryption_certificate,
     }))

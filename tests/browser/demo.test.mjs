@@ -5,7 +5,7 @@
 // Needs `cargo build -p agent -p keyport-e2e`, /usr/bin/chromium and `npm ci` here (run.sh).
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { verify as cryptoVerify } from 'node:crypto';
+import { X509Certificate, verify as cryptoVerify } from 'node:crypto';
 import fs from 'node:fs';
 import https from 'node:https';
 import path from 'node:path';
@@ -55,8 +55,10 @@ before(async () => {
   // WebSocket handshake with a 403, which a page can only see as a failed connection).
   publicSite = await startPublicSite(dir);
   publicOrigin = `https://portal.test:${publicSite.port}`;
-  const config = rig.writeConfig(dir, { allowedOrigins: [demoOrigin, publicOrigin], unknownOrigins: 'unapproved' });
-  const env = { SOFTHSM2_CONF: token.conf, ...pinentry.env() };
+  // An SM2 USB key beside the SoftHSM token, through the soft SKF library (GM/T 0016).
+  const skf = await step('provision the soft SKF key', () => rig.provisionSkf(dir));
+  const config = rig.writeConfig(dir, { allowedOrigins: [demoOrigin, publicOrigin], unknownOrigins: 'unapproved', skfLibrary: skf.library });
+  const env = { SOFTHSM2_CONF: token.conf, ...pinentry.env(), ...skf.env };
   cliCerts = rig.listCertificatesCli(config, env);
   agent = rig.startAgent({ config, demoPort, env });
   ({ wsUrl, demoUrl } = await step('start keyport (until both stdout lines)', () => agent.ready));
@@ -135,17 +137,37 @@ async function clickAndSettle(page, button, resultId) {
 
 /** Checks the page's signature again outside the browser, with Node's crypto and the CA-issued PEM. */
 function verifyInNode(cert, documentText, signatureBase64) {
-  const pem = fs.readFileSync(path.join(token.certDir, `${cert.label}.pem`), 'utf8');
   const signature = Buffer.from(signatureBase64, 'base64');
   const data = Buffer.from(documentText);
+  if (cert.keyAlgorithm === 'SM2') return verifySm2WithOpenssl(cert, data, signature);
+  // A key on the SKF key: its certificate from the listing (the container is not a file name).
+  const pem = cert.tokenId.startsWith('skf-')
+    ? new X509Certificate(Buffer.from(cert.certificate, 'base64')).publicKey
+    : fs.readFileSync(path.join(token.certDir, `${cert.label}.pem`), 'utf8');
   if (cert.keyAlgorithm === 'Ed25519') return cryptoVerify(null, data, pem, signature);
   const hash = cert.keyAlgorithm === 'EC-P384' ? 'SHA384' : 'SHA256';
   const key = cert.keyAlgorithm.startsWith('EC-') ? { key: pem, dsaEncoding: 'ieee-p1363' } : pem;
   return cryptoVerify(hash, data, key, signature);
 }
 
+/** OpenSSL 3's SM2 verification (default user ID), as the demo page tells the user to run it. */
+function verifySm2WithOpenssl(cert, data, signature) {
+  const work = fs.mkdtempSync(path.join(dir, 'sm2-'));
+  const file = (name, bytes) => {
+    fs.writeFileSync(path.join(work, name), bytes);
+    return path.join(work, name);
+  };
+  const der = file('cert.der', Buffer.from(cert.certificate, 'base64'));
+  const pub = spawnSync('openssl', ['x509', '-inform', 'DER', '-in', der, '-pubkey', '-noout'], { encoding: 'utf8' });
+  assert.equal(pub.status, 0, pub.stderr);
+  const args = ['dgst', '-sm3', '-verify', file('pub.pem', pub.stdout), '-sigopt', 'distid:1234567812345678'];
+  const run = spawnSync('openssl', [...args, '-signature', file('sig.der', signature), file('contract.txt', data)], { encoding: 'utf8' });
+  return run.status === 0 && run.stdout.includes('Verified OK');
+}
+
 /** What the demo says it signed with, for each key algorithm of the test token. */
 function schemeLabel(keyAlgorithm) {
+  if (keyAlgorithm === 'SM2') return 'SM2 with SM3';
   if (keyAlgorithm === 'EC-P256') return 'ECDSA P-256 with SHA-256';
   if (keyAlgorithm === 'EC-P384') return 'ECDSA P-384 with SHA-384';
   if (keyAlgorithm === 'Ed25519') return 'Ed25519';
@@ -160,6 +182,8 @@ test('the demo portal lists, signs with every signing certificate, signs a batch
     .filter((c) => c.keyUsage.includes('nonRepudiation'))
     .sort((a, b) => (a.label === 'sign-p256') - (b.label === 'sign-p256') || a.label.localeCompare(b.label));
   assert.ok(signing.length >= 9, `signing certificates: ${signing.map((c) => c.label)}`);
+  // The SKF key's SM2 certificates (one container named in GBK) and its RSA one are among them.
+  assert.equal(signing.filter((c) => c.keyAlgorithm === 'SM2').length, 2, `signing certificates: ${signing.map((c) => c.label)}`);
   // One GETPIN per operation (pin_cache_seconds = 0, the demo origin is on the allowed list).
   for (let i = 0; i < signing.length + 2; i++) pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
 
@@ -192,7 +216,13 @@ test('the demo portal lists, signs with every signing certificate, signs a batch
     const result = await step(`sign with ${label}`, () => clickAndSettle(page, '#sign', 'verify-result'));
     assert.equal(result.error, null);
     assert.ok(result.ok, `page says: ${result.text}`);
-    assert.match(result.text, /^Signature verified ✓/);
+    if (cert.keyAlgorithm === 'SM2') {
+      // WebCrypto has no SM2: the page shows the OpenSSL command, which the test then runs.
+      assert.match(result.text, /^Signed \(SM2 with SM3\)\. Browsers cannot verify SM2/);
+      assert.match(await page.textContent('#verify-command'), /openssl dgst -sm3 -verify pub\.pem -sigopt distid:1234567812345678/);
+    } else {
+      assert.match(result.text, /^Signature verified ✓/);
+    }
     assert.ok(result.text.includes(`(${scheme})`), result.text);
     const signature = await page.textContent('#signature');
     assert.ok(verifyInNode(cert, contract, signature), `Node's crypto also verifies the ${label} signature`);

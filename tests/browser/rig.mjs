@@ -14,6 +14,8 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 const TARGET = process.env.CARGO_TARGET_DIR ? path.resolve(ROOT, process.env.CARGO_TARGET_DIR) : path.join(ROOT, 'target');
 export const KEYPORT = path.join(TARGET, 'debug', 'keyport');
 export const PINENTRY = path.join(TARGET, 'debug', 'keyport-test-pinentry');
+/** The soft SKF library (tests/soft-skf): the SM2 USB key the demo shows beside SoftHSM. */
+export const SOFT_SKF = path.join(TARGET, 'debug', 'libkeyport_soft_skf.so');
 export const CHROMIUM = process.env.KEYPORT_CHROMIUM || '/usr/bin/chromium';
 export const SOFTHSM_MODULE = process.env.KEYPORT_SOFTHSM_MODULE || '/usr/lib/softhsm/libsofthsm2.so';
 export const USER_PIN = '123456'; // softhsm-config/provision.sh
@@ -31,8 +33,8 @@ export const CHROMIUM_ARGS = [
 ];
 
 export function requireBuilt() {
-  for (const file of [KEYPORT, PINENTRY]) {
-    if (!fs.existsSync(file)) throw new Error(`${file} is missing: run \`cargo build -p agent -p keyport-e2e\` first`);
+  for (const file of [KEYPORT, PINENTRY, SOFT_SKF]) {
+    if (!fs.existsSync(file)) throw new Error(`${file} is missing: run \`cargo build -p agent -p keyport-e2e -p keyport-soft-skf\` first`);
   }
   if (!fs.existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install chromium`);
 }
@@ -107,8 +109,21 @@ export class PinentryScript {
   }
 }
 
-/** Writes DIR/config.toml for the agent. */
-export function writeConfig(dir, { allowedOrigins, unknownOrigins }) {
+/**
+ * A soft SKF key store in DIR/skf-key (softhsm-config/provision-skf.sh: SM2 keys and certificates
+ * from an SM2 test CA, PIN 123456) and a private copy of the library: `{ library, env }`.
+ */
+export function provisionSkf(dir) {
+  const store = path.join(dir, 'skf-key');
+  const run = spawnSync('bash', [path.join(ROOT, 'softhsm-config', 'provision-skf.sh'), store], { encoding: 'utf8' });
+  if (run.status !== 0) throw new Error(`provision-skf.sh failed (${run.status}): ${run.stderr}`);
+  const library = path.join(store, 'libsoftskf.so');
+  fs.copyFileSync(SOFT_SKF, library);
+  return { library, env: { KEYPORT_SOFT_SKF_DIR: path.join(store, 'skf') } };
+}
+
+/** Writes DIR/config.toml for the agent (with an SKF library when `skfLibrary` is given). */
+export function writeConfig(dir, { allowedOrigins, unknownOrigins, skfLibrary }) {
   const auditKey = path.join(dir, 'audit.key');
   fs.writeFileSync(auditKey, randomBytes(32), { mode: 0o600 });
   const q = (s) => JSON.stringify(s); // a TOML basic string is a JSON string for these paths
@@ -130,6 +145,7 @@ export function writeConfig(dir, { allowedOrigins, unknownOrigins }) {
       'signing_key_usage = "non-repudiation"',
       '[[modules]]',
       `path = ${q(SOFTHSM_MODULE)}`,
+      ...(skfLibrary ? ['[[skf_modules]]', `path = ${q(skfLibrary)}`] : []),
       '',
     ].join('\n'),
   );

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs KeyPort's real-browser test: headless Chromium (/usr/bin/chromium, apt package `chromium`)
-# drives the demo portal against the real agent. Needs `cargo build -p agent -p keyport-e2e` first.
+# drives the demo portal against the real agent. Needs `cargo build -p agent -p keyport-e2e -p keyport-soft-skf` first.
 # Installs the pinned npm packages from the lockfile when they are missing. Exits non-zero on failure.
 set -euo pipefail
 cd "$(dirname "$0")"

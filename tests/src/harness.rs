@@ -175,6 +175,8 @@ pub struct AgentOptions {
     pub audit_log: Option<PathBuf>,
     /// Set the configuration file's mode to this before the agent starts.
     pub config_mode: Option<u32>,
+    /// Also load this soft SKF store's library (`[[skf_modules]]`, `KEYPORT_SOFT_SKF_DIR`).
+    pub skf: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for AgentOptions {
@@ -198,6 +200,7 @@ impl Default for AgentOptions {
             extra_toml: Vec::new(),
             audit_log: None,
             config_mode: None,
+            skf: None,
         }
     }
 }
@@ -215,6 +218,12 @@ impl AgentOptions {
 
     pub fn fault(mut self) -> Self {
         self.fault = true;
+        self
+    }
+
+    /// Loads the soft SKF store's library beside SoftHSM.
+    pub fn skf(mut self, store: &crate::skf::SoftSkfStore) -> Self {
+        self.skf = Some((store.library(), store.state()));
         self
     }
 
@@ -276,6 +285,9 @@ impl AgentOptions {
                 .chain(isolation_from_env(&self.extra_toml))
                 .collect::<String>(),
         );
+        if let Some((library, _)) = &self.skf {
+            text.push_str(&format!("[[skf_modules]]\npath = {}\n", toml_path(library)));
+        }
         for origin in &self.session_consent_origins {
             text.push_str(&format!(
                 "[[origin_policy]]\norigin = {}\nconsent = \"session\"\n",
@@ -340,6 +352,8 @@ pub struct Agent {
     config: PathBuf,
     script: Script,
     softhsm_conf: PathBuf,
+    /// The soft SKF store's state, for the agent and `keyport` commands.
+    skf_state: Option<PathBuf>,
     stdout_rest: Option<mpsc::Receiver<String>>,
     audit_log: PathBuf,
 }
@@ -393,6 +407,12 @@ impl Agent {
             .env("KEYPORT_FAULT_TARGET", SOFTHSM)
             .env("KEYPORT_FAULT_CONTROL", dir.path().join("fault.control"))
             .env("KEYPORT_FAULT_LOG", dir.path().join("fault.log"))
+            .envs(
+                options
+                    .skf
+                    .iter()
+                    .map(|(_, state)| ("KEYPORT_SOFT_SKF_DIR", state.as_os_str())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
@@ -415,6 +435,7 @@ impl Agent {
             config,
             script,
             softhsm_conf: token.conf(),
+            skf_state: options.skf.as_ref().map(|(_, state)| state.clone()),
             stdout_rest: None,
             audit_log: options.audit_log.clone().unwrap_or_default(),
         };
@@ -514,6 +535,11 @@ impl Agent {
             .arg(&self.config)
             .args(args)
             .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .envs(
+                self.skf_state
+                    .iter()
+                    .map(|state| ("KEYPORT_SOFT_SKF_DIR", state.as_os_str())),
+            )
             .stdin(Stdio::null())
             .output()
             .context("running keyport")

@@ -13,12 +13,13 @@ use sha2::Digest as _;
 
 use super::{PendingOutput, SignFileError, LOCAL_ORIGIN};
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
+use crate::backend::{self, Backend, TokenError};
 use crate::consent::{self, credential as credential_from, first_question, DialogBuilder, Next};
 use crate::dialog::{Texts, Unlock};
 use crate::enroll;
 use crate::pinentry::{DialogCancel, Pinentry};
 use crate::service::{common_name, generation_failure, Failure};
-use crate::tokens::{TokenSet, TokenView};
+use crate::tokens::TokenSet;
 
 /// What `keyport keys generate` was asked.
 #[derive(Debug, Clone)]
@@ -81,7 +82,7 @@ pub fn generate_key(
 }
 
 fn generate_with(
-    token: &TokenView,
+    token: &EnrolmentToken,
     pinentry: &Pinentry,
     texts: Texts,
     req: &GenerateKeyRequest<'_>,
@@ -92,7 +93,7 @@ fn generate_with(
         .map_or_else(|| common_name(req.subject), str::to_owned);
     let (origin, token_label) = (
         texts.command_line_program("keys generate"),
-        token.info.label.trim().to_owned(),
+        token.label.clone(),
     );
     let (algorithm, subject) = (req.spec.wire_name(), req.subject.to_owned());
     let (origin2, label2, subject2) = (origin.clone(), token_label.clone(), subject.clone());
@@ -104,7 +105,7 @@ fn generate_with(
         texts.sign_new_key_request(&origin2, &label2, &subject2, unlock)
     });
     let generate = GenerateRequest {
-        token: token.info.id.clone(),
+        token: token.id.clone(),
         spec: req.spec,
         label,
         always_authenticate: req.always_authenticate,
@@ -112,7 +113,7 @@ fn generate_with(
     };
     // A type the token cannot make is refused before anyone is asked.
     module
-        .check_generation(&token.info.id, req.spec)
+        .check_generation(&token.id, req.spec)
         .map_err(|e| generation_failure(e, req.spec))?;
     let first = first_dialog(token)?;
     let result = (|| {
@@ -153,7 +154,7 @@ fn generate_with(
             .map_err(|e| Failure::Internal(format!("certificate request: {e}")))?;
         Ok((key.id.to_string(), csr, digest))
     })();
-    if let Err(e) = module.logout(&token.info.id) {
+    if let Err(e) = module.logout(&token.id) {
         tracing::warn!(error = %e, "C_Logout after keys generate failed");
     }
     result
@@ -202,14 +203,14 @@ pub fn import_certificate(
     let subject = tbs.subject().to_string();
     let (origin, token_label) = (
         texts.command_line_program("certs import"),
-        token.info.label.trim().to_owned(),
+        token.label.clone(),
     );
     let (shown, issuer) = (subject.clone(), common_name(&tbs.issuer().to_string()));
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
         texts.import_certificate(&origin, &token_label, &shown, &issuer, replace, unlock)
     });
     let request = ImportRequest {
-        token: token.info.id.clone(),
+        token: token.id.clone(),
         der: der.clone(),
         mode: if replace {
             ImportMode::Replace
@@ -237,22 +238,42 @@ pub fn import_certificate(
     })
 }
 
-fn find_token(tokens: &TokenSet, id: &str) -> Result<TokenView, SignFileError> {
-    let parsed: TokenId = id.parse().map_err(|_| {
+/// A token enrolment works on: PKCS#11 for now.
+struct EnrolmentToken {
+    module: pkcs11_shim::Module,
+    id: TokenId,
+    label: String,
+}
+
+fn find_token(tokens: &TokenSet, id: &str) -> Result<EnrolmentToken, SignFileError> {
+    let parsed: backend::TokenId = id.parse().map_err(|_| {
         SignFileError::Usage(format!("{id:?} is not a token id (see `keyport tokens`)"))
     })?;
-    tokens
+    let view = tokens
         .token(&parsed)
         .ok_or(SignFileError::Failure(Failure::Token(
-            pkcs11_shim::Error::TokenNotPresent,
-        )))
+            TokenError::TokenNotPresent,
+        )))?;
+    match (view.module, view.info.id) {
+        (Backend::Pkcs11(module), backend::TokenId::Pkcs11(id)) => Ok(EnrolmentToken {
+            module,
+            id,
+            label: view.info.label.trim().to_owned(),
+        }),
+        _ => Err(SignFileError::Usage(
+            "key generation and certificate import are not offered for SKF keys yet".into(),
+        )),
+    }
 }
 
 /// Enrolment always asks: a PIN dialog, or a confirmation when no PIN is typed here.
-fn first_dialog(token: &TokenView) -> Result<Option<Unlock>, Failure> {
-    let state = token.module.login_state(&token.info.id)?;
+fn first_dialog(token: &EnrolmentToken) -> Result<Option<Unlock>, Failure> {
+    let state = token
+        .module
+        .login_state(&token.id)
+        .map_err(|e| Failure::Token(e.into()))?;
     if state == LoginState::Locked {
-        return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
+        return Err(Failure::Token(TokenError::PinLocked));
     }
     Ok(first_question(state, false))
 }
@@ -269,7 +290,7 @@ fn with_dialogs<T>(
     let mut question = first;
     let mut last = None;
     loop {
-        let mut credential = Credential::None;
+        let mut credential = backend::Credential::None;
         if let Some(unlock) = question.take() {
             let consent = build(&texts, unlock, consent::Scope::All)
                 .ask(pinentry, &DialogCancel::new())
@@ -277,9 +298,9 @@ fn with_dialogs<T>(
             credential = credential_from(consent, unlock);
             last = Some(unlock);
         }
-        match job(credential) {
+        match job(credential.into_pkcs11()) {
             Ok(v) => return Ok(v),
-            Err(error) => match consent::after(error, last) {
+            Err(error) => match consent::after(error.into(), last) {
                 Next::Ask(unlock) => question = Some(unlock),
                 Next::Stop(error) => return Err(Failure::Token(error)),
             },

@@ -23,14 +23,21 @@ use pkcs11_shim::{
 use sha2::Digest as _;
 
 use crate::audit::{AuditRecord, Operation, Outcome};
+use crate::backend::{self, Backend, TokenError};
 use crate::consent::{
     self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
 };
 use crate::dialog::Unlock;
 use crate::enroll;
-use crate::tokens::TokenView;
 
 use super::{blocking, common_name, Failure, Service};
+
+/// A token enrolment works on: PKCS#11 for now.
+struct EnrolmentToken {
+    module: pkcs11_shim::Module,
+    id: TokenId,
+    label: String,
+}
 
 impl Service {
     pub(super) async fn keys_generate(
@@ -74,7 +81,7 @@ impl Service {
         let logout_after = self.config.pin_cache_seconds == 0;
 
         let origin = ctx.origin.as_str().to_owned();
-        let label = token.info.label.trim().to_owned();
+        let label = token.label.clone();
         let algorithm = spec.wire_name();
         let shown_subject = subject.clone();
         let (origin2, label2, subject2) = (origin.clone(), label.clone(), subject.clone());
@@ -88,7 +95,7 @@ impl Service {
 
         let module = token.module.clone();
         let request = GenerateRequest {
-            token: token.info.id.clone(),
+            token: token.id.clone(),
             spec,
             label: p.label.as_str().to_owned(),
             always_authenticate,
@@ -96,7 +103,7 @@ impl Service {
             logout_after: false,
         };
         // A type the token cannot make is refused before anyone is asked.
-        let (m, id) = (module.clone(), token.info.id.clone());
+        let (m, id) = (module.clone(), token.id.clone());
         blocking(move || m.check_generation(&id, spec))
             .await?
             .map_err(|e| generation_failure(e, spec))?;
@@ -114,8 +121,7 @@ impl Service {
         let key = match key {
             Ok(key) => key,
             Err(e) => {
-                self.end_enrolment(&module, &token.info.id, logout_after)
-                    .await;
+                self.end_enrolment(&module, &token.id, logout_after).await;
                 return Err(e);
             }
         };
@@ -170,8 +176,7 @@ impl Service {
                 }
             }
         }
-        self.end_enrolment(&module, &token.info.id, logout_after)
-            .await;
+        self.end_enrolment(&module, &token.id, logout_after).await;
         result
     }
 
@@ -221,14 +226,14 @@ impl Service {
         let logout_after = self.config.pin_cache_seconds == 0;
         let tbs = cert.tbs_certificate();
         let origin = ctx.origin.as_str().to_owned();
-        let label = token.info.label.trim().to_owned();
+        let label = token.label.clone();
         let subject = tbs.subject().to_string();
         let issuer = common_name(&tbs.issuer().to_string());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
             texts.import_certificate(&origin, &label, &subject, &issuer, replace, unlock)
         });
         let request = ImportRequest {
-            token: token.info.id.clone(),
+            token: token.id.clone(),
             der: p.certificate.0.clone(),
             mode: if replace {
                 ImportMode::Replace
@@ -245,30 +250,46 @@ impl Service {
                 m.import_certificate(request.clone(), credential)
             })
             .await;
-        self.end_enrolment(&module, &token.info.id, logout_after)
-            .await;
+        self.end_enrolment(&module, &token.id, logout_after).await;
         Ok(imported?.certificate.id.to_string())
     }
 
     /// The token a `tokenId` names, as enrolment sees it. With the SKF back end (issue 9)
     /// this is where an SKF key would be told apart.
-    async fn enrolment_token(&self, token_id: &str) -> Result<TokenView, Failure> {
-        let id: TokenId = token_id.parse().map_err(|_| {
+    async fn enrolment_token(&self, token_id: &str) -> Result<EnrolmentToken, Failure> {
+        let id: backend::TokenId = token_id.parse().map_err(|_| {
             Failure::InvalidParams("tokenId is not a token id of this agent".into())
         })?;
         let tokens = self.tokens.clone();
-        blocking(move || tokens.token(&id))
+        let view = blocking(move || tokens.token(&id))
             .await?
-            .ok_or(Failure::Token(pkcs11_shim::Error::TokenNotPresent))
+            .ok_or(Failure::Token(TokenError::TokenNotPresent))?;
+        match (view.module, view.info.id) {
+            (Backend::Pkcs11(module), backend::TokenId::Pkcs11(id)) => Ok(EnrolmentToken {
+                module,
+                id,
+                label: view.info.label.trim().to_owned(),
+            }),
+            // skf-shim's generate_sm2 / import_certificate exist; their wire path does not yet.
+            _ => Err(Failure::Algorithm(
+                "keys.generate and certificates.import are not offered for SKF keys yet".into(),
+            )),
+        }
     }
 
     /// Enrolment always asks the user: a PIN dialog, or a confirmation when the token is
     /// logged in (PIN cache) or has a PIN pad. A locked PIN stops before any dialog.
-    async fn first_enrolment_question(&self, token: &TokenView) -> Result<Option<Unlock>, Failure> {
-        let (module, id) = (token.module.clone(), token.info.id.clone());
-        let state = blocking(move || module.login_state(&id)).await??;
+    async fn first_enrolment_question(
+        &self,
+        token: &EnrolmentToken,
+    ) -> Result<Option<Unlock>, Failure> {
+        let state = token
+            .module
+            .login_state_async(&token.id)
+            .await
+            .map_err(|e| Failure::Token(e.into()))?;
         if state == LoginState::Locked {
-            return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
+            return Err(Failure::Token(TokenError::PinLocked));
         }
         Ok(first_question(state, false))
     }
@@ -286,16 +307,16 @@ impl Service {
         let mut question = first;
         let mut last = None;
         loop {
-            let mut credential = Credential::None;
+            let mut credential = backend::Credential::None;
             if let Some(unlock) = question.take() {
                 let consent = self.ask(ctx, build, unlock, Scope::All).await?;
                 credential = credential_from(consent, unlock);
                 last = Some(unlock);
             }
             let job = job.clone();
-            match blocking(move || job(credential)).await? {
+            match blocking(move || job(credential.into_pkcs11())).await? {
                 Ok(v) => return Ok(v),
-                Err(error) => match consent::after(error, last) {
+                Err(error) => match consent::after(error.into(), last) {
                     Next::Ask(unlock) => question = Some(unlock),
                     Next::Stop(error) => return Err(Failure::Token(error)),
                 },
@@ -313,15 +334,18 @@ impl Service {
                 tracing::warn!(error = %e, "C_Logout after enrolment failed");
             }
         } else {
-            self.schedule_logout(module.clone(), token.clone());
+            self.schedule_logout(
+                Backend::Pkcs11(module.clone()),
+                backend::TokenId::Pkcs11(token.clone()),
+            );
         }
     }
 }
 
 /// ALGORITHM_NOT_SUPPORTED in the protocol's words for a key type the token cannot make.
-pub(crate) fn generation_failure(e: pkcs11_shim::Error, spec: KeySpec) -> Failure {
-    match e {
-        pkcs11_shim::Error::MechanismNotSupported { .. } => Failure::Algorithm(format!(
+pub(crate) fn generation_failure(e: impl Into<TokenError>, spec: KeySpec) -> Failure {
+    match e.into() {
+        TokenError::MechanismNotSupported { .. } => Failure::Algorithm(format!(
             "this token cannot generate {} keys",
             spec.wire_name()
         )),

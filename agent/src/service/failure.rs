@@ -6,13 +6,14 @@ use std::sync::Arc;
 use browser_bridge::protocol::{Base64Bytes, BatchSignature, Reason, RpcError};
 
 use crate::audit::Outcome;
+use crate::backend::TokenError;
 use crate::pinentry::DialogError;
 
 /// Everything that can end a request, mapped to the wire in one place: [`Failure::to_rpc`].
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
     #[error(transparent)]
-    Token(#[from] pkcs11_shim::Error),
+    Token(#[from] TokenError),
     /// A request that stopped after some of its signatures: `error` says why, the page gets
     /// the finished ones in `data.results`.
     #[error("{error} after {} signatures", completed.len())]
@@ -50,7 +51,7 @@ impl Failure {
     /// The one mapping from internal errors to docs/protocol.md's reasons. The page learns what it
     /// needs to act, never internal detail.
     pub fn to_rpc(&self) -> RpcError {
-        use pkcs11_shim::Error as E;
+        use TokenError as E;
         match self {
             Failure::Batch { error, completed } => {
                 let results: Vec<BatchSignature> = completed
@@ -81,15 +82,17 @@ impl Failure {
                 E::TokenNotPresent | E::TokenNotFound(_) => {
                     RpcError::new(Reason::TokenNotPresent, "the token is not present")
                 }
-                E::NoMatchingKey => RpcError::new(
+                E::Pkcs11(pkcs11_shim::Error::NoMatchingKey) => RpcError::new(
                     Reason::CertificateNotFound,
                     "the certificate's public key matches no key on this token",
                 ),
-                E::CertificateExists { existing } => RpcError::invalid_params(format!(
+                E::Pkcs11(pkcs11_shim::Error::CertificateExists { existing }) => {
+                    RpcError::invalid_params(format!(
                     "this key already has a certificate ({existing}); send \"replace\": true to \
                      replace it"
-                )),
-                E::Certificate(_) => {
+                    ))
+                }
+                E::Pkcs11(pkcs11_shim::Error::Certificate(_)) => {
                     RpcError::invalid_params("certificate is not an X.509 certificate")
                 }
                 E::CertificateNotFound(_) | E::KeyNotFound => RpcError::new(
@@ -104,21 +107,21 @@ impl Failure {
                     ),
                 ),
                 E::InvalidInput(m) => RpcError::invalid_params(m.clone()),
-                E::Pkcs11 { function, rv, .. } => {
-                    RpcError::token_error(function, format!("{function} failed: {rv}"))
-                }
+                E::Pkcs11(_) | E::Skf(_) => match e.failed_function() {
+                    Some(function) => RpcError::token_error(function, e.to_string()),
+                    None => RpcError::new(Reason::TokenError, e.to_string()),
+                },
                 E::Busy { .. } => RpcError::new(
                     Reason::Busy,
                     "the token is busy: its module did not answer in time",
                 ),
-                E::ModuleLoad { .. } | E::WorkerGone => {
+                E::NotWorking(_) => {
                     RpcError::new(Reason::TokenError, "the token's module is not working")
                 }
                 E::ModuleHost(_) => RpcError::new(
                     Reason::TokenError,
                     "the token's module failed; it is being restarted",
                 ),
-                _ => RpcError::new(Reason::TokenError, e.to_string()),
             },
             Failure::Dialog(e) => match e.as_ref() {
                 DialogError::Cancelled => RpcError::user_cancelled(),

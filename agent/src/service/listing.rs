@@ -1,13 +1,13 @@
 //! `tokens.list` and `certificates.list`: the filter, and the protocol's entries for tokens and
 //! certificates.
 
+use crate::backend::{CertificateInfo, KeyAlgorithm, KeyUsage};
 use browser_bridge::protocol::Answer;
 use browser_bridge::protocol::{
     self, Base64Bytes, CertificateEntry, CertificateFilter, CertificatesListParams,
     CertificatesListResult, KeyUsage as WireKeyUsage, PinState as WirePinState, Timestamp,
     TokenEntry, TokensListResult, ValidAt,
 };
-use pkcs11_shim::{KeyAlgorithm, KeyUsage};
 use serde_json::Value;
 
 use crate::tokens::TokenView;
@@ -41,7 +41,7 @@ impl Service {
 }
 
 /// The protocol's entry for a certificate; `None` for a key size the protocol cannot name.
-pub fn certificate_entry(c: &pkcs11_shim::CertificateInfo) -> Option<CertificateEntry> {
+pub fn certificate_entry(c: &CertificateInfo) -> Option<CertificateEntry> {
     Some(CertificateEntry {
         id: c.id.to_string(),
         token_id: c.token_id.to_string(),
@@ -80,11 +80,7 @@ pub fn token_entry(t: &TokenView) -> TokenEntry {
     }
 }
 
-fn matches_filter(
-    c: &pkcs11_shim::CertificateInfo,
-    f: &CertificateFilter,
-    now: time::OffsetDateTime,
-) -> bool {
+fn matches_filter(c: &CertificateInfo, f: &CertificateFilter, now: time::OffsetDateTime) -> bool {
     if let Some(wanted) = &f.key_usage {
         let have: Vec<Option<WireKeyUsage>> =
             c.key_usage.iter().map(|k| wire_key_usage(*k)).collect();

@@ -2,10 +2,9 @@
 
 use std::sync::Arc;
 
-use browser_bridge::protocol::Answer;
-use browser_bridge::protocol::{AuthAlgorithm, AuthenticateParams, AuthenticateResult};
+use crate::backend::{SignInput, SignRequest, TokenError};
+use browser_bridge::protocol::{Answer, AuthAlgorithm, AuthenticateParams, AuthenticateResult};
 use browser_bridge::RequestContext;
-use pkcs11_shim::{SignInput, SignRequest};
 use serde_json::Value;
 
 use crate::audit::{AuditRecord, Operation, Outcome};
@@ -91,6 +90,7 @@ impl Service {
             algorithm: alg.sign,
             inputs: vec![SignInput::Data(message)],
             logout_after: self.config.pin_cache_seconds == 0,
+            sm2_user_id: None,
         };
         let sig = self
             .run_token(ctx, cert, req, build, false, ConsentKind::Login)
@@ -116,6 +116,6 @@ impl Service {
             .find(|c| c.info.extended_key_usage.iter().any(|e| e == "clientAuth"))
             .or_else(|| certs.iter().find(allows))
             .cloned()
-            .ok_or(Failure::Token(pkcs11_shim::Error::KeyNotFound))
+            .ok_or(Failure::Token(TokenError::KeyNotFound))
     }
 }

@@ -5,6 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::{
+    Backend, CertificateInfo, Credential, EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage,
+    LoginKind, LoginState, Progress, SignAlgorithm, SignFailure, SignInput, SignRequest,
+    TokenError, TokenId, DEFAULT_SM2_USER_ID,
+};
 use browser_bridge::protocol::Answer;
 use browser_bridge::protocol::{
     Base64Bytes, BatchSignature, DigestAlgorithm, EcdsaEncoding as WireEcdsa, SignBatchParams,
@@ -12,10 +17,6 @@ use browser_bridge::protocol::{
     SignResult, SignatureAlgorithm,
 };
 use browser_bridge::RequestContext;
-use pkcs11_shim::{
-    Credential, EcdsaEncoding, HashAlg, KeyAlgorithm, KeyUsage, LoginState, SignAlgorithm,
-    SignFailure, SignInput, SignRequest,
-};
 
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::cms::{self, CmsSignatureAlg, DigestAlg};
@@ -217,6 +218,7 @@ impl Service {
             algorithm: plan.algorithm,
             inputs,
             logout_after: self.config.pin_cache_seconds == 0,
+            sm2_user_id: None,
         };
         let sigs = self
             .run_token(ctx, cert, req, build, batch, ConsentKind::Documents)
@@ -246,12 +248,11 @@ impl Service {
         // A session consent covers this kind of operation with this certificate only.
         let this_consent = SessionConsent::new(kind, &cert.info);
         let module = cert.module.clone();
-        let token_id = cert.info.token_id.clone();
         let total = req.inputs.len();
-        let state = module.login_state_async(&token_id).await?;
+        let state = module.login_state_async(&cert.info.id).await?;
         tracing::debug!(?state, "token login state");
         if state == LoginState::Locked {
-            return Err(Failure::Token(pkcs11_shim::Error::PinLocked));
+            return Err(Failure::Token(TokenError::PinLocked));
         }
         let session_consent = self.config.consent_mode(ctx.origin.as_str()) == ConsentMode::Session
             && self.conn(ctx.connection).consented == Some(this_consent);
@@ -311,8 +312,8 @@ impl Service {
                     // login tells it here).
                     if matches!(
                         error,
-                        pkcs11_shim::Error::LoginRequired {
-                            kind: pkcs11_shim::LoginKind::ContextSpecific,
+                        TokenError::LoginRequired {
+                            kind: LoginKind::ContextSpecific,
                             ..
                         }
                     ) {
@@ -351,14 +352,14 @@ impl Service {
     async fn sign_on_token(
         &self,
         ctx: &RequestContext,
-        module: pkcs11_shim::Module,
+        module: Backend,
         req: SignRequest,
         credential: Credential,
         events: Option<ProgressEvents>,
         pin_pad: bool,
     ) -> Result<Vec<Vec<u8>>, TokenStop> {
         let flag = Arc::new(AtomicBool::new(false));
-        let token_id = req.certificate.token_id().clone();
+        let token_id = req.certificate.token_id();
         let card_mark = self.tokens.card_mark();
         let logout_after = req.logout_after;
         let (progress_tx, progress_rx) = std::sync::mpsc::channel();
@@ -396,7 +397,7 @@ impl Service {
                         );
                         answered.store(true, Ordering::SeqCst);
                         abandon(call, module, token_id, logout_after);
-                        return Err(TokenStop::Token(pkcs11_shim::Error::Cancelled.into()));
+                        return Err(TokenStop::Token(TokenError::Cancelled.into()));
                     }
                 }
             }
@@ -412,8 +413,7 @@ impl Service {
         };
         // The job's events all precede its answer: a job the worker ran has dropped its sender,
         // so the forwarder ends; one it never started (BUSY) still holds it in the queue.
-        let started =
-            !matches!(&result, Err(f) if matches!(f.error, pkcs11_shim::Error::Busy { .. }));
+        let started = !matches!(&result, Err(f) if matches!(f.error, TokenError::Busy { .. }));
         match forward {
             Some(forward) if started => {
                 let _ = forward.await;
@@ -422,14 +422,14 @@ impl Service {
         }
         if let Err(failure) = &mut result {
             // A device error may be a card pulled in the middle of a command.
-            if matches!(failure.error, pkcs11_shim::Error::Pkcs11 { .. }) {
+            if failure.error.failed_function().is_some() {
                 let (tokens, m, t) = (self.tokens.clone(), module.clone(), token_id.clone());
                 if blocking(move || tokens.card_was_pulled(card_mark, &m, &t))
                     .await
                     .unwrap_or(false)
                 {
                     tracing::info!(error = %failure.error, "the card was removed during the operation");
-                    failure.error = pkcs11_shim::Error::TokenNotPresent;
+                    failure.error = TokenError::TokenNotPresent;
                 }
             }
         }
@@ -440,7 +440,7 @@ impl Service {
     }
 
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
-    pub(super) fn schedule_logout(&self, module: pkcs11_shim::Module, token: pkcs11_shim::TokenId) {
+    pub(super) fn schedule_logout(&self, module: Backend, token: TokenId) {
         let after = Duration::from_secs(self.config.pin_cache_seconds);
         self.pin_cache.used(token.to_string(), after, async move {
             let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
@@ -463,13 +463,14 @@ pub(crate) struct SignPlan {
 
 impl SignPlan {
     pub(crate) fn new(
-        info: &pkcs11_shim::CertificateInfo,
+        info: &CertificateInfo,
         items: &[WireInput],
         options: &SignOptions,
     ) -> Result<SignPlan, Failure> {
         let format = options.format.unwrap_or_default();
         let key = info.key_algorithm;
         let ed = matches!(key, KeyAlgorithm::Ed25519);
+        let sm2 = matches!(key, KeyAlgorithm::Sm2);
         if ed && options.hash.is_some() {
             return Err(Failure::InvalidParams(
                 "hash does not apply to Ed25519, which signs the data itself: leave hash out"
@@ -484,6 +485,8 @@ impl SignPlan {
                 WireInput::Data(_) => {
                     if ed {
                         DigestAlgorithm::Sha512
+                    } else if sm2 {
+                        options.hash.unwrap_or(DigestAlgorithm::Sm3)
                     } else {
                         options.data_hash()
                     }
@@ -507,12 +510,24 @@ impl SignPlan {
                 ));
             }
         }
-        let h = hash_alg(digest_algorithm);
+        if sm2 != (digest_algorithm == DigestAlgorithm::Sm3) {
+            return Err(Failure::Algorithm(if sm2 {
+                "an SM2 key signs SM3 digests: send data, or an SM3 digest".into()
+            } else {
+                format!("SM3 is for SM2 keys, not {}", a_key(&key.wire_name()))
+            }));
+        }
+        if options.sm2_user_id.is_some() && !sm2 {
+            return Err(Failure::Algorithm(
+                "sm2UserId applies to SM2 keys only".into(),
+            ));
+        }
         let encoding = match (format, options.ecdsa_encoding.unwrap_or_default()) {
             (SignFormat::Cms, _) | (_, WireEcdsa::Der) => EcdsaEncoding::Der,
             (_, WireEcdsa::P1363) => EcdsaEncoding::P1363,
         };
         let requested = options.signature_algorithm;
+        let h = hash_alg(digest_algorithm);
         let (algorithm, wire_algorithm) = match (key, requested) {
             (KeyAlgorithm::Rsa { .. }, None | Some(SignatureAlgorithm::RsaPkcs1v15)) => (
                 SignAlgorithm::RsaPkcs1v15(h),
@@ -528,20 +543,39 @@ impl SignPlan {
             (KeyAlgorithm::Ed25519, None | Some(SignatureAlgorithm::Ed25519)) => {
                 (SignAlgorithm::Ed25519, SignatureAlgorithm::Ed25519)
             }
+            (KeyAlgorithm::Sm2, None | Some(SignatureAlgorithm::Sm2)) => {
+                (SignAlgorithm::Sm2(encoding), SignatureAlgorithm::Sm2)
+            }
             (key, asked) => return Err(cannot_sign(key, asked)),
         };
-        if options.ecdsa_encoding.is_some() && wire_algorithm != SignatureAlgorithm::Ecdsa {
+        if options.ecdsa_encoding.is_some()
+            && !matches!(
+                wire_algorithm,
+                SignatureAlgorithm::Ecdsa | SignatureAlgorithm::Sm2
+            )
+        {
             return Err(Failure::InvalidParams(
-                "ecdsaEncoding applies to ECDSA only".into(),
+                "ecdsaEncoding applies to ECDSA and SM2 only".into(),
             ));
         }
+        // SM2 raw: what the key signs, e = SM3(Z ‖ M), is what the dialog and audit show. SM2
+        // CMS: the messageDigest attribute is SM3 of the document (GM/T 0010).
+        let user_id = options
+            .sm2_user_id
+            .as_deref()
+            .unwrap_or(DEFAULT_SM2_USER_ID);
         let message_digests = items
             .iter()
             .map(|i| match i {
-                WireInput::Digest(d) => d.value.0.clone(),
-                WireInput::Data(data) => h.digest(&data.0),
+                WireInput::Digest(d) => Ok(d.value.0.clone()),
+                WireInput::Data(data) if sm2 && format == SignFormat::Raw => {
+                    crate::backend::sm2_e(&info.der, user_id, &data.0)
+                        .map(|e| e.to_vec())
+                        .map_err(Failure::Token)
+                }
+                WireInput::Data(data) => Ok(cms_digest(digest_algorithm).digest(&data.0)),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(SignPlan {
             algorithm,
             wire_algorithm,
@@ -557,9 +591,17 @@ impl SignPlan {
     pub(crate) fn token_inputs(
         &self,
         items: Vec<WireInput>,
-        info: &pkcs11_shim::CertificateInfo,
+        info: &CertificateInfo,
     ) -> Result<(Vec<SignInput>, Vec<cms::SignedAttributes>), Failure> {
         match self.format {
+            // SM2: the agent computed e for each item.
+            SignFormat::Raw if matches!(self.algorithm, SignAlgorithm::Sm2(_)) => Ok((
+                self.message_digests
+                    .iter()
+                    .map(|e| SignInput::Digest(e.clone()))
+                    .collect(),
+                Vec::new(),
+            )),
             SignFormat::Raw => Ok((
                 items
                     .into_iter()
@@ -599,7 +641,7 @@ impl SignPlan {
         &self,
         sigs: Vec<Vec<u8>>,
         attrs: &[cms::SignedAttributes],
-        info: &pkcs11_shim::CertificateInfo,
+        info: &CertificateInfo,
     ) -> Result<Vec<Vec<u8>>, Failure> {
         if self.format == SignFormat::Raw {
             return Ok(sigs);
@@ -610,6 +652,7 @@ impl SignPlan {
             SignAlgorithm::RsaPss(_) => CmsSignatureAlg::RsaPss(h),
             SignAlgorithm::Ecdsa(..) => CmsSignatureAlg::EcdsaWith(h),
             SignAlgorithm::Ed25519 => CmsSignatureAlg::Ed25519,
+            SignAlgorithm::Sm2(_) => CmsSignatureAlg::Sm2,
         };
         sigs.iter()
             .zip(attrs)
@@ -631,9 +674,10 @@ fn cannot_sign(key: KeyAlgorithm, asked: Option<SignatureAlgorithm>) -> Failure 
     })
 }
 
+/// The hash of an RSA or ECDSA signature (checked before: SM3 goes with SM2 keys only).
 fn hash_alg(d: DigestAlgorithm) -> HashAlg {
     match d {
-        DigestAlgorithm::Sha256 => HashAlg::Sha256,
+        DigestAlgorithm::Sha256 | DigestAlgorithm::Sm3 => HashAlg::Sha256,
         DigestAlgorithm::Sha384 => HashAlg::Sha384,
         DigestAlgorithm::Sha512 => HashAlg::Sha512,
     }
@@ -644,6 +688,7 @@ fn cms_digest(d: DigestAlgorithm) -> DigestAlg {
         DigestAlgorithm::Sha256 => DigestAlg::Sha256,
         DigestAlgorithm::Sha384 => DigestAlg::Sha384,
         DigestAlgorithm::Sha512 => DigestAlg::Sha512,
+        DigestAlgorithm::Sm3 => DigestAlg::Sm3,
     }
 }
 
@@ -653,8 +698,8 @@ pub(crate) fn signing_allowed(usage: &[KeyUsage], policy: SigningKeyUsage) -> bo
     policy == SigningKeyUsage::Any || usage.is_empty() || usage.contains(&KeyUsage::NonRepudiation)
 }
 
-/// Sends `sign.progress` for one job's [`pkcs11_shim::Progress`].
-type ProgressEvents = Box<dyn FnMut(pkcs11_shim::Progress) + Send>;
+/// Sends `sign.progress` for one job's [`Progress`].
+type ProgressEvents = Box<dyn FnMut(Progress) + Send>;
 
 /// `sign.progress` at most ten times a second, and always the last one; a job that signs the
 /// rest of a request (after a dialog) counts from `offset` of the request's `total`.
@@ -662,7 +707,7 @@ fn progress_sender(ctx: &RequestContext, offset: usize, total: usize) -> Progres
     let notifier = ctx.notifier.clone();
     let request_id = ctx.request_id.clone();
     let mut last: Option<Instant> = None;
-    Box::new(move |p: pkcs11_shim::Progress| {
+    Box::new(move |p: Progress| {
         let done = offset + p.done;
         let now = Instant::now();
         let due = last.is_none_or(|t| now.duration_since(t) >= PROGRESS_INTERVAL);
@@ -681,8 +726,8 @@ fn progress_sender(ctx: &RequestContext, offset: usize, total: usize) -> Progres
 /// is not left cached.
 fn abandon(
     call: impl std::future::Future<Output = Result<Vec<Vec<u8>>, SignFailure>> + Send + 'static,
-    module: pkcs11_shim::Module,
-    token: pkcs11_shim::TokenId,
+    module: Backend,
+    token: TokenId,
     logout_after: bool,
 ) {
     tokio::spawn(async move {
@@ -742,7 +787,7 @@ mod tests {
             "an Ed25519 key cannot sign RSASSA-PKCS1-v1_5"
         );
         assert_eq!(
-            message(Failure::Token(pkcs11_shim::Error::MechanismNotSupported {
+            message(Failure::Token(TokenError::MechanismNotSupported {
                 algorithm: "RSA-PSS-SHA256".into(),
                 key: "EC-P384".into(),
             })),

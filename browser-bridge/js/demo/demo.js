@@ -153,7 +153,17 @@ function signContract() {
         signature: result.signature,
         document: contract,
       });
-      setResult('verify-result', ok, ok ? t('verified', { scheme: schemeFor(cert.keyAlgorithm).label }) : t('notVerified'));
+      if (ok === null) {
+        // SM2: the browser cannot verify; say how to, with OpenSSL 3 (the default user ID).
+        setResult('verify-result', true, t('verifyWithOpenssl', { scheme: schemeFor(cert.keyAlgorithm).label }));
+        $('verify-command').textContent =
+          'openssl x509 -pubkey -noout -in cert.pem > pub.pem\n' +
+          'base64 -d signature.b64 > signature.der\n' +
+          'openssl dgst -sm3 -verify pub.pem -sigopt distid:1234567812345678 -signature signature.der contract.txt';
+      } else {
+        $('verify-command').textContent = '';
+        setResult('verify-result', ok, ok ? t('verified', { scheme: schemeFor(cert.keyAlgorithm).label }) : t('notVerified'));
+      }
     } catch (err) {
       setResult('verify-result', false, t('notSigned'));
       fail(err);
@@ -195,6 +205,10 @@ function signBatch() {
         ),
       );
       const good = checks.filter(Boolean).length;
+      if (checks.every((c) => c === null)) {
+        setResult('batch-result', true, t('batchSignedOnly', { signed: results.length, total: documents.length }));
+        return;
+      }
       const all = good === documents.length;
       setResult('batch-result', all, t('batchDone', { signed: results.length, total: documents.length, good, mark: all ? '✓' : '✗' }));
     } catch (err) {

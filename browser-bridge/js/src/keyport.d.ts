@@ -3,9 +3,9 @@
 /** Binary input: bytes, or standard base64 with padding. */
 export type Binary = ArrayBuffer | ArrayBufferView | string;
 
-export type DigestAlgorithm = 'SHA-256' | 'SHA-384' | 'SHA-512';
-export type SignatureAlgorithm = 'RSASSA-PKCS1-v1_5' | 'RSA-PSS' | 'ECDSA' | 'Ed25519';
-export type KeyAlgorithm = 'RSA-2048' | 'RSA-3072' | 'RSA-4096' | 'EC-P256' | 'EC-P384' | 'EC-P521' | 'Ed25519';
+export type DigestAlgorithm = 'SHA-256' | 'SHA-384' | 'SHA-512' | 'SM3';
+export type SignatureAlgorithm = 'RSASSA-PKCS1-v1_5' | 'RSA-PSS' | 'ECDSA' | 'Ed25519' | 'SM2';
+export type KeyAlgorithm = 'RSA-2048' | 'RSA-3072' | 'RSA-4096' | 'EC-P256' | 'EC-P384' | 'EC-P521' | 'Ed25519' | 'SM2';
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 /** WebSocket close codes the agent sends. `IDLE` (1000): an idle connection of an origin not approved was closed; the next call reconnects. */
@@ -129,7 +129,10 @@ export interface SignOptions extends CallOptions {
   hash?: DigestAlgorithm;
   signatureAlgorithm?: SignatureAlgorithm;
   format?: 'raw' | 'cms';
+  /** ECDSA and SM2: DER (default) or r ‖ s. */
   ecdsaEncoding?: 'der' | 'p1363';
+  /** SM2 with `data`, raw output: the signer's user ID in Z (default '1234567812345678'). */
+  sm2UserId?: string;
   display: { title: string; summary?: string };
 }
 

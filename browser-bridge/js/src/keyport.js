@@ -621,7 +621,7 @@ function signParams(req, batch) {
     if (kinds.has('digest')) throw invalid('hash names the digest of data items: a batch mixing data and digest items cannot carry it');
     params.hash = req.hash;
   }
-  for (const key of ['signatureAlgorithm', 'format', 'ecdsaEncoding', 'display']) {
+  for (const key of ['signatureAlgorithm', 'format', 'ecdsaEncoding', 'sm2UserId', 'display']) {
     if (req[key] !== undefined) params[key] = req[key];
   }
   return params;

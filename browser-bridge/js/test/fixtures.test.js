@@ -47,6 +47,17 @@ const CALLS = {
       signatureAlgorithm: p.signatureAlgorithm,
       display: p.display,
     }),
+  'sign.sm2-data': (c, p) =>
+    c.sign({
+      certificateId: p.certificateId,
+      data: b(p.data),
+      signatureAlgorithm: p.signatureAlgorithm,
+      ecdsaEncoding: p.ecdsaEncoding,
+      sm2UserId: p.sm2UserId,
+      display: p.display,
+    }),
+  'sign.sm2-digest': (c, p) =>
+    c.sign({ certificateId: p.certificateId, digest: b(p.digest.value), hash: 'SM3', display: p.display }),
   'sign.data': (c, p) => c.sign({ certificateId: p.certificateId, data: b(p.data), hash: p.hash, display: p.display }),
   'sign.data-ed25519': (c, p) =>
     c.sign({ certificateId: p.certificateId, data: b(p.data).buffer, signatureAlgorithm: p.signatureAlgorithm, display: p.display }),

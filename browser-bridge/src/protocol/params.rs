@@ -119,6 +119,9 @@ pub enum KeyAlgorithm {
     #[serde(rename = "EC-P521")]
     EcP521,
     Ed25519,
+    /// SM2 (GM/T 0003), on Chinese USB keys.
+    #[serde(rename = "SM2")]
+    Sm2,
 }
 
 /// A `keyAlgorithm` filter entry: an exact algorithm or a family (`RSA`, `EC`; `Ed25519` is both).
@@ -168,14 +171,18 @@ pub enum DigestAlgorithm {
     Sha384,
     #[serde(rename = "SHA-512")]
     Sha512,
+    /// SM3 (GM/T 0004). For a raw SM2 signature a `digest` with it is e = SM3(Z ‖ M).
+    #[serde(rename = "SM3")]
+    Sm3,
 }
 
 impl DigestAlgorithm {
     /// Every digest algorithm.
-    pub const ALL: [DigestAlgorithm; 3] = [
+    pub const ALL: [DigestAlgorithm; 4] = [
         DigestAlgorithm::Sha256,
         DigestAlgorithm::Sha384,
         DigestAlgorithm::Sha512,
+        DigestAlgorithm::Sm3,
     ];
 
     /// The protocol's name (`SHA-256`), as on the wire.
@@ -184,13 +191,14 @@ impl DigestAlgorithm {
             DigestAlgorithm::Sha256 => "SHA-256",
             DigestAlgorithm::Sha384 => "SHA-384",
             DigestAlgorithm::Sha512 => "SHA-512",
+            DigestAlgorithm::Sm3 => "SM3",
         }
     }
 
     /// Digest length in bytes.
     pub fn output_len(self) -> usize {
         match self {
-            DigestAlgorithm::Sha256 => 32,
+            DigestAlgorithm::Sha256 | DigestAlgorithm::Sm3 => 32,
             DigestAlgorithm::Sha384 => 48,
             DigestAlgorithm::Sha512 => 64,
         }
@@ -208,15 +216,19 @@ pub enum SignatureAlgorithm {
     #[serde(rename = "ECDSA")]
     Ecdsa,
     Ed25519,
+    /// SM2 with SM3 (SM3withSM2, GM/T 0003 and 0009).
+    #[serde(rename = "SM2")]
+    Sm2,
 }
 
 impl SignatureAlgorithm {
     /// Every signature algorithm.
-    pub const ALL: [SignatureAlgorithm; 4] = [
+    pub const ALL: [SignatureAlgorithm; 5] = [
         SignatureAlgorithm::RsaPkcs1v15,
         SignatureAlgorithm::RsaPss,
         SignatureAlgorithm::Ecdsa,
         SignatureAlgorithm::Ed25519,
+        SignatureAlgorithm::Sm2,
     ];
 
     /// The protocol's name (`RSA-PSS`), as on the wire.
@@ -226,6 +238,7 @@ impl SignatureAlgorithm {
             SignatureAlgorithm::RsaPss => "RSA-PSS",
             SignatureAlgorithm::Ecdsa => "ECDSA",
             SignatureAlgorithm::Ed25519 => "Ed25519",
+            SignatureAlgorithm::Sm2 => "SM2",
         }
     }
 }
@@ -353,11 +366,16 @@ pub struct SignOptions {
     pub signature_algorithm: Option<SignatureAlgorithm>,
     /// None: raw.
     pub format: Option<SignFormat>,
-    /// None: DER. Only with raw output and (if named) ECDSA.
+    /// None: DER. Only with raw output and (if named) ECDSA or SM2.
     pub ecdsa_encoding: Option<EcdsaEncoding>,
+    /// SM2's user ID for `data` (None: `1234567812345678`). Only with raw output and data.
+    pub sm2_user_id: Option<String>,
     /// Dialog text.
     pub display: Display,
 }
+
+/// The longest `sm2UserId`, in UTF-8 bytes (Z's length field counts bits in 16 bits: 8191).
+pub const MAX_SM2_USER_ID_BYTES: usize = 1024;
 
 impl SignOptions {
     /// The hash applied to `data` inputs.
@@ -379,8 +397,22 @@ impl SignOptions {
             if self.format == Some(SignFormat::Cms) {
                 return Err("ecdsaEncoding applies to raw output only".into());
             }
-            if matches!(self.signature_algorithm, Some(a) if a != SignatureAlgorithm::Ecdsa) {
-                return Err("ecdsaEncoding applies to ECDSA only".into());
+            if matches!(self.signature_algorithm, Some(a) if a != SignatureAlgorithm::Ecdsa && a != SignatureAlgorithm::Sm2)
+            {
+                return Err("ecdsaEncoding applies to ECDSA and SM2 only".into());
+            }
+        }
+        if let Some(id) = &self.sm2_user_id {
+            if !all_data || self.format == Some(SignFormat::Cms) {
+                return Err("sm2UserId applies to raw signatures over data only".into());
+            }
+            if matches!(self.signature_algorithm, Some(a) if a != SignatureAlgorithm::Sm2) {
+                return Err("sm2UserId applies to SM2 only".into());
+            }
+            if id.is_empty() || id.len() > MAX_SM2_USER_ID_BYTES {
+                return Err(format!(
+                    "sm2UserId must hold 1..={MAX_SM2_USER_ID_BYTES} bytes of UTF-8"
+                ));
             }
         }
         Ok(())
@@ -415,6 +447,8 @@ struct RawSignParams {
     format: Option<SignFormat>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ecdsa_encoding: Option<EcdsaEncoding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sm2_user_id: Option<String>,
     display: Display,
 }
 
@@ -427,6 +461,7 @@ impl TryFrom<RawSignParams> for SignParams {
             signature_algorithm: raw.signature_algorithm,
             format: raw.format,
             ecdsa_encoding: raw.ecdsa_encoding,
+            sm2_user_id: raw.sm2_user_id,
             display: raw.display,
         };
         options.check(input.is_data())?;
@@ -449,6 +484,7 @@ impl From<SignParams> for RawSignParams {
             signature_algorithm: p.options.signature_algorithm,
             format: p.options.format,
             ecdsa_encoding: p.options.ecdsa_encoding,
+            sm2_user_id: p.options.sm2_user_id,
             display: p.options.display,
         }
     }
@@ -521,6 +557,8 @@ struct RawSignBatchParams {
     format: Option<SignFormat>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ecdsa_encoding: Option<EcdsaEncoding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sm2_user_id: Option<String>,
     display: Display,
 }
 
@@ -538,6 +576,7 @@ impl TryFrom<RawSignBatchParams> for SignBatchParams {
             signature_algorithm: raw.signature_algorithm,
             format: raw.format,
             ecdsa_encoding: raw.ecdsa_encoding,
+            sm2_user_id: raw.sm2_user_id,
             display: raw.display,
         };
         options.check(raw.items.iter().all(|i| i.input.is_data()))?;
@@ -558,6 +597,7 @@ impl From<SignBatchParams> for RawSignBatchParams {
             signature_algorithm: p.options.signature_algorithm,
             format: p.options.format,
             ecdsa_encoding: p.options.ecdsa_encoding,
+            sm2_user_id: p.options.sm2_user_id,
             display: p.options.display,
         }
     }
@@ -577,11 +617,13 @@ pub enum AuthAlgorithm {
     PS384,
     PS512,
     EdDSA,
+    /// SM2 with SM3 (r ‖ s), for SM2 keys: outside Web eID's list, like EdDSA.
+    SM2,
 }
 
 impl AuthAlgorithm {
     /// Every Web eID token algorithm.
-    pub const ALL: [AuthAlgorithm; 10] = [
+    pub const ALL: [AuthAlgorithm; 11] = [
         AuthAlgorithm::ES256,
         AuthAlgorithm::ES384,
         AuthAlgorithm::ES512,
@@ -592,6 +634,7 @@ impl AuthAlgorithm {
         AuthAlgorithm::PS384,
         AuthAlgorithm::PS512,
         AuthAlgorithm::EdDSA,
+        AuthAlgorithm::SM2,
     ];
 
     /// The JWA name (`PS256`), as on the wire.
@@ -607,6 +650,7 @@ impl AuthAlgorithm {
             AuthAlgorithm::PS384 => "PS384",
             AuthAlgorithm::PS512 => "PS512",
             AuthAlgorithm::EdDSA => "EdDSA",
+            AuthAlgorithm::SM2 => "SM2",
         }
     }
 }
