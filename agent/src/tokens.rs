@@ -474,25 +474,44 @@ impl TokenSet {
         let mut last_err = None;
         let mut busy = None;
         for m in self.modules() {
-            match m.module.certificates(Some(&token)) {
-                Ok(certs) => {
-                    self.answered(&m.module);
-                    if let Some(info) = certs.into_iter().find(|c| &c.id == id) {
-                        return Ok(CertificateView {
-                            info,
-                            module: m.module.clone(),
-                        });
-                    }
-                }
-                Err(TokenError::TokenNotFound(_)) => {}
-                Err(e @ TokenError::Busy { .. }) => {
-                    self.not_answered(&m.module, &e);
-                    busy = Some(e);
-                }
-                Err(e) => last_err = Some(e),
+            let answer = m.module.certificates(Some(&token));
+            if let Some(found) = self.look_in(&m.module, answer, id, &mut busy, &mut last_err) {
+                return Ok(found);
             }
         }
         Err(not_found(id, busy, last_err))
+    }
+
+    /// One library's answer to a certificate lookup (shared by the blocking and the async
+    /// lookup): the certificate if it is there, else the answer kept for [`not_found`].
+    fn look_in(
+        &self,
+        module: &Backend,
+        answer: Result<Vec<CertificateInfo>, TokenError>,
+        id: &CertificateId,
+        busy: &mut Option<TokenError>,
+        last_err: &mut Option<TokenError>,
+    ) -> Option<CertificateView> {
+        match answer {
+            Ok(certs) => {
+                self.answered(module);
+                let info = certs.into_iter().find(|c| &c.id == id)?;
+                Some(CertificateView {
+                    info,
+                    module: module.clone(),
+                })
+            }
+            Err(TokenError::TokenNotFound(_)) => None,
+            Err(e @ TokenError::Busy { .. }) => {
+                self.not_answered(module, &e);
+                *busy = Some(e);
+                None
+            }
+            Err(e) => {
+                *last_err = Some(e);
+                None
+            }
+        }
     }
 
     /// A module answered: if it had not before, say so once.
@@ -529,22 +548,9 @@ impl TokenSet {
         let mut last_err = None;
         let mut busy = None;
         for m in self.modules() {
-            match m.module.certificates_async(Some(&token)).await {
-                Ok(certs) => {
-                    self.answered(&m.module);
-                    if let Some(info) = certs.into_iter().find(|c| &c.id == id) {
-                        return Ok(CertificateView {
-                            info,
-                            module: m.module.clone(),
-                        });
-                    }
-                }
-                Err(TokenError::TokenNotFound(_)) => {}
-                Err(e @ TokenError::Busy { .. }) => {
-                    self.not_answered(&m.module, &e);
-                    busy = Some(e);
-                }
-                Err(e) => last_err = Some(e),
+            let answer = m.module.certificates_async(Some(&token)).await;
+            if let Some(found) = self.look_in(&m.module, answer, id, &mut busy, &mut last_err) {
+                return Ok(found);
             }
         }
         Err(not_found(id, busy, last_err))
