@@ -25,6 +25,7 @@ pub mod frame;
 pub mod pkcs11;
 pub mod sandbox;
 pub mod serve;
+pub mod skf;
 pub mod supervisor;
 
 pub use frame::{FrameError, MAX_FRAME, PROTOCOL_VERSION};

@@ -74,7 +74,48 @@ where
 /// own, while this thread keeps reading (so a cancel reaches a running job). Returns as soon as
 /// the agent closes its end — also while a job is stuck in the library, so the caller should
 /// exit the process right away.
-pub fn serve_with<J, A, H>(socket: UnixStream, mut handle: H) -> Result<(), FrameError>
+pub fn serve_with<J, A, H>(socket: UnixStream, handle: H) -> Result<(), FrameError>
+where
+    J: DeserializeOwned + Send + 'static,
+    A: Serialize + Send + 'static,
+    H: FnMut(J, &JobContext<A>) -> A + Send + 'static,
+{
+    serve_inner(socket, handle, None)
+}
+
+/// Jobs answered beside the others (on a thread of their own, in their own order): a wait for
+/// a device event must not hold up a signature, nor wait behind one. They send no
+/// [`FromHost::Started`], so the agent's view of the job running is about the others only.
+pub struct SideJobs<J, A> {
+    pub is_side: fn(&J) -> bool,
+    pub handle: Box<dyn FnMut(J, &JobContext<A>) -> A + Send>,
+}
+
+impl<J, A> std::fmt::Debug for SideJobs<J, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SideJobs").finish_non_exhaustive()
+    }
+}
+
+/// [`serve_with`], with some jobs answered beside the others.
+pub fn serve_with_side<J, A, H>(
+    socket: UnixStream,
+    handle: H,
+    side: SideJobs<J, A>,
+) -> Result<(), FrameError>
+where
+    J: DeserializeOwned + Send + 'static,
+    A: Serialize + Send + 'static,
+    H: FnMut(J, &JobContext<A>) -> A + Send + 'static,
+{
+    serve_inner(socket, handle, Some(side))
+}
+
+fn serve_inner<J, A, H>(
+    socket: UnixStream,
+    mut handle: H,
+    side: Option<SideJobs<J, A>>,
+) -> Result<(), FrameError>
 where
     J: DeserializeOwned + Send + 'static,
     A: Serialize + Send + 'static,
@@ -118,8 +159,45 @@ where
                 }
             }
         })?;
+    let side = match side {
+        Some(SideJobs {
+            is_side,
+            handle: mut side_handle,
+        }) => {
+            let (side_jobs, side_queue) = mpsc::channel::<(u64, J)>();
+            let side_writer = Arc::clone(&writer);
+            std::thread::Builder::new()
+                .name("host-side-jobs".into())
+                .spawn(move || {
+                    for (id, job) in side_queue {
+                        let ctx = JobContext {
+                            id,
+                            cancel: Arc::new(AtomicBool::new(false)),
+                            writer: Arc::clone(&side_writer),
+                            _answers: PhantomData,
+                        };
+                        let answer = side_handle(job, &ctx);
+                        let sent =
+                            write_frame(&mut *lock(&side_writer), &FromHost::Answer { id, answer });
+                        if let Err(e) = sent {
+                            tracing::error!(error = %e, "the agent's socket failed; the host stops answering");
+                            break;
+                        }
+                    }
+                })?;
+            Some((is_side, side_jobs))
+        }
+        None => None,
+    };
     while let Some(message) = read_frame::<ToHost<J>>(&mut reader)? {
         match message {
+            ToHost::Job { id, job } if side.as_ref().is_some_and(|(is, _)| is(&job)) => {
+                if let Some((_, side_jobs)) = &side {
+                    if side_jobs.send((id, job)).is_err() {
+                        break;
+                    }
+                }
+            }
             ToHost::Job { id, job } => {
                 let cancel = Arc::new(AtomicBool::new(false));
                 lock(&flags).insert(id, Arc::clone(&cancel));
