@@ -919,9 +919,7 @@ impl From<skf_shim::Error> for TokenError {
             e @ (E::LibraryLoad { .. }
             | E::FunctionsMissing { .. }
             | E::HostedLoad(_)
-            | E::WorkerGone) => {
-                TokenError::NotWorking(Box::new(e))
-            }
+            | E::WorkerGone) => TokenError::NotWorking(Box::new(e)),
             other => TokenError::Skf(other),
         }
     }

@@ -118,7 +118,12 @@ enum Command {
     #[command(hide = true)]
     Host {
         /// The PKCS#11 module to load.
-        #[arg(long, value_name = "PATH", conflicts_with = "skf", required_unless_present = "skf")]
+        #[arg(
+            long,
+            value_name = "PATH",
+            conflicts_with = "skf",
+            required_unless_present = "skf"
+        )]
         pkcs11: Option<PathBuf>,
         /// The SKF library to load.
         #[arg(long, value_name = "PATH")]

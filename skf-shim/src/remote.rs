@@ -356,7 +356,11 @@ impl HostState {
         }
     }
 
-    fn next_event(&self, library: &Library, wait_ms: u64) -> Result<Option<DeviceEvent>, WireError> {
+    fn next_event(
+        &self,
+        library: &Library,
+        wait_ms: u64,
+    ) -> Result<Option<DeviceEvent>, WireError> {
         let mut events = crate::library::lock(&self.events);
         let watch = events.get_or_insert_with(|| library.events().map_err(|e| WireError::from(&e)));
         let watch = watch.as_ref().map_err(Clone::clone)?;
