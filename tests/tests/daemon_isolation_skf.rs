@@ -392,3 +392,70 @@ fn zombie_children(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// SKF_WaitForDevEvent runs in the library host: a key plugged in and pulled out reaches the
+/// page, before and after the host is restarted (no PC/SC here, and the agent does not poll a
+/// library that has events: only the host's watch can tell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skf_device_events_reach_the_page_through_the_library_host_and_its_successor() {
+    let mut rig = start().await;
+    let spare = |tokens: &Value| {
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["label"] == "KeyPort Spare Key")
+    };
+    let present = rig.store.device_dir("SKF-KEY-1").join("present");
+    for round in ["first host", "after a crash"] {
+        std::fs::write(&present, "insertion-1").unwrap();
+        spare_changed(&mut rig.client, &spare, true, round).await;
+        std::fs::remove_file(&present).unwrap();
+        spare_changed(&mut rig.client, &spare, false, round).await;
+        // Crash the host; the next round's events come from its successor.
+        rig.store
+            .set_fault("crash_on=SKF_EnumDev\ncrash_how=abort\n")
+            .unwrap();
+        let listed = rig.client.call_ok("tokens.list", json!({})).await.unwrap();
+        assert!(!has_key(&listed["tokens"]));
+        rig.store.set_fault("").unwrap();
+        key_goes_and_comes_back(&mut rig.client).await;
+    }
+    let stderr = rig.agent.stderr();
+    assert!(
+        !stderr.contains("polling the library instead"),
+        "events came from the host's watch, not from polling:\n{stderr}"
+    );
+    let calls = std::fs::read_to_string(rig.store.state().join("calls.log")).unwrap();
+    assert!(calls.contains("SKF_WaitForDevEvent"), "{calls}");
+}
+
+/// Waits (bounded) for a `tokens.changed` whose list does (or not) hold the spare key.
+async fn spare_changed(
+    client: &mut Client,
+    spare: &impl Fn(&Value) -> bool,
+    want: bool,
+    round: &str,
+) {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        if let Some(i) = client
+            .notifications
+            .iter()
+            .position(|e| e["method"] == "tokens.changed" && spare(&e["params"]["tokens"]) == want)
+        {
+            client.notifications.drain(..=i);
+            return;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(left, client.next_message())
+            .await
+            .unwrap_or_else(|_| panic!("{round}: no tokens.changed with the spare key = {want}"))
+            .unwrap();
+        if let Message::Text(text) = message {
+            client
+                .notifications
+                .push(serde_json::from_str(text.as_str()).unwrap());
+        }
+    }
+}
