@@ -26,6 +26,7 @@ pub mod pkcs11;
 pub mod sandbox;
 pub mod serve;
 pub mod skf;
+pub mod status;
 pub mod supervisor;
 
 pub use frame::{FrameError, MAX_FRAME, PROTOCOL_VERSION};

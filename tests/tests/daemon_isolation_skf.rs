@@ -459,3 +459,67 @@ async fn spare_changed(
         }
     }
 }
+
+/// `keyport doctor`, another process, shows the running daemon's hosts: the SKF library's
+/// host with its pid (a child of the daemon), its restart and how the last one ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_shows_the_running_daemons_hosts_with_restarts_and_last_failure() {
+    let mut rig = start().await;
+    let agent_pid = rig.agent.pid().unwrap();
+    rig.store
+        .set_fault("crash_on=SKF_EnumDev\ncrash_how=abort\n")
+        .unwrap();
+    let listed = rig.client.call_ok("tokens.list", json!({})).await.unwrap();
+    assert!(!has_key(&listed["tokens"]));
+    rig.store.set_fault("").unwrap();
+    key_goes_and_comes_back(&mut rig.client).await;
+    // The daemon writes its file within half a second of a change: read until the restart
+    // shows, a bounded number of doctor runs.
+    let until = Instant::now() + DEADLINE;
+    let row = loop {
+        let out = rig.agent.keyport(&["doctor"]).unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let section: Vec<&str> = stdout
+            .lines()
+            .skip_while(|l| !l.starts_with("The running daemon's hosts"))
+            .collect();
+        assert!(
+            section
+                .first()
+                .is_some_and(|h| h.contains(&format!("daemon pid {agent_pid};"))),
+            "{stdout}"
+        );
+        let row = section
+            .iter()
+            .find(|l| l.contains("SKF library") && l.contains("libsoftskf.so"))
+            .map(|l| (*l).to_owned());
+        if let Some(row) = row.filter(|r| r.contains("restarts 1")) {
+            break row;
+        }
+        assert!(Instant::now() < until, "no restart shown:\n{stdout}");
+    };
+    assert!(
+        row.contains("last failure: killed by signal 6 (SIGABRT)"),
+        "{row}"
+    );
+    let pid: u32 = row
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("a pid in {row}"));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap();
+    assert_eq!(
+        ppid,
+        agent_pid.to_string(),
+        "the host is the daemon's child"
+    );
+}
