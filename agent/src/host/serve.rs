@@ -88,8 +88,11 @@ where
 /// [`FromHost::Started`], so the agent's view of the job running is about the others only.
 pub struct SideJobs<J, A> {
     pub is_side: fn(&J) -> bool,
-    pub handle: Box<dyn FnMut(J, &JobContext<A>) -> A + Send>,
+    pub handle: SideHandler<J, A>,
 }
+
+/// What answers a side job.
+pub type SideHandler<J, A> = Box<dyn FnMut(J, &JobContext<A>) -> A + Send>;
 
 impl<J, A> std::fmt::Debug for SideJobs<J, A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

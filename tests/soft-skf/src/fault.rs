@@ -152,6 +152,7 @@ fn crash(how: CrashHow) -> ! {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests panic on purpose
 mod tests {
     use super::*;
 
