@@ -181,10 +181,23 @@ impl Service {
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
-        self.tokens
-            .certificate_async(&id)
-            .await
-            .map_err(Failure::Token)
+        let mark = self.tokens.card_mark();
+        match self.tokens.certificate_async(&id).await {
+            // A module host that failed while a card was pulled (a module that deadlocked on
+            // the removal): the page learns the token is gone, if it is.
+            Err(e @ TokenError::ModuleHost(_)) => {
+                let (tokens, token) = (self.tokens.clone(), id.token_id());
+                if blocking(move || tokens.token_was_pulled(mark, &token))
+                    .await
+                    .unwrap_or(false)
+                {
+                    tracing::info!(error = %e, "the card was removed while its module host failed");
+                    return Err(Failure::Token(TokenError::TokenNotPresent));
+                }
+                Err(Failure::Token(e))
+            }
+            other => other.map_err(Failure::Token),
+        }
     }
 
     /// The token's label for a dialog: as the last listing saw it, else from a listing now.

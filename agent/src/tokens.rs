@@ -389,11 +389,36 @@ impl TokenSet {
     /// of a command fails that command before pcscd notices (it polls some readers every
     /// 400 ms), so this waits, at most [`CARD_REMOVAL_GRACE`], for the watcher to see a card
     /// leave its reader, then asks the module whether the token is still there. Blocking.
+    ///
+    /// After a module host failed (a card pulled can deadlock a module: OpenSC 0.23), the
+    /// module is asked through a new host, once its restart backoff has passed (at most
+    /// [`CARD_REMOVAL_GRACE`] more): a card did leave its reader, so the token's going is
+    /// what the pages learn either way.
     pub fn card_was_pulled(&self, mark: CardMark, module: &Backend, token: &TokenId) -> bool {
-        self.wait_card_removal(mark, CARD_REMOVAL_GRACE)
-            && module
-                .tokens()
-                .is_ok_and(|list| list.iter().all(|t| &t.id != token))
+        if !self.wait_card_removal(mark, CARD_REMOVAL_GRACE) {
+            return false;
+        }
+        let until = std::time::Instant::now() + CARD_REMOVAL_GRACE;
+        loop {
+            match module.tokens() {
+                Ok(list) => return list.iter().all(|t| &t.id != token),
+                Err(TokenError::ModuleHost(_)) if std::time::Instant::now() < until => {
+                    // Restarting: the supervisor's first backoff is 100 ms.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// [`Self::card_was_pulled`] when the module is not known (a certificate lookup failed):
+    /// true when a card left its reader after `mark` and no module lists `token` any more.
+    pub fn token_was_pulled(&self, mark: CardMark, token: &TokenId) -> bool {
+        let modules = self.modules();
+        !modules.is_empty()
+            && modules
+                .iter()
+                .all(|m| self.card_was_pulled(mark, &m.module, token))
     }
 
     /// Every present token of every module. A module that fails to answer is skipped (and

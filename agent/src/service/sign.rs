@@ -421,8 +421,11 @@ impl Service {
             _ => answered.store(true, Ordering::SeqCst),
         }
         if let Err(failure) = &mut result {
-            // A device error may be a card pulled in the middle of a command.
-            if failure.error.failed_function().is_some() {
+            // A device error may be a card pulled in the middle of a command; so may a module
+            // host that failed (a module that deadlocked on the removal).
+            if failure.error.failed_function().is_some()
+                || matches!(failure.error, TokenError::ModuleHost(_))
+            {
                 let (tokens, m, t) = (self.tokens.clone(), module.clone(), token_id.clone());
                 if blocking(move || tokens.card_was_pulled(card_mark, &m, &t))
                     .await
