@@ -2,8 +2,8 @@
 //! one module and answers [`pkcs11_shim::remote::Job`]s, and the agent's [`Transport`] over a
 //! [`Supervisor`], which makes a hosted [`Module`] with the in-process module's API.
 //!
-//! An SKF library would get its own job set beside this one (`skf_shim` jobs, its own
-//! `--skf PATH` host mode); the frames, the supervisor and the sandbox are shared.
+//! SKF libraries have their own job set beside this one ([`super::skf`], `--skf PATH`); the
+//! frames, the supervisor and the sandbox are shared.
 
 use std::ffi::OsString;
 use std::path::Path;
