@@ -218,6 +218,55 @@ where
     Ok(())
 }
 
+/// One thread for the host's life that sends a job's progress to the agent (as interim
+/// answers made by `wrap`) while the job runs on the job thread; a thread per job cost
+/// ≈ 0.5 ms per signature in a debug build.
+pub struct InterimForwarder<P, A> {
+    jobs: mpsc::Sender<ForwardJob<P, A>>,
+}
+
+type ForwardJob<P, A> = (mpsc::Receiver<P>, JobContext<A>, mpsc::Sender<()>);
+
+impl<P, A> std::fmt::Debug for InterimForwarder<P, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterimForwarder").finish_non_exhaustive()
+    }
+}
+
+impl<P: Send + 'static, A: Serialize + Send + 'static> InterimForwarder<P, A> {
+    pub fn start(wrap: fn(P) -> A) -> std::io::Result<InterimForwarder<P, A>> {
+        let (jobs, queue) = mpsc::channel::<ForwardJob<P, A>>();
+        std::thread::Builder::new()
+            .name("host-progress".into())
+            .spawn(move || {
+                for (progress, ctx, done) in queue {
+                    // Ends when the job's sender is dropped (the job ended).
+                    for p in progress {
+                        if let Err(e) = ctx.interim(wrap(p)) {
+                            tracing::debug!(error = %e, "a progress message did not reach the agent");
+                        }
+                    }
+                    let _ = done.send(());
+                }
+            })?;
+        Ok(InterimForwarder { jobs })
+    }
+
+    /// A sender for one job's progress, and a receiver told once all of it went out (wait
+    /// for it before answering, so that every progress message precedes the answer).
+    pub fn forward(&self, ctx: JobContext<A>) -> (mpsc::Sender<P>, mpsc::Receiver<()>) {
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        if self.jobs.send((rx, ctx, done_tx)).is_err() {
+            // The forwarder is gone: progress is dropped, the answer is not held up.
+            let (gone_tx, gone) = mpsc::channel();
+            let _ = gone_tx.send(());
+            return (mpsc::channel().0, gone);
+        }
+        (tx, done)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

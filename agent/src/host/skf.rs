@@ -9,13 +9,13 @@
 use std::ffi::OsString;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use skf_shim::remote::{HostState, Job, Reply, Transport, TransportError};
 use skf_shim::{Library, LoadOptions};
 
-use super::serve::{serve_with_side, socket_from_stdin, JobContext, SideJobs};
+use super::serve::{serve_with_side, socket_from_stdin, InterimForwarder, JobContext, SideJobs};
 use super::supervisor::{HostCommand, HostError, OnExit, Supervisor};
 
 /// The supervisor of one SKF library's hosts.
@@ -53,6 +53,13 @@ pub fn run_host(path: &Path) -> i32 {
             side_state.run(job, None, Arc::new(AtomicBool::new(false)))
         }),
     };
+    let progress = match InterimForwarder::start(Reply::Progress) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "the SKF library host could not start a thread");
+            return 2;
+        }
+    };
     let served = serve_with_side(
         socket,
         move |job: Job, ctx: &JobContext<Reply>| {
@@ -60,19 +67,11 @@ pub fn run_host(path: &Path) -> i32 {
                 return state.run(job, None, ctx.cancel_flag());
             }
             // Each signature's progress goes out as it is made (it re-arms the agent's
-            // deadline); the forwarder ends when the job drops its sender.
-            std::thread::scope(|s| {
-                let (tx, rx) = mpsc::channel::<usize>();
-                let forwarder = ctx.clone();
-                s.spawn(move || {
-                    for n in rx {
-                        if let Err(e) = forwarder.interim(Reply::Progress(n)) {
-                            tracing::debug!(error = %e, "a progress message did not reach the agent");
-                        }
-                    }
-                });
-                state.run(job, Some(tx), ctx.cancel_flag())
-            })
+            // deadline), all of it before the answer.
+            let (tx, done) = progress.forward(ctx.clone());
+            let reply = state.run(job, Some(tx), ctx.cancel_flag());
+            let _ = done.recv();
+            reply
         },
         side,
     );
