@@ -522,4 +522,12 @@ async fn doctor_shows_the_running_daemons_hosts_with_restarts_and_last_failure()
         agent_pid.to_string(),
         "the host is the daemon's child"
     );
+    // Once the daemon stopped, its file is gone: doctor says no daemon runs.
+    rig.agent.stop().unwrap();
+    let out = rig.agent.keyport(&["doctor"]).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("The running daemon's hosts: no daemon with this configuration is running"),
+        "{stdout}"
+    );
 }
