@@ -425,7 +425,7 @@ fn skf_sign(
     })
 }
 
-fn pin_status(st: skf_shim::PinStatus) -> PinStatus {
+pub(crate) fn pin_status(st: skf_shim::PinStatus) -> PinStatus {
     PinStatus {
         initialized: true,
         count_low: st.count_low,

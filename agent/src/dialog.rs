@@ -413,6 +413,7 @@ impl Texts {
         &self,
         origin: &str,
         token_label: &str,
+        container: Option<&str>,
         algorithm: &str,
         subject: &str,
         unlock: Unlock,
@@ -430,7 +431,7 @@ impl Texts {
                 "Create key",
             )
         };
-        let lines = vec![
+        let mut lines = vec![
             header,
             String::new(),
             format!(
@@ -445,7 +446,19 @@ impl Texts {
             ),
             self.token_line(token_label),
         ];
+        lines.extend(self.container_line(container));
         self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// "Container: «name»" for an SKF key's container (GM/T 0016), when there is one.
+    fn container_line(&self, container: Option<&str>) -> Option<String> {
+        container.map(|name| {
+            format!(
+                "{}{}",
+                self.pick("Container: ", "容器："),
+                quote(name, LABEL_CHARS)
+            )
+        })
     }
 
     /// The PIN for the first signature of a key just made that asks for its PIN at every
@@ -495,6 +508,7 @@ impl Texts {
         &self,
         origin: &str,
         token_label: &str,
+        container: Option<&str>,
         subject: &str,
         issuer: &str,
         replaces: bool,
@@ -528,6 +542,7 @@ impl Texts {
             ),
             self.token_line(token_label),
         ];
+        lines.extend(self.container_line(container));
         if replaces {
             lines.push(
                 self.pick(
@@ -1259,6 +1274,7 @@ mod tests {
         let en = confirm(Texts::new(Language::En).generate_key(
             ORIGIN,
             "SoftHSM token",
+            None,
             "EC-P256",
             "CN=Jane Doe,O=Example",
             Unlock::LoggedIn,
@@ -1274,6 +1290,7 @@ mod tests {
         let zh = pin(Texts::new(Language::ZhCn).import_certificate(
             ORIGIN,
             "SoftHSM token",
+            None,
             "CN=Jane Doe",
             "CN=KeyPort Test CA",
             true,
@@ -1292,6 +1309,7 @@ mod tests {
         let zh = confirm(Texts::new(Language::ZhCn).generate_key(
             ORIGIN,
             "SoftHSM token",
+            None,
             "EC-P256",
             "CN=张伟,C=CN",
             Unlock::LoggedIn,
@@ -1335,6 +1353,7 @@ mod tests {
         let zh = confirm(cli.generate_key(
             &cli.command_line_program("keys generate"),
             "SoftHSM token",
+            None,
             "EC-P256",
             "CN=张伟,C=CN",
             Unlock::LoggedIn,
@@ -1342,6 +1361,29 @@ mod tests {
         assert_has(
             &zh.description,
             &["命令行程序 keyport keys generate 请求在您的 USB Key 中生成新的密钥对。"],
+        );
+        // An SKF key's container is named in both languages.
+        let zh = pin(Texts::new(Language::ZhCn).generate_key(
+            ORIGIN,
+            "KeyPort SM2 Key",
+            Some("张伟 2026"),
+            "SM2",
+            "CN=张伟,C=CN",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(&zh.description, &["密钥类型：“SM2”", "容器：“张伟 2026”"]);
+        let en = pin(Texts::new(Language::En).import_certificate(
+            ORIGIN,
+            "KeyPort SM2 Key",
+            Some("KeyPort-20261202-120000-abcd"),
+            "CN=Zhang Wei",
+            "CN=SM2 Test CA",
+            false,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &en.description,
+            &["Container: «KeyPort-20261202-120000-abcd»"],
         );
     }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use agent::config::{Config, Paths};
 use agent::daemon::{self, RunOptions};
 use agent::dialog::{Language, Texts};
+use agent::enroll::NewKeyType;
 use agent::local::{self, GenerateKeyRequest, SignFileRequest};
 use agent::origins::OriginStore;
 use agent::tokens::TokenSet;
@@ -167,6 +168,9 @@ enum KeyAlgorithmArg {
     Rsa3072,
     #[value(name = "Ed25519")]
     Ed25519,
+    /// SM2, on SKF keys.
+    #[value(name = "SM2")]
+    Sm2,
 }
 
 #[derive(Debug, Subcommand)]
@@ -420,16 +424,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tokens.report_failures();
             let pinentry = local_pinentry(&config)?;
             let texts = Texts::new(Language::from_config(config.language.as_deref()));
-            let spec = match algorithm {
-                KeyAlgorithmArg::EcP256 => KeySpec::EcP256,
-                KeyAlgorithmArg::EcP384 => KeySpec::EcP384,
-                KeyAlgorithmArg::Rsa2048 => KeySpec::Rsa { bits: 2048 },
-                KeyAlgorithmArg::Rsa3072 => KeySpec::Rsa { bits: 3072 },
-                KeyAlgorithmArg::Ed25519 => KeySpec::Ed25519,
+            let key_type = match algorithm {
+                KeyAlgorithmArg::EcP256 => NewKeyType::Pkcs11(KeySpec::EcP256),
+                KeyAlgorithmArg::EcP384 => NewKeyType::Pkcs11(KeySpec::EcP384),
+                KeyAlgorithmArg::Rsa2048 => NewKeyType::Pkcs11(KeySpec::Rsa { bits: 2048 }),
+                KeyAlgorithmArg::Rsa3072 => NewKeyType::Pkcs11(KeySpec::Rsa { bits: 3072 }),
+                KeyAlgorithmArg::Ed25519 => NewKeyType::Pkcs11(KeySpec::Ed25519),
+                KeyAlgorithmArg::Sm2 => NewKeyType::Sm2,
             };
             let req = GenerateKeyRequest {
                 token: &token,
-                spec,
+                key_type,
                 label: label.as_deref(),
                 subject: &subject,
                 always_authenticate,
@@ -439,7 +444,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out!(
                 "generated a {} key on the token: {}\nwrote its certificate request to {} ({}); \
                  import the issued certificate with `keyport certs import --token {token} --in FILE`",
-                spec.wire_name(),
+                key_type.wire_name(),
                 key.key_id,
                 output.display(),
                 if key.pem { "PEM" } else { "DER" }

@@ -683,6 +683,9 @@ pub enum GenerateAlgorithm {
     Rsa3072,
     /// Where the token offers Ed25519 key generation.
     Ed25519,
+    /// SM2 (GM/T 0003), on SKF keys.
+    #[serde(rename = "SM2")]
+    Sm2,
 }
 
 /// `keys.generate` params.
