@@ -200,6 +200,8 @@ export class KeyPort {
   /**
    * `keys.generate` → `{keyId, csr, csrBase64}`: a key pair made on the token and its PKCS#10
    * request (DER), signed by the new key. `keyId` is the `certificateId` its certificate gets.
+   * `algorithm` 'SM2' makes an SM2 key in an SKF key's container named `label` (SM3withSM2
+   * request, default user ID); the other types are for PKCS#11 tokens.
    */
   generateKey({ tokenId, algorithm, label, subject, alwaysAuthenticate, signal, timeoutMs } = {}) {
     return this.#call(
