@@ -68,6 +68,10 @@ pub enum Error {
         /// The certificate the key has.
         existing: CertificateId,
     },
+    /// A key's only certificate, which KeyPort does not delete (the key would be listed no
+    /// more).
+    #[error("certificate {0} is its key's only certificate; it is not deleted")]
+    OnlyCertificate(CertificateId),
     /// Neither the token nor the shim can do what was asked with this key.
     #[error("mechanism not supported: {algorithm} with a {key} key")]
     MechanismNotSupported {

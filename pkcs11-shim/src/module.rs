@@ -28,8 +28,8 @@ use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
 use crate::keygen::{
-    DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported,
-    KeySignRequest, KeySpec,
+    DeleteCertificateRequest, DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey,
+    ImportRequest, Imported, KeySignRequest, KeySpec, Removed,
 };
 use crate::pin::Credential;
 use crate::remote::{self, Job, Transport, TransportError};
@@ -574,6 +574,23 @@ impl Module {
         self.call(|reply| Request::DeleteKey { job, reply })
     }
 
+    /// Deletes one certificate of a key that has another (the old one after a renewal for the
+    /// same key), logging in with `credential`. [`Error::OnlyCertificate`] for a key's last
+    /// certificate: neither it nor the key is deleted.
+    pub fn delete_certificate(
+        &self,
+        req: DeleteCertificateRequest,
+        credential: Credential,
+    ) -> Result<Removed, Error> {
+        if let Some(h) = self.host() {
+            let deadline = self.host_deadline(h, &credential);
+            let job = Job::DeleteCertificate { req, credential };
+            return on_host!(h, deadline, job, remote::Reply::CertificateDeleted);
+        }
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::DeleteCertificate { job, reply })
+    }
+
     /// Sends a request and waits, at most the call timeout, for its answer.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
         let deadline = Instant::now() + self.inner.call_timeout;
@@ -855,6 +872,10 @@ pub(crate) enum Request {
         job: EnrolJob<DeleteKeyRequest>,
         reply: Reply<()>,
     },
+    DeleteCertificate {
+        job: EnrolJob<DeleteCertificateRequest>,
+        reply: Reply<Removed>,
+    },
     CheckGeneration {
         token: TokenId,
         spec: KeySpec,
@@ -876,6 +897,7 @@ impl Request {
             Request::KeySign { .. } => "sign_with_key",
             Request::Import { .. } => "import_certificate",
             Request::DeleteKey { .. } => "delete_new_key",
+            Request::DeleteCertificate { .. } => "delete_certificate",
             Request::CheckGeneration { .. } => "check_generation",
         }
     }
