@@ -190,6 +190,17 @@ pub struct PinState {
     pub final_try: bool,
 }
 
+/// What an import does to the certificate the key has now, for its dialog to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCertificate {
+    /// The key has none (or the same one).
+    None,
+    /// A renewal for the same key: the new one is stored beside it, both are listed.
+    KeptBeside,
+    /// A renewal with `replace`: the present one is deleted.
+    Replaced,
+}
+
 /// The dialog texts in one language.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Texts {
@@ -502,8 +513,8 @@ impl Texts {
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
-    /// Consent to store a certificate beside its key (`certificates.import`); `replaces`: the
-    /// key's present certificate is replaced (a renewal for the same key).
+    /// Consent to store a certificate beside its key (`certificates.import`); `old`: what
+    /// becomes of the certificate the key has now (a renewal for the same key).
     pub fn import_certificate(
         &self,
         origin: &str,
@@ -511,7 +522,7 @@ impl Texts {
         container: Option<&str>,
         subject: &str,
         issuer: &str,
-        replaces: bool,
+        old: KeyCertificate,
         unlock: Unlock,
     ) -> Dialog {
         let (title, header, ok) = if self.zh() {
@@ -543,15 +554,91 @@ impl Texts {
             self.token_line(token_label),
         ];
         lines.extend(self.container_line(container));
-        if replaces {
-            lines.push(
+        match old {
+            KeyCertificate::None => {}
+            KeyCertificate::KeptBeside => lines.push(
+                self.pick(
+                    "This key has a certificate already: it stays, and both are listed until \
+                     you remove the old one (keyport certs remove).",
+                    "该密钥已有证书：现有证书保留，两张证书都会列出，直到您删除旧证书\
+                     （keyport certs remove）。",
+                )
+                .to_owned(),
+            ),
+            KeyCertificate::Replaced => lines.push(
                 self.pick(
                     "The certificate this key has now is replaced.",
                     "该密钥现有的证书将被替换。",
                 )
                 .to_owned(),
-            );
+            ),
         }
+        self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// Consent to remove one of a key's certificates (`keyport certs remove`: the old one after
+    /// a renewal for the same key); `kept_until`: the notAfter of the certificate the key keeps.
+    #[allow(clippy::too_many_arguments)] // one dialog, every fact it shows
+    pub fn remove_certificate(
+        &self,
+        origin: &str,
+        token_label: &str,
+        subject: &str,
+        issuer: &str,
+        valid_until: &str,
+        serial: &str,
+        kept_until: &str,
+        unlock: Unlock,
+    ) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：删除证书",
+                format!("{} 请求从您的 USB Key 中删除一张证书。", asker_zh(origin)),
+                "删除证书(_D)",
+            )
+        } else {
+            (
+                "KeyPort: remove a certificate",
+                format!("{origin} asks to remove a certificate from your token."),
+                "Remove certificate",
+            )
+        };
+        let lines = vec![
+            header,
+            String::new(),
+            format!(
+                "{}{}",
+                self.pick("Certificate: ", "证书："),
+                quote(subject, SUBJECT_CHARS)
+            ),
+            format!(
+                "{}{}",
+                self.pick("Issued by: ", "颁发者："),
+                quote(issuer, NAME_CHARS)
+            ),
+            format!(
+                "{}{}",
+                self.pick("Valid until: ", "有效期至："),
+                quote(valid_until, LABEL_CHARS)
+            ),
+            format!(
+                "{}{}",
+                self.pick("Serial number: ", "序列号："),
+                quote(serial, LABEL_CHARS)
+            ),
+            self.token_line(token_label),
+            if self.zh() {
+                format!(
+                    "该密钥保留有效期至 {} 的证书；密钥本身不会被删除。",
+                    quote(kept_until, LABEL_CHARS)
+                )
+            } else {
+                format!(
+                    "The key keeps its certificate valid until {}; the key itself is not removed.",
+                    quote(kept_until, LABEL_CHARS)
+                )
+            },
+        ];
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
@@ -1293,7 +1380,7 @@ mod tests {
             None,
             "CN=Jane Doe",
             "CN=KeyPort Test CA",
-            true,
+            KeyCertificate::Replaced,
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
@@ -1378,12 +1465,60 @@ mod tests {
             Some("KeyPort-20261202-120000-abcd"),
             "CN=Zhang Wei",
             "CN=SM2 Test CA",
-            false,
+            KeyCertificate::KeptBeside,
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
             &en.description,
+            &["it stays, and both are listed until you remove the old one"],
+        );
+        assert_has(
+            &en.description,
             &["Container: «KeyPort-20261202-120000-abcd»"],
+        );
+    }
+
+    #[test]
+    fn certificate_removal_texts() {
+        let en = pin(Texts::new(Language::En).remove_certificate(
+            ORIGIN,
+            "SoftHSM token",
+            "CN=Jane Doe",
+            "CN=KeyPort Test CA",
+            "2026-12-31",
+            "07",
+            "2027-12-31",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_eq!(en.title, "KeyPort: remove a certificate");
+        assert_has(
+            &en.description,
+            &[
+                "https://portal.example asks to remove a certificate from your token.",
+                "Valid until: «2026-12-31»",
+                "Serial number: «07»",
+                "The key keeps its certificate valid until «2027-12-31»; the key itself is not removed.",
+            ],
+        );
+        let zh = pin(Texts::new(Language::ZhCn).remove_certificate(
+            ORIGIN,
+            "SoftHSM token",
+            "CN=张伟",
+            "CN=KeyPort Test CA",
+            "2026-12-31",
+            "07",
+            "2027-12-31",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_eq!(zh.title, "KeyPort：删除证书");
+        assert_eq!(zh.ok, "删除证书(_D)");
+        assert_has(
+            &zh.description,
+            &[
+                "网站 https://portal.example 请求从您的 USB Key 中删除一张证书。",
+                "有效期至：“2026-12-31”",
+                "该密钥保留有效期至 “2027-12-31” 的证书；密钥本身不会被删除。",
+            ],
         );
     }
 

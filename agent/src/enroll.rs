@@ -143,6 +143,16 @@ pub struct RequestToSign {
     info: Vec<u8>,
 }
 
+/// Whether the certificate `listed_der` certifies the same public key as `cert` (a renewal for
+/// the same key). A listed certificate that does not parse certifies nothing.
+pub fn same_key(listed_der: &[u8], cert: &x509_cert::Certificate) -> bool {
+    let spki = |c: &x509_cert::Certificate| c.tbs_certificate().subject_public_key_info().to_der();
+    match (x509_cert::Certificate::from_der(listed_der), spki(cert)) {
+        (Ok(listed), Ok(new)) => spki(&listed).is_ok_and(|old| old == new),
+        _ => false,
+    }
+}
+
 /// Checks that `subject` is a distinguished name a request can carry, before anything is asked
 /// of the user or the token.
 pub fn check_subject(subject: &str) -> Result<(), EnrollError> {

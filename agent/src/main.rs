@@ -184,9 +184,21 @@ enum CertsAction {
         /// The certificate file.
         #[arg(long = "in", value_name = "FILE")]
         input: PathBuf,
-        /// Replace the certificate the key has now (a renewal for the same key).
+        /// Replace the certificate the key has now (a renewal for the same key); without it
+        /// a renewal is stored beside the old certificate and both are listed.
         #[arg(long)]
         replace: bool,
+    },
+    /// Removes one certificate of a key that has another one (the old one after a renewal for
+    /// the same key). The key and its other certificate stay. Consent and PIN are asked through
+    /// pinentry.
+    Remove {
+        /// The token id, as `keyport tokens` shows it.
+        #[arg(long, value_name = "ID")]
+        token: String,
+        /// The certificate id, as `keyport certs` shows it.
+        #[arg(long, value_name = "ID")]
+        certificate: String,
     },
 }
 
@@ -405,6 +417,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "stored {} on the token: certificate {}",
                 imported.subject,
                 imported.certificate_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            action: Some(CertsAction::Remove { token, certificate }),
+            ..
+        } => {
+            let mut audit = daemon::open_audit(&config, &paths)?;
+            let tokens = TokenSet::load(&config);
+            tokens.report_failures();
+            let pinentry = local_pinentry(&config)?;
+            let texts = Texts::new(Language::from_config(config.language.as_deref()));
+            let removed = local::remove_certificate(
+                &tokens,
+                &pinentry,
+                texts,
+                &mut audit,
+                &token,
+                &certificate,
+            )?;
+            out!(
+                "removed certificate {} ({}) from the token; the key's certificate is {}",
+                removed.certificate_id,
+                removed.subject,
+                removed.kept_id
             );
             Ok(ExitCode::SUCCESS)
         }

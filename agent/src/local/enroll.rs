@@ -18,7 +18,7 @@ use super::{PendingOutput, SignFileError, LOCAL_ORIGIN};
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::backend::{self, Backend, TokenError};
 use crate::consent::{self, credential as credential_from, first_question, DialogBuilder, Next};
-use crate::dialog::{Texts, Unlock};
+use crate::dialog::{KeyCertificate, Texts, Unlock};
 use crate::enroll::{self, NewKeyType};
 use crate::pinentry::{DialogCancel, Pinentry};
 use crate::service::{common_name, generation_failure, Failure};
@@ -228,16 +228,20 @@ pub fn import_certificate(
         token.label.clone(),
     );
     let (shown, issuer) = (subject.clone(), common_name(&tbs.issuer().to_string()));
+    // A renewal for the same key: the dialog says what becomes of the present certificate.
+    let renewal = token
+        .module
+        .certificates(Some(&token.id))
+        .map_err(|e| SignFileError::Failure(Failure::Token(e.into())))?
+        .iter()
+        .any(|c| c.der != der && enroll::same_key(&c.der, &cert));
+    let old = match (renewal, replace) {
+        (false, _) => KeyCertificate::None,
+        (true, false) => KeyCertificate::KeptBeside,
+        (true, true) => KeyCertificate::Replaced,
+    };
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-        texts.import_certificate(
-            &origin,
-            &token_label,
-            None,
-            &shown,
-            &issuer,
-            replace,
-            unlock,
-        )
+        texts.import_certificate(&origin, &token_label, None, &shown, &issuer, old, unlock)
     });
     let request = ImportRequest {
         token: token.id.clone(),
@@ -367,4 +371,122 @@ fn with_dialogs<T>(
             },
         }
     }
+}
+
+/// What `keyport certs remove` removed.
+#[derive(Debug, Clone)]
+pub struct RemovedCertificate {
+    /// The id it was listed under.
+    pub certificate_id: String,
+    pub subject: String,
+    /// The id of the key's certificate that stays.
+    pub kept_id: String,
+}
+
+/// Removes one certificate of a key that has another one (the old one after a renewal for the
+/// same key), after the user's consent and PIN. A key's last certificate is refused before any
+/// dialog, and the key itself is never touched. PKCS#11 tokens only: an SKF container holds one
+/// signing certificate (`keyport certs import --replace` replaces it).
+pub fn remove_certificate(
+    tokens: &TokenSet,
+    pinentry: &Pinentry,
+    texts: Texts,
+    audit: &mut AuditLog,
+    token: &str,
+    certificate: &str,
+) -> Result<RemovedCertificate, SignFileError> {
+    let asked: backend::CertificateId = certificate.parse().map_err(|_| {
+        SignFileError::Usage(format!(
+            "{certificate:?} is not a certificate id (see `keyport certs`)"
+        ))
+    })?;
+    if asked.token_id().as_str() != token {
+        return Err(SignFileError::Usage(format!(
+            "certificate {certificate} is not on token {token}"
+        )));
+    }
+    let token = match find_token(tokens, token)? {
+        Enrolment::Pkcs11(token) => token,
+        Enrolment::Skf(_) => {
+            return Err(SignFileError::Usage(
+                "an SKF key's container holds one signing certificate: replace it with \
+                 `keyport certs import --replace`"
+                    .into(),
+            ))
+        }
+    };
+    let backend::CertificateId::Pkcs11(id) = asked else {
+        return Err(SignFileError::Usage(format!(
+            "certificate {certificate} is not on token {}",
+            token.id
+        )));
+    };
+    let listed = token
+        .module
+        .certificates(Some(&token.id))
+        .map_err(|e| SignFileError::Failure(Failure::Token(e.into())))?;
+    let gone = listed
+        .iter()
+        .find(|c| id.names(&c.id, &c.der))
+        .ok_or_else(|| {
+            SignFileError::Failure(Failure::Token(TokenError::CertificateNotFound(
+                backend::CertificateId::Pkcs11(id.clone()),
+            )))
+        })?
+        .clone();
+    // The key keeps a certificate: the one it has beside this one.
+    let kept = listed
+        .iter()
+        .find(|c| c.id.cka_id().is_some() && c.id.key() == gone.id.key() && c.der != gone.der)
+        .ok_or_else(|| {
+            SignFileError::Failure(Failure::Token(
+                pkcs11_shim::Error::OnlyCertificate(gone.id.clone()).into(),
+            ))
+        })?;
+    let (origin, token_label) = (
+        texts.command_line_program("certs remove"),
+        token.label.clone(),
+    );
+    let (subject, issuer) = (gone.subject.clone(), common_name(&gone.issuer));
+    let (until, serial, kept_until) = (
+        gone.not_after.date().to_string(),
+        gone.serial_hex.clone(),
+        kept.not_after.date().to_string(),
+    );
+    let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+        texts.remove_certificate(
+            &origin,
+            &token_label,
+            &subject,
+            &issuer,
+            &until,
+            &serial,
+            &kept_until,
+            unlock,
+        )
+    });
+    let request = pkcs11_shim::DeleteCertificateRequest {
+        certificate: gone.id.clone(),
+        logout_after: true,
+    };
+    let result = first_dialog(&token).and_then(|first| {
+        with_dialogs(pinentry, texts, &build, first, |credential| {
+            Ok(token
+                .module
+                .delete_certificate(request.clone(), credential.into_pkcs11())?)
+        })
+    });
+    let record = AuditRecord::new(LOCAL_ORIGIN, Operation::CertificatesRemove)
+        .certificate(gone.subject.clone(), &gone.der)
+        .outcome(match &result {
+            Ok(_) => Outcome::Granted,
+            Err(f) => f.outcome(),
+        });
+    audit.append(&record).map_err(SignFileError::Audit)?;
+    let removed = result.map_err(SignFileError::Failure)?;
+    Ok(RemovedCertificate {
+        certificate_id: removed.certificate.to_string(),
+        subject: gone.subject,
+        kept_id: removed.kept.to_string(),
+    })
 }

@@ -30,7 +30,7 @@ use crate::backend::{self, Backend, TokenError};
 use crate::consent::{
     self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
 };
-use crate::dialog::Unlock;
+use crate::dialog::{KeyCertificate, Unlock};
 use crate::enroll::{self, NewKeyType};
 
 use super::{blocking, common_name, Failure, Service};
@@ -255,13 +255,27 @@ impl Service {
         };
         let replace = p.replace.unwrap_or(false);
         let logout_after = self.config.pin_cache_seconds == 0;
+        // A renewal for the same key: the dialog says what becomes of the present certificate.
+        let listed = token
+            .module
+            .certificates_async(Some(&token.id))
+            .await
+            .map_err(|e| Failure::Token(e.into()))?;
+        let renewal = listed
+            .iter()
+            .any(|c| c.der != p.certificate.0 && enroll::same_key(&c.der, cert));
+        let old = match (renewal, replace) {
+            (false, _) => KeyCertificate::None,
+            (true, false) => KeyCertificate::KeptBeside,
+            (true, true) => KeyCertificate::Replaced,
+        };
         let tbs = cert.tbs_certificate();
         let origin = ctx.origin.as_str().to_owned();
         let label = token.label.clone();
         let subject = tbs.subject().to_string();
         let issuer = common_name(&tbs.issuer().to_string());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-            texts.import_certificate(&origin, &label, None, &subject, &issuer, replace, unlock)
+            texts.import_certificate(&origin, &label, None, &subject, &issuer, old, unlock)
         });
         let request = ImportRequest {
             token: token.id.clone(),

@@ -95,6 +95,12 @@ impl Failure {
                      replace it"
                     ))
                 }
+                E::Pkcs11(pkcs11_shim::Error::OnlyCertificate(id)) => {
+                    RpcError::invalid_params(format!(
+                        "{id} is its key's only certificate; KeyPort removes only a certificate \
+                         the key has another one beside"
+                    ))
+                }
                 E::Skf(skf_shim::Error::CertificateSlotTaken { container, .. }) => {
                     RpcError::invalid_params(format!(
                         "this key already has a certificate ({}); send \"replace\": true to \

@@ -11,7 +11,9 @@ use crate::backend::{self, LoginState, TokenError};
 use crate::consent::{first_question, DialogBuilder};
 use crate::dialog::{Texts, Unlock};
 use crate::pinentry::Pinentry;
-use crate::service::enroll_skf::{certificate_point, request_failure, skf_pin, sm2_request};
+use crate::service::enroll_skf::{
+    certificate_point, key_certificate, request_failure, skf_pin, sm2_request,
+};
 use crate::service::{common_name, Failure};
 
 /// An SKF key enrolment works on.
@@ -121,6 +123,11 @@ pub(super) fn import_sm2(
         .ok_or(Failure::NoMatchingKey)?;
     let app = container.application().clone();
     let first = token.first_question(&app)?;
+    let listed = token
+        .library
+        .certificates(Some(&token.id))
+        .map_err(|e| Failure::Token(e.into()))?;
+    let old = key_certificate(&listed, &container, der, replace);
     let tbs = cert.tbs_certificate();
     let (origin, label, name) = (
         texts.command_line_program("certs import"),
@@ -132,15 +139,7 @@ pub(super) fn import_sm2(
         common_name(&tbs.issuer().to_string()),
     );
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-        texts.import_certificate(
-            &origin,
-            &label,
-            Some(&name),
-            &subject,
-            &issuer,
-            replace,
-            unlock,
-        )
+        texts.import_certificate(&origin, &label, Some(&name), &subject, &issuer, old, unlock)
     });
     let mode = if replace {
         ImportMode::Replace

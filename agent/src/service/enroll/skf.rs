@@ -24,7 +24,7 @@ use skf_shim::{ApplicationId, ImportMode, NewContainer, SecretPin};
 
 use crate::backend::{self, LoginState, TokenError};
 use crate::consent::{first_question, DialogBuilder};
-use crate::dialog::Unlock;
+use crate::dialog::{KeyCertificate, Unlock};
 use crate::enroll;
 
 use super::super::{blocking, common_name, Failure, Service};
@@ -134,6 +134,22 @@ pub(crate) fn request_failure(e: TokenError) -> Failure {
     }
 }
 
+/// What an import into `container` does to its present certificate: only `replace` replaces
+/// one (a container has one signing-certificate slot).
+pub(crate) fn key_certificate(
+    listed: &[skf_shim::CertificateInfo],
+    container: &skf_shim::CertificateId,
+    der: &[u8],
+    replace: bool,
+) -> KeyCertificate {
+    let occupied = listed.iter().any(|c| &c.id == container && c.der != der);
+    if occupied && replace {
+        KeyCertificate::Replaced
+    } else {
+        KeyCertificate::None
+    }
+}
+
 /// The SM2 public key (`04 ‖ X ‖ Y`) a certificate carries, if it reads as one.
 pub(crate) fn certificate_point(cert: &x509_cert::Certificate) -> Option<Vec<u8>> {
     cert.tbs_certificate()
@@ -240,6 +256,12 @@ impl Service {
                 .ok_or(Failure::NoMatchingKey)?;
         let app = container.application().clone();
         let first = token.first_question(&app).await?;
+        // The container's present certificate, which only `replace` replaces.
+        let (library, id) = (token.library.clone(), token.id.clone());
+        let listed = blocking(move || library.certificates(Some(&id)).map_err(TokenError::from))
+            .await?
+            .map_err(Failure::Token)?;
+        let old = key_certificate(&listed, &container, &p.certificate.0, replace);
 
         let tbs = cert.tbs_certificate();
         let (origin, label, name) = (
@@ -250,15 +272,7 @@ impl Service {
         let subject = tbs.subject().to_string();
         let issuer = common_name(&tbs.issuer().to_string());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-            texts.import_certificate(
-                &origin,
-                &label,
-                Some(&name),
-                &subject,
-                &issuer,
-                replace,
-                unlock,
-            )
+            texts.import_certificate(&origin, &label, Some(&name), &subject, &issuer, old, unlock)
         });
         let mode = if replace {
             ImportMode::Replace
