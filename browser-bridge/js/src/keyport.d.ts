@@ -205,6 +205,7 @@ export declare class KeyPort {
     subject: string;
     alwaysAuthenticate?: boolean;
   } & CallOptions): Call<{ keyId: string; csr: Uint8Array; csrBase64: string }>;
+  /** A renewal for a key that has a certificate is stored beside it unless `replace`. */
   importCertificate(options: { tokenId: string; certificate: Binary; replace?: boolean } & CallOptions):
     Call<{ certificateId: string }>;
   cancel(requestId: number | string, options?: CallOptions): Call<{ cancelled: boolean }>;

@@ -212,7 +212,11 @@ export class KeyPort {
     );
   }
 
-  /** `certificates.import` → `{certificateId}`; `replace: true` renews a key's certificate. */
+  /**
+   * `certificates.import` → `{certificateId}`. A renewal for a key that has a certificate is
+   * stored beside it (both listed; the answer is the new one's own id) unless `replace: true`,
+   * which deletes the old one once the new one is stored.
+   */
   importCertificate({ tokenId, certificate, replace, signal, timeoutMs } = {}) {
     return this.#call(
       'certificates.import',
