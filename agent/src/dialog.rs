@@ -190,6 +190,19 @@ pub struct PinState {
     pub final_try: bool,
 }
 
+/// A certificate as the enrolment dialogs show it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShownCertificate<'a> {
+    /// Subject, RFC 4514.
+    pub subject: &'a str,
+    /// The issuer's name (its CN).
+    pub issuer: &'a str,
+    /// notAfter, as a date (removal only).
+    pub valid_until: Option<&'a str>,
+    /// Serial number, hex (removal only).
+    pub serial: Option<&'a str>,
+}
+
 /// What an import does to the certificate the key has now, for its dialog to say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyCertificate {
@@ -520,8 +533,7 @@ impl Texts {
         origin: &str,
         token_label: &str,
         container: Option<&str>,
-        subject: &str,
-        issuer: &str,
+        cert: ShownCertificate<'_>,
         old: KeyCertificate,
         unlock: Unlock,
     ) -> Dialog {
@@ -538,21 +550,9 @@ impl Texts {
                 "Store certificate",
             )
         };
-        let mut lines = vec![
-            header,
-            String::new(),
-            format!(
-                "{}{}",
-                self.pick("Certificate: ", "证书："),
-                quote(subject, SUBJECT_CHARS)
-            ),
-            format!(
-                "{}{}",
-                self.pick("Issued by: ", "颁发者："),
-                quote(issuer, NAME_CHARS)
-            ),
-            self.token_line(token_label),
-        ];
+        let mut lines = vec![header, String::new()];
+        lines.extend(self.certificate_lines(cert));
+        lines.push(self.token_line(token_label));
         lines.extend(self.container_line(container));
         match old {
             KeyCertificate::None => {}
@@ -578,15 +578,11 @@ impl Texts {
 
     /// Consent to remove one of a key's certificates (`keyport certs remove`: the old one after
     /// a renewal for the same key); `kept_until`: the notAfter of the certificate the key keeps.
-    #[allow(clippy::too_many_arguments)] // one dialog, every fact it shows
     pub fn remove_certificate(
         &self,
         origin: &str,
         token_label: &str,
-        subject: &str,
-        issuer: &str,
-        valid_until: &str,
-        serial: &str,
+        cert: ShownCertificate<'_>,
         kept_until: &str,
         unlock: Unlock,
     ) -> Dialog {
@@ -603,29 +599,9 @@ impl Texts {
                 "Remove certificate",
             )
         };
-        let lines = vec![
-            header,
-            String::new(),
-            format!(
-                "{}{}",
-                self.pick("Certificate: ", "证书："),
-                quote(subject, SUBJECT_CHARS)
-            ),
-            format!(
-                "{}{}",
-                self.pick("Issued by: ", "颁发者："),
-                quote(issuer, NAME_CHARS)
-            ),
-            format!(
-                "{}{}",
-                self.pick("Valid until: ", "有效期至："),
-                quote(valid_until, LABEL_CHARS)
-            ),
-            format!(
-                "{}{}",
-                self.pick("Serial number: ", "序列号："),
-                quote(serial, LABEL_CHARS)
-            ),
+        let mut lines = vec![header, String::new()];
+        lines.extend(self.certificate_lines(cert));
+        lines.extend([
             self.token_line(token_label),
             if self.zh() {
                 format!(
@@ -638,8 +614,39 @@ impl Texts {
                     quote(kept_until, LABEL_CHARS)
                 )
             },
-        ];
+        ]);
         self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// A certificate's lines: subject, issuer, and validity and serial when given.
+    fn certificate_lines(&self, cert: ShownCertificate<'_>) -> Vec<String> {
+        let mut lines = vec![
+            format!(
+                "{}{}",
+                self.pick("Certificate: ", "证书："),
+                quote(cert.subject, SUBJECT_CHARS)
+            ),
+            format!(
+                "{}{}",
+                self.pick("Issued by: ", "颁发者："),
+                quote(cert.issuer, NAME_CHARS)
+            ),
+        ];
+        if let Some(until) = cert.valid_until {
+            lines.push(format!(
+                "{}{}",
+                self.pick("Valid until: ", "有效期至："),
+                quote(until, LABEL_CHARS)
+            ));
+        }
+        if let Some(serial) = cert.serial {
+            lines.push(format!(
+                "{}{}",
+                self.pick("Serial number: ", "序列号："),
+                quote(serial, LABEL_CHARS)
+            ));
+        }
+        lines
     }
 
     /// The warning for a wrong PIN and the token's PIN state, if there is anything to say.
@@ -1378,8 +1385,11 @@ mod tests {
             ORIGIN,
             "SoftHSM token",
             None,
-            "CN=Jane Doe",
-            "CN=KeyPort Test CA",
+            ShownCertificate {
+                subject: "CN=Jane Doe",
+                issuer: "CN=KeyPort Test CA",
+                ..Default::default()
+            },
             KeyCertificate::Replaced,
             Unlock::Pin(PinState::default()),
         ));
@@ -1463,8 +1473,11 @@ mod tests {
             ORIGIN,
             "KeyPort SM2 Key",
             Some("KeyPort-20261202-120000-abcd"),
-            "CN=Zhang Wei",
-            "CN=SM2 Test CA",
+            ShownCertificate {
+                subject: "CN=Zhang Wei",
+                issuer: "CN=SM2 Test CA",
+                ..Default::default()
+            },
             KeyCertificate::KeptBeside,
             Unlock::Pin(PinState::default()),
         ));
@@ -1483,10 +1496,12 @@ mod tests {
         let en = pin(Texts::new(Language::En).remove_certificate(
             ORIGIN,
             "SoftHSM token",
-            "CN=Jane Doe",
-            "CN=KeyPort Test CA",
-            "2026-12-31",
-            "07",
+            ShownCertificate {
+                subject: "CN=Jane Doe",
+                issuer: "CN=KeyPort Test CA",
+                valid_until: Some("2026-12-31"),
+                serial: Some("07"),
+            },
             "2027-12-31",
             Unlock::Pin(PinState::default()),
         ));
@@ -1503,10 +1518,12 @@ mod tests {
         let zh = pin(Texts::new(Language::ZhCn).remove_certificate(
             ORIGIN,
             "SoftHSM token",
-            "CN=张伟",
-            "CN=KeyPort Test CA",
-            "2026-12-31",
-            "07",
+            ShownCertificate {
+                subject: "CN=张伟",
+                issuer: "CN=KeyPort Test CA",
+                valid_until: Some("2026-12-31"),
+                serial: Some("07"),
+            },
             "2027-12-31",
             Unlock::Pin(PinState::default()),
         ));

@@ -18,7 +18,7 @@ use super::{PendingOutput, SignFileError, LOCAL_ORIGIN};
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::backend::{self, Backend, TokenError};
 use crate::consent::{self, credential as credential_from, first_question, DialogBuilder, Next};
-use crate::dialog::{KeyCertificate, Texts, Unlock};
+use crate::dialog::{KeyCertificate, ShownCertificate, Texts, Unlock};
 use crate::enroll::{self, NewKeyType};
 use crate::pinentry::{DialogCancel, Pinentry};
 use crate::service::{common_name, generation_failure, Failure};
@@ -241,7 +241,12 @@ pub fn import_certificate(
         (true, true) => KeyCertificate::Replaced,
     };
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-        texts.import_certificate(&origin, &token_label, None, &shown, &issuer, old, unlock)
+        let cert = ShownCertificate {
+            subject: &shown,
+            issuer: &issuer,
+            ..Default::default()
+        };
+        texts.import_certificate(&origin, &token_label, None, cert, old, unlock)
     });
     let request = ImportRequest {
         token: token.id.clone(),
@@ -454,16 +459,13 @@ pub fn remove_certificate(
         kept.not_after.date().to_string(),
     );
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-        texts.remove_certificate(
-            &origin,
-            &token_label,
-            &subject,
-            &issuer,
-            &until,
-            &serial,
-            &kept_until,
-            unlock,
-        )
+        let cert = ShownCertificate {
+            subject: &subject,
+            issuer: &issuer,
+            valid_until: Some(&until),
+            serial: Some(&serial),
+        };
+        texts.remove_certificate(&origin, &token_label, cert, &kept_until, unlock)
     });
     let request = pkcs11_shim::DeleteCertificateRequest {
         certificate: gone.id.clone(),

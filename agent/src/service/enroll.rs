@@ -30,7 +30,7 @@ use crate::backend::{self, Backend, TokenError};
 use crate::consent::{
     self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
 };
-use crate::dialog::{KeyCertificate, Unlock};
+use crate::dialog::{KeyCertificate, ShownCertificate, Unlock};
 use crate::enroll::{self, NewKeyType};
 
 use super::{blocking, common_name, Failure, Service};
@@ -275,7 +275,12 @@ impl Service {
         let subject = tbs.subject().to_string();
         let issuer = common_name(&tbs.issuer().to_string());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-            texts.import_certificate(&origin, &label, None, &subject, &issuer, old, unlock)
+            let cert = ShownCertificate {
+                subject: &subject,
+                issuer: &issuer,
+                ..Default::default()
+            };
+            texts.import_certificate(&origin, &label, None, cert, old, unlock)
         });
         let request = ImportRequest {
             token: token.id.clone(),

@@ -9,7 +9,7 @@ use skf_shim::{ApplicationId, ImportMode, NewContainer};
 use super::{with_dialogs, GenerateKeyRequest};
 use crate::backend::{self, LoginState, TokenError};
 use crate::consent::{first_question, DialogBuilder};
-use crate::dialog::{Texts, Unlock};
+use crate::dialog::{ShownCertificate, Texts, Unlock};
 use crate::pinentry::Pinentry;
 use crate::service::enroll_skf::{
     certificate_point, key_certificate, request_failure, skf_pin, sm2_request,
@@ -139,7 +139,12 @@ pub(super) fn import_sm2(
         common_name(&tbs.issuer().to_string()),
     );
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-        texts.import_certificate(&origin, &label, Some(&name), &subject, &issuer, old, unlock)
+        let cert = ShownCertificate {
+            subject: &subject,
+            issuer: &issuer,
+            ..Default::default()
+        };
+        texts.import_certificate(&origin, &label, Some(&name), cert, old, unlock)
     });
     let mode = if replace {
         ImportMode::Replace

@@ -24,7 +24,7 @@ use skf_shim::{ApplicationId, ImportMode, NewContainer, SecretPin};
 
 use crate::backend::{self, LoginState, TokenError};
 use crate::consent::{first_question, DialogBuilder};
-use crate::dialog::{KeyCertificate, Unlock};
+use crate::dialog::{KeyCertificate, ShownCertificate, Unlock};
 use crate::enroll;
 
 use super::super::{blocking, common_name, Failure, Service};
@@ -272,7 +272,12 @@ impl Service {
         let subject = tbs.subject().to_string();
         let issuer = common_name(&tbs.issuer().to_string());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-            texts.import_certificate(&origin, &label, Some(&name), &subject, &issuer, old, unlock)
+            let cert = ShownCertificate {
+                subject: &subject,
+                issuer: &issuer,
+                ..Default::default()
+            };
+            texts.import_certificate(&origin, &label, Some(&name), cert, old, unlock)
         });
         let mode = if replace {
             ImportMode::Replace
