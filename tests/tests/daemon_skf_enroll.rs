@@ -448,6 +448,30 @@ async fn cancels_wrong_types_strangers_names_in_use_and_renewals_on_an_skf_key()
     );
     assert_eq!(rig.containers(), before);
 
+    // The key fails to generate, or to sign the request: TOKEN_ERROR naming the SKF call, and
+    // the container made for the key is gone again.
+    for (knob, function) in [
+        ("fail_keygen", "SKF_GenECCKeyPair"),
+        ("fail_sign", "SKF_ECCSignData"),
+    ] {
+        let switch = rig.store.device_dir(SKF_DEVICE).join(knob);
+        std::fs::write(&switch, b"").unwrap();
+        rig.agent.script().push(&Step::pin(SKF_USER_PIN)).unwrap();
+        let e = rig
+            .client
+            .call_err(
+                "keys.generate",
+                json!({"tokenId": skf, "algorithm": "SM2", "label": "doomed", "subject": "CN=D"}),
+                "TOKEN_ERROR",
+            )
+            .await
+            .unwrap();
+        assert_eq!(e.data["function"], function, "{e:?}");
+        assert_eq!(rig.containers(), before, "{knob}: no container left");
+        std::fs::remove_file(&switch).unwrap();
+    }
+    assert_eq!(rig.store.calls("SKF_DeleteContainer"), 2);
+
     // A label naming a container that holds a key: INVALID_PARAMS, the key untouched. A wrong
     // PIN first is asked again with the key's warning.
     rig.agent
@@ -465,9 +489,9 @@ async fn cancels_wrong_types_strangers_names_in_use_and_renewals_on_an_skf_key()
         .unwrap();
     assert!(e.message.contains("choose another label"), "{}", e.message);
     let dialogs = rig.agent.script().dialogs().unwrap();
-    assert_eq!(dialogs.len(), 3);
+    assert_eq!(dialogs.len(), 5);
     assert!(
-        dialogs[2]
+        dialogs[4]
             .error
             .as_deref()
             .is_some_and(|e| e.starts_with("Wrong PIN.")),
