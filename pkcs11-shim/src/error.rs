@@ -62,7 +62,8 @@ pub enum Error {
     /// A certificate to import matches no private key on the token (by public key).
     #[error("the certificate's public key matches no private key on the token")]
     NoMatchingKey,
-    /// The key already has a different certificate, and the import was not asked to replace it.
+    /// The key has a certificate, so it is not destroyed (the undo of a generation,
+    /// [`crate::Module::delete_new_key`]).
     #[error("the key already has a certificate ({existing})")]
     CertificateExists {
         /// The certificate the key has.

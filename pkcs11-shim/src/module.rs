@@ -525,9 +525,9 @@ impl Module {
     }
 
     /// Stores a certificate beside the private key whose public key it carries (the key's
-    /// CKA_ID and label). [`Error::NoMatchingKey`] when no key on the token matches;
-    /// [`Error::CertificateExists`] when the key has another certificate and the request does
-    /// not say [`crate::ImportMode::Replace`].
+    /// CKA_ID and label). [`Error::NoMatchingKey`] when no key on the token matches. A key
+    /// that has another certificate keeps it (both listed, see [`crate::CertificateId`]) unless
+    /// the request says [`crate::ImportMode::Replace`].
     pub fn import_certificate(
         &self,
         req: ImportRequest,
