@@ -386,6 +386,12 @@ impl Library {
         public_key: Vec<u8>,
     ) -> Result<Option<CertificateId>, Error> {
         let token = token.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::KeyContainer { token, public_key }),
+                HostReply::KeyContainer
+            );
+        }
         self.call(|reply| Request::KeyContainer {
             token,
             public_key,
@@ -398,6 +404,12 @@ impl Library {
     /// signing certificate is never deleted ([`Error::CertificateSlotTaken`]).
     pub fn delete_new_container(&self, container: &CertificateId) -> Result<(), Error> {
         let container = container.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::DeleteNewContainer { container }),
+                HostReply::ContainerDeleted
+            );
+        }
         self.call(|reply| Request::DeleteNewContainer { container, reply })
     }
 

@@ -67,6 +67,15 @@ pub enum Job {
         der: Vec<u8>,
         mode: ImportMode,
     },
+    /// [`Library::key_container`].
+    KeyContainer {
+        token: TokenId,
+        public_key: Vec<u8>,
+    },
+    /// [`Library::delete_new_container`].
+    DeleteNewContainer {
+        container: CertificateId,
+    },
     MissingFunctions,
     /// The next device event, waiting at most `wait_ms` ([`Reply::Event`] `Ok(None)`: none).
     NextEvent {
@@ -87,6 +96,8 @@ impl Job {
             Job::Logout { .. } => "logout",
             Job::GenerateSm2 { .. } => "generate_sm2",
             Job::ImportCertificate { .. } => "import_certificate",
+            Job::KeyContainer { .. } => "key_container",
+            Job::DeleteNewContainer { .. } => "delete_new_container",
             Job::MissingFunctions => "missing_functions",
             Job::NextEvent { .. } => "next_event",
         }
@@ -112,6 +123,8 @@ pub enum Reply {
     LoggedOut(Result<(), WireError>),
     Generated(Result<GeneratedKey, WireError>),
     Imported(Result<Box<CertificateInfo>, WireError>),
+    KeyContainer(Result<Option<CertificateId>, WireError>),
+    ContainerDeleted(Result<(), WireError>),
     MissingFunctions(Vec<String>),
     Event(Result<Option<DeviceEvent>, WireError>),
 }
@@ -263,6 +276,8 @@ pub(crate) fn unexpected(reply: &Reply) -> Error {
         Reply::LoggedOut(_) => "logged_out",
         Reply::Generated(_) => "generated",
         Reply::Imported(_) => "imported",
+        Reply::KeyContainer(_) => "key_container",
+        Reply::ContainerDeleted(_) => "container_deleted",
         Reply::MissingFunctions(_) => "missing_functions",
         Reply::Event(_) => "event",
     };
@@ -345,6 +360,12 @@ impl HostState {
                     .map(Box::new)
                     .map_err(wire),
             ),
+            Job::KeyContainer { token, public_key } => {
+                Reply::KeyContainer(library.key_container(&token, public_key).map_err(wire))
+            }
+            Job::DeleteNewContainer { container } => {
+                Reply::ContainerDeleted(library.delete_new_container(&container).map_err(wire))
+            }
             Job::MissingFunctions => Reply::MissingFunctions(
                 library
                     .missing_functions()
@@ -392,6 +413,8 @@ fn failed(job: Job, e: WireError) -> Reply {
         Job::Logout { .. } => Reply::LoggedOut(Err(e)),
         Job::GenerateSm2 { .. } => Reply::Generated(Err(e)),
         Job::ImportCertificate { .. } => Reply::Imported(Err(e)),
+        Job::KeyContainer { .. } => Reply::KeyContainer(Err(e)),
+        Job::DeleteNewContainer { .. } => Reply::ContainerDeleted(Err(e)),
         Job::MissingFunctions => Reply::MissingFunctions(Vec::new()),
         Job::NextEvent { .. } => Reply::Event(Err(e)),
     }
