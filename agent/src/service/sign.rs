@@ -294,11 +294,17 @@ impl Service {
                 ..req.clone()
             };
             let pin_pad = matches!(credential, Credential::PinPad);
+            // A login (and a logout after the request) can show or hide private keys, so
+            // certificates.list lists again after it.
+            let logs_in = !matches!(credential, Credential::None) || req.logout_after;
             let events = progress.then(|| progress_sender(ctx, done.len(), total));
-            match self
+            let signed = self
                 .sign_on_token(ctx, module.clone(), rest, credential, events, pin_pad)
-                .await
-            {
+                .await;
+            if logs_in || matches!(&signed, Err(TokenStop::Token(f)) if f.error.is_removal()) {
+                self.tokens.certificates_changed();
+            }
+            match signed {
                 Ok(sigs) => {
                     done.extend(sigs);
                     self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
@@ -442,8 +448,10 @@ impl Service {
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
     pub(super) fn schedule_logout(&self, module: Backend, token: TokenId) {
         let after = Duration::from_secs(self.config.pin_cache_seconds);
+        let tokens = self.tokens.clone();
         self.pin_cache.used(token.to_string(), after, async move {
             let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
+            tokens.certificates_changed();
             tracing::debug!("PIN cache expired; token logged out");
         });
     }
