@@ -186,6 +186,10 @@ impl Service {
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
+        // certificates.list's cache (issue 12) spares the sign path a hop to the module's worker.
+        if let Some(found) = self.tokens.cached_certificate(&id) {
+            return Ok(found);
+        }
         self.tokens.certificate_async(&id).await.map_err(|e| {
             if e.is_removal() {
                 self.tokens.certificates_changed();

@@ -516,6 +516,16 @@ impl TokenSet {
             .map(|c| Arc::clone(&c.certificates))
     }
 
+    /// The certificate with this id in [`Self::cached_certificates`], when there is a cache:
+    /// the signing path's lookup with no module call (the module's worker finds the key again
+    /// when it signs, so a key gone since is still refused there).
+    pub fn cached_certificate(&self, id: &CertificateId) -> Option<CertificateView> {
+        self.cached_certificates()?
+            .iter()
+            .find(|c| &c.info.id == id)
+            .cloned()
+    }
+
     /// [`Self::cached_certificates`], else a listing now (blocking), kept for the next call
     /// when every module answered.
     pub fn certificates_cached(&self) -> Arc<Vec<CertificateView>> {
