@@ -28,8 +28,8 @@ const HEAD_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// With no record for this long, a head not yet synced is synced.
 const IDLE: Duration = Duration::from_millis(20);
 
-/// Longest a group waits for more records before its `fdatasync` (see [`gather`]).
-const GATHER_MAX: Duration = Duration::from_micros(250);
+/// How long a group waits for more records before its `fdatasync` (see [`gather`]).
+const GATHER_MAX: Duration = Duration::from_micros(150);
 
 /// One record waiting for its group, and where its answer goes.
 struct Pending {
@@ -179,26 +179,18 @@ fn run(mut log: AuditLog, rx: &mpsc::Receiver<Pending>, stats: &Stats) {
 }
 
 /// The next group: `first` and every record waiting. When the last group held more than
-/// this one has (requests are finishing together: 8 connections signing at once), the group
-/// waits up to [`GATHER_MAX`] for that many, so they share one `fdatasync` and one wake-up of
-/// this thread rather than splitting into groups of one or two. A lone request (last group of
-/// one) never waits; a group that waited in vain makes the next one expect fewer.
+/// this one has (requests are finishing together: 8 connections signing at once), the thread
+/// sleeps [`GATHER_MAX`] once and takes what came meanwhile, so they share one `fdatasync`
+/// rather than splitting into groups of one or two. It sleeps rather than waiting on the
+/// channel: a waiting receiver is woken by every record sent, a sleeping one by none. A lone
+/// request (last group of one) never waits; a group that waited in vain makes the next one
+/// expect fewer.
 fn gather(first: Pending, rx: &mpsc::Receiver<Pending>, last_group: usize) -> Vec<Pending> {
     let mut group = vec![first];
     group.extend(rx.try_iter());
-    let until = Instant::now() + GATHER_MAX;
-    while group.len() < last_group {
-        let now = Instant::now();
-        if now >= until {
-            break;
-        }
-        match rx.recv_timeout(until - now) {
-            Ok(p) => {
-                group.push(p);
-                group.extend(rx.try_iter());
-            }
-            Err(_) => break,
-        }
+    if group.len() < last_group {
+        std::thread::sleep(GATHER_MAX);
+        group.extend(rx.try_iter());
     }
     group
 }
