@@ -174,6 +174,8 @@ pub enum Operation {
     KeysGenerate,
     /// `certificates.import`.
     CertificatesImport,
+    /// `keyport certs remove` (no wire method).
+    CertificatesRemove,
     /// The user approved an origin.
     OriginApprove,
     /// An origin approval was revoked.
@@ -191,6 +193,7 @@ impl Operation {
             Operation::Authenticate => "authenticate",
             Operation::KeysGenerate => "keys.generate",
             Operation::CertificatesImport => "certificates.import",
+            Operation::CertificatesRemove => "certificates.remove",
             Operation::OriginApprove => "origin.approve",
             Operation::OriginRevoke => "origin.revoke",
             Operation::Other(s) => s,

@@ -425,7 +425,7 @@ fn skf_sign(
     })
 }
 
-fn pin_status(st: skf_shim::PinStatus) -> PinStatus {
+pub(crate) fn pin_status(st: skf_shim::PinStatus) -> PinStatus {
     PinStatus {
         initialized: true,
         count_low: st.count_low,
@@ -504,6 +504,17 @@ pub enum CertificateId {
 }
 
 impl CertificateId {
+    /// Whether this id names the listed certificate: its id, or (PKCS#11, a key with several
+    /// certificates) its exact id, which names it however it is listed.
+    pub fn names(&self, listed: &CertificateInfo) -> bool {
+        match (self, &listed.id) {
+            (CertificateId::Pkcs11(asked), CertificateId::Pkcs11(id)) => {
+                asked.names(id, &listed.der)
+            }
+            (asked, id) => asked == id,
+        }
+    }
+
     /// The token holding the key.
     pub fn token_id(&self) -> TokenId {
         match self {

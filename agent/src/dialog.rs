@@ -190,6 +190,30 @@ pub struct PinState {
     pub final_try: bool,
 }
 
+/// A certificate as the enrolment dialogs show it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShownCertificate<'a> {
+    /// Subject, RFC 4514.
+    pub subject: &'a str,
+    /// The issuer's name (its CN).
+    pub issuer: &'a str,
+    /// notAfter, as a date (removal only).
+    pub valid_until: Option<&'a str>,
+    /// Serial number, hex (removal only).
+    pub serial: Option<&'a str>,
+}
+
+/// What an import does to the certificate the key has now, for its dialog to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCertificate {
+    /// The key has none (or the same one).
+    None,
+    /// A renewal for the same key: the new one is stored beside it, both are listed.
+    KeptBeside,
+    /// A renewal with `replace`: the present one is deleted.
+    Replaced,
+}
+
 /// The dialog texts in one language.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Texts {
@@ -413,6 +437,7 @@ impl Texts {
         &self,
         origin: &str,
         token_label: &str,
+        container: Option<&str>,
         algorithm: &str,
         subject: &str,
         unlock: Unlock,
@@ -430,7 +455,7 @@ impl Texts {
                 "Create key",
             )
         };
-        let lines = vec![
+        let mut lines = vec![
             header,
             String::new(),
             format!(
@@ -445,7 +470,19 @@ impl Texts {
             ),
             self.token_line(token_label),
         ];
+        lines.extend(self.container_line(container));
         self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// "Container: «name»" for an SKF key's container (GM/T 0016), when there is one.
+    fn container_line(&self, container: Option<&str>) -> Option<String> {
+        container.map(|name| {
+            format!(
+                "{}{}",
+                self.pick("Container: ", "容器："),
+                quote(name, LABEL_CHARS)
+            )
+        })
     }
 
     /// The PIN for the first signature of a key just made that asks for its PIN at every
@@ -489,15 +526,15 @@ impl Texts {
         self.finish(title, lines, None, ok.to_owned(), unlock)
     }
 
-    /// Consent to store a certificate beside its key (`certificates.import`); `replaces`: the
-    /// key's present certificate is replaced (a renewal for the same key).
+    /// Consent to store a certificate beside its key (`certificates.import`); `old`: what
+    /// becomes of the certificate the key has now (a renewal for the same key).
     pub fn import_certificate(
         &self,
         origin: &str,
         token_label: &str,
-        subject: &str,
-        issuer: &str,
-        replaces: bool,
+        container: Option<&str>,
+        cert: ShownCertificate<'_>,
+        old: KeyCertificate,
         unlock: Unlock,
     ) -> Dialog {
         let (title, header, ok) = if self.zh() {
@@ -513,31 +550,103 @@ impl Texts {
                 "Store certificate",
             )
         };
-        let mut lines = vec![
-            header,
-            String::new(),
-            format!(
-                "{}{}",
-                self.pick("Certificate: ", "证书："),
-                quote(subject, SUBJECT_CHARS)
+        let mut lines = vec![header, String::new()];
+        lines.extend(self.certificate_lines(cert));
+        lines.push(self.token_line(token_label));
+        lines.extend(self.container_line(container));
+        match old {
+            KeyCertificate::None => {}
+            KeyCertificate::KeptBeside => lines.push(
+                self.pick(
+                    "This key has a certificate already: it stays, and both are listed until \
+                     you remove the old one (keyport certs remove).",
+                    "该密钥已有证书：现有证书保留，两张证书都会列出，直到您删除旧证书\
+                     （keyport certs remove）。",
+                )
+                .to_owned(),
             ),
-            format!(
-                "{}{}",
-                self.pick("Issued by: ", "颁发者："),
-                quote(issuer, NAME_CHARS)
-            ),
-            self.token_line(token_label),
-        ];
-        if replaces {
-            lines.push(
+            KeyCertificate::Replaced => lines.push(
                 self.pick(
                     "The certificate this key has now is replaced.",
                     "该密钥现有的证书将被替换。",
                 )
                 .to_owned(),
-            );
+            ),
         }
         self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// Consent to remove one of a key's certificates (`keyport certs remove`: the old one after
+    /// a renewal for the same key); `kept_until`: the notAfter of the certificate the key keeps.
+    pub fn remove_certificate(
+        &self,
+        origin: &str,
+        token_label: &str,
+        cert: ShownCertificate<'_>,
+        kept_until: &str,
+        unlock: Unlock,
+    ) -> Dialog {
+        let (title, header, ok) = if self.zh() {
+            (
+                "KeyPort：删除证书",
+                format!("{} 请求从您的 USB Key 中删除一张证书。", asker_zh(origin)),
+                "删除证书(_D)",
+            )
+        } else {
+            (
+                "KeyPort: remove a certificate",
+                format!("{origin} asks to remove a certificate from your token."),
+                "Remove certificate",
+            )
+        };
+        let mut lines = vec![header, String::new()];
+        lines.extend(self.certificate_lines(cert));
+        lines.extend([
+            self.token_line(token_label),
+            if self.zh() {
+                format!(
+                    "该密钥保留有效期至 {} 的证书；密钥本身不会被删除。",
+                    quote(kept_until, LABEL_CHARS)
+                )
+            } else {
+                format!(
+                    "The key keeps its certificate valid until {}; the key itself is not removed.",
+                    quote(kept_until, LABEL_CHARS)
+                )
+            },
+        ]);
+        self.finish(title, lines, None, ok.to_owned(), unlock)
+    }
+
+    /// A certificate's lines: subject, issuer, and validity and serial when given.
+    fn certificate_lines(&self, cert: ShownCertificate<'_>) -> Vec<String> {
+        let mut lines = vec![
+            format!(
+                "{}{}",
+                self.pick("Certificate: ", "证书："),
+                quote(cert.subject, SUBJECT_CHARS)
+            ),
+            format!(
+                "{}{}",
+                self.pick("Issued by: ", "颁发者："),
+                quote(cert.issuer, NAME_CHARS)
+            ),
+        ];
+        if let Some(until) = cert.valid_until {
+            lines.push(format!(
+                "{}{}",
+                self.pick("Valid until: ", "有效期至："),
+                quote(until, LABEL_CHARS)
+            ));
+        }
+        if let Some(serial) = cert.serial {
+            lines.push(format!(
+                "{}{}",
+                self.pick("Serial number: ", "序列号："),
+                quote(serial, LABEL_CHARS)
+            ));
+        }
+        lines
     }
 
     /// The warning for a wrong PIN and the token's PIN state, if there is anything to say.
@@ -1259,6 +1368,7 @@ mod tests {
         let en = confirm(Texts::new(Language::En).generate_key(
             ORIGIN,
             "SoftHSM token",
+            None,
             "EC-P256",
             "CN=Jane Doe,O=Example",
             Unlock::LoggedIn,
@@ -1274,9 +1384,13 @@ mod tests {
         let zh = pin(Texts::new(Language::ZhCn).import_certificate(
             ORIGIN,
             "SoftHSM token",
-            "CN=Jane Doe",
-            "CN=KeyPort Test CA",
-            true,
+            None,
+            ShownCertificate {
+                subject: "CN=Jane Doe",
+                issuer: "CN=KeyPort Test CA",
+                ..Default::default()
+            },
+            KeyCertificate::Replaced,
             Unlock::Pin(PinState::default()),
         ));
         assert_has(
@@ -1292,6 +1406,7 @@ mod tests {
         let zh = confirm(Texts::new(Language::ZhCn).generate_key(
             ORIGIN,
             "SoftHSM token",
+            None,
             "EC-P256",
             "CN=张伟,C=CN",
             Unlock::LoggedIn,
@@ -1335,6 +1450,7 @@ mod tests {
         let zh = confirm(cli.generate_key(
             &cli.command_line_program("keys generate"),
             "SoftHSM token",
+            None,
             "EC-P256",
             "CN=张伟,C=CN",
             Unlock::LoggedIn,
@@ -1342,6 +1458,84 @@ mod tests {
         assert_has(
             &zh.description,
             &["命令行程序 keyport keys generate 请求在您的 USB Key 中生成新的密钥对。"],
+        );
+        // An SKF key's container is named in both languages.
+        let zh = pin(Texts::new(Language::ZhCn).generate_key(
+            ORIGIN,
+            "KeyPort SM2 Key",
+            Some("张伟 2026"),
+            "SM2",
+            "CN=张伟,C=CN",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(&zh.description, &["密钥类型：“SM2”", "容器：“张伟 2026”"]);
+        let en = pin(Texts::new(Language::En).import_certificate(
+            ORIGIN,
+            "KeyPort SM2 Key",
+            Some("KeyPort-20261202-120000-abcd"),
+            ShownCertificate {
+                subject: "CN=Zhang Wei",
+                issuer: "CN=SM2 Test CA",
+                ..Default::default()
+            },
+            KeyCertificate::KeptBeside,
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_has(
+            &en.description,
+            &["it stays, and both are listed until you remove the old one"],
+        );
+        assert_has(
+            &en.description,
+            &["Container: «KeyPort-20261202-120000-abcd»"],
+        );
+    }
+
+    #[test]
+    fn certificate_removal_texts() {
+        let en = pin(Texts::new(Language::En).remove_certificate(
+            ORIGIN,
+            "SoftHSM token",
+            ShownCertificate {
+                subject: "CN=Jane Doe",
+                issuer: "CN=KeyPort Test CA",
+                valid_until: Some("2026-12-31"),
+                serial: Some("07"),
+            },
+            "2027-12-31",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_eq!(en.title, "KeyPort: remove a certificate");
+        assert_has(
+            &en.description,
+            &[
+                "https://portal.example asks to remove a certificate from your token.",
+                "Valid until: «2026-12-31»",
+                "Serial number: «07»",
+                "The key keeps its certificate valid until «2027-12-31»; the key itself is not removed.",
+            ],
+        );
+        let zh = pin(Texts::new(Language::ZhCn).remove_certificate(
+            ORIGIN,
+            "SoftHSM token",
+            ShownCertificate {
+                subject: "CN=张伟",
+                issuer: "CN=KeyPort Test CA",
+                valid_until: Some("2026-12-31"),
+                serial: Some("07"),
+            },
+            "2027-12-31",
+            Unlock::Pin(PinState::default()),
+        ));
+        assert_eq!(zh.title, "KeyPort：删除证书");
+        assert_eq!(zh.ok, "删除证书(_D)");
+        assert_has(
+            &zh.description,
+            &[
+                "网站 https://portal.example 请求从您的 USB Key 中删除一张证书。",
+                "有效期至：“2026-12-31”",
+                "该密钥保留有效期至 “2027-12-31” 的证书；密钥本身不会被删除。",
+            ],
         );
     }
 

@@ -27,6 +27,25 @@ pub const SM2_CURVE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10
 /// SM2 signature with SM3 (GM/T 0010).
 pub const SM2_WITH_SM3: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.501");
 
+/// A key type enrolment generates: one a PKCS#11 token makes, or SM2 in an SKF key's
+/// container (`keys.generate`'s `algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NewKeyType {
+    Pkcs11(pkcs11_shim::KeySpec),
+    /// An SM2 signing key pair (SKF keys only).
+    Sm2,
+}
+
+impl NewKeyType {
+    /// The protocol's name: "EC-P256", …, "SM2".
+    pub fn wire_name(self) -> String {
+        match self {
+            NewKeyType::Pkcs11(spec) => spec.wire_name(),
+            NewKeyType::Sm2 => "SM2".to_owned(),
+        }
+    }
+}
+
 /// How the new key signs its request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestSignature {
@@ -122,6 +141,16 @@ pub struct RequestToSign {
     builder: RequestBuilder,
     key: TokenKey,
     info: Vec<u8>,
+}
+
+/// Whether the certificate `listed_der` certifies the same public key as `cert` (a renewal for
+/// the same key). A listed certificate that does not parse certifies nothing.
+pub fn same_key(listed_der: &[u8], cert: &x509_cert::Certificate) -> bool {
+    let spki = |c: &x509_cert::Certificate| c.tbs_certificate().subject_public_key_info().to_der();
+    match (x509_cert::Certificate::from_der(listed_der), spki(cert)) {
+        (Ok(listed), Ok(new)) => spki(&listed).is_ok_and(|old| old == new),
+        _ => false,
+    }
 }
 
 /// Checks that `subject` is a distinguished name a request can carry, before anything is asked

@@ -5,7 +5,8 @@
 mod enroll;
 
 pub use enroll::{
-    generate_key, import_certificate, GenerateKeyRequest, GeneratedKey, ImportedCertificate,
+    generate_key, import_certificate, remove_certificate, GenerateKeyRequest, GeneratedKey,
+    ImportedCertificate, RemovedCertificate,
 };
 
 use std::path::Path;

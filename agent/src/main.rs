@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use agent::config::{Config, Paths};
 use agent::daemon::{self, RunOptions};
 use agent::dialog::{Language, Texts};
+use agent::enroll::NewKeyType;
 use agent::local::{self, GenerateKeyRequest, SignFileRequest};
 use agent::origins::OriginStore;
 use agent::tokens::TokenSet;
@@ -167,6 +168,9 @@ enum KeyAlgorithmArg {
     Rsa3072,
     #[value(name = "Ed25519")]
     Ed25519,
+    /// SM2, on SKF keys.
+    #[value(name = "SM2")]
+    Sm2,
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,9 +184,21 @@ enum CertsAction {
         /// The certificate file.
         #[arg(long = "in", value_name = "FILE")]
         input: PathBuf,
-        /// Replace the certificate the key has now (a renewal for the same key).
+        /// Replace the certificate the key has now (a renewal for the same key); without it
+        /// a renewal is stored beside the old certificate and both are listed.
         #[arg(long)]
         replace: bool,
+    },
+    /// Removes one certificate of a key that has another one (the old one after a renewal for
+    /// the same key). The key and its other certificate stay. Consent and PIN are asked through
+    /// pinentry.
+    Remove {
+        /// The token id, as `keyport tokens` shows it.
+        #[arg(long, value_name = "ID")]
+        token: String,
+        /// The certificate id, as `keyport certs` shows it.
+        #[arg(long, value_name = "ID")]
+        certificate: String,
     },
 }
 
@@ -404,6 +420,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Certs {
+            action: Some(CertsAction::Remove { token, certificate }),
+            ..
+        } => {
+            let mut audit = daemon::open_audit(&config, &paths)?;
+            let tokens = TokenSet::load(&config);
+            tokens.report_failures();
+            let pinentry = local_pinentry(&config)?;
+            let texts = Texts::new(Language::from_config(config.language.as_deref()));
+            let removed = local::remove_certificate(
+                &tokens,
+                &pinentry,
+                texts,
+                &mut audit,
+                &token,
+                &certificate,
+            )?;
+            out!(
+                "removed certificate {} ({}) from the token; the key's certificate is {}",
+                removed.certificate_id,
+                removed.subject,
+                removed.kept_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys {
             action:
                 KeysAction::Generate {
@@ -420,16 +461,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tokens.report_failures();
             let pinentry = local_pinentry(&config)?;
             let texts = Texts::new(Language::from_config(config.language.as_deref()));
-            let spec = match algorithm {
-                KeyAlgorithmArg::EcP256 => KeySpec::EcP256,
-                KeyAlgorithmArg::EcP384 => KeySpec::EcP384,
-                KeyAlgorithmArg::Rsa2048 => KeySpec::Rsa { bits: 2048 },
-                KeyAlgorithmArg::Rsa3072 => KeySpec::Rsa { bits: 3072 },
-                KeyAlgorithmArg::Ed25519 => KeySpec::Ed25519,
+            let key_type = match algorithm {
+                KeyAlgorithmArg::EcP256 => NewKeyType::Pkcs11(KeySpec::EcP256),
+                KeyAlgorithmArg::EcP384 => NewKeyType::Pkcs11(KeySpec::EcP384),
+                KeyAlgorithmArg::Rsa2048 => NewKeyType::Pkcs11(KeySpec::Rsa { bits: 2048 }),
+                KeyAlgorithmArg::Rsa3072 => NewKeyType::Pkcs11(KeySpec::Rsa { bits: 3072 }),
+                KeyAlgorithmArg::Ed25519 => NewKeyType::Pkcs11(KeySpec::Ed25519),
+                KeyAlgorithmArg::Sm2 => NewKeyType::Sm2,
             };
             let req = GenerateKeyRequest {
                 token: &token,
-                spec,
+                key_type,
                 label: label.as_deref(),
                 subject: &subject,
                 always_authenticate,
@@ -439,7 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out!(
                 "generated a {} key on the token: {}\nwrote its certificate request to {} ({}); \
                  import the issued certificate with `keyport certs import --token {token} --in FILE`",
-                spec.wire_name(),
+                key_type.wire_name(),
                 key.key_id,
                 output.display(),
                 if key.pem { "PEM" } else { "DER" }

@@ -13,6 +13,7 @@ mod pin_cache;
 mod sign;
 
 pub(crate) use enroll::generation_failure;
+pub(crate) use enroll::skf as enroll_skf;
 pub use failure::Failure;
 pub use listing::{certificate_entry, token_entry};
 pub(crate) use sign::{signing_allowed, SignPlan};

@@ -596,7 +596,7 @@ impl TokenSet {
         match answer {
             Ok(certs) => {
                 self.answered(module);
-                let info = certs.into_iter().find(|c| &c.id == id)?;
+                let info = certs.into_iter().find(|c| id.names(c))?;
                 Some(CertificateView {
                     info,
                     module: module.clone(),

@@ -20,6 +20,13 @@ use crate::token::{ParseIdError, TokenId};
 /// A certificate's stable identity: its token's id and the key's CKA_ID (hex), as
 /// `tok-…/<hex>`; when CKA_ID is empty, `tok-…/x<hash>` with a SHA-256 prefix of the
 /// certificate instead.
+///
+/// A key may hold several certificates (a renewal for the same key is stored beside the old
+/// one, never over it). Then `tok-…/<hex>` names the one with the earliest notBefore (the one
+/// that had the id first, for a renewal), and each other one is listed as its *exact* id
+/// `tok-…/<hex>.<16 hex>`, the suffix being the first 8 bytes of the SHA-256 of its DER.
+/// Every certificate's exact id names it for as long as it exists, however it is listed
+/// ([`CertificateId::names`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CertificateId {
     token: TokenId,
@@ -42,6 +49,49 @@ impl CertificateId {
         }
     }
 
+    /// The id naming exactly this certificate of the key with `cka_id` (not empty):
+    /// `tok-…/<hex>.<first 8 bytes of SHA-256(der), hex>`.
+    pub fn exact(token: &TokenId, cka_id: &[u8], der: &[u8]) -> CertificateId {
+        let h = Sha256::digest(der);
+        CertificateId {
+            token: token.clone(),
+            key_ref: format!("{}.{}", hex::encode(cka_id), hex::encode(&h[..8])),
+        }
+    }
+
+    /// The key's id without a certificate suffix: the id the key's first certificate has.
+    pub fn key(&self) -> CertificateId {
+        CertificateId {
+            token: self.token.clone(),
+            key_ref: self.key_part().to_owned(),
+        }
+    }
+
+    /// True for an exact id (`<hex>.<suffix>`).
+    pub fn is_exact(&self) -> bool {
+        self.key_ref.contains('.')
+    }
+
+    /// Whether this id names the certificate `der` listed as `listed`: the same id, or this
+    /// certificate's exact id.
+    pub fn names(&self, listed: &CertificateId, der: &[u8]) -> bool {
+        if self == listed {
+            return true;
+        }
+        self.is_exact()
+            && self.token == listed.token
+            && self.key_part() == listed.key_part()
+            && self
+                .cka_id()
+                .is_some_and(|cka| *self == CertificateId::exact(&self.token, &cka, der))
+    }
+
+    fn key_part(&self) -> &str {
+        self.key_ref
+            .split_once('.')
+            .map_or(self.key_ref.as_str(), |(key, _)| key)
+    }
+
     /// The token part.
     pub fn token_id(&self) -> &TokenId {
         &self.token
@@ -52,7 +102,7 @@ impl CertificateId {
         if self.key_ref.starts_with('x') {
             None
         } else {
-            hex::decode(&self.key_ref).ok()
+            hex::decode(self.key_part()).ok()
         }
     }
 }
@@ -70,9 +120,14 @@ impl FromStr for CertificateId {
         let bad = || ParseIdError(s.to_owned());
         let (token, key_ref) = s.split_once('/').ok_or_else(bad)?;
         let token = token.parse::<TokenId>().map_err(|_| bad())?;
-        let hex_part = key_ref.strip_prefix('x').unwrap_or(key_ref);
         let is_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-        if hex_part.is_empty() || hex_part.len() % 2 != 0 || !hex_part.bytes().all(is_hex) {
+        let hex_ok = |h: &str| !h.is_empty() && h.len() % 2 == 0 && h.bytes().all(is_hex);
+        let ok = match key_ref.split_once('.') {
+            // An exact id: a CKA_ID and 8 bytes of the certificate's hash.
+            Some((key, suffix)) => hex_ok(key) && suffix.len() == 16 && hex_ok(suffix),
+            None => hex_ok(key_ref.strip_prefix('x').unwrap_or(key_ref)),
+        };
+        if !ok {
             return Err(bad());
         }
         Ok(CertificateId {
@@ -433,6 +488,29 @@ mod tests {
     }
 
     #[test]
+    fn exact_ids_name_one_certificate_of_a_key_and_parse_back() {
+        let plain = CertificateId::new(&token(), &[0x01, 0xab], b"old");
+        let exact = CertificateId::exact(&token(), &[0x01, 0xab], b"new");
+        assert!(exact.to_string().starts_with(&format!("{plain}.")));
+        assert_eq!(exact.to_string().len(), plain.to_string().len() + 17);
+        assert_eq!(
+            exact.to_string().parse::<CertificateId>().expect("parse"),
+            exact
+        );
+        assert_eq!(exact.cka_id(), Some(vec![0x01, 0xab]));
+        assert_eq!(exact.key(), plain);
+        // The exact id names its certificate however it is listed; never another one.
+        assert!(exact.names(&plain, b"new"));
+        assert!(exact.names(&exact, b"new"));
+        assert!(!exact.names(&plain, b"old"));
+        assert!(plain.names(&plain, b"old"));
+        assert!(!plain.names(&exact, b"new"));
+        let other_key = CertificateId::new(&token(), &[0x02], b"new");
+        assert!(!CertificateId::exact(&token(), &[0x02], b"new").names(&plain, b"new"));
+        assert!(CertificateId::exact(&token(), &[0x02], b"new").names(&other_key, b"new"));
+    }
+
+    #[test]
     fn certificate_id_rejects_malformed_strings() {
         let t = token();
         for s in [
@@ -441,6 +519,11 @@ mod tests {
             format!("{t}/"),
             format!("{t}/abc"),
             format!("{t}/zz"),
+            format!("{t}/01ab."),
+            format!("{t}/01ab.0011"),
+            format!("{t}/.0011223344556677"),
+            format!("{t}/x01.0011223344556677"),
+            format!("{t}/01ab.0011223344556677.00"),
             "tok-1/00".to_owned(),
         ] {
             assert!(s.parse::<CertificateId>().is_err(), "{s}");

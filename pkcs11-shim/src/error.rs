@@ -62,12 +62,17 @@ pub enum Error {
     /// A certificate to import matches no private key on the token (by public key).
     #[error("the certificate's public key matches no private key on the token")]
     NoMatchingKey,
-    /// The key already has a different certificate, and the import was not asked to replace it.
+    /// The key has a certificate, so it is not destroyed (the undo of a generation,
+    /// [`crate::Module::delete_new_key`]).
     #[error("the key already has a certificate ({existing})")]
     CertificateExists {
         /// The certificate the key has.
         existing: CertificateId,
     },
+    /// A key's only certificate, which KeyPort does not delete (the key would be listed no
+    /// more).
+    #[error("certificate {0} is its key's only certificate; it is not deleted")]
+    OnlyCertificate(CertificateId),
     /// Neither the token nor the shim can do what was asked with this key.
     #[error("mechanism not supported: {algorithm} with a {key} key")]
     MechanismNotSupported {

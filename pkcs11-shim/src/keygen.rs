@@ -19,10 +19,12 @@
 //! - after an import, a CKO_CERTIFICATE (CKC_X_509, public) with the key's CKA_ID and label and
 //!   the certificate's subject, issuer and serial.
 //!
-//! Renewal: certificates are named by their key's CKA_ID ([`crate::CertificateId`]), so a key
-//! holds one certificate. A second, different certificate for a key that has one is refused
-//! ([`crate::Error::CertificateExists`]) unless the caller passes [`ImportMode::Replace`]
-//! (after asking the user); renewing with a new key makes a new key and both certificates stay.
+//! Renewal: a second, different certificate for a key that has one is stored beside it, never
+//! over it: both are listed, the first under the key's id and the new one under its exact id
+//! ([`crate::CertificateId`]), until the user removes the old one
+//! ([`crate::Module::delete_certificate`], which keeps a key's last certificate). With
+//! [`ImportMode::Replace`] (after asking the user) the old ones are deleted once the new one is
+//! stored. Renewing with a new key makes a new key, and both certificates stay too.
 
 use const_oid::db::{rfc5912, rfc8410};
 use const_oid::ObjectIdentifier;
@@ -142,11 +144,31 @@ pub struct DeleteKeyRequest {
 /// What an import does when the key already has a different certificate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ImportMode {
-    /// Refuse with [`Error::CertificateExists`]; the default.
+    /// Keep it: the new one is stored beside it and both are listed; the default.
     #[default]
     KeepExisting,
     /// Delete the old certificate object and store the new one (the key stays).
     Replace,
+}
+
+/// Deletes one certificate of a key that has another one (the old one, after a renewal for
+/// the same key). The key's last certificate is never deleted ([`Error::OnlyCertificate`]), nor
+/// the key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteCertificateRequest {
+    /// The certificate, by its listed or its exact id.
+    pub certificate: CertificateId,
+    /// C_Logout after the job.
+    pub logout_after: bool,
+}
+
+/// A certificate deleted by [`crate::Module::delete_certificate`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    /// The id it was listed under.
+    pub certificate: CertificateId,
+    /// The key's certificate that stays, as listed now.
+    pub kept: CertificateId,
 }
 
 /// `certificates.import` as the worker receives it.

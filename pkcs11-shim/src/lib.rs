@@ -36,8 +36,8 @@ pub use certificate::parse_certificate_for_fuzzing;
 pub use certificate::{CertificateId, CertificateInfo, KeyAlgorithm, KeyUsage};
 pub use error::{Error, SignFailure};
 pub use keygen::{
-    key_id, DeleteKeyRequest, GenerateRequest, GeneratedKey, ImportMode, ImportRequest, Imported,
-    KeySignRequest, KeySpec,
+    key_id, DeleteCertificateRequest, DeleteKeyRequest, GenerateRequest, GeneratedKey, ImportMode,
+    ImportRequest, Imported, KeySignRequest, KeySpec, Removed,
 };
 pub use module::{LoadOptions, Module, Progress, DEFAULT_CALL_TIMEOUT};
 pub use pin::{Credential, LoginKind, SecretPin};

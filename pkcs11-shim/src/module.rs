@@ -28,8 +28,8 @@ use crate::algorithm::SignRequest;
 use crate::certificate::CertificateInfo;
 use crate::error::{Error, SignFailure};
 use crate::keygen::{
-    DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey, ImportRequest, Imported,
-    KeySignRequest, KeySpec,
+    DeleteCertificateRequest, DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey,
+    ImportRequest, Imported, KeySignRequest, KeySpec, Removed,
 };
 use crate::pin::Credential;
 use crate::remote::{self, Job, Transport, TransportError};
@@ -525,9 +525,9 @@ impl Module {
     }
 
     /// Stores a certificate beside the private key whose public key it carries (the key's
-    /// CKA_ID and label). [`Error::NoMatchingKey`] when no key on the token matches;
-    /// [`Error::CertificateExists`] when the key has another certificate and the request does
-    /// not say [`crate::ImportMode::Replace`].
+    /// CKA_ID and label). [`Error::NoMatchingKey`] when no key on the token matches. A key
+    /// that has another certificate keeps it (both listed, see [`crate::CertificateId`]) unless
+    /// the request says [`crate::ImportMode::Replace`].
     pub fn import_certificate(
         &self,
         req: ImportRequest,
@@ -572,6 +572,23 @@ impl Module {
             credential: Credential::None,
         };
         self.call(|reply| Request::DeleteKey { job, reply })
+    }
+
+    /// Deletes one certificate of a key that has another (the old one after a renewal for the
+    /// same key), logging in with `credential`. [`Error::OnlyCertificate`] for a key's last
+    /// certificate: neither it nor the key is deleted.
+    pub fn delete_certificate(
+        &self,
+        req: DeleteCertificateRequest,
+        credential: Credential,
+    ) -> Result<Removed, Error> {
+        if let Some(h) = self.host() {
+            let deadline = self.host_deadline(h, &credential);
+            let job = Job::DeleteCertificate { req, credential };
+            return on_host!(h, deadline, job, remote::Reply::CertificateDeleted);
+        }
+        let job = EnrolJob { req, credential };
+        self.call(|reply| Request::DeleteCertificate { job, reply })
     }
 
     /// Sends a request and waits, at most the call timeout, for its answer.
@@ -855,6 +872,10 @@ pub(crate) enum Request {
         job: EnrolJob<DeleteKeyRequest>,
         reply: Reply<()>,
     },
+    DeleteCertificate {
+        job: EnrolJob<DeleteCertificateRequest>,
+        reply: Reply<Removed>,
+    },
     CheckGeneration {
         token: TokenId,
         spec: KeySpec,
@@ -876,6 +897,7 @@ impl Request {
             Request::KeySign { .. } => "sign_with_key",
             Request::Import { .. } => "import_certificate",
             Request::DeleteKey { .. } => "delete_new_key",
+            Request::DeleteCertificate { .. } => "delete_certificate",
             Request::CheckGeneration { .. } => "check_generation",
         }
     }

@@ -25,8 +25,8 @@ use crate::algorithm::SignRequest;
 use crate::certificate::{CertificateId, CertificateInfo};
 use crate::error::{function_name, Error, SignFailure};
 use crate::keygen::{
-    DeleteKeyRequest, GenerateRequest, GeneratedKey, ImportRequest, Imported, KeySignRequest,
-    KeySpec,
+    DeleteCertificateRequest, DeleteKeyRequest, GenerateRequest, GeneratedKey, ImportRequest,
+    Imported, KeySignRequest, KeySpec, Removed,
 };
 use crate::module::{Module, Progress};
 use crate::pin::{Credential, LoginKind, SecretPin};
@@ -81,6 +81,12 @@ pub enum Job {
     DeleteKey {
         req: DeleteKeyRequest,
     },
+    /// [`Module::delete_certificate`].
+    DeleteCertificate {
+        req: DeleteCertificateRequest,
+        #[serde(with = "credential_wire")]
+        credential: Credential,
+    },
 }
 
 impl Job {
@@ -99,6 +105,7 @@ impl Job {
             Job::Import { .. } => "import_certificate",
             Job::CheckGeneration { .. } => "check_generation",
             Job::DeleteKey { .. } => "delete_new_key",
+            Job::DeleteCertificate { .. } => "delete_certificate",
         }
     }
 }
@@ -120,6 +127,7 @@ pub enum Reply {
     Imported(Result<Box<Imported>, WireError>),
     GenerationChecked(Result<(), WireError>),
     KeyDeleted(Result<(), WireError>),
+    CertificateDeleted(Result<Removed, WireError>),
 }
 
 /// A failed signing job: [`SignFailure`] as data.
@@ -156,6 +164,7 @@ pub enum WireError {
     CertificateExists {
         existing: CertificateId,
     },
+    OnlyCertificate(CertificateId),
     MechanismNotSupported {
         algorithm: String,
         key: String,
@@ -252,6 +261,9 @@ pub fn run(
             Reply::GenerationChecked(module.check_generation(&token, spec).map_err(wire))
         }
         Job::DeleteKey { req } => Reply::KeyDeleted(module.delete_new_key(req).map_err(wire)),
+        Job::DeleteCertificate { req, credential } => {
+            Reply::CertificateDeleted(module.delete_certificate(req, credential).map_err(wire))
+        }
         Job::Sign { req, credential } => Reply::Signed(
             module
                 .sign(req, credential, progress, Some(cancel))
@@ -281,6 +293,7 @@ pub(crate) fn unexpected(reply: &Reply) -> Error {
             Reply::Imported(_) => "imported",
             Reply::GenerationChecked(_) => "generation_checked",
             Reply::KeyDeleted(_) => "key_deleted",
+            Reply::CertificateDeleted(_) => "certificate_deleted",
         }
     ))
 }
@@ -322,6 +335,7 @@ impl From<&Error> for WireError {
             Error::CertificateExists { existing } => WireError::CertificateExists {
                 existing: existing.clone(),
             },
+            Error::OnlyCertificate(id) => WireError::OnlyCertificate(id.clone()),
             Error::MechanismNotSupported { algorithm, key } => WireError::MechanismNotSupported {
                 algorithm: algorithm.clone(),
                 key: key.clone(),
@@ -371,6 +385,7 @@ impl From<WireError> for Error {
             WireError::KeyNotFound => Error::KeyNotFound,
             WireError::NoMatchingKey => Error::NoMatchingKey,
             WireError::CertificateExists { existing } => Error::CertificateExists { existing },
+            WireError::OnlyCertificate(id) => Error::OnlyCertificate(id),
             WireError::MechanismNotSupported { algorithm, key } => {
                 Error::MechanismNotSupported { algorithm, key }
             }

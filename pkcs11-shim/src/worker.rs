@@ -319,6 +319,11 @@ impl Worker {
                 self.needs_reinit |= breaks_module(&r);
                 let _ = reply.send(r);
             }
+            Request::DeleteCertificate { job, reply } => {
+                let r = self.delete_certificate(job);
+                self.needs_reinit |= breaks_module(&r);
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -617,7 +622,7 @@ impl Worker {
     fn entry_at(&mut self, cert: &CertificateId, found: &Found) -> Result<Entry, Error> {
         self.entries_at(cert.token_id(), found)?
             .into_iter()
-            .find(|e| &e.info.id == cert)
+            .find(|e| cert.names(&e.info.id, &e.info.der))
             .ok_or_else(|| Error::CertificateNotFound(cert.clone()))
     }
 }
@@ -726,7 +731,56 @@ fn scan(session: &Session, token: &TokenId, keys_may_be_hidden: bool) -> Result<
             private_key: private.map(|k| k.handle),
         });
     }
+    name_renewals(token, &mut out);
     Ok(out)
+}
+
+/// Several certificates of one key (a renewal stored beside the old one): the one with the
+/// earliest notBefore (then the lowest serial number: two issued in the same second by one
+/// CA) keeps the key's id, each other one is listed under its exact id (see
+/// [`CertificateId`]). The same certificate stored twice for one key is listed once. The order
+/// of the list is kept.
+fn name_renewals(token: &TokenId, entries: &mut Vec<Entry>) {
+    let mut seen = HashSet::new();
+    entries.retain(|e| seen.insert((e.info.id.clone(), e.info.der.clone())));
+    type Rank<'a> = (time::OffsetDateTime, (usize, &'a str), &'a [u8]);
+    fn rank(e: &Entry) -> Rank<'_> {
+        let serial = e.info.serial_hex.trim_start_matches('0');
+        (
+            e.info.not_before,
+            (serial.len(), serial),
+            e.info.der.as_slice(),
+        )
+    }
+    let mut first: HashMap<CertificateId, Rank<'_>> = HashMap::new();
+    for e in entries.iter() {
+        if e.info.id.cka_id().is_none() {
+            continue; // named by its own hash already
+        }
+        let candidate = rank(e);
+        first
+            .entry(e.info.id.clone())
+            .and_modify(|f| {
+                if candidate < *f {
+                    *f = candidate;
+                }
+            })
+            .or_insert(candidate);
+    }
+    let renewed: Vec<(usize, CertificateId)> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let keeps = *first.get(&e.info.id)? == rank(e);
+            let cka_id = e.info.id.cka_id()?;
+            (!keeps).then(|| (i, CertificateId::exact(token, &cka_id, &e.info.der)))
+        })
+        .collect();
+    for (i, id) in renewed {
+        if let Some(e) = entries.get_mut(i) {
+            e.info.id = id;
+        }
+    }
 }
 
 fn key_objects(session: &Session, class: ObjectClass) -> Result<Vec<KeyObject>, Error> {

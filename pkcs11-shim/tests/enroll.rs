@@ -11,9 +11,9 @@ use std::path::Path;
 use std::process::Command;
 
 use pkcs11_shim::{
-    Credential, DeleteKeyRequest, EcdsaEncoding, Error, GenerateRequest, GeneratedKey, HashAlg,
-    ImportMode, ImportRequest, KeySignRequest, KeySpec, SecretPin, SignAlgorithm, SignInput,
-    SignRequest,
+    CertificateId, Credential, DeleteCertificateRequest, DeleteKeyRequest, EcdsaEncoding, Error,
+    GenerateRequest, GeneratedKey, HashAlg, ImportMode, ImportRequest, KeySignRequest, KeySpec,
+    SecretPin, SignAlgorithm, SignInput, SignRequest,
 };
 use rig::{openssl_verify, Rig, SOFTHSM, USER_PIN};
 
@@ -73,6 +73,17 @@ fn object_block<'a>(listing: &'a str, label: &str) -> &'a str {
 
 /// The test CA issues a certificate over the token's public key (openssl, not our code).
 fn issue(rig: &Rig, key: &GeneratedKey, cn: &str, work: &Path) -> Vec<u8> {
+    issue_serial(rig, key, cn, work, None)
+}
+
+/// [`issue`] with this serial number (else OpenSSL's random one).
+fn issue_serial(
+    rig: &Rig,
+    key: &GeneratedKey,
+    cn: &str,
+    work: &Path,
+    serial: Option<u32>,
+) -> Vec<u8> {
     std::fs::write(work.join("pub.der"), &key.public_key_der).unwrap();
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
@@ -95,28 +106,36 @@ fn issue(rig: &Rig, key: &GeneratedKey, cn: &str, work: &Path) -> Vec<u8> {
     )
     .unwrap();
     let ca = rig.dir.path();
+    let serial = serial.map(|s| s.to_string());
+    let serial_args: Vec<&str> = match &serial {
+        Some(s) => vec!["-set_serial", s],
+        None => Vec::new(),
+    };
     run(&[
-        "x509",
-        "-new",
-        "-subj",
-        &format!("/CN={cn}"),
-        "-force_pubkey",
-        "pub.pem",
-        "-CA",
-        ca.join("ca.pem").to_str().unwrap(),
-        "-CAkey",
-        ca.join("ca.key").to_str().unwrap(),
-        "-days",
-        "30",
-        "-extfile",
-        "ext.cnf",
-        "-extensions",
-        "ext",
-        "-outform",
-        "DER",
-        "-out",
-        "cert.der",
-    ]);
+        &["x509", "-new"][..],
+        &serial_args,
+        &[
+            "-subj",
+            &format!("/CN={cn}"),
+            "-force_pubkey",
+            "pub.pem",
+            "-CA",
+            ca.join("ca.pem").to_str().unwrap(),
+            "-CAkey",
+            ca.join("ca.key").to_str().unwrap(),
+            "-days",
+            "30",
+            "-extfile",
+            "ext.cnf",
+            "-extensions",
+            "ext",
+            "-outform",
+            "DER",
+            "-out",
+            "cert.der",
+        ][..],
+    ]
+    .concat());
     run(&[
         "x509", "-inform", "DER", "-in", "cert.der", "-out", "cert.pem",
     ]);
@@ -408,10 +427,13 @@ fn wrong_pins_strangers_renewals_and_garbage_are_typed_errors() {
         Err(Error::NoMatchingKey)
     ));
 
-    // A renewal for a key with a certificate: refused unless asked to replace.
+    // A renewal for a key with a certificate: stored beside it, both listed, the first under
+    // the key's id and the new one under its exact id; removed by the user, the old one goes
+    // and the key's last certificate stays; `Replace` deletes the others once it is stored.
     let key = generate(&rig, KeySpec::EcP256, "renewed", false);
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let first = issue(&rig, &key, "First", work.path());
+    // Issued in the same second: the serial number orders them.
+    let first = issue_serial(&rig, &key, "First", work.path(), Some(0x100));
     assert!(
         import(first.clone(), ImportMode::KeepExisting)
             .unwrap()
@@ -420,22 +442,67 @@ fn wrong_pins_strangers_renewals_and_garbage_are_typed_errors() {
     // The same certificate again changes nothing.
     let again = import(first.clone(), ImportMode::KeepExisting).unwrap();
     assert!(!again.stored && !again.replaced);
-    let second = issue(&rig, &key, "Second", work.path());
-    match import(second.clone(), ImportMode::KeepExisting) {
-        Err(Error::CertificateExists { existing }) => assert_eq!(existing, key.id),
-        other => panic!("{other:?}"),
-    }
+    let second = issue_serial(&rig, &key, "Second", work.path(), Some(0x2000));
+    let renewal = import(second.clone(), ImportMode::KeepExisting).unwrap();
+    assert!(renewal.stored && !renewal.replaced);
+    let exact = CertificateId::exact(&rig.token, &key.cka_id, &second);
+    assert_eq!(renewal.certificate.id, exact);
     let listed = |rig: &Rig| {
-        rig.module
+        let mut v: Vec<(CertificateId, Vec<u8>)> = rig
+            .module
             .certificates(Some(&rig.token))
             .unwrap()
             .into_iter()
-            .filter(|c| c.id == key.id)
-            .map(|c| c.der)
-            .collect::<Vec<_>>()
+            .filter(|c| c.id.key() == key.id)
+            .map(|c| (c.id, c.der))
+            .collect();
+        v.sort();
+        v
     };
-    assert_eq!(listed(&rig), vec![first]);
-    let replaced = import(second.clone(), ImportMode::Replace).unwrap();
+    let mut both = vec![
+        (key.id.clone(), first.clone()),
+        (exact.clone(), second.clone()),
+    ];
+    both.sort();
+    assert_eq!(listed(&rig), both);
+    // Each id signs with the key, and names its own certificate.
+    for id in [&key.id, &exact] {
+        rig.module
+            .sign(
+                SignRequest {
+                    certificate: id.clone(),
+                    algorithm: SignAlgorithm::Ecdsa(HashAlg::Sha256, EcdsaEncoding::Der),
+                    inputs: vec![SignInput::Data(b"renewal".to_vec())],
+                    logout_after: true,
+                },
+                pin(),
+                None,
+                None,
+            )
+            .unwrap_or_else(|f| panic!("{id}: {f}"));
+    }
+    let remove = |id: &CertificateId| {
+        rig.module.delete_certificate(
+            DeleteCertificateRequest {
+                certificate: id.clone(),
+                logout_after: true,
+            },
+            pin(),
+        )
+    };
+    let removed = remove(&key.id).unwrap();
+    assert_eq!(removed.certificate, key.id);
+    // The renewal is listed under the key's id now; its exact id still names it.
+    assert_eq!(removed.kept, key.id);
+    assert_eq!(listed(&rig), vec![(key.id.clone(), second.clone())]);
+    assert!(matches!(remove(&exact), Err(Error::OnlyCertificate(_))));
+    assert!(matches!(remove(&key.id), Err(Error::OnlyCertificate(_))));
+    assert_eq!(listed(&rig), vec![(key.id.clone(), second.clone())]);
+
+    let third = issue_serial(&rig, &key, "Third", work.path(), Some(0x30000));
+    import(first.clone(), ImportMode::KeepExisting).unwrap();
+    assert_eq!(listed(&rig).len(), 2);
+    let replaced = import(third.clone(), ImportMode::Replace).unwrap();
     assert!(replaced.stored && replaced.replaced);
-    assert_eq!(listed(&rig), vec![second]);
+    assert_eq!(listed(&rig), vec![(key.id.clone(), third)]);
 }

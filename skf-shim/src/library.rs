@@ -243,6 +243,31 @@ impl Library {
         })
     }
 
+    /// The container whose SM2 signing key is `public_key` (`04 ‖ X ‖ Y`), in any application
+    /// of the token, certificate or not: where a certificate issued for that key belongs
+    /// (SKF_EnumApplication, SKF_EnumContainer, SKF_GetContainerType, SKF_ExportPublicKey; no
+    /// PIN). `None`: no container holds that key.
+    pub fn key_container(
+        &self,
+        token: &TokenId,
+        public_key: Vec<u8>,
+    ) -> Result<Option<CertificateId>, Error> {
+        let token = token.clone();
+        self.call(|reply| Request::KeyContainer {
+            token,
+            public_key,
+            reply,
+        })
+    }
+
+    /// Deletes a container [`Library::generate_sm2`] made whose certificate request could not
+    /// be made (SKF_DeleteContainer; the PIN must still be verified). A container with a
+    /// signing certificate is never deleted ([`Error::CertificateSlotTaken`]).
+    pub fn delete_new_container(&self, container: &CertificateId) -> Result<(), Error> {
+        let container = container.clone();
+        self.call(|reply| Request::DeleteNewContainer { container, reply })
+    }
+
     /// SKF_ClearSecureState: the PIN must be verified again before the next signature.
     pub fn logout(&self, application: &ApplicationId) -> Result<(), Error> {
         let application = application.clone();
@@ -430,6 +455,15 @@ pub(crate) enum Request {
         mode: ImportMode,
         reply: Reply<CertificateInfo>,
     },
+    KeyContainer {
+        token: TokenId,
+        public_key: Vec<u8>,
+        reply: Reply<Option<CertificateId>>,
+    },
+    DeleteNewContainer {
+        container: CertificateId,
+        reply: Reply<()>,
+    },
 }
 
 impl Request {
@@ -444,6 +478,8 @@ impl Request {
             Request::Logout { .. } => "logout",
             Request::GenerateSm2 { .. } => "generate_sm2",
             Request::ImportCertificate { .. } => "import_certificate",
+            Request::KeyContainer { .. } => "key_container",
+            Request::DeleteNewContainer { .. } => "delete_new_container",
         }
     }
 }

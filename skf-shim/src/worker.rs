@@ -194,6 +194,16 @@ impl Worker {
             } => {
                 let _ = reply.send(self.import_certificate(&container, &der, mode));
             }
+            Request::KeyContainer {
+                token,
+                public_key,
+                reply,
+            } => {
+                let _ = reply.send(self.key_container(&token, &public_key));
+            }
+            Request::DeleteNewContainer { container, reply } => {
+                let _ = reply.send(self.delete_new_container(&container));
+            }
         }
     }
 

@@ -472,5 +472,33 @@ test('the demo portal enrols: a key and request made on the token, the issued ce
   const contract = Buffer.from(await page.textContent('#contract'));
   const pemText = fs.readFileSync(path.join(work, 'cert.pem'), 'utf8');
   assert.ok(cryptoVerify('SHA256', contract, { key: pemText, dsaEncoding: 'ieee-p1363' }, signature));
+
+  // The same section with the SM2 key type makes the key on the USB key (SKF, PIN 123456): an
+  // SM3withSM2 request over the default user ID, issued by the SM2 test CA, stored and listed.
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  await page.selectOption('#enrol-algorithm', 'SM2');
+  await page.fill('#enrol-subject', 'CN=演示用户,O=示例银行,C=CN');
+  const sm2 = await step('generate an SM2 key and request on the USB key', () => clickAndSettle(page, '#generate', 'generate-result'));
+  assert.equal(sm2.error, null);
+  assert.ok(sm2.ok, sm2.text);
+  const sm2Dialog = pinentry.dialogs().at(-1);
+  assert.ok(sm2Dialog.description.includes('«SM2»') && sm2Dialog.description.includes('Container: «演示用户»'), sm2Dialog.description);
+  fs.writeFileSync(path.join(work, 'sm2-req.pem'), await page.inputValue('#csr'));
+  const distid = 'distid:1234567812345678';
+  const sm2Verified = spawnSync('openssl', ['req', '-verify', '-in', 'sm2-req.pem', '-noout', '-vfyopt', distid], { cwd: work, encoding: 'utf8' });
+  assert.match(sm2Verified.stdout + sm2Verified.stderr, /verify OK/);
+  const skfStore = path.join(dir, 'skf-key');
+  const sm2Issued = spawnSync('openssl', ['x509', '-req', '-in', 'sm2-req.pem', '-vfyopt', distid, '-CA', path.join(skfStore, 'ca.pem'),
+    '-CAkey', path.join(skfStore, 'ca.key'), '-sm3', '-sigopt', distid, '-days', '30', '-extfile', 'ext.cnf', '-extensions', 'ext',
+    '-out', 'sm2-cert.pem'], { cwd: work, encoding: 'utf8' });
+  assert.equal(sm2Issued.status, 0, sm2Issued.stderr);
+  pinentry.push({ pin: rig.USER_PIN, expect: 'GETPIN' });
+  await page.fill('#cert-pem', fs.readFileSync(path.join(work, 'sm2-cert.pem'), 'utf8'));
+  const sm2Stored = await step('store the SM2 certificate', () => clickAndSettle(page, '#import', 'import-result'));
+  assert.equal(sm2Stored.error, null);
+  assert.ok(sm2Stored.ok, sm2Stored.text);
+  assert.equal(await page.$$eval('#certs option', (o) => o.length), before + 2);
+  const sm2Option = await page.$eval('#certs', (s) => s.selectedOptions[0].textContent);
+  assert.equal(sm2Option, '演示用户 — signing documents — issued by KeyPort SM2 Test CA');
   await page.close();
 });

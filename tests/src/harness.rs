@@ -530,8 +530,23 @@ impl Agent {
 
     /// Runs `keyport --config CONFIG ARGS…` with the token's environment.
     pub fn keyport(&self, args: &[&str]) -> Result<Output> {
-        Command::new(keyport_bin())
-            .arg("--config")
+        self.keyport_command(args)
+            .output()
+            .context("running keyport")
+    }
+
+    /// [`Agent::keyport`] for a command that asks the user: its dialogs take the next steps of
+    /// this agent's pinentry script and land in its transcript.
+    pub fn keyport_with_dialogs(&self, args: &[&str]) -> Result<Output> {
+        self.keyport_command(args)
+            .envs(self.script.env())
+            .output()
+            .context("running keyport")
+    }
+
+    fn keyport_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(keyport_bin());
+        cmd.arg("--config")
             .arg(&self.config)
             .args(args)
             .env("SOFTHSM2_CONF", &self.softhsm_conf)
@@ -540,9 +555,8 @@ impl Agent {
                     .iter()
                     .map(|state| ("KEYPORT_SOFT_SKF_DIR", state.as_os_str())),
             )
-            .stdin(Stdio::null())
-            .output()
-            .context("running keyport")
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// Replaces the fault module's control file atomically (`pin_locked=1`, …).

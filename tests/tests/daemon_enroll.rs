@@ -305,10 +305,15 @@ async fn cancels_wrong_pins_strangers_and_renewals() {
         .unwrap();
     assert!(e.message.contains("matches no key"), "{}", e.message);
 
-    // A renewal for the same key: refused without "replace", stored with it.
-    let work = tempfile::tempdir().unwrap();
-    let first = verify_and_issue(&tk, &csr, "Renewed", 7, work.path());
-    let second = verify_and_issue(&tk, &csr, "Renewed", 8, work.path());
+    // A renewal for the same key replaces nothing silently: stored beside the first, both
+    // listed (the first keeps the key's id, the new one gets its exact id), each signs.
+    let (w1, w2, w3) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let first = verify_and_issue(&tk, &csr, "Renewed", 7, w1.path());
+    let second = verify_and_issue(&tk, &csr, "Renewed", 8, w2.path());
     assert_ne!(first, second);
     agent
         .script()
@@ -316,28 +321,172 @@ async fn cancels_wrong_pins_strangers_and_renewals() {
             Step::pin(USER_PIN),
             Step::pin(USER_PIN),
             Step::pin(USER_PIN),
+            Step::pin(USER_PIN),
         ])
         .unwrap();
-    client
+    let r = client
         .call_ok(
             "certificates.import",
             json!({"tokenId": token, "certificate": b64(&first)}),
         )
         .await
         .unwrap();
-    let e = client
-        .call_err(
-            "certificates.import",
-            json!({"tokenId": token, "certificate": b64(&second)}),
-            "INVALID_PARAMS",
-        )
-        .await
-        .unwrap();
-    assert!(e.message.contains("replace"), "{}", e.message);
+    assert_eq!(r["certificateId"], key_id.as_str());
     let r = client
         .call_ok(
             "certificates.import",
-            json!({"tokenId": token, "certificate": b64(&second), "replace": true}),
+            json!({"tokenId": token, "certificate": b64(&second)}),
+        )
+        .await
+        .unwrap();
+    let second_id = r["certificateId"].as_str().unwrap().to_owned();
+    assert!(
+        second_id.starts_with(&format!("{key_id}.")) && second_id.len() == key_id.len() + 17,
+        "{second_id}"
+    );
+    let kept_dialog = agent.script().dialogs().unwrap().pop().unwrap();
+    assert!(
+        kept_dialog
+            .description
+            .as_deref()
+            .unwrap()
+            .contains("it stays, and both are listed until you remove the old one"),
+        "{kept_dialog:#?}"
+    );
+    let listed = |list: &Value| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<(String, Vec<u8>)> = list["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["id"].as_str().unwrap().starts_with(key_id.as_str()))
+            .map(|c| {
+                (
+                    c["id"].as_str().unwrap().to_owned(),
+                    unb64(&c["certificate"]).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let list = client
+        .call_ok("certificates.list", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed(&list),
+        vec![
+            (key_id.clone(), first.clone()),
+            (second_id.clone(), second.clone())
+        ]
+    );
+    let doc = b"signed with a renewed key".to_vec();
+    for (id, dir) in [(&key_id, &w1), (&second_id, &w2)] {
+        let signed = client
+            .call_ok(
+                "sign",
+                json!({"certificateId": id, "data": b64(&doc), "display": {"title": "Renewal"}}),
+            )
+            .await
+            .unwrap();
+        // Each id's answer carries its own certificate, and the signature verifies with it.
+        let cert = unb64(&signed["certificate"]).unwrap();
+        assert_eq!(
+            cert,
+            if id == &key_id {
+                first.clone()
+            } else {
+                second.clone()
+            }
+        );
+        verify_raw(
+            &dir.path().join("cert.pem"),
+            &Signed::Data(doc.clone()),
+            &unb64(&signed["signature"]).unwrap(),
+            RawAlg::EcdsaDer(Hash::Sha256),
+        )
+        .unwrap();
+    }
+
+    // The user removes the old one on the command line (a PIN dialog that says what stays).
+    agent
+        .script()
+        .push(&Step::pin(USER_PIN).expect(Command::GetPin))
+        .unwrap();
+    let out = agent
+        .keyport_with_dialogs(&[
+            "certs",
+            "remove",
+            "--token",
+            &token,
+            "--certificate",
+            &key_id,
+        ])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("removed certificate {key_id} ")),
+        "{text}"
+    );
+    let remove_dialog = agent.script().dialogs().unwrap().pop().unwrap();
+    assert_eq!(
+        remove_dialog.title.as_deref(),
+        Some("KeyPort: remove a certificate")
+    );
+    let described = remove_dialog.description.unwrap();
+    assert!(
+        described.contains("keyport certs remove (command line) asks to remove a certificate")
+            && described.contains("Serial number: «07»")
+            && described.contains("The key keeps its certificate valid until"),
+        "{described}"
+    );
+    // The renewal is listed under the key's id now; its exact id still signs with it.
+    let list = client
+        .call_ok("certificates.list", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(listed(&list), vec![(key_id.clone(), second.clone())]);
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    let signed = client
+        .call_ok(
+            "sign",
+            json!({"certificateId": second_id, "data": b64(&doc), "display": {"title": "Renewal"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unb64(&signed["certificate"]).unwrap(), second);
+    // The key's last certificate is not removed: refused before any dialog.
+    let dialogs_before = agent.script().dialogs().unwrap().len();
+    let out = agent
+        .keyport_with_dialogs(&[
+            "certs",
+            "remove",
+            "--token",
+            &token,
+            "--certificate",
+            &second_id,
+        ])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(agent.script().dialogs().unwrap().len(), dialogs_before);
+
+    // "replace": true deletes the key's other certificates once the new one is stored.
+    let third = verify_and_issue(&tk, &csr, "Renewed", 9, w3.path());
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    let r = client
+        .call_ok(
+            "certificates.import",
+            json!({"tokenId": token, "certificate": b64(&third), "replace": true}),
         )
         .await
         .unwrap();
@@ -351,17 +500,15 @@ async fn cancels_wrong_pins_strangers_and_renewals() {
         .call_ok("certificates.list", json!({}))
         .await
         .unwrap();
-    let listed: Vec<Vec<u8>> = list["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["id"] == key_id.as_str())
-        .map(|c| unb64(&c["certificate"]).unwrap())
-        .collect();
-    assert_eq!(listed, vec![second]);
+    assert_eq!(listed(&list), vec![(key_id.clone(), third)]);
     let audit = std::fs::read_to_string(agent.audit_log()).unwrap();
     assert!(audit.contains("USER_CANCELLED"), "{audit}");
     assert!(audit.contains("CERTIFICATE_NOT_FOUND"), "{audit}");
+    assert_eq!(
+        audit.matches("\"certificates.remove\"").count(),
+        1,
+        "{audit}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

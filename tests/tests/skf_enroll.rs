@@ -3,7 +3,7 @@
 //! key, checked by `openssl req -verify`; the SM2 test CA issues a certificate from the request
 //! with `openssl x509 -req`; the certificate is imported and listed on its container; a
 //! signature with the new key verifies against the imported certificate with OpenSSL and gmssl.
-//! (The wire methods, dialogs and CLI around this are not built yet.)
+//! (The wire methods, dialogs and CLI around this: daemon_skf_enroll.rs.)
 
 #[path = "../../skf-shim/tests/support/soft_skf.rs"]
 mod soft_skf;

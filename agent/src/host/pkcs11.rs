@@ -140,6 +140,7 @@ fn failed(job: &Job, e: WireError) -> Reply {
         Job::Import { .. } => Reply::Imported(Err(e)),
         Job::CheckGeneration { .. } => Reply::GenerationChecked(Err(e)),
         Job::DeleteKey { .. } => Reply::KeyDeleted(Err(e)),
+        Job::DeleteCertificate { .. } => Reply::CertificateDeleted(Err(e)),
         Job::Sign { .. } => Reply::Signed(Err(remote::WireFailure {
             error: e,
             completed: Vec::new(),

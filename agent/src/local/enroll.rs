@@ -1,13 +1,16 @@
 //! `keyport keys generate` and `keyport certs import`: the service's enrolment without a page.
 //! The same dialogs (with the command line in the origin's place), the same consent loop as
-//! `keyport sign`, the same audit records under the origin `local`.
+//! `keyport sign`, the same audit records under the origin `local`. PKCS#11 tokens here, SKF
+//! keys (SM2) in [`skf`].
+
+mod skf;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use pkcs11_shim::{
-    Credential, DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest,
-    KeySpec, LoginState, SignInput, TokenId,
+    DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest, KeySpec,
+    LoginState, SignInput, TokenId,
 };
 use sha2::Digest as _;
 
@@ -15,8 +18,8 @@ use super::{PendingOutput, SignFileError, LOCAL_ORIGIN};
 use crate::audit::{AuditLog, AuditRecord, Operation, Outcome};
 use crate::backend::{self, Backend, TokenError};
 use crate::consent::{self, credential as credential_from, first_question, DialogBuilder, Next};
-use crate::dialog::{Texts, Unlock};
-use crate::enroll;
+use crate::dialog::{KeyCertificate, ShownCertificate, Texts, Unlock};
+use crate::enroll::{self, NewKeyType};
 use crate::pinentry::{DialogCancel, Pinentry};
 use crate::service::{common_name, generation_failure, Failure};
 use crate::tokens::TokenSet;
@@ -26,8 +29,8 @@ use crate::tokens::TokenSet;
 pub struct GenerateKeyRequest<'a> {
     /// The token id, as `keyport tokens` shows it.
     pub token: &'a str,
-    pub spec: KeySpec,
-    /// CKA_LABEL; `None`: the subject's common name.
+    pub key_type: NewKeyType,
+    /// CKA_LABEL (SKF: the container's name); `None`: the subject's common name.
     pub label: Option<&'a str>,
     /// RFC 4514.
     pub subject: &'a str,
@@ -62,7 +65,19 @@ pub fn generate_key(
         .output
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("pem"));
-    let result = generate_with(&token, pinentry, texts, req);
+    let result = match (&token, req.key_type) {
+        (Enrolment::Pkcs11(token), NewKeyType::Pkcs11(spec)) => {
+            generate_with(token, spec, pinentry, texts, req)
+        }
+        (Enrolment::Skf(token), NewKeyType::Sm2) => skf::generate_sm2(token, pinentry, texts, req),
+        (Enrolment::Pkcs11(_), NewKeyType::Sm2) => Err(Failure::Algorithm(
+            "this token cannot generate SM2 keys (SM2 keys are made on SKF keys)".into(),
+        )),
+        (Enrolment::Skf(_), other) => Err(Failure::Algorithm(format!(
+            "an SKF key generates SM2 keys, not {}",
+            other.wire_name()
+        ))),
+    };
     let mut record = AuditRecord::new(LOCAL_ORIGIN, Operation::KeysGenerate);
     match &result {
         Ok((_, _, digest)) => record = record.digest(digest).outcome(Outcome::Granted),
@@ -83,6 +98,7 @@ pub fn generate_key(
 
 fn generate_with(
     token: &EnrolmentToken,
+    spec: KeySpec,
     pinentry: &Pinentry,
     texts: Texts,
     req: &GenerateKeyRequest<'_>,
@@ -95,10 +111,10 @@ fn generate_with(
         texts.command_line_program("keys generate"),
         token.label.clone(),
     );
-    let (algorithm, subject) = (req.spec.wire_name(), req.subject.to_owned());
+    let (algorithm, subject) = (spec.wire_name(), req.subject.to_owned());
     let (origin2, label2, subject2) = (origin.clone(), token_label.clone(), subject.clone());
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-        texts.generate_key(&origin, &token_label, &algorithm, &subject, unlock)
+        texts.generate_key(&origin, &token_label, None, &algorithm, &subject, unlock)
     });
     // Only a key that asks for its PIN at every signature shows this one.
     let build_request: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
@@ -106,22 +122,22 @@ fn generate_with(
     });
     let generate = GenerateRequest {
         token: token.id.clone(),
-        spec: req.spec,
+        spec,
         label,
         always_authenticate: req.always_authenticate,
         logout_after: false,
     };
     // A type the token cannot make is refused before anyone is asked.
     module
-        .check_generation(&token.id, req.spec)
-        .map_err(|e| generation_failure(e, req.spec))?;
+        .check_generation(&token.id, spec)
+        .map_err(|e| generation_failure(e, spec))?;
     let first = first_dialog(token)?;
     let result = (|| {
         let key = with_dialogs(pinentry, texts, &build, first, |credential| {
-            module.generate_key(generate.clone(), credential)
+            Ok(module.generate_key(generate.clone(), credential.into_pkcs11())?)
         })
         .map_err(|e| match e {
-            Failure::Token(e) => generation_failure(e, req.spec),
+            Failure::Token(e) => generation_failure(e, spec),
             other => other,
         })?;
         let pending = enroll::request(req.subject, &key.public_key_der)
@@ -137,7 +153,7 @@ fn generate_with(
             logout_after: false,
         };
         let signature = with_dialogs(pinentry, texts, &build_request, None, |credential| {
-            module.sign_with_key(sign.clone(), credential)
+            Ok(module.sign_with_key(sign.clone(), credential.into_pkcs11())?)
         })
         .inspect_err(|_| {
             // No request, no use for the key: a cancel here leaves nothing behind either.
@@ -198,7 +214,13 @@ pub fn import_certificate(
             input.display()
         ))
     })?;
-    let token = find_token(tokens, token)?;
+    let token = match find_token(tokens, token)? {
+        Enrolment::Pkcs11(token) => token,
+        Enrolment::Skf(token) => {
+            let result = skf::import_sm2(&token, pinentry, texts, &cert, &der, replace);
+            return finish_import(audit, subject_of(&cert), &der, result);
+        }
+    };
     let tbs = cert.tbs_certificate();
     let subject = tbs.subject().to_string();
     let (origin, token_label) = (
@@ -206,8 +228,25 @@ pub fn import_certificate(
         token.label.clone(),
     );
     let (shown, issuer) = (subject.clone(), common_name(&tbs.issuer().to_string()));
+    // A renewal for the same key: the dialog says what becomes of the present certificate.
+    let renewal = token
+        .module
+        .certificates(Some(&token.id))
+        .map_err(|e| SignFileError::Failure(Failure::Token(e.into())))?
+        .iter()
+        .any(|c| c.der != der && enroll::same_key(&c.der, &cert));
+    let old = match (renewal, replace) {
+        (false, _) => KeyCertificate::None,
+        (true, false) => KeyCertificate::KeptBeside,
+        (true, true) => KeyCertificate::Replaced,
+    };
     let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-        texts.import_certificate(&origin, &token_label, &shown, &issuer, replace, unlock)
+        let cert = ShownCertificate {
+            subject: &shown,
+            issuer: &issuer,
+            ..Default::default()
+        };
+        texts.import_certificate(&origin, &token_label, None, cert, old, unlock)
     });
     let request = ImportRequest {
         token: token.id.clone(),
@@ -219,33 +258,57 @@ pub fn import_certificate(
         },
         logout_after: true,
     };
-    let result = first_dialog(&token).and_then(|first| {
-        with_dialogs(pinentry, texts, &build, first, |credential| {
-            token.module.import_certificate(request.clone(), credential)
+    let result = first_dialog(&token)
+        .and_then(|first| {
+            with_dialogs(pinentry, texts, &build, first, |credential| {
+                Ok(token
+                    .module
+                    .import_certificate(request.clone(), credential.into_pkcs11())?)
+            })
         })
-    });
+        .map(|imported| imported.certificate.id.to_string());
+    finish_import(audit, subject, &der, result)
+}
+
+fn subject_of(cert: &x509_cert::Certificate) -> String {
+    cert.tbs_certificate().subject().to_string()
+}
+
+/// The import's audit record, then its answer.
+fn finish_import(
+    audit: &mut AuditLog,
+    subject: String,
+    der: &[u8],
+    result: Result<String, Failure>,
+) -> Result<ImportedCertificate, SignFileError> {
     let record = AuditRecord::new(LOCAL_ORIGIN, Operation::CertificatesImport)
-        .certificate(subject.clone(), &der)
+        .certificate(subject.clone(), der)
         .outcome(match &result {
             Ok(_) => Outcome::Granted,
             Err(f) => f.outcome(),
         });
     audit.append(&record).map_err(SignFileError::Audit)?;
-    let imported = result.map_err(SignFileError::Failure)?;
+    let certificate_id = result.map_err(SignFileError::Failure)?;
     Ok(ImportedCertificate {
-        certificate_id: imported.certificate.id.to_string(),
+        certificate_id,
         subject,
     })
 }
 
-/// A token enrolment works on: PKCS#11 for now.
+/// A PKCS#11 token enrolment works on.
 struct EnrolmentToken {
     module: pkcs11_shim::Module,
     id: TokenId,
     label: String,
 }
 
-fn find_token(tokens: &TokenSet, id: &str) -> Result<EnrolmentToken, SignFileError> {
+/// The token `--token` names, by back end.
+enum Enrolment {
+    Pkcs11(EnrolmentToken),
+    Skf(skf::SkfToken),
+}
+
+fn find_token(tokens: &TokenSet, id: &str) -> Result<Enrolment, SignFileError> {
     let parsed: backend::TokenId = id.parse().map_err(|_| {
         SignFileError::Usage(format!("{id:?} is not a token id (see `keyport tokens`)"))
     })?;
@@ -255,14 +318,21 @@ fn find_token(tokens: &TokenSet, id: &str) -> Result<EnrolmentToken, SignFileErr
             TokenError::TokenNotPresent,
         )))?;
     match (view.module, view.info.id) {
-        (Backend::Pkcs11(module), backend::TokenId::Pkcs11(id)) => Ok(EnrolmentToken {
-            module,
+        (Backend::Pkcs11(module), backend::TokenId::Pkcs11(id)) => {
+            Ok(Enrolment::Pkcs11(EnrolmentToken {
+                module,
+                id,
+                label: view.info.label.trim().to_owned(),
+            }))
+        }
+        (Backend::Skf(library), backend::TokenId::Skf(id)) => Ok(Enrolment::Skf(skf::SkfToken {
+            library,
             id,
             label: view.info.label.trim().to_owned(),
-        }),
-        _ => Err(SignFileError::Usage(
-            "key generation and certificate import are not offered for SKF keys yet".into(),
-        )),
+        })),
+        _ => Err(SignFileError::Failure(Failure::Internal(
+            "a token's id and its library are of different back ends".into(),
+        ))),
     }
 }
 
@@ -285,7 +355,7 @@ fn with_dialogs<T>(
     texts: Texts,
     build: &DialogBuilder,
     first: Option<Unlock>,
-    mut job: impl FnMut(Credential) -> Result<T, pkcs11_shim::Error>,
+    mut job: impl FnMut(backend::Credential) -> Result<T, TokenError>,
 ) -> Result<T, Failure> {
     let mut question = first;
     let mut last = None;
@@ -298,12 +368,127 @@ fn with_dialogs<T>(
             credential = credential_from(consent, unlock);
             last = Some(unlock);
         }
-        match job(credential.into_pkcs11()) {
+        match job(credential) {
             Ok(v) => return Ok(v),
-            Err(error) => match consent::after(error.into(), last) {
+            Err(error) => match consent::after(error, last) {
                 Next::Ask(unlock) => question = Some(unlock),
                 Next::Stop(error) => return Err(Failure::Token(error)),
             },
         }
     }
+}
+
+/// What `keyport certs remove` removed.
+#[derive(Debug, Clone)]
+pub struct RemovedCertificate {
+    /// The id it was listed under.
+    pub certificate_id: String,
+    pub subject: String,
+    /// The id of the key's certificate that stays.
+    pub kept_id: String,
+}
+
+/// Removes one certificate of a key that has another one (the old one after a renewal for the
+/// same key), after the user's consent and PIN. A key's last certificate is refused before any
+/// dialog, and the key itself is never touched. PKCS#11 tokens only: an SKF container holds one
+/// signing certificate (`keyport certs import --replace` replaces it).
+pub fn remove_certificate(
+    tokens: &TokenSet,
+    pinentry: &Pinentry,
+    texts: Texts,
+    audit: &mut AuditLog,
+    token: &str,
+    certificate: &str,
+) -> Result<RemovedCertificate, SignFileError> {
+    let asked: backend::CertificateId = certificate.parse().map_err(|_| {
+        SignFileError::Usage(format!(
+            "{certificate:?} is not a certificate id (see `keyport certs`)"
+        ))
+    })?;
+    if asked.token_id().as_str() != token {
+        return Err(SignFileError::Usage(format!(
+            "certificate {certificate} is not on token {token}"
+        )));
+    }
+    let token = match find_token(tokens, token)? {
+        Enrolment::Pkcs11(token) => token,
+        Enrolment::Skf(_) => {
+            return Err(SignFileError::Usage(
+                "an SKF key's container holds one signing certificate: replace it with \
+                 `keyport certs import --replace`"
+                    .into(),
+            ))
+        }
+    };
+    let backend::CertificateId::Pkcs11(id) = asked else {
+        return Err(SignFileError::Usage(format!(
+            "certificate {certificate} is not on token {}",
+            token.id
+        )));
+    };
+    let listed = token
+        .module
+        .certificates(Some(&token.id))
+        .map_err(|e| SignFileError::Failure(Failure::Token(e.into())))?;
+    let gone = listed
+        .iter()
+        .find(|c| id.names(&c.id, &c.der))
+        .ok_or_else(|| {
+            SignFileError::Failure(Failure::Token(TokenError::CertificateNotFound(
+                backend::CertificateId::Pkcs11(id.clone()),
+            )))
+        })?
+        .clone();
+    // The key keeps a certificate: the one it has beside this one.
+    let kept = listed
+        .iter()
+        .find(|c| c.id.cka_id().is_some() && c.id.key() == gone.id.key() && c.der != gone.der)
+        .ok_or_else(|| {
+            SignFileError::Failure(Failure::Token(
+                pkcs11_shim::Error::OnlyCertificate(gone.id.clone()).into(),
+            ))
+        })?;
+    let (origin, token_label) = (
+        texts.command_line_program("certs remove"),
+        token.label.clone(),
+    );
+    let (subject, issuer) = (gone.subject.clone(), common_name(&gone.issuer));
+    let (until, serial, kept_until) = (
+        gone.not_after.date().to_string(),
+        gone.serial_hex.clone(),
+        kept.not_after.date().to_string(),
+    );
+    let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
+        let cert = ShownCertificate {
+            subject: &subject,
+            issuer: &issuer,
+            valid_until: Some(&until),
+            serial: Some(&serial),
+        };
+        texts.remove_certificate(&origin, &token_label, cert, &kept_until, unlock)
+    });
+    let request = pkcs11_shim::DeleteCertificateRequest {
+        certificate: gone.id.clone(),
+        logout_after: true,
+    };
+    let result = first_dialog(&token).and_then(|first| {
+        with_dialogs(pinentry, texts, &build, first, |credential| {
+            Ok(token
+                .module
+                .delete_certificate(request.clone(), credential.into_pkcs11())?)
+        })
+    });
+    let record = AuditRecord::new(LOCAL_ORIGIN, Operation::CertificatesRemove)
+        .certificate(gone.subject.clone(), &gone.der)
+        .outcome(match &result {
+            Ok(_) => Outcome::Granted,
+            Err(f) => f.outcome(),
+        });
+    audit.append(&record).map_err(SignFileError::Audit)?;
+    let removed = result.map_err(SignFileError::Failure)?;
+    Ok(RemovedCertificate {
+        certificate_id: removed.certificate.to_string(),
+        subject: gone.subject,
+        kept_id: removed.kept.to_string(),
+    })
 }

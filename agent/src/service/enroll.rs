@@ -3,10 +3,13 @@
 //! ask again with the token's warning → stop at anything else), then the token's work, then an
 //! audit record.
 //!
-//! The token side is PKCS#11 ([`pkcs11_shim::Module::generate_key`] and friends). An SKF key
-//! would take the same path through `skf-shim`'s `generate_sm2` / `import_certificate` once the
-//! agent's token set has the SKF back end (issue 9): [`Service::enrolment_token`] is where
-//! the back end is chosen, and [`key_generation`] names the one PKCS#11-specific step.
+//! The token side is PKCS#11 ([`pkcs11_shim::Module::generate_key`] and friends) or SKF
+//! (`skf_shim::Library::generate_sm2` / `import_certificate`, in [`skf`]):
+//! [`Service::enrolment_token`] is where the back end is chosen, and [`key_generation`] says
+//! which key types each makes (SM2 on SKF keys only, the others on PKCS#11 tokens only; a
+//! mismatch is ALGORITHM_NOT_SUPPORTED before any dialog).
+
+pub(crate) mod skf;
 
 use std::sync::Arc;
 
@@ -17,8 +20,8 @@ use browser_bridge::protocol::{
 use browser_bridge::RequestContext;
 use der::Decode as _;
 use pkcs11_shim::{
-    Credential, DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest,
-    KeySpec, LoginState, SignInput, TokenId,
+    DeleteKeyRequest, GenerateRequest, ImportMode, ImportRequest, KeySignRequest, KeySpec,
+    LoginState, SignInput, TokenId,
 };
 use sha2::Digest as _;
 
@@ -27,16 +30,22 @@ use crate::backend::{self, Backend, TokenError};
 use crate::consent::{
     self, credential as credential_from, first_question, DialogBuilder, Next, Scope,
 };
-use crate::dialog::Unlock;
-use crate::enroll;
+use crate::dialog::{KeyCertificate, ShownCertificate, Unlock};
+use crate::enroll::{self, NewKeyType};
 
 use super::{blocking, common_name, Failure, Service};
 
-/// A token enrolment works on: PKCS#11 for now.
+/// A PKCS#11 token enrolment works on.
 struct EnrolmentToken {
     module: pkcs11_shim::Module,
     id: TokenId,
     label: String,
+}
+
+/// The token a `tokenId` names, by back end.
+enum Enrolment {
+    Pkcs11(EnrolmentToken),
+    Skf(skf::SkfToken),
 }
 
 impl Service {
@@ -75,8 +84,27 @@ impl Service {
     ) -> Result<(String, Vec<u8>, Vec<u8>), Failure> {
         let subject = p.subject.as_str().to_owned();
         enroll::check_subject(&subject).map_err(|e| Failure::InvalidParams(e.to_string()))?;
-        let token = self.enrolment_token(&p.token_id).await?;
-        let spec = key_generation(p.algorithm);
+        let token = match (
+            self.enrolment_token(&p.token_id).await?,
+            key_generation(p.algorithm),
+        ) {
+            (Enrolment::Pkcs11(token), NewKeyType::Pkcs11(spec)) => (token, spec),
+            (Enrolment::Skf(token), NewKeyType::Sm2) => {
+                return self.generate_sm2(ctx, p, token).await
+            }
+            (Enrolment::Pkcs11(_), NewKeyType::Sm2) => {
+                return Err(Failure::Algorithm(
+                    "this token cannot generate SM2 keys (SM2 keys are made on SKF keys)".into(),
+                ))
+            }
+            (Enrolment::Skf(_), other) => {
+                return Err(Failure::Algorithm(format!(
+                    "an SKF key generates SM2 keys, not {}",
+                    other.wire_name()
+                )))
+            }
+        };
+        let (token, spec) = token;
         let always_authenticate = p.always_authenticate.unwrap_or(false);
         let logout_after = self.config.pin_cache_seconds == 0;
 
@@ -86,7 +114,7 @@ impl Service {
         let shown_subject = subject.clone();
         let (origin2, label2, subject2) = (origin.clone(), label.clone(), subject.clone());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-            texts.generate_key(&origin, &label, &algorithm, &shown_subject, unlock)
+            texts.generate_key(&origin, &label, None, &algorithm, &shown_subject, unlock)
         });
         // Only a key that asks for its PIN at every signature shows this one.
         let build_request: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
@@ -111,7 +139,7 @@ impl Service {
         let m = module.clone();
         let key = self
             .with_consent(ctx, &build, first, move |credential| {
-                m.generate_key(request.clone(), credential)
+                Ok(m.generate_key(request.clone(), credential.into_pkcs11())?)
             })
             .await
             .map_err(|e| match e {
@@ -146,7 +174,7 @@ impl Service {
             let m = module.clone();
             let signature = self
                 .with_consent(ctx, &build_request, None, move |credential| {
-                    m.sign_with_key(sign.clone(), credential)
+                    Ok(m.sign_with_key(sign.clone(), credential.into_pkcs11())?)
                 })
                 .await?;
             let csr = pending
@@ -221,16 +249,38 @@ impl Service {
         p: &CertificatesImportParams,
         cert: &x509_cert::Certificate,
     ) -> Result<String, Failure> {
-        let token = self.enrolment_token(&p.token_id).await?;
+        let token = match self.enrolment_token(&p.token_id).await? {
+            Enrolment::Pkcs11(token) => token,
+            Enrolment::Skf(token) => return self.import_sm2(ctx, p, cert, token).await,
+        };
         let replace = p.replace.unwrap_or(false);
         let logout_after = self.config.pin_cache_seconds == 0;
+        // A renewal for the same key: the dialog says what becomes of the present certificate.
+        let listed = token
+            .module
+            .certificates_async(Some(&token.id))
+            .await
+            .map_err(|e| Failure::Token(e.into()))?;
+        let renewal = listed
+            .iter()
+            .any(|c| c.der != p.certificate.0 && enroll::same_key(&c.der, cert));
+        let old = match (renewal, replace) {
+            (false, _) => KeyCertificate::None,
+            (true, false) => KeyCertificate::KeptBeside,
+            (true, true) => KeyCertificate::Replaced,
+        };
         let tbs = cert.tbs_certificate();
         let origin = ctx.origin.as_str().to_owned();
         let label = token.label.clone();
         let subject = tbs.subject().to_string();
         let issuer = common_name(&tbs.issuer().to_string());
         let build: DialogBuilder = Arc::new(move |texts, unlock, _scope| {
-            texts.import_certificate(&origin, &label, &subject, &issuer, replace, unlock)
+            let cert = ShownCertificate {
+                subject: &subject,
+                issuer: &issuer,
+                ..Default::default()
+            };
+            texts.import_certificate(&origin, &label, None, cert, old, unlock)
         });
         let request = ImportRequest {
             token: token.id.clone(),
@@ -247,16 +297,15 @@ impl Service {
         let m = module.clone();
         let imported = self
             .with_consent(ctx, &build, first, move |credential| {
-                m.import_certificate(request.clone(), credential)
+                Ok(m.import_certificate(request.clone(), credential.into_pkcs11())?)
             })
             .await;
         self.end_enrolment(&module, &token.id, logout_after).await;
         Ok(imported?.certificate.id.to_string())
     }
 
-    /// The token a `tokenId` names, as enrolment sees it. With the SKF back end (issue 9)
-    /// this is where an SKF key would be told apart.
-    async fn enrolment_token(&self, token_id: &str) -> Result<EnrolmentToken, Failure> {
+    /// The token a `tokenId` names, as enrolment sees it: a PKCS#11 token or an SKF key.
+    async fn enrolment_token(&self, token_id: &str) -> Result<Enrolment, Failure> {
         let id: backend::TokenId = token_id.parse().map_err(|_| {
             Failure::InvalidParams("tokenId is not a token id of this agent".into())
         })?;
@@ -265,14 +314,22 @@ impl Service {
             .await?
             .ok_or(Failure::Token(TokenError::TokenNotPresent))?;
         match (view.module, view.info.id) {
-            (Backend::Pkcs11(module), backend::TokenId::Pkcs11(id)) => Ok(EnrolmentToken {
-                module,
-                id,
-                label: view.info.label.trim().to_owned(),
-            }),
-            // skf-shim's generate_sm2 / import_certificate exist; their wire path does not yet.
-            _ => Err(Failure::Algorithm(
-                "keys.generate and certificates.import are not offered for SKF keys yet".into(),
+            (Backend::Pkcs11(module), backend::TokenId::Pkcs11(id)) => {
+                Ok(Enrolment::Pkcs11(EnrolmentToken {
+                    module,
+                    id,
+                    label: view.info.label.trim().to_owned(),
+                }))
+            }
+            (Backend::Skf(library), backend::TokenId::Skf(id)) => {
+                Ok(Enrolment::Skf(skf::SkfToken {
+                    library,
+                    id,
+                    label: view.info.label.trim().to_owned(),
+                }))
+            }
+            _ => Err(Failure::Internal(
+                "a token's id and its library are of different back ends".into(),
             )),
         }
     }
@@ -302,7 +359,7 @@ impl Service {
         ctx: &RequestContext,
         build: &DialogBuilder,
         first: Option<Unlock>,
-        job: impl Fn(Credential) -> Result<T, pkcs11_shim::Error> + Send + Sync + Clone + 'static,
+        job: impl Fn(backend::Credential) -> Result<T, TokenError> + Send + Sync + Clone + 'static,
     ) -> Result<T, Failure> {
         let mut question = first;
         let mut last = None;
@@ -314,9 +371,9 @@ impl Service {
                 last = Some(unlock);
             }
             let job = job.clone();
-            match blocking(move || job(credential.into_pkcs11())).await? {
+            match blocking(move || job(credential)).await? {
                 Ok(v) => return Ok(v),
-                Err(error) => match consent::after(error.into(), last) {
+                Err(error) => match consent::after(error, last) {
                     Next::Ask(unlock) => question = Some(unlock),
                     Next::Stop(error) => return Err(Failure::Token(error)),
                 },
@@ -353,13 +410,14 @@ pub(crate) fn generation_failure(e: impl Into<TokenError>, spec: KeySpec) -> Fai
     }
 }
 
-/// The PKCS#11 key type for a wire algorithm.
-pub(crate) fn key_generation(algorithm: GenerateAlgorithm) -> KeySpec {
+/// The key type for a wire algorithm.
+pub(crate) fn key_generation(algorithm: GenerateAlgorithm) -> NewKeyType {
     match algorithm {
-        GenerateAlgorithm::EcP256 => KeySpec::EcP256,
-        GenerateAlgorithm::EcP384 => KeySpec::EcP384,
-        GenerateAlgorithm::Rsa2048 => KeySpec::Rsa { bits: 2048 },
-        GenerateAlgorithm::Rsa3072 => KeySpec::Rsa { bits: 3072 },
-        GenerateAlgorithm::Ed25519 => KeySpec::Ed25519,
+        GenerateAlgorithm::EcP256 => NewKeyType::Pkcs11(KeySpec::EcP256),
+        GenerateAlgorithm::EcP384 => NewKeyType::Pkcs11(KeySpec::EcP384),
+        GenerateAlgorithm::Rsa2048 => NewKeyType::Pkcs11(KeySpec::Rsa { bits: 2048 }),
+        GenerateAlgorithm::Rsa3072 => NewKeyType::Pkcs11(KeySpec::Rsa { bits: 3072 }),
+        GenerateAlgorithm::Ed25519 => NewKeyType::Pkcs11(KeySpec::Ed25519),
+        GenerateAlgorithm::Sm2 => NewKeyType::Sm2,
     }
 }

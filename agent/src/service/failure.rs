@@ -41,6 +41,9 @@ pub enum Failure {
     Algorithm(String),
     #[error("{0}")]
     InvalidParams(String),
+    /// `certificates.import` of a certificate whose public key is no key on the token.
+    #[error("the certificate's public key matches no key on this token")]
+    NoMatchingKey,
     #[error("{0} is not built yet in this agent")]
     NotBuilt(&'static str),
     #[error("internal error: {0}")]
@@ -82,16 +85,33 @@ impl Failure {
                 E::TokenNotPresent | E::TokenNotFound(_) => {
                     RpcError::new(Reason::TokenNotPresent, "the token is not present")
                 }
-                E::Pkcs11(pkcs11_shim::Error::NoMatchingKey) => RpcError::new(
-                    Reason::CertificateNotFound,
-                    "the certificate's public key matches no key on this token",
-                ),
+                E::Pkcs11(pkcs11_shim::Error::NoMatchingKey)
+                | E::Skf(skf_shim::Error::CertificateNotForKey(_)) => {
+                    Failure::NoMatchingKey.to_rpc()
+                }
                 E::Pkcs11(pkcs11_shim::Error::CertificateExists { existing }) => {
                     RpcError::invalid_params(format!(
                     "this key already has a certificate ({existing}); send \"replace\": true to \
                      replace it"
                     ))
                 }
+                E::Pkcs11(pkcs11_shim::Error::OnlyCertificate(id)) => {
+                    RpcError::invalid_params(format!(
+                        "{id} is its key's only certificate; KeyPort removes only a certificate \
+                         the key has another one beside"
+                    ))
+                }
+                E::Skf(skf_shim::Error::CertificateSlotTaken { container, .. }) => {
+                    RpcError::invalid_params(format!(
+                        "this key already has a certificate ({}); send \"replace\": true to \
+                         replace it",
+                        crate::backend::CertificateId::Skf(container.clone())
+                    ))
+                }
+                E::Skf(skf_shim::Error::ContainerExists(c)) => RpcError::invalid_params(format!(
+                    "the SKF key already has a key in a container named {:?}: choose another label",
+                    c.container()
+                )),
                 E::Pkcs11(pkcs11_shim::Error::Certificate(_)) => {
                     RpcError::invalid_params("certificate is not an X.509 certificate")
                 }
@@ -149,6 +169,10 @@ impl Failure {
             Failure::NotBuilt(method) => RpcError::new(
                 Reason::MethodNotFound,
                 format!("{method} is not built yet in this agent"),
+            ),
+            Failure::NoMatchingKey => RpcError::new(
+                Reason::CertificateNotFound,
+                "the certificate's public key matches no key on this token",
             ),
             Failure::Internal(m) => RpcError::internal(m.clone()),
         }

@@ -259,8 +259,11 @@ let enrolToken = null; // the token the key was made on: its certificate goes th
 function generateKey() {
   return action('generate-result', t('waitingShort'), async () => {
     try {
-      // The selected certificate's token, else the first token present.
-      const tokens = await keyport.listTokens();
+      // The selected certificate's token, else the first token present; SM2 keys are made on
+      // a USB key reached through SKF (ids `skf-…`), the other types on PKCS#11 tokens.
+      const algorithm = $('enrol-algorithm').value;
+      const fits = (tk) => tk.id.startsWith('skf-') === (algorithm === 'SM2');
+      const tokens = (await keyport.listTokens()).filter(fits);
       const token = tokens.find((tk) => tk.id === selected()?.tokenId) ?? tokens[0];
       if (!token) {
         setResult('generate-result', false, t('noToken'));
@@ -269,7 +272,7 @@ function generateKey() {
       const subject = $('enrol-subject').value.trim();
       const { csrBase64 } = await keyport.generateKey({
         tokenId: token.id,
-        algorithm: $('enrol-algorithm').value,
+        algorithm,
         label: holder(subject),
         subject,
       });

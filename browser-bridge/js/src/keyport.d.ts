@@ -198,11 +198,14 @@ export declare class KeyPort {
   authenticate(options: AuthenticateOptions): Call<WebEidAuthToken>;
   generateKey(options: {
     tokenId: string;
-    algorithm: 'EC-P256' | 'EC-P384' | 'RSA-2048' | 'RSA-3072' | 'Ed25519';
+    /** 'SM2' on SKF keys (token ids `skf-…`), the others on PKCS#11 tokens. */
+    algorithm: 'EC-P256' | 'EC-P384' | 'RSA-2048' | 'RSA-3072' | 'Ed25519' | 'SM2';
+    /** The key's label (SKF: the name of the container the key is made in). */
     label: string;
     subject: string;
     alwaysAuthenticate?: boolean;
   } & CallOptions): Call<{ keyId: string; csr: Uint8Array; csrBase64: string }>;
+  /** A renewal for a key that has a certificate is stored beside it unless `replace`. */
   importCertificate(options: { tokenId: string; certificate: Binary; replace?: boolean } & CallOptions):
     Call<{ certificateId: string }>;
   cancel(requestId: number | string, options?: CallOptions): Call<{ cancelled: boolean }>;

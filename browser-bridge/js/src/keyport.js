@@ -200,6 +200,8 @@ export class KeyPort {
   /**
    * `keys.generate` → `{keyId, csr, csrBase64}`: a key pair made on the token and its PKCS#10
    * request (DER), signed by the new key. `keyId` is the `certificateId` its certificate gets.
+   * `algorithm` 'SM2' makes an SM2 key in an SKF key's container named `label` (SM3withSM2
+   * request, default user ID); the other types are for PKCS#11 tokens.
    */
   generateKey({ tokenId, algorithm, label, subject, alwaysAuthenticate, signal, timeoutMs } = {}) {
     return this.#call(
@@ -210,7 +212,11 @@ export class KeyPort {
     );
   }
 
-  /** `certificates.import` → `{certificateId}`; `replace: true` renews a key's certificate. */
+  /**
+   * `certificates.import` → `{certificateId}`. A renewal for a key that has a certificate is
+   * stored beside it (both listed; the answer is the new one's own id) unless `replace: true`,
+   * which deletes the old one once the new one is stored.
+   */
   importCertificate({ tokenId, certificate, replace, signal, timeoutMs } = {}) {
     return this.#call(
       'certificates.import',

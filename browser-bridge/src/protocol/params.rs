@@ -683,6 +683,9 @@ pub enum GenerateAlgorithm {
     Rsa3072,
     /// Where the token offers Ed25519 key generation.
     Ed25519,
+    /// SM2 (GM/T 0003), on SKF keys.
+    #[serde(rename = "SM2")]
+    Sm2,
 }
 
 /// `keys.generate` params.
@@ -711,7 +714,8 @@ pub struct CertificatesImportParams {
     /// DER certificate.
     pub certificate: Base64Bytes,
     /// Replace the certificate the key already has (a renewal for the same key); without it
-    /// such an import is refused.
+    /// the new one is stored beside it and both are listed (an SKF container, which has one
+    /// slot, refuses it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replace: Option<bool>,
 }

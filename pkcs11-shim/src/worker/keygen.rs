@@ -16,8 +16,9 @@ use crate::algorithm::{check_input, ecdsa_p1363_to_der, EcdsaEncoding, SignAlgor
 use crate::certificate::{CertificateId, KeyAlgorithm, ParsedCertificate};
 use crate::error::{from_cryptoki, Error};
 use crate::keygen::{
-    ec_spki, key_id, rsa_spki, DeleteKeyRequest, EnrolJob, GenerateRequest, GeneratedKey,
-    ImportMode, ImportRequest, Imported, KeySignRequest, KeySpec,
+    ec_spki, key_id, rsa_spki, DeleteCertificateRequest, DeleteKeyRequest, EnrolJob,
+    GenerateRequest, GeneratedKey, ImportMode, ImportRequest, Imported, KeySignRequest, KeySpec,
+    Removed,
 };
 use crate::pin::{Credential, LoginKind};
 use crate::token::TokenId;
@@ -69,6 +70,93 @@ impl Worker {
             Err(e) => tracing::info!(error = %e, "no certificate imported"),
         }
         result
+    }
+
+    pub(super) fn delete_certificate(
+        &mut self,
+        job: EnrolJob<DeleteCertificateRequest>,
+    ) -> Result<Removed, Error> {
+        let EnrolJob { req, credential } = job;
+        let span = tracing::info_span!("delete_certificate", certificate = %req.certificate);
+        let _entered = span.enter();
+        let token = req.certificate.token_id().clone();
+        let result = self.delete_certificate_on(&token, &req, &credential);
+        drop(credential);
+        self.end_job(&token, &result, req.logout_after);
+        match &result {
+            Ok(r) => tracing::info!(kept = %r.kept, "certificate deleted"),
+            Err(e) => tracing::info!(error = %e, "no certificate deleted"),
+        }
+        result
+    }
+
+    fn delete_certificate_on(
+        &mut self,
+        token: &TokenId,
+        req: &DeleteCertificateRequest,
+        credential: &Credential,
+    ) -> Result<Removed, Error> {
+        let found = self.find(token)?;
+        let found = self.ensure_user_login(token, found, credential)?;
+        if let Some(state) = self.tokens.get_mut(token) {
+            state.entries = None;
+        }
+        let entries = self.entries_at(token, &found)?;
+        let gone = entries
+            .iter()
+            .find(|e| req.certificate.names(&e.info.id, &e.info.der))
+            .ok_or_else(|| Error::CertificateNotFound(req.certificate.clone()))?;
+        let cka_id = gone.info.id.cka_id().unwrap_or_default();
+        // Only a certificate another one of the same key stays beside: the key keeps one.
+        let kept = entries
+            .iter()
+            .find(|e| {
+                !cka_id.is_empty()
+                    && e.info.id.key() == gone.info.id.key()
+                    && e.info.der != gone.info.der
+                    && e.private_key.is_some()
+            })
+            .ok_or_else(|| Error::OnlyCertificate(gone.info.id.clone()))?;
+        let kept_id = CertificateId::exact(token, &cka_id, &kept.info.der);
+        let (der, listed) = (gone.info.der.clone(), gone.info.id.clone());
+        let rw = self
+            .ctx
+            .open_rw_session(found.slot)
+            .map_err(from_cryptoki)?;
+        let handles = rw
+            .find_objects(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::Id(cka_id.clone()),
+            ])
+            .map_err(from_cryptoki)?;
+        let mut deleted = 0;
+        for handle in handles {
+            let value = rw
+                .get_attributes(handle, &[AttributeType::Value])
+                .map_err(from_cryptoki)?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Value(v) => Some(v),
+                    _ => None,
+                });
+            if value.as_deref() == Some(der.as_slice()) {
+                rw.destroy_object(handle).map_err(from_cryptoki)?;
+                deleted += 1;
+            }
+        }
+        drop(rw);
+        if let Some(state) = self.tokens.get_mut(token) {
+            state.entries = None;
+        }
+        if deleted == 0 {
+            return Err(Error::CertificateNotFound(listed));
+        }
+        let found = self.find(token)?;
+        let kept = self.entry_at(&kept_id, &found)?.info.id;
+        Ok(Removed {
+            certificate: listed,
+            kept,
+        })
     }
 
     pub(super) fn delete_new_key(&mut self, job: EnrolJob<DeleteKeyRequest>) -> Result<(), Error> {
@@ -363,8 +451,8 @@ impl Worker {
             })
             .unwrap_or_default();
 
-        // The key's certificates now: the same one again changes nothing; another one is kept
-        // unless the request says to replace it.
+        // The key's certificates now: the same one again changes nothing; another one stays
+        // beside the new one (both listed) unless the request says to replace it.
         let mut older = Vec::new();
         if !cka_id.is_empty() {
             for handle in session
@@ -394,12 +482,8 @@ impl Worker {
                 older.push((handle, value));
             }
         }
-        if let Some((_, value)) = older.first() {
-            if req.mode == ImportMode::KeepExisting {
-                return Err(Error::CertificateExists {
-                    existing: CertificateId::new(token, &cka_id, value),
-                });
-            }
+        if req.mode == ImportMode::KeepExisting {
+            older.clear();
         }
 
         let rw = self
@@ -442,7 +526,12 @@ impl Worker {
         if let Some(state) = self.tokens.get_mut(token) {
             state.entries = None;
         }
-        let id = CertificateId::new(token, cka_id, der);
+        // The exact id names it whether it is listed under the key's id or its own.
+        let id = if cka_id.is_empty() {
+            CertificateId::new(token, cka_id, der)
+        } else {
+            CertificateId::exact(token, cka_id, der)
+        };
         let found = self.find(token)?;
         self.entry_at(&id, &found).map(|e| e.info)
     }

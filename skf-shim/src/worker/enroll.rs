@@ -10,7 +10,7 @@ use crate::ffi::{
     ContainerHandle, ContainerType, Sar, SAR_CERTNOTFOUNTERR, SAR_FILE_ALREADY_EXIST,
     SAR_FILE_NOT_EXIST, SAR_USER_NOT_LOGGED_IN,
 };
-use crate::token::ApplicationId;
+use crate::token::{ApplicationId, TokenId};
 
 use super::{read_container, ContainerError, Worker};
 
@@ -170,6 +170,87 @@ impl Worker {
             Err(ContainerError::Sar(sar)) => Err(self.failed(app.token(), sar)),
             Err(ContainerError::Other(e)) => Err(e),
         }
+    }
+
+    pub(super) fn key_container(
+        &mut self,
+        token: &TokenId,
+        public_key: &[u8],
+    ) -> Result<Option<CertificateId>, Error> {
+        self.find(token)?;
+        let apps = {
+            let d = self.device(token)?;
+            self.skf.applications(&d.handle)
+        }
+        .map_err(|e| self.failed(token, e))?;
+        let skf = Arc::clone(&self.skf);
+        for app_name in apps {
+            let app = ApplicationId::from_raw(token.clone(), &app_name);
+            let containers = {
+                let handle = self.app(&app)?;
+                skf.containers(handle)
+            }
+            .map_err(|e| self.failed(token, e))?;
+            for name in containers {
+                let c = {
+                    let handle = self.app(&app)?;
+                    skf.open_container(handle, &name)
+                }
+                .map_err(|e| self.failed(token, e))?;
+                let point = match skf.container_type(&c) {
+                    Ok(ContainerType::Ecc) => skf.sm2_public_key(&c).map(Some),
+                    Ok(_) => Ok(None),
+                    Err(sar) => Err(sar),
+                };
+                skf.close_container(c);
+                match point {
+                    Ok(Some(point)) if point.as_slice() == public_key => {
+                        return Ok(Some(CertificateId::from_raw(app, &name)));
+                    }
+                    Ok(_) => {}
+                    Err(sar) => {
+                        let e = self.failed(token, sar);
+                        if e.is_removal() {
+                            return Err(e);
+                        }
+                        tracing::debug!(container = %String::from_utf8_lossy(&name), error = %e, "container skipped");
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    pub(super) fn delete_new_container(&mut self, id: &CertificateId) -> Result<(), Error> {
+        let app = id.application().clone();
+        let token = app.token().clone();
+        self.find(&token)?;
+        let skf = Arc::clone(&self.skf);
+        let c = {
+            let handle = self.app(&app)?;
+            skf.open_container(handle, id.raw_container())
+        }
+        .map_err(|e| self.failed(&token, e))?;
+        let existing = match skf.certificate(&c, true) {
+            Ok(old) => !old.is_empty(),
+            Err(sar) if sar.code == SAR_CERTNOTFOUNTERR || sar.code == SAR_FILE_NOT_EXIST => false,
+            Err(sar) => {
+                skf.close_container(c);
+                return Err(self.failed(&token, sar));
+            }
+        };
+        skf.close_container(c);
+        if existing {
+            return Err(Error::CertificateSlotTaken {
+                container: id.clone(),
+                existing: None,
+            });
+        }
+        let deleted = {
+            let handle = self.app(&app)?;
+            skf.delete_container(handle, id.raw_container())
+        };
+        deleted.map_err(|sar| self.enroll_failed(&app, sar))
     }
 
     /// SKF_CreateContainer; a name the key says exists is [`Error::ContainerExists`].

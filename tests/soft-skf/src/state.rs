@@ -11,6 +11,8 @@
 //!                                          until it is removed (first writing a line to the
 //!                                          FIFO `hanging` beside it, if the test made one)
 //! ROOT/devices/<device>/fail_keygen       exists = SKF_GenECCKeyPair answers SAR_GENRANDERR
+//! ROOT/devices/<device>/fail_sign         exists = SKF_ECCSignData answers SAR_FAIL (a device
+//!                                          error; the PIN stays verified)
 //! ROOT/devices/<device>/apps/<app>/pin.conf                 user_pin= max_retries= remaining=
 //! ROOT/devices/<device>/apps/<app>/containers/<name>/type   sm2 | rsa | empty
 //! .../containers/<name>/sign.key.pem sign.cert.der [enc.key.pem enc.cert.der]
@@ -556,6 +558,9 @@ impl Soft {
         self.require_login(&c)?;
         if e.len() != 32 {
             return Err(SAR_INDATALENERR);
+        }
+        if self.device_dir(&c.dev).join("fail_sign").exists() {
+            return Err(SAR_FAIL);
         }
         self.hang_while_asked(&c.dev);
         let secret = load_sm2(&c.dir.join("sign.key.pem"))?;
