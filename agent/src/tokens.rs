@@ -522,7 +522,7 @@ impl TokenSet {
     pub fn cached_certificate(&self, id: &CertificateId) -> Option<CertificateView> {
         self.cached_certificates()?
             .iter()
-            .find(|c| &c.info.id == id)
+            .find(|c| id.names(&c.info))
             .cloned()
     }
 
