@@ -163,11 +163,16 @@ impl Service {
             }
             Request::KeysGenerate(p) => {
                 self.ensure_approved(ctx).await?;
-                self.keys_generate(ctx, p).await
+                let answer = self.keys_generate(ctx, p).await;
+                // A new key (its login, too) may change what certificates.list shows.
+                self.tokens.certificates_changed();
+                answer
             }
             Request::CertificatesImport(p) => {
                 self.ensure_approved(ctx).await?;
-                self.certificates_import(ctx, p).await
+                let answer = self.certificates_import(ctx, p).await;
+                self.tokens.certificates_changed();
+                answer
             }
             Request::Cancel { .. } => Err(Failure::Internal(
                 "cancel reached the service; the bridge answers it".into(),
@@ -182,10 +187,16 @@ impl Service {
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
-        self.tokens
-            .certificate_async(&id)
-            .await
-            .map_err(Failure::Token)
+        // certificates.list's cache (issue 12) spares the sign path a hop to the module's worker.
+        if let Some(found) = self.tokens.cached_certificate(&id) {
+            return Ok(found);
+        }
+        self.tokens.certificate_async(&id).await.map_err(|e| {
+            if e.is_removal() {
+                self.tokens.certificates_changed();
+            }
+            Failure::Token(e)
+        })
     }
 
     /// The token's label for a dialog: as the last listing saw it, else from a listing now.
