@@ -163,11 +163,16 @@ impl Service {
             }
             Request::KeysGenerate(p) => {
                 self.ensure_approved(ctx).await?;
-                self.keys_generate(ctx, p).await
+                let answer = self.keys_generate(ctx, p).await;
+                // A new key (its login, too) may change what certificates.list shows.
+                self.tokens.certificates_changed();
+                answer
             }
             Request::CertificatesImport(p) => {
                 self.ensure_approved(ctx).await?;
-                self.certificates_import(ctx, p).await
+                let answer = self.certificates_import(ctx, p).await;
+                self.tokens.certificates_changed();
+                answer
             }
             Request::Cancel { .. } => Err(Failure::Internal(
                 "cancel reached the service; the bridge answers it".into(),
@@ -182,23 +187,35 @@ impl Service {
                 "certificateId is not a certificate id of this agent".into(),
             ))
         })?;
-        let mark = self.tokens.card_mark();
-        match self.tokens.certificate_async(&id).await {
-            // A module host that failed while a card was pulled (a module that deadlocked on
-            // the removal): the page learns the token is gone, if it is.
-            Err(e @ TokenError::ModuleHost(_)) => {
-                let (tokens, token) = (self.tokens.clone(), id.token_id());
-                if blocking(move || tokens.token_was_pulled(mark, &token))
-                    .await
-                    .unwrap_or(false)
-                {
-                    tracing::info!(error = %e, "the card was removed while its module host failed");
-                    return Err(Failure::Token(TokenError::TokenNotPresent));
-                }
-                Err(Failure::Token(e))
-            }
-            other => other.map_err(Failure::Token),
+        // certificates.list's cache (issue 12) spares the sign path a hop to the module's worker.
+        if let Some(found) = self.tokens.cached_certificate(&id) {
+            return Ok(found);
         }
+        let mark = self.tokens.card_mark();
+        let e = match self.tokens.certificate_async(&id).await {
+            Ok(found) => return Ok(found),
+            Err(e) => e,
+        };
+        // A module host that failed while a card was pulled (a module that deadlocked on the
+        // removal): the page learns the token is gone, if it is.
+        let e = if matches!(e, TokenError::ModuleHost(_)) {
+            let (tokens, token) = (self.tokens.clone(), id.token_id());
+            if blocking(move || tokens.token_was_pulled(mark, &token))
+                .await
+                .unwrap_or(false)
+            {
+                tracing::info!(error = %e, "the card was removed while its module host failed");
+                TokenError::TokenNotPresent
+            } else {
+                e
+            }
+        } else {
+            e
+        };
+        if e.is_removal() {
+            self.tokens.certificates_changed();
+        }
+        Err(Failure::Token(e))
     }
 
     /// The token's label for a dialog: as the last listing saw it, else from a listing now.

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -88,6 +88,21 @@ struct Inner {
     hosts: Mutex<HashMap<PathBuf, Arc<dyn HostView>>>,
     /// Set when a module host ended: the token list is worth reading again.
     hosts_changed: Arc<AtomicBool>,
+    /// `certificates.list`'s cache (issue 12): see [`TokenSet::certificates_cached`].
+    certificate_cache: Mutex<Option<CertificateCache>>,
+    /// Counts the events after which the certificate cache may be wrong.
+    certificate_generation: AtomicU64,
+}
+
+/// Every certificate as one complete listing saw it, and what it depended on.
+#[derive(Debug)]
+struct CertificateCache {
+    /// [`Inner::certificate_generation`] read before that listing started.
+    generation: u64,
+    /// Each hosted module's host process then: a host that ended or restarted since (a crash,
+    /// a hang) makes the listing stale.
+    hosts: Vec<Option<u32>>,
+    certificates: Arc<Vec<CertificateView>>,
 }
 
 /// How modules run in hosts.
@@ -337,10 +352,12 @@ impl TokenSet {
             return;
         };
         if c.with_card != with_card {
-            // A card went in or out: no module reuses its last probe of a token (issue 12).
+            // A card went in or out: no module reuses its last probe of a token (issue 12),
+            // nor `certificates.list` its cached answer.
             for m in self.modules() {
                 m.module.token_event();
             }
+            self.certificates_changed();
         }
         if c.with_card.iter().any(|r| !with_card.contains(r)) {
             c.removals += 1;
@@ -466,7 +483,13 @@ impl TokenSet {
             let tokens = match answer {
                 Ok(tokens) => {
                     self.answered(module);
-                    lock(&self.inner.last_tokens).insert(module.path().to_owned(), tokens.clone());
+                    let before = lock(&self.inner.last_tokens)
+                        .insert(module.path().to_owned(), tokens.clone());
+                    if before.as_ref() != Some(&tokens) {
+                        // A token came, went or changed (its PIN flags, say): the certificates
+                        // of the cache may have too.
+                        self.certificates_changed();
+                    }
                     tokens
                 }
                 Err(e @ TokenError::Busy { .. }) => {
@@ -481,6 +504,7 @@ impl TokenSet {
                     if matches!(e, TokenError::ModuleHost(_)) {
                         listing.hosts_down += 1;
                     }
+                    self.certificates_changed();
                     tracing::warn!(path = %module.path().display(), error = %e, "listing tokens failed");
                     continue;
                 }
@@ -499,7 +523,13 @@ impl TokenSet {
     /// Every certificate with its key on a present token. A module that does not answer in
     /// time is left out.
     pub fn certificates(&self) -> Vec<CertificateView> {
+        self.certificates_complete().0
+    }
+
+    /// [`Self::certificates`], and whether every module answered.
+    fn certificates_complete(&self) -> (Vec<CertificateView>, bool) {
         let mut out = Vec::new();
+        let mut complete = true;
         for m in self.modules() {
             match m.module.certificates(None) {
                 Ok(certs) => {
@@ -509,13 +539,84 @@ impl TokenSet {
                         module: m.module.clone(),
                     }));
                 }
-                Err(e @ TokenError::Busy { .. }) => self.not_answered(&m.module, &e),
+                Err(e @ TokenError::Busy { .. }) => {
+                    complete = false;
+                    self.not_answered(&m.module, &e);
+                }
                 Err(e) => {
+                    complete = false;
                     tracing::warn!(path = %m.module.path().display(), error = %e, "listing certificates failed")
                 }
             }
         }
-        out
+        (out, complete)
+    }
+
+    /// The certificates of the last complete listing, when nothing happened since that could
+    /// change them (issue 12: `certificates.list` answers from here, with no module call).
+    /// What drops it: a card in or out (PC/SC), a listing of tokens that differs from the one
+    /// before (the SKF and PC/SC watchers, `tokens.list`) or fails, a module host that ended
+    /// or restarted, and [`Self::certificates_changed`] (a login or logout, an enrolment, a
+    /// token that went away under a request). No call: `None`.
+    pub fn cached_certificates(&self) -> Option<Arc<Vec<CertificateView>>> {
+        let generation = self.inner.certificate_generation.load(Ordering::SeqCst);
+        let hosts = self.host_pids();
+        lock(&self.inner.certificate_cache)
+            .as_ref()
+            .filter(|c| c.generation == generation && c.hosts == hosts)
+            .map(|c| Arc::clone(&c.certificates))
+    }
+
+    /// The certificate with this id in [`Self::cached_certificates`], when there is a cache:
+    /// the signing path's lookup with no module call (the module's worker finds the key again
+    /// when it signs, so a key gone since is still refused there).
+    pub fn cached_certificate(&self, id: &CertificateId) -> Option<CertificateView> {
+        self.cached_certificates()?
+            .iter()
+            .find(|c| id.names(&c.info))
+            .cloned()
+    }
+
+    /// [`Self::cached_certificates`], else a listing now (blocking), kept for the next call
+    /// when every module answered.
+    pub fn certificates_cached(&self) -> Arc<Vec<CertificateView>> {
+        if let Some(certs) = self.cached_certificates() {
+            return certs;
+        }
+        // Read before the listing: an event during it leaves the cache stale, not wrong.
+        let generation = self.inner.certificate_generation.load(Ordering::SeqCst);
+        let hosts = self.host_pids();
+        let (list, complete) = self.certificates_complete();
+        let certificates = Arc::new(list);
+        if complete {
+            *lock(&self.inner.certificate_cache) = Some(CertificateCache {
+                generation,
+                hosts,
+                certificates: Arc::clone(&certificates),
+            });
+        }
+        certificates
+    }
+
+    /// Something may have changed the certificates of a token (a login can reveal private
+    /// keys, an enrolment adds a certificate): the next `certificates.list` lists them again.
+    pub fn certificates_changed(&self) {
+        self.inner
+            .certificate_generation
+            .fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The process id of each module's host (`None` for a module in this process or a host
+    /// that is down), in module order.
+    fn host_pids(&self) -> Vec<Option<u32>> {
+        let hosts = lock(&self.inner.hosts);
+        if hosts.is_empty() {
+            return Vec::new();
+        }
+        self.modules()
+            .iter()
+            .map(|m| hosts.get(m.module.path()).and_then(|s| s.status().pid))
+            .collect()
     }
 
     /// The certificate with this id, looked up on its own token only. [`TokenError::Busy`]

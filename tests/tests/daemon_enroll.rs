@@ -156,6 +156,20 @@ async fn generate_request_issue_import_list_and_sign_for_each_key_type() {
 
         let work = tempfile::tempdir().unwrap();
         let der = verify_and_issue(&tk, &csr, &cn, 1000 + i as u32, work.path());
+        // Not listed before the import (a key without a certificate); this listing is what
+        // certificates.list's cache (issue 12) holds until the import drops it.
+        let before = client
+            .call_ok("certificates.list", json!({}))
+            .await
+            .unwrap();
+        assert!(
+            !before["certificates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["id"] == key_id.as_str()),
+            "{algorithm}: listed before its import"
+        );
         let imported = client
             .call_ok(
                 "certificates.import",

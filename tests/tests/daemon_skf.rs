@@ -566,6 +566,12 @@ async fn plugging_an_skf_key_in_and_out_reaches_an_approved_page() {
     let tokens = rig.client.call_ok("tokens.list", json!({})).await.unwrap();
     let spare = |list: &[Value]| list.iter().any(|t| t["label"] == "KeyPort Spare Key");
     assert!(!spare(tokens["tokens"].as_array().unwrap()));
+    // certificates.list answers from a cache (issue 12), filled here: the plug must drop it.
+    let spare_cert = "CN=李四,";
+    assert!(!listed_subjects(&mut rig.client)
+        .await
+        .iter()
+        .any(|s| s.contains(spare_cert)));
 
     let mut seen = rig.client.notifications.len();
     let present = rig.store.device_dir("SKF-KEY-1").join("present");
@@ -578,6 +584,29 @@ async fn plugging_an_skf_key_in_and_out_reaches_an_approved_page() {
     std::fs::remove_file(&present).unwrap();
     let list = tokens_changed(&mut rig.client, &rig.agent, &mut seen, |l| !spare(l)).await;
     assert!(list.iter().any(|t| t["label"] == "KeyPort SM2 Key"));
+    // Gone from the certificates too, and the other key's are still there.
+    let subjects = listed_subjects(&mut rig.client).await;
+    assert!(
+        !subjects.iter().any(|s| s.contains(spare_cert)),
+        "{subjects:?}"
+    );
+    assert!(subjects
+        .iter()
+        .any(|s| s.contains(&format!("CN={SKF_SM2_HOLDER},"))));
+}
+
+/// The subject of every certificate `certificates.list` shows.
+async fn listed_subjects(client: &mut Client) -> Vec<String> {
+    let list = client
+        .call_ok("certificates.list", json!({}))
+        .await
+        .unwrap();
+    list["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["subject"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,9 @@ const HEAD_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// With no record for this long, a head not yet synced is synced.
 const IDLE: Duration = Duration::from_millis(20);
 
+/// How long a group waits for more records before its `fdatasync` (see [`gather`]).
+const GATHER_MAX: Duration = Duration::from_micros(150);
+
 /// One record waiting for its group, and where its answer goes.
 struct Pending {
     record: AuditRecord,
@@ -118,6 +121,7 @@ impl Drop for AuditWriter {
 fn run(mut log: AuditLog, rx: &mpsc::Receiver<Pending>, stats: &Stats) {
     let mut head_dirty = false;
     let mut head_synced_at = Instant::now();
+    let mut last_group = 1;
     loop {
         let first = if head_dirty {
             match rx.recv_timeout(IDLE) {
@@ -135,10 +139,10 @@ fn run(mut log: AuditLog, rx: &mpsc::Receiver<Pending>, stats: &Stats) {
                 Err(mpsc::RecvError) => break,
             }
         };
-        let (records, answers): (Vec<_>, Vec<_>) = std::iter::once(first)
-            .chain(rx.try_iter())
-            .map(|p| (p.record, p.done))
-            .unzip();
+        let group = gather(first, rx, last_group);
+        last_group = group.len();
+        let (records, answers): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|p| (p.record, p.done)).unzip();
         let result = log.append_group(&records);
         stats.groups.fetch_add(1, Ordering::Relaxed);
         match result {
@@ -172,6 +176,23 @@ fn run(mut log: AuditLog, rx: &mpsc::Receiver<Pending>, stats: &Stats) {
     if head_dirty {
         sync_head(&log);
     }
+}
+
+/// The next group: `first` and every record waiting. When the last group held more than
+/// this one has (requests are finishing together: 8 connections signing at once), the thread
+/// sleeps [`GATHER_MAX`] once and takes what came meanwhile, so they share one `fdatasync`
+/// rather than splitting into groups of one or two. It sleeps rather than waiting on the
+/// channel: a waiting receiver is woken by every record sent, a sleeping one by none. A lone
+/// request (last group of one) never waits; a group that waited in vain makes the next one
+/// expect fewer.
+fn gather(first: Pending, rx: &mpsc::Receiver<Pending>, last_group: usize) -> Vec<Pending> {
+    let mut group = vec![first];
+    group.extend(rx.try_iter());
+    if group.len() < last_group {
+        std::thread::sleep(GATHER_MAX);
+        group.extend(rx.try_iter());
+    }
+    group
 }
 
 /// Syncs the head; true when it worked. A failure is logged, and the next sync tries again.

@@ -27,8 +27,7 @@ impl Service {
         &self,
         p: CertificatesListParams,
     ) -> Result<Answer, Failure> {
-        let tokens = self.tokens.clone();
-        let certs = blocking(move || tokens.certificates()).await?;
+        let certs = self.certificates_cached().await?;
         let filter = p.filter.unwrap_or_default();
         let now = time::OffsetDateTime::now_utc();
         let certificates = certs
@@ -37,6 +36,20 @@ impl Service {
             .filter_map(|c| certificate_entry(&c.info))
             .collect();
         Ok(Answer::of(&CertificatesListResult { certificates }))
+    }
+}
+
+impl Service {
+    /// Every certificate, from the token set's cache when nothing changed since it was filled
+    /// (no hop, no module call), else listed on a blocking thread (issue 12).
+    pub(super) async fn certificates_cached(
+        &self,
+    ) -> Result<std::sync::Arc<Vec<crate::tokens::CertificateView>>, Failure> {
+        if let Some(certs) = self.tokens.cached_certificates() {
+            return Ok(certs);
+        }
+        let tokens = self.tokens.clone();
+        blocking(move || tokens.certificates_cached()).await
     }
 }
 

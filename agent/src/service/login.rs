@@ -14,7 +14,7 @@ use crate::purpose::ConsentKind;
 use crate::tokens::CertificateView;
 use crate::webeid;
 
-use super::{blocking, common_name, Failure, Service, VERSION};
+use super::{common_name, Failure, Service, VERSION};
 
 impl Service {
     pub(super) async fn authenticate(
@@ -107,8 +107,7 @@ impl Service {
     /// Without a `certificateId`: the certificate made for logging in (clientAuth), else the
     /// first that allows digitalSignature.
     async fn pick_login_certificate(&self) -> Result<CertificateView, Failure> {
-        let tokens = self.tokens.clone();
-        let certs = blocking(move || tokens.certificates()).await?;
+        let certs = self.certificates_cached().await?;
         let allows = |c: &&CertificateView| crate::purpose::may_log_in(&c.info, &self.config);
         certs
             .iter()

@@ -249,7 +249,18 @@ impl Service {
         let this_consent = SessionConsent::new(kind, &cert.info);
         let module = cert.module.clone();
         let total = req.inputs.len();
-        let state = module.login_state_async(&cert.info.id).await?;
+        let state = match module.login_state_async(&cert.info.id).await {
+            Ok(state) => state,
+            // The certificate came from the cache and its token is gone since: what a lookup on
+            // the token would have said, and the cache goes.
+            Err(TokenError::TokenNotFound(_)) => {
+                self.tokens.certificates_changed();
+                return Err(Failure::Token(TokenError::CertificateNotFound(
+                    cert.info.id.clone(),
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         tracing::debug!(?state, "token login state");
         if state == LoginState::Locked {
             return Err(Failure::Token(TokenError::PinLocked));
@@ -294,11 +305,17 @@ impl Service {
                 ..req.clone()
             };
             let pin_pad = matches!(credential, Credential::PinPad);
+            // A login (and a logout after the request) can show or hide private keys, so
+            // certificates.list lists again after it.
+            let logs_in = !matches!(credential, Credential::None) || req.logout_after;
             let events = progress.then(|| progress_sender(ctx, done.len(), total));
-            match self
+            let signed = self
                 .sign_on_token(ctx, module.clone(), rest, credential, events, pin_pad)
-                .await
-            {
+                .await;
+            if logs_in || matches!(&signed, Err(TokenStop::Token(f)) if f.error.is_removal()) {
+                self.tokens.certificates_changed();
+            }
+            match signed {
                 Ok(sigs) => {
                     done.extend(sigs);
                     self.update_conn(ctx.connection, |c| c.consented = Some(this_consent));
@@ -365,15 +382,14 @@ impl Service {
         let (progress_tx, progress_rx) = std::sync::mpsc::channel();
         // Events stop once the request is answered (a job left to end in the background).
         let answered = Arc::new(AtomicBool::new(false));
-        let a2 = Arc::clone(&answered);
-        let forward = events.map(|mut send| {
-            tokio::task::spawn_blocking(move || {
-                for p in progress_rx {
-                    if !a2.load(Ordering::SeqCst) {
-                        send(p);
-                    }
-                }
-            })
+        let job_ended = Arc::new(tokio::sync::Notify::new());
+        let forward = events.map(|send| {
+            tokio::spawn(forward_progress(
+                progress_rx,
+                send,
+                Arc::clone(&answered),
+                Arc::clone(&job_ended),
+            ))
         });
         let progress_tx = forward.is_some().then_some(progress_tx);
         // The module's worker answers this task directly (no thread of ours waits on it): a
@@ -414,11 +430,16 @@ impl Service {
         // The job's events all precede its answer: a job the worker ran has dropped its sender,
         // so the forwarder ends; one it never started (BUSY) still holds it in the queue.
         let started = !matches!(&result, Err(f) if matches!(f.error, TokenError::Busy { .. }));
+        job_ended.notify_one();
         match forward {
             Some(forward) if started => {
                 let _ = forward.await;
             }
-            _ => answered.store(true, Ordering::SeqCst),
+            Some(forward) => {
+                answered.store(true, Ordering::SeqCst);
+                forward.abort();
+            }
+            None => answered.store(true, Ordering::SeqCst),
         }
         if let Err(failure) = &mut result {
             // A device error may be a card pulled in the middle of a command; so may a module
@@ -445,8 +466,10 @@ impl Service {
     /// With `pin_cache_seconds`, logs the token out that long after its last use.
     pub(super) fn schedule_logout(&self, module: Backend, token: TokenId) {
         let after = Duration::from_secs(self.config.pin_cache_seconds);
+        let tokens = self.tokens.clone();
         self.pin_cache.used(token.to_string(), after, async move {
             let _ = tokio::task::spawn_blocking(move || module.logout(&token)).await;
+            tokens.certificates_changed();
             tracing::debug!("PIN cache expired; token logged out");
         });
     }
@@ -723,6 +746,51 @@ fn progress_sender(ctx: &RequestContext, offset: usize, total: usize) -> Progres
             });
         }
     })
+}
+
+/// How often the progress forwarder looks at the job's progress (half the event interval, so
+/// the events still come ten a second).
+const PROGRESS_POLL: Duration = Duration::from_millis(50);
+
+/// Forwards a job's progress to `send` until the job drops its sender: the channel is read
+/// every [`PROGRESS_POLL`] and when the job ends (`job_ended`), the latest count only, so the
+/// module's worker never wakes a thread of ours per signature (issue 12: a batch of 1000 made
+/// 1000 thread wake-ups). Stops sending once the request is `answered`.
+async fn forward_progress(
+    rx: std::sync::mpsc::Receiver<Progress>,
+    mut send: ProgressEvents,
+    answered: Arc<AtomicBool>,
+    job_ended: Arc<tokio::sync::Notify>,
+) {
+    use std::sync::mpsc::TryRecvError;
+    // After the job's answer its sender may still be dropping: look again soon, not in 50 ms.
+    let mut ended = false;
+    loop {
+        let mut latest = None;
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(p) => latest = Some(p),
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
+        if let Some(p) = latest {
+            if !answered.load(Ordering::SeqCst) {
+                send(p);
+            }
+        }
+        if closed {
+            return;
+        }
+        if ended {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PROGRESS_POLL) => {}
+            () = job_ended.notified() => ended = true,
+        }
+    }
 }
 
 /// A token job given up on (cancel, PIN-pad timeout) ends in the background; a login it made

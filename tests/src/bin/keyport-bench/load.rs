@@ -134,6 +134,25 @@ fn cpu_time(pid: u32, ticks_per_s: u64) -> Result<Duration> {
     Ok(Duration::from_micros(total * 1_000_000 / ticks_per_s))
 }
 
+/// The CPU time so far of the agent's live child processes (its module hosts, with
+/// `module_isolation`: the token's own work runs there), from `/proc/PID/task/*/children`.
+/// Zero where the kernel does not list children.
+fn children_cpu_time(pid: u32, ticks_per_s: u64) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let mut total = Duration::ZERO;
+    for task in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            total += cpu_time(child, ticks_per_s).unwrap_or_default();
+        }
+    }
+    total
+}
+
 fn clock_ticks() -> Result<u64> {
     let out = Command::new("getconf").arg("CLK_TCK").output()?;
     String::from_utf8_lossy(&out.stdout)
@@ -163,6 +182,8 @@ struct LoadRun {
     elapsed: Duration,
     latencies: Vec<Duration>,
     cpu: Duration,
+    /// The agent's module hosts' CPU over the same run.
+    hosts_cpu: Duration,
     failures: Vec<String>,
 }
 
@@ -192,6 +213,7 @@ async fn load_run(
     }
 
     let cpu_before = cpu_time(target.pid, ticks)?;
+    let hosts_before = children_cpu_time(target.pid, ticks);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(conns);
     for (c, mut client) in clients.into_iter().enumerate() {
@@ -234,12 +256,14 @@ async fn load_run(
     }
     let elapsed = start.elapsed();
     let cpu = cpu_time(target.pid, ticks)?.saturating_sub(cpu_before);
+    let hosts_cpu = children_cpu_time(target.pid, ticks).saturating_sub(hosts_before);
     latencies.sort();
     Ok(LoadRun {
         signatures,
         elapsed,
         latencies,
         cpu,
+        hosts_cpu,
         failures,
     })
 }
@@ -342,6 +366,7 @@ pub async fn rows(
         let n = run.signatures.len();
         let per_s = rate(n, run.elapsed);
         let cpu_per = run.cpu.as_secs_f64() * 1e6 / n as f64;
+        let hosts_per = run.hosts_cpu.as_secs_f64() * 1e6 / n as f64;
         let from = if origins == 1 {
             "1 origin".to_owned()
         } else {
@@ -349,11 +374,11 @@ pub async fn rows(
         };
         rows.push((
             format!(
-                "{conns} connection{} ({from}), session consent: `sign` P-256 rate (× the token's), p50 / p99, agent CPU per `sign` ({n} signatures)",
+                "{conns} connection{} ({from}), session consent: `sign` P-256 rate (× the token's), p50 / p99, agent CPU per `sign` (+ its module host's, where the token signs) ({n} signatures)",
                 if conns == 1 { "" } else { "s" }
             ),
             format!(
-                "{per_s:.0}/s (× {:.2}), {} / {}, {cpu_per:.0} µs{failed}",
+                "{per_s:.0}/s (× {:.2}), {} / {}, {cpu_per:.0} µs (+ {hosts_per:.0} µs){failed}",
                 per_s / before.per_s,
                 ms(percentile(&run.latencies, 50.0)),
                 ms(percentile(&run.latencies, 99.0)),
