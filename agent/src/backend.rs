@@ -926,9 +926,11 @@ impl From<skf_shim::Error> for TokenError {
             }
             E::InvalidInput(m) => TokenError::InvalidInput(m),
             E::Busy { waited } => TokenError::Busy { waited },
-            e @ (E::LibraryLoad { .. } | E::FunctionsMissing { .. } | E::WorkerGone) => {
-                TokenError::NotWorking(Box::new(e))
-            }
+            E::ModuleHost(how) => TokenError::ModuleHost(how),
+            e @ (E::LibraryLoad { .. }
+            | E::FunctionsMissing { .. }
+            | E::HostedLoad(_)
+            | E::WorkerGone) => TokenError::NotWorking(Box::new(e)),
             other => TokenError::Skf(other),
         }
     }

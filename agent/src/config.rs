@@ -178,10 +178,9 @@ pub struct Config {
     /// The longest wait for a token's module to answer (a listing, a login check, the start of
     /// a signature); past it the request is BUSY and a listing goes on without that module.
     pub token_wait_seconds: u64,
-    /// Load each PKCS#11 module in a module host (a child process), so that a module that
-    /// crashes, hangs or deadlocks never takes the agent with it. `false`: in the agent's own
-    /// process (for debugging, and what the tests compare against). SKF libraries load in the
-    /// agent's process either way (no SKF host yet).
+    /// Load each PKCS#11 module and SKF library in a host (a child process), so that a
+    /// library that crashes, hangs or deadlocks never takes the agent with it. `false`: in the
+    /// agent's own process (for debugging, and what the tests compare against).
     pub module_isolation: bool,
     pub allowed_origins: Vec<String>,
     pub denied_origins: Vec<String>,

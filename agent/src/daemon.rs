@@ -197,6 +197,14 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
     }
     tracing::info!(port, "listening");
 
+    // The hosts, for `keyport doctor` in another process.
+    let status = crate::host::status::StatusWriter::spawn(
+        tokens.clone(),
+        crate::host::status::status_path(&paths),
+    )
+    .inspect_err(|e| tracing::warn!(error = %e, "no host status file for keyport doctor"))
+    .ok();
+
     server.serve(shutdown_signal()).await?;
     let (pcsc, skf) = watcher;
     // Joining takes at most one wait slice: off the async workers.
@@ -205,6 +213,9 @@ pub async fn run(config: Config, paths: Paths, options: RunOptions) -> anyhow::R
             w.stop();
         }
         skf.stop();
+        if let Some(status) = status {
+            status.stop();
+        }
     })
     .await;
     if let Some((_, task)) = demo {

@@ -108,6 +108,7 @@ pub fn run(
     }
 
     print_modules(&tokens, &list, &mut problems)?;
+    print_daemon_hosts(paths)?;
 
     say!("\nTokens:");
     if list.is_empty() {
@@ -382,7 +383,7 @@ fn print_modules(
             c.source
         );
     }
-    print_hosts(tokens, &loaded)
+    print_hosts(tokens, &tokens.modules())
 }
 
 /// One row per module host (`module_isolation`): module, pid, restarts, last failure.
@@ -413,6 +414,62 @@ fn print_hosts(tokens: &TokenSet, loaded: &[crate::tokens::LoadedModule]) -> any
         );
     }
     Ok(())
+}
+
+/// The running daemon's library hosts, from the status file it keeps
+/// ([`crate::host::status`]): library, pid, restarts, last failure, and how old that is.
+fn print_daemon_hosts(paths: &Paths) -> anyhow::Result<()> {
+    use crate::host::status;
+    let path = status::status_path(paths);
+    let report = match status::read(&path) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            say!(
+                "\nThe running daemon's hosts: no daemon with this configuration is running \
+                 ({} does not exist)",
+                path.display()
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            say!(
+                "\nThe running daemon's hosts: {} is unreadable: {e}",
+                path.display()
+            );
+            return Ok(());
+        }
+    };
+    let alive = alive(report.agent_pid);
+    say!(
+        "\nThe running daemon's hosts (daemon pid {}{}; as of {} s ago, from {}):",
+        report.agent_pid,
+        if alive {
+            ""
+        } else {
+            ", NOT RUNNING: this is what it last wrote"
+        },
+        status::age(&report).as_secs(),
+        path.display()
+    );
+    for h in &report.hosts {
+        say!(
+            "  {} {}  pid {}  restarts {}  last failure: {}",
+            h.kind,
+            h.library.display(),
+            h.pid.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+            h.restarts,
+            h.last_failure.as_deref().unwrap_or("none")
+        );
+    }
+    Ok(())
+}
+
+/// True while process `pid` exists (signal 0).
+fn alive(pid: u32) -> bool {
+    i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
 }
 
 /// The dialog program every consent and PIN goes through, and what it needs to show: a display

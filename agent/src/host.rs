@@ -11,6 +11,9 @@
 //!   zeroed once used.
 //! - [`serve`]: the host's side — sandbox itself ([`sandbox`]), greet, then answer each job; it
 //!   exits as soon as the agent's end of the socket closes, even while a job hangs.
+//! - [`pkcs11`] and [`skf`]: each kind of library's host mode and its hosted handle (a
+//!   `pkcs11_shim::Module`, an `skf_shim::Library`) over the same frames and supervisor.
+//! - [`status`]: the running daemon's hosts in a small file, for `keyport doctor`.
 //! - [`supervisor`]: the agent's side — start a host, call it with a deadline, notice a crash
 //!   (signal, abort, exit) or a hang past the deadline, kill the host's whole process group, and
 //!   start a new one on the next call after a backoff (100 ms doubling to 5 s). A call in flight
@@ -25,6 +28,8 @@ pub mod frame;
 pub mod pkcs11;
 pub mod sandbox;
 pub mod serve;
+pub mod skf;
+pub mod status;
 pub mod supervisor;
 
 pub use frame::{FrameError, MAX_FRAME, PROTOCOL_VERSION};

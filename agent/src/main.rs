@@ -119,8 +119,16 @@ enum Command {
     #[command(hide = true)]
     Host {
         /// The PKCS#11 module to load.
+        #[arg(
+            long,
+            value_name = "PATH",
+            conflicts_with = "skf",
+            required_unless_present = "skf"
+        )]
+        pkcs11: Option<PathBuf>,
+        /// The SKF library to load.
         #[arg(long, value_name = "PATH")]
-        pkcs11: PathBuf,
+        skf: Option<PathBuf>,
     },
     /// Writes the man pages and shell completions into DIR (used to build packages).
     #[command(hide = true)]
@@ -350,10 +358,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         generate_assets(out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Command::Host { pkcs11 } = &cli.command {
+    if let Command::Host { pkcs11, skf } = &cli.command {
         // No configuration: the host does what the agent's jobs say. It exits at once when
-        // done, leaving behind a module thread that may hang in the library.
-        std::process::exit(agent::host::pkcs11::run_host(pkcs11));
+        // done, leaving behind a library thread that may hang in the library.
+        std::process::exit(run_host(pkcs11.as_deref(), skf.as_deref()));
     }
     let (config, paths, policy, policy_report) = load(cli.config.as_deref(), cli.demo)?;
     match cli.command {
@@ -617,9 +625,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
         ),
         Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
-        Command::Host { pkcs11 } => Ok(ExitCode::from(
-            u8::try_from(agent::host::pkcs11::run_host(&pkcs11)).unwrap_or(1),
+        Command::Host { pkcs11, skf } => Ok(ExitCode::from(
+            u8::try_from(run_host(pkcs11.as_deref(), skf.as_deref())).unwrap_or(1),
         )),
+    }
+}
+
+/// `keyport host --pkcs11 PATH` or `--skf PATH`: the exit status.
+fn run_host(pkcs11: Option<&std::path::Path>, skf: Option<&std::path::Path>) -> i32 {
+    match (pkcs11, skf) {
+        (Some(path), None) => agent::host::pkcs11::run_host(path),
+        (None, Some(path)) => agent::host::skf::run_host(path),
+        // clap refuses both and neither; say so anyway rather than guess.
+        _ => 2,
     }
 }
 

@@ -191,12 +191,31 @@ impl Service {
         if let Some(found) = self.tokens.cached_certificate(&id) {
             return Ok(found);
         }
-        self.tokens.certificate_async(&id).await.map_err(|e| {
-            if e.is_removal() {
-                self.tokens.certificates_changed();
+        let mark = self.tokens.card_mark();
+        let e = match self.tokens.certificate_async(&id).await {
+            Ok(found) => return Ok(found),
+            Err(e) => e,
+        };
+        // A module host that failed while a card was pulled (a module that deadlocked on the
+        // removal): the page learns the token is gone, if it is.
+        let e = if matches!(e, TokenError::ModuleHost(_)) {
+            let (tokens, token) = (self.tokens.clone(), id.token_id());
+            if blocking(move || tokens.token_was_pulled(mark, &token))
+                .await
+                .unwrap_or(false)
+            {
+                tracing::info!(error = %e, "the card was removed while its module host failed");
+                TokenError::TokenNotPresent
+            } else {
+                e
             }
-            Failure::Token(e)
-        })
+        } else {
+            e
+        };
+        if e.is_removal() {
+            self.tokens.certificates_changed();
+        }
+        Err(Failure::Token(e))
     }
 
     /// The token's label for a dialog: as the last listing saw it, else from a listing now.

@@ -15,8 +15,19 @@ use crate::backend::{
 };
 use crate::config::Config;
 use crate::discovery::{self, Candidate, Discovery, Source};
-use crate::host::pkcs11::Pkcs11Supervisor;
+use crate::host::supervisor::Supervisor;
 use crate::host::HostStatus;
+
+/// What the token set asks of a library's supervisor, whatever the library's kind.
+trait HostView: Send + Sync + std::fmt::Debug {
+    fn status(&self) -> HostStatus;
+}
+
+impl<J: Send, A: Send> HostView for Supervisor<J, A> {
+    fn status(&self) -> HostStatus {
+        Supervisor::status(self)
+    }
+}
 
 /// A library that loaded (a PKCS#11 module or an SKF library), and why it was chosen.
 #[derive(Debug, Clone)]
@@ -73,8 +84,8 @@ struct Inner {
     unanswered: Mutex<HashSet<PathBuf>>,
     /// `module_isolation`: each module in a module host; `None`: in this process.
     isolation: Option<Isolation>,
-    /// The supervisor of each hosted module.
-    hosts: Mutex<HashMap<PathBuf, Arc<Pkcs11Supervisor>>>,
+    /// The supervisor of each hosted library.
+    hosts: Mutex<HashMap<PathBuf, Arc<dyn HostView>>>,
     /// Set when a module host ended: the token list is worth reading again.
     hosts_changed: Arc<AtomicBool>,
     /// `certificates.list`'s cache (issue 12): see [`TokenSet::certificates_cached`].
@@ -181,9 +192,9 @@ impl TokenSet {
         }
     }
 
-    /// An empty set whose modules will each run in a module host (`module_isolation`);
-    /// `pin_pad_wait`: how long a PIN-pad login may take.
-    /// PKCS#11 modules only: an SKF library loads in this process as before.
+    /// An empty set whose libraries (PKCS#11 modules and SKF libraries) will each run in a
+    /// host of their own (`module_isolation`); `pin_pad_wait`: how long a PIN-pad login may
+    /// take.
     pub fn isolated(call_timeout: Duration, pin_pad_wait: Duration) -> TokenSet {
         TokenSet {
             inner: Arc::new(Inner {
@@ -194,21 +205,36 @@ impl TokenSet {
         }
     }
 
-    /// Loads the library: a PKCS#11 module in a host of its own with isolation, else in this
-    /// process.
+    /// Loads the library: in a host of its own with isolation, else in this process.
     fn load_library(
         &self,
         kind: BackendKind,
         path: &std::path::Path,
     ) -> Result<Backend, TokenError> {
         let call_timeout = self.inner.call_timeout.0;
-        let (BackendKind::Pkcs11, Some(isolation)) = (kind, self.inner.isolation) else {
+        let Some(isolation) = self.inner.isolation else {
             return Backend::load(kind, path, call_timeout);
         };
         let changed = Arc::clone(&self.inner.hosts_changed);
         let on_exit: crate::host::supervisor::OnExit = Arc::new(move |_how: &str| {
             changed.store(true, Ordering::SeqCst);
         });
+        if kind == BackendKind::Skf {
+            let supervisor = crate::host::skf::supervisor(path, Some(on_exit))
+                .map_err(|e| skf_shim::Error::ModuleHost(format!("no host program: {e}")))?;
+            let library = crate::host::skf::hosted_library(
+                path,
+                skf_shim::LoadOptions { call_timeout },
+                Arc::clone(&supervisor),
+            );
+            // Loaded (or not) in the host: its first answer says which, as a load would.
+            if let Err(e @ skf_shim::Error::HostedLoad(_)) = library.tokens() {
+                supervisor.stop();
+                return Err(e.into());
+            }
+            lock(&self.inner.hosts).insert(path.to_owned(), supervisor);
+            return Ok(Backend::Skf(library));
+        }
         let supervisor = crate::host::pkcs11::supervisor(path, Some(on_exit))
             .map_err(|e| pkcs11_shim::Error::ModuleHost(format!("no host program: {e}")))?;
         let module = crate::host::pkcs11::hosted_module(
@@ -380,11 +406,36 @@ impl TokenSet {
     /// of a command fails that command before pcscd notices (it polls some readers every
     /// 400 ms), so this waits, at most [`CARD_REMOVAL_GRACE`], for the watcher to see a card
     /// leave its reader, then asks the module whether the token is still there. Blocking.
+    ///
+    /// After a module host failed (a card pulled can deadlock a module: OpenSC 0.23), the
+    /// module is asked through a new host, once its restart backoff has passed (at most
+    /// [`CARD_REMOVAL_GRACE`] more): a card did leave its reader, so the token's going is
+    /// what the pages learn either way.
     pub fn card_was_pulled(&self, mark: CardMark, module: &Backend, token: &TokenId) -> bool {
-        self.wait_card_removal(mark, CARD_REMOVAL_GRACE)
-            && module
-                .tokens()
-                .is_ok_and(|list| list.iter().all(|t| &t.id != token))
+        if !self.wait_card_removal(mark, CARD_REMOVAL_GRACE) {
+            return false;
+        }
+        let until = std::time::Instant::now() + CARD_REMOVAL_GRACE;
+        loop {
+            match module.tokens() {
+                Ok(list) => return list.iter().all(|t| &t.id != token),
+                Err(TokenError::ModuleHost(_)) if std::time::Instant::now() < until => {
+                    // Restarting: the supervisor's first backoff is 100 ms.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// [`Self::card_was_pulled`] when the module is not known (a certificate lookup failed):
+    /// true when a card left its reader after `mark` and no module lists `token` any more.
+    pub fn token_was_pulled(&self, mark: CardMark, token: &TokenId) -> bool {
+        let modules = self.modules();
+        !modules.is_empty()
+            && modules
+                .iter()
+                .all(|m| self.card_was_pulled(mark, &m.module, token))
     }
 
     /// Every present token of every module. A module that fails to answer is skipped (and

@@ -190,3 +190,30 @@ fn a_job_queued_behind_a_watched_long_one_is_busy_and_the_host_lives_on() {
     assert_eq!(s.status().pid, Some(pid));
     assert_eq!(s.status().restarts, 0);
 }
+
+#[test]
+fn a_side_job_is_answered_while_another_job_runs() {
+    let s = Arc::new(supervisor(HOST));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let running = {
+        let (s, cancel) = (Arc::clone(&s), Arc::clone(&cancel));
+        std::thread::spawn(move || {
+            s.call_with(TestJob::WaitForCancel, CALL, Some(&cancel), &mut |_| {})
+        })
+    };
+    // The host said it started the long job.
+    let until = Instant::now() + CALL;
+    while !s.is_busy() {
+        assert!(Instant::now() < until, "the long job never started");
+        std::thread::yield_now();
+    }
+    // Answered beside it, not after it (it would wait behind it and fail with Busy).
+    assert_eq!(
+        s.call(TestJob::Side(vec![9]), Duration::from_secs(2)),
+        Ok(TestAnswer::Echo(vec![9]))
+    );
+    assert!(s.is_busy(), "the long job still runs");
+    cancel.store(true, Ordering::SeqCst);
+    assert_eq!(running.join().unwrap(), Ok(TestAnswer::Cancelled));
+    assert_eq!(s.status().restarts, 0);
+}

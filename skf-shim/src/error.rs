@@ -113,6 +113,14 @@ pub enum Error {
     /// The library's worker thread is gone.
     #[error("the SKF worker thread is gone")]
     WorkerGone,
+    /// The library's host process failed (crashed, hung past its deadline and was stopped,
+    /// is being restarted) or broke the protocol: [`crate::Library::hosted`].
+    #[error("the SKF library host failed: {0}")]
+    ModuleHost(String),
+    /// The library did not load in its host (what [`Error::LibraryLoad`] or
+    /// [`Error::FunctionsMissing`] said there).
+    #[error("the SKF library did not load in its host: {0}")]
+    HostedLoad(String),
     /// A certificate on the key could not be parsed.
     #[error("certificate could not be parsed")]
     Certificate(#[source] der::Error),

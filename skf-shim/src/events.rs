@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{from_sar, Error};
 use crate::ffi::{RawEvent, Skf};
+use crate::remote::{Job, Reply, Transport};
 
 /// What happened to a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DeviceEventKind {
     /// Plugged in.
     Inserted,
@@ -20,7 +21,7 @@ pub enum DeviceEventKind {
 
 /// One SKF_WaitForDevEvent answer. The device is named as SKF_EnumDev names it; list the
 /// tokens again to learn its token id.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceEvent {
     /// The device name.
     pub device_name: String,
@@ -33,6 +34,20 @@ pub struct DeviceEvent {
 #[derive(Debug)]
 pub struct DeviceEvents {
     rx: mpsc::Receiver<Result<DeviceEvent, Error>>,
+    /// Stops the watch when dropped (after `rx`'s sender may have gone).
+    _watch: Watch,
+}
+
+#[derive(Debug)]
+#[expect(dead_code, reason = "held only so that dropping it stops the watch")]
+enum Watch {
+    Local(LocalWatch),
+    Remote(RemoteWatch),
+}
+
+/// SKF_WaitForDevEvent in this process.
+#[derive(Debug)]
+struct LocalWatch {
     skf: Arc<Skf>,
     stop: Arc<AtomicBool>,
     /// The library's "a watch runs" flag, cleared when this one ends.
@@ -64,12 +79,41 @@ impl DeviceEvents {
         };
         Ok(DeviceEvents {
             rx,
-            skf,
-            stop,
-            watching,
-            thread: Some(thread),
-            finished,
-            stop_timeout,
+            _watch: Watch::Local(LocalWatch {
+                skf,
+                stop,
+                watching,
+                thread: Some(thread),
+                finished,
+                stop_timeout,
+            }),
+        })
+    }
+
+    /// The events of a hosted library: a thread asks the host for the next event, a wait
+    /// slice at a time, while the host runs (a host that ended is started again by the next
+    /// other call, never by this watch, so that its tokens' going is seen first).
+    pub(crate) fn start_remote(
+        transport: Arc<dyn Transport>,
+        watching: Arc<AtomicBool>,
+        call_timeout: Duration,
+    ) -> Result<DeviceEvents, Error> {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("skf-events-remote".to_owned())
+                .spawn(move || watch_remote(transport.as_ref(), &stop, &tx, call_timeout))
+                .map_err(|_| Error::WorkerGone)?
+        };
+        Ok(DeviceEvents {
+            rx,
+            _watch: Watch::Remote(RemoteWatch {
+                stop,
+                watching,
+                thread: Some(thread),
+            }),
         })
     }
 
@@ -115,7 +159,67 @@ fn watch(skf: &Skf, stop: &AtomicBool, tx: &mpsc::Sender<Result<DeviceEvent, Err
     }
 }
 
-impl Drop for DeviceEvents {
+/// A hosted library's events, asked for by a thread of this process.
+#[derive(Debug)]
+struct RemoteWatch {
+    stop: Arc<AtomicBool>,
+    watching: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long one [`Job::NextEvent`] waits in the host: also the longest a stop waits.
+const REMOTE_SLICE: Duration = Duration::from_millis(500);
+
+fn watch_remote(
+    t: &dyn Transport,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Result<DeviceEvent, Error>>,
+    call_timeout: Duration,
+) {
+    let wait_ms = u64::try_from(REMOTE_SLICE.as_millis()).unwrap_or(500);
+    while !stop.load(Ordering::SeqCst) {
+        if !t.is_up() {
+            std::thread::sleep(REMOTE_SLICE);
+            continue;
+        }
+        let job = Job::NextEvent { wait_ms };
+        match t.run(job, call_timeout + REMOTE_SLICE, None, &mut |_| {}) {
+            Ok(Reply::Event(Ok(None))) => {}
+            Ok(Reply::Event(Ok(Some(event)))) => {
+                if tx.send(Ok(event)).is_err() {
+                    return;
+                }
+            }
+            Ok(Reply::Event(Err(e))) => {
+                // The library cannot wait for events: report and stop (the caller polls).
+                let _ = tx.send(Err(e.into()));
+                return;
+            }
+            Ok(other) => {
+                let _ = tx.send(Err(crate::remote::unexpected(&other)));
+                return;
+            }
+            // The host ended (its supervisor reports that) or is busy: wait for the next.
+            Err(e) => {
+                tracing::debug!(error = ?e, "no device event from the SKF library host");
+                std::thread::sleep(REMOTE_SLICE);
+            }
+        }
+    }
+}
+
+impl Drop for RemoteWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            // Ends within one slice, or one call deadline if the host stops answering.
+            let _ = thread.join();
+        }
+        self.watching.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LocalWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let Some(thread) = self.thread.take() else {

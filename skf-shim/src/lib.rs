@@ -33,6 +33,7 @@ mod events;
 mod ffi;
 mod library;
 mod pin;
+pub mod remote;
 mod token;
 mod worker;
 

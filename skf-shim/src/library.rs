@@ -21,6 +21,7 @@ use crate::error::{Error, SignFailure};
 use crate::events::DeviceEvents;
 use crate::ffi::Skf;
 use crate::pin::SecretPin;
+use crate::remote::{self, Job, Reply as HostReply, Transport};
 use crate::token::{ApplicationId, ApplicationInfo, PinStatus, TokenId, TokenInfo};
 use crate::worker;
 
@@ -55,13 +56,26 @@ pub struct Library {
 struct Inner {
     path: PathBuf,
     call_timeout: Duration,
-    skf: Arc<Skf>,
     /// Set while a [`DeviceEvents`] of this library lives.
     watching: Arc<AtomicBool>,
+    engine: Engine,
+}
+
+/// Where the library runs: on a worker thread of this process, or in a host process
+/// ([`Library::hosted`]).
+enum Engine {
+    Local(Local),
+    Hosted(Arc<dyn Transport>),
+}
+
+struct Local {
+    path: PathBuf,
+    call_timeout: Duration,
+    skf: Arc<Skf>,
     queue: Mutex<Queue>,
     pace: Arc<Pace>,
     thread: Option<JoinHandle<()>>,
-    /// Disconnects when the worker thread ends (in a Mutex only to make `Inner` Sync).
+    /// Disconnects when the worker thread ends (in a Mutex only to make `Local` Sync).
     finished: Mutex<mpsc::Receiver<()>>,
 }
 
@@ -86,17 +100,55 @@ impl Library {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 call_timeout: options.call_timeout,
-                skf: spawned.skf,
                 watching: Arc::new(AtomicBool::new(false)),
-                queue: Mutex::new(Queue {
-                    tx: Some(spawned.tx),
-                    sent: 0,
+                engine: Engine::Local(Local {
+                    path: path.to_path_buf(),
+                    call_timeout: options.call_timeout,
+                    skf: spawned.skf,
+                    queue: Mutex::new(Queue {
+                        tx: Some(spawned.tx),
+                        sent: 0,
+                    }),
+                    pace,
+                    thread: Some(spawned.thread),
+                    finished: Mutex::new(spawned.finished),
                 }),
-                pace,
-                thread: Some(spawned.thread),
-                finished: Mutex::new(spawned.finished),
             }),
         })
+    }
+
+    /// The library at `path` in another process: every call becomes a [`remote::Job`] sent
+    /// through `transport` (the agent's module host), with the in-process library's API. The
+    /// library is loaded by the host; a failure to load shows in the first call's answer.
+    pub fn hosted(path: &Path, options: LoadOptions, transport: Arc<dyn Transport>) -> Library {
+        Library {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                call_timeout: options.call_timeout,
+                watching: Arc::new(AtomicBool::new(false)),
+                engine: Engine::Hosted(transport),
+            }),
+        }
+    }
+
+    /// True for a library in a host process.
+    pub fn is_hosted(&self) -> bool {
+        matches!(self.inner.engine, Engine::Hosted(_))
+    }
+
+    fn local(&self) -> Result<&Local, &Arc<dyn Transport>> {
+        match &self.inner.engine {
+            Engine::Local(l) => Ok(l),
+            Engine::Hosted(t) => Err(t),
+        }
+    }
+
+    /// Runs `job` in the host within the call deadline.
+    fn remote(&self, job: Job) -> Result<HostReply, Error> {
+        match &self.inner.engine {
+            Engine::Hosted(t) => remote::ask(t.as_ref(), job, self.inner.call_timeout),
+            Engine::Local(_) => Err(Error::WorkerGone),
+        }
     }
 
     /// The path the library was loaded from.
@@ -115,22 +167,48 @@ impl Library {
     /// SKF_ImportCertificate: no enrollment). For `keyport doctor`; the required ones are
     /// checked at load.
     pub fn missing_functions(&self) -> Vec<&'static str> {
-        self.inner.skf.missing()
+        match self.local() {
+            Ok(l) => l.skf.missing(),
+            Err(_) => match self.remote(Job::MissingFunctions) {
+                Ok(HostReply::MissingFunctions(names)) => remote::static_names(&names),
+                Ok(other) => {
+                    tracing::debug!(error = %remote::unexpected(&other), "missing functions");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "the SKF host did not say which functions it lacks");
+                    Vec::new()
+                }
+            },
+        }
     }
 
-    /// True while the worker is still behind a request whose caller gave up waiting.
+    /// True while the worker is still behind a request whose caller gave up waiting (for a
+    /// hosted library: while its host runs a job).
     pub fn is_behind(&self) -> bool {
-        self.inner.pace.is_behind()
+        match self.local() {
+            Ok(l) => l.pace.is_behind(),
+            Err(t) => t.is_busy(),
+        }
     }
 
     /// The devices present now (SKF_EnumDev, SKF_ConnectDev, SKF_GetDevInfo).
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, Error> {
+        if self.is_hosted() {
+            return remote::answer!(self.remote(Job::Tokens), HostReply::Tokens);
+        }
         self.call(Request::Tokens)
     }
 
     /// A token's applications with their PIN state (SKF_EnumApplication, SKF_GetPINInfo).
     pub fn applications(&self, token: &TokenId) -> Result<Vec<ApplicationInfo>, Error> {
         let token = token.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::Applications { token }),
+                HostReply::Applications
+            );
+        }
         self.call(|reply| Request::Applications { token, reply })
     }
 
@@ -138,12 +216,24 @@ impl Library {
     /// parses and, for SM2, matches the container's signing key.
     pub fn certificates(&self, token: Option<&TokenId>) -> Result<Vec<CertificateInfo>, Error> {
         let token = token.cloned();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::Certificates { token }),
+                HostReply::Certificates
+            );
+        }
         self.call(|reply| Request::Certificates { token, reply })
     }
 
     /// The user PIN's state (SKF_GetPINInfo).
     pub fn pin_status(&self, application: &ApplicationId) -> Result<PinStatus, Error> {
         let application = application.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::PinStatus { application }),
+                HostReply::PinStatus
+            );
+        }
         self.call(|reply| Request::PinStatus { application, reply })
     }
 
@@ -154,6 +244,12 @@ impl Library {
     /// key's removal.
     pub fn verify_pin(&self, application: &ApplicationId, pin: SecretPin) -> Result<(), Error> {
         let application = application.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::VerifyPin { application, pin }),
+                HostReply::PinVerified
+            );
+        }
         self.call(|reply| Request::VerifyPin {
             application,
             pin,
@@ -172,6 +268,21 @@ impl Library {
         req: SignRequest,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
+        self.sign_with_progress(req, cancel, None)
+    }
+
+    /// [`Library::sign`], telling `progress` the number of signatures done after each one.
+    /// In a host, each signature re-arms the call deadline: a batch may take as long as it
+    /// needs, one signature at most the call timeout.
+    pub fn sign_with_progress(
+        &self,
+        req: SignRequest,
+        cancel: Option<Arc<AtomicBool>>,
+        progress: Option<mpsc::Sender<usize>>,
+    ) -> Result<Vec<Vec<u8>>, SignFailure> {
+        if let Err(t) = self.local() {
+            return remote::sign(t.as_ref(), req, cancel, self.inner.call_timeout, progress);
+        }
         let deadline = Instant::now() + self.inner.call_timeout;
         let (started, started_rx) = mpsc::channel();
         let (reply, rx) = mpsc::channel();
@@ -179,6 +290,7 @@ impl Library {
             Request::Sign {
                 req,
                 cancel,
+                progress,
                 started,
                 reply,
             },
@@ -210,6 +322,16 @@ impl Library {
         pin: SecretPin,
     ) -> Result<GeneratedKey, Error> {
         let application = application.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::GenerateSm2 {
+                    application,
+                    container,
+                    pin
+                }),
+                HostReply::Generated
+            );
+        }
         self.call(|reply| Request::GenerateSm2 {
             application,
             container,
@@ -235,6 +357,17 @@ impl Library {
         mode: ImportMode,
     ) -> Result<CertificateInfo, Error> {
         let container = container.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::ImportCertificate {
+                    container,
+                    der,
+                    mode
+                }),
+                HostReply::Imported,
+                |b| *b
+            );
+        }
         self.call(|reply| Request::ImportCertificate {
             container,
             der,
@@ -253,6 +386,12 @@ impl Library {
         public_key: Vec<u8>,
     ) -> Result<Option<CertificateId>, Error> {
         let token = token.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::KeyContainer { token, public_key }),
+                HostReply::KeyContainer
+            );
+        }
         self.call(|reply| Request::KeyContainer {
             token,
             public_key,
@@ -265,12 +404,24 @@ impl Library {
     /// signing certificate is never deleted ([`Error::CertificateSlotTaken`]).
     pub fn delete_new_container(&self, container: &CertificateId) -> Result<(), Error> {
         let container = container.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::DeleteNewContainer { container }),
+                HostReply::ContainerDeleted
+            );
+        }
         self.call(|reply| Request::DeleteNewContainer { container, reply })
     }
 
     /// SKF_ClearSecureState: the PIN must be verified again before the next signature.
     pub fn logout(&self, application: &ApplicationId) -> Result<(), Error> {
         let application = application.clone();
+        if self.is_hosted() {
+            return remote::answer!(
+                self.remote(Job::Logout { application }),
+                HostReply::LoggedOut
+            );
+        }
         self.call(|reply| Request::Logout { application, reply })
     }
 
@@ -281,11 +432,18 @@ impl Library {
         if self.inner.watching.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyWatching);
         }
-        DeviceEvents::start(
-            Arc::clone(&self.inner.skf),
-            Arc::clone(&self.inner.watching),
-            self.inner.call_timeout,
-        )
+        match self.local() {
+            Ok(l) => DeviceEvents::start(
+                Arc::clone(&l.skf),
+                Arc::clone(&self.inner.watching),
+                self.inner.call_timeout,
+            ),
+            Err(t) => DeviceEvents::start_remote(
+                Arc::clone(t),
+                Arc::clone(&self.inner.watching),
+                self.inner.call_timeout,
+            ),
+        }
         .inspect_err(|_| self.inner.watching.store(false, Ordering::SeqCst))
     }
 
@@ -303,10 +461,11 @@ impl Library {
     }
 
     fn send(&self, req: Request, deadline: Instant) -> Result<u64, Error> {
-        if !self.inner.pace.wait_caught_up(deadline) {
+        let local = self.local().map_err(|_| Error::WorkerGone)?;
+        if !local.pace.wait_caught_up(deadline) {
             return Err(self.busy());
         }
-        let mut queue = lock(&self.inner.queue);
+        let mut queue = lock(&local.queue);
         queue
             .tx
             .as_ref()
@@ -318,7 +477,9 @@ impl Library {
     }
 
     fn gave_up(&self, seq: u64, what: &'static str) -> Error {
-        self.inner.pace.gave_up(seq);
+        if let Ok(local) = self.local() {
+            local.pace.gave_up(seq);
+        }
         tracing::warn!(
             path = %self.inner.path.display(),
             request = what,
@@ -343,7 +504,7 @@ impl fmt::Debug for Library {
     }
 }
 
-impl Drop for Inner {
+impl Drop for Local {
     fn drop(&mut self) {
         // Closing the channel ends the worker's loop; it then closes its handles.
         drop(lock(&self.queue).tx.take());
@@ -435,6 +596,8 @@ pub(crate) enum Request {
     Sign {
         req: SignRequest,
         cancel: Option<Arc<AtomicBool>>,
+        /// Told the number of signatures done after each one.
+        progress: Option<mpsc::Sender<usize>>,
         /// Told when the worker takes the job up; a failed send means the caller gave up.
         started: mpsc::Sender<()>,
         reply: mpsc::Sender<Result<Vec<Vec<u8>>, SignFailure>>,

@@ -165,6 +165,7 @@ impl Worker {
             Request::Sign {
                 req,
                 cancel,
+                progress,
                 started,
                 reply,
             } => {
@@ -172,7 +173,7 @@ impl Worker {
                     tracing::debug!("a signing request given up on before it started is dropped");
                     return;
                 }
-                let _ = reply.send(self.sign(&req, cancel.as_deref()));
+                let _ = reply.send(self.sign(&req, cancel.as_deref(), progress.as_ref()));
             }
             Request::Logout { application, reply } => {
                 let _ = reply.send(self.logout(&application));
@@ -392,6 +393,7 @@ impl Worker {
         &mut self,
         req: &SignRequest,
         cancel: Option<&AtomicBool>,
+        progress: Option<&mpsc::Sender<usize>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
         if req.inputs.is_empty() {
             return Err(Error::InvalidInput("nothing to sign".to_owned()).into());
@@ -405,7 +407,7 @@ impl Worker {
             skf.open_container(handle, req.certificate.raw_container())
         }
         .map_err(|e| self.failed(&token, e))?;
-        let result = self.sign_in(&c, req, cancel);
+        let result = self.sign_in(&c, req, cancel, progress);
         skf.close_container(c);
         if req.logout_after {
             if let Err(e) = self.logout(&app) {
@@ -420,6 +422,7 @@ impl Worker {
         c: &ContainerHandle,
         req: &SignRequest,
         cancel: Option<&AtomicBool>,
+        progress: Option<&mpsc::Sender<usize>>,
     ) -> Result<Vec<Vec<u8>>, SignFailure> {
         let skf = Arc::clone(&self.skf);
         let app = req.certificate.application().clone();
@@ -468,7 +471,13 @@ impl Worker {
             }
             let one = self.sign_one(c, &req.algorithm, public_key.as_deref(), input, &app);
             match one {
-                Ok(sig) => completed.push(sig),
+                Ok(sig) => {
+                    completed.push(sig);
+                    if let Some(p) = progress {
+                        // The listener may be gone; the batch goes on.
+                        let _ = p.send(completed.len());
+                    }
+                }
                 Err(error) => return Err(SignFailure { error, completed }),
             }
         }

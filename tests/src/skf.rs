@@ -114,6 +114,15 @@ impl SoftSkfStore {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Replaces the library's `fault.conf` atomically (`crash_on=SKF_ECCSignData`, …; see
+    /// tests/soft-skf/src/fault.rs); "" clears every fault.
+    pub fn set_fault(&self, faults: &str) -> Result<()> {
+        let next = self.state().join("fault.conf.next");
+        std::fs::write(&next, faults)?;
+        std::fs::rename(&next, self.state().join("fault.conf"))?;
+        Ok(())
+    }
 }
 
 /// The soft SKF library cargo built (a dev-dependency of this crate), next to the test binary.

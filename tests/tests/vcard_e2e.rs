@@ -870,3 +870,53 @@ async fn an_atr_match_loads_the_module_on_insertion() -> Result<()> {
     ensure!(took < EVENT_BOUND, "{took:?}");
     Ok(())
 }
+
+/// OpenSC 0.23 deadlocks for good when the card is pulled while its PIV re-SELECT is pending
+/// (tests/vcard/README.md). With the module in a host (`module_isolation`), the request is
+/// answered at the call deadline with TOKEN_NOT_PRESENT, the host is stopped, and after
+/// reinsertion the same agent —
+/// never restarted — lists the card again and signs; OpenSSL verifies the signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opensc_deadlock_on_card_removal_recovers_without_restarting_the_agent() -> Result<()> {
+    let Some(rig) = rig_or_skip("opensc_deadlock_on_card_removal") else {
+        return Ok(());
+    };
+    const TOKEN_WAIT: u64 = 3;
+    let modules =
+        format!("module_isolation = true\ntoken_wait_seconds = {TOKEN_WAIT}\n{OPENSC_MODULE}");
+    let mut agent = Agent::start(&rig, &modules, &pins(3))?;
+    let agent_pid = agent.child.id();
+    let mut client = agent.connect().await?;
+    let cert = cert_9a(&mut client).await?;
+    rig.run("pull-at-select")?;
+    let t = Instant::now();
+    let answer = client.call("sign", sign_params(&cert, 1)).await?;
+    let took = t.elapsed();
+    // The card is gone: TOKEN_NOT_PRESENT (a new host no longer lists it), not TOKEN_ERROR.
+    let reason = answer["error"]["data"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(reason == "TOKEN_NOT_PRESENT", "{answer}\n{}", agent.log());
+    ensure!(
+        took < Duration::from_secs(TOKEN_WAIT + 10),
+        "answered after {took:?}"
+    );
+    // The deadlock itself (3 of 3 runs in the README, 3 of 3 here): the host did not answer
+    // in time and was stopped, rather than OpenSC failing cleanly.
+    ensure!(
+        agent.log().contains("did not answer in time"),
+        "OpenSC did not deadlock this time: {reason} after {took:?}\n{}",
+        agent.log()
+    );
+    println!(
+        "card pulled at the PIV SELECT: OpenSC deadlocked; {reason} after {took:?}, host stopped"
+    );
+    // pcscd has seen the card go (the bridge hung up at the SELECT).
+    rig.run("remove")?;
+    reinsert_and_sign(&rig, &mut client, &cert, &rig.cert_9a()).await?;
+    ensure!(
+        agent.child.id() == agent_pid && agent.child.try_wait()?.is_none(),
+        "the agent itself never restarted"
+    );
+    Ok(())
+}

@@ -10,6 +10,8 @@
 #   rig.sh status DIR         bridge status line
 #   rig.sh delay DIR MS       the card waits MS ms before each command APDU
 #                             (0: off); a removal during the wait hangs up
+#   rig.sh pull-at-select DIR the next SELECT PIV goes unanswered and pulls the
+#                             card (OpenSC 0.23's deadlock; returns at once)
 #
 # Env: RIG_DEBUG=1 -> pcscd -d and APDU traces in DIR/logs/;
 #      RIG_DEADLINE (seconds, default 20) bounds every wait; PYTHON (python3).
@@ -22,7 +24,7 @@ VPCD_DRIVER=/usr/lib/pcsc/drivers/serial/libifdvpcd.so
 
 die() { echo "rig.sh: $*" >&2; exit 1; }
 
-usage() { sed -n '2,16p' "$0" >&2; exit 2; }
+usage() { sed -n '2,18p' "$0" >&2; exit 2; }
 
 [ $# -ge 2 ] || usage
 CMD=$1
@@ -194,5 +196,6 @@ case "$CMD" in
   remove) do_remove ;;
   status) ctl status ;;
   delay) ctl "delay $DELAY_MS" ;;
+  pull-at-select) ctl pull-at-select ;;
   *) usage ;;
 esac

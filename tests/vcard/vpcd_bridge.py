@@ -28,6 +28,8 @@ one answer line per command, sent when the command has taken effect:
   remove  -> "ok removed"   once the bridge has hung up on vpcd (pcscd notices
              at its next presence poll, <= 400 ms later: rig.sh remove waits for it)
   status  -> "ok inserted connected=1 powered=1 delay_ms=0" etc.
+  pull-at-select -> "ok armed": the next SELECT of the PIV applet goes
+             unanswered and the card is pulled (the OpenSC 0.23 deadlock)
   delay MS -> "ok delay_ms=MS": from now on the card takes MS milliseconds
              to compute each signature (GENERAL AUTHENTICATE, INS 87) before
              answering it (timing only: the protocol and the answers are
@@ -233,6 +235,7 @@ class Bridge:
         self.stop = False
         self.delay_s = 0.0  # time to compute a signature (control `delay MS`)
         self.pull_at_signature = False  # `remove` waits for a signature command
+        self.pull_at_select = False  # `pull-at-select`: the next SELECT PIV pulls the card
 
     # ---- vpcd side -------------------------------------------------------
     def _connect(self) -> Optional[socket.socket]:
@@ -311,6 +314,9 @@ class Bridge:
                     continue
             else:
                 LOG.debug(">>> %s", _trace_cmd(msg))
+                if self._pulled_at_select(msg):
+                    LOG.info("card pulled during a SELECT PIV (INS A4): hanging up unanswered")
+                    return
                 if len(msg) >= 4 and msg[1] == 0x87 and not self._signature_delay():
                     LOG.info("card pulled during a signature (INS 87): hanging up unanswered")
                     return
@@ -322,6 +328,21 @@ class Bridge:
                     if self.powered:
                         self.atr_served += 1
                     self.cv.notify_all()
+
+    def _pulled_at_select(self, msg: bytes) -> bool:
+        """True (once, when armed) for a SELECT of the PIV applet: the command
+        then goes unanswered and the card is out, the moment that deadlocks
+        OpenSC 0.23 (README, "OpenSC 0.23 deadlocks ...")."""
+        is_select_piv = (
+            len(msg) >= 10 and msg[1] == 0xA4 and msg[2] == 0x04 and msg[5:10] == PIV_RID
+        )
+        with self.cv:
+            if not (self.pull_at_select and is_select_piv):
+                return False
+            self.pull_at_select = False
+            self.want_inserted = False
+            self.cv.notify_all()
+            return True
 
     def _signature_delay(self) -> bool:
         """Waits the configured signature time; False when the card is pulled
@@ -443,6 +464,10 @@ class Bridge:
             return self.remove()
         if cmd == "status":
             return self.status()
+        if cmd == "pull-at-select":
+            with self.cv:
+                self.pull_at_select = True
+            return "ok armed"
         if cmd.startswith("delay "):
             return self.set_delay(cmd[len("delay "):].strip())
         if cmd == "quit":

@@ -2,19 +2,19 @@
 //! one module and answers [`pkcs11_shim::remote::Job`]s, and the agent's [`Transport`] over a
 //! [`Supervisor`], which makes a hosted [`Module`] with the in-process module's API.
 //!
-//! An SKF library would get its own job set beside this one (`skf_shim` jobs, its own
-//! `--skf PATH` host mode); the frames, the supervisor and the sandbox are shared.
+//! SKF libraries have their own job set beside this one ([`super::skf`], `--skf PATH`); the
+//! frames, the supervisor and the sandbox are shared.
 
 use std::ffi::OsString;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pkcs11_shim::remote::{self, Job, Reply, Transport, TransportError, WireError};
-use pkcs11_shim::{Error, LoadOptions, Module, Progress};
+use pkcs11_shim::{Error, LoadOptions, Module};
 
-use super::serve::{serve_with, socket_from_stdin, JobContext};
+use super::serve::{serve_with, socket_from_stdin, InterimForwarder, JobContext};
 use super::supervisor::{HostCommand, HostError, OnExit, Supervisor};
 
 /// The supervisor of one PKCS#11 module's hosts.
@@ -48,7 +48,7 @@ pub fn run_host(path: &Path) -> i32 {
         },
     )
     .map_err(|e| WireError::from(&e));
-    let progress = match ProgressForwarder::start() {
+    let progress = match InterimForwarder::start(Reply::Progress) {
         Ok(f) => f,
         Err(e) => {
             tracing::error!(error = %e, "the module host could not start a thread");
@@ -75,53 +75,6 @@ pub fn run_host(path: &Path) -> i32 {
             tracing::error!(error = %e, "the module host's connection failed");
             1
         }
-    }
-}
-
-/// One thread for the host's life that sends a signing job's progress to the agent while the
-/// job runs on the job thread (a thread per job cost ≈ 0.5 ms per signature in a debug build).
-struct ProgressForwarder {
-    jobs: mpsc::Sender<(
-        mpsc::Receiver<Progress>,
-        JobContext<Reply>,
-        mpsc::Sender<()>,
-    )>,
-}
-
-impl ProgressForwarder {
-    fn start() -> std::io::Result<ProgressForwarder> {
-        let (jobs, queue) = mpsc::channel::<(
-            mpsc::Receiver<Progress>,
-            JobContext<Reply>,
-            mpsc::Sender<()>,
-        )>();
-        std::thread::Builder::new()
-            .name("host-progress".into())
-            .spawn(move || {
-                for (progress, ctx, done) in queue {
-                    // Ends when the job's sender is dropped (the job ended).
-                    for p in progress {
-                        if let Err(e) = ctx.interim(Reply::Progress(p)) {
-                            tracing::debug!(error = %e, "a progress message did not reach the agent");
-                        }
-                    }
-                    let _ = done.send(());
-                }
-            })?;
-        Ok(ProgressForwarder { jobs })
-    }
-
-    /// A sender for one job's progress, and a receiver told once all of it went out.
-    fn forward(&self, ctx: JobContext<Reply>) -> (mpsc::Sender<Progress>, mpsc::Receiver<()>) {
-        let (tx, rx) = mpsc::channel();
-        let (done_tx, done) = mpsc::channel();
-        if self.jobs.send((rx, ctx, done_tx)).is_err() {
-            // The forwarder is gone: progress is dropped, the answer is not held up.
-            let (gone_tx, gone) = mpsc::channel();
-            let _ = gone_tx.send(());
-            return (mpsc::channel().0, gone);
-        }
-        (tx, done)
     }
 }
 

@@ -249,6 +249,7 @@ impl Service {
         let this_consent = SessionConsent::new(kind, &cert.info);
         let module = cert.module.clone();
         let total = req.inputs.len();
+        let card_mark = self.tokens.card_mark();
         let state = match module.login_state_async(&cert.info.id).await {
             Ok(state) => state,
             // The certificate came from the cache and its token is gone since: what a lookup on
@@ -258,6 +259,20 @@ impl Service {
                 return Err(Failure::Token(TokenError::CertificateNotFound(
                     cert.info.id.clone(),
                 )));
+            }
+            // A module host that failed while a card was pulled (OpenSC 0.23 deadlocks so):
+            // the token is gone if a new host no longer lists it.
+            Err(e @ TokenError::ModuleHost(_)) => {
+                let (tokens, token) = (self.tokens.clone(), cert.info.id.token_id());
+                if blocking(move || tokens.token_was_pulled(card_mark, &token))
+                    .await
+                    .unwrap_or(false)
+                {
+                    tracing::info!(error = %e, "the card was removed while its module host failed");
+                    self.tokens.certificates_changed();
+                    return Err(Failure::Token(TokenError::TokenNotPresent));
+                }
+                return Err(e.into());
             }
             Err(e) => return Err(e.into()),
         };
@@ -442,8 +457,11 @@ impl Service {
             None => answered.store(true, Ordering::SeqCst),
         }
         if let Err(failure) = &mut result {
-            // A device error may be a card pulled in the middle of a command.
-            if failure.error.failed_function().is_some() {
+            // A device error may be a card pulled in the middle of a command; so may a module
+            // host that failed (a module that deadlocked on the removal).
+            if failure.error.failed_function().is_some()
+                || matches!(failure.error, TokenError::ModuleHost(_))
+            {
                 let (tokens, m, t) = (self.tokens.clone(), module.clone(), token_id.clone());
                 if blocking(move || tokens.card_was_pulled(card_mark, &m, &t))
                     .await

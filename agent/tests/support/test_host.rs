@@ -32,6 +32,9 @@ pub enum TestJob {
     },
     /// Wait until the agent cancels this job, then answer `Cancelled`.
     WaitForCancel,
+    /// A side job (answered beside the others, as an SKF host answers a device-event wait):
+    /// echo.
+    Side(Vec<u8>),
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,59 +84,73 @@ pub fn run_host_if_asked() {
     }
     let socket = agent::host::serve::socket_from_stdin().unwrap();
     agent::host::sandbox::confine().unwrap();
-    let served = agent::host::serve::serve_with(socket, |job: TestJob, ctx| match job {
-        TestJob::Echo(b) => TestAnswer::Echo(b),
-        TestJob::PrintThenEcho(b) => {
-            println!("a library writing to stdout");
-            TestAnswer::Echo(b)
-        }
-        TestJob::Segv => {
-            // The standard library's SIGSEGV handler (stack-overflow detection) lets a signal
-            // sent with kill() pass and restores the default action, and two pending SIGSEGVs
-            // are one: send until the default action kills the process.
-            loop {
-                let _ = rustix::process::kill_process(
-                    rustix::process::getpid(),
-                    rustix::process::Signal::SEGV,
-                );
-                std::thread::yield_now();
+    let side = agent::host::serve::SideJobs {
+        is_side: |job: &TestJob| matches!(job, TestJob::Side(_)),
+        handle: Box::new(
+            |job: TestJob, _ctx: &agent::host::serve::JobContext<TestAnswer>| match job {
+                TestJob::Side(b) => TestAnswer::Echo(b),
+                _ => TestAnswer::Cancelled,
+            },
+        ),
+    };
+    let served = agent::host::serve::serve_with_side(
+        socket,
+        |job: TestJob, ctx| match job {
+            TestJob::Echo(b) => TestAnswer::Echo(b),
+            TestJob::PrintThenEcho(b) => {
+                println!("a library writing to stdout");
+                TestAnswer::Echo(b)
             }
-        }
-        TestJob::Abort => std::process::abort(),
-        TestJob::Exit(code) => std::process::exit(code),
-        TestJob::Hang => loop {
-            std::thread::park();
+            TestJob::Segv => {
+                // The standard library's SIGSEGV handler (stack-overflow detection) lets a signal
+                // sent with kill() pass and restores the default action, and two pending SIGSEGVs
+                // are one: send until the default action kills the process.
+                loop {
+                    let _ = rustix::process::kill_process(
+                        rustix::process::getpid(),
+                        rustix::process::Signal::SEGV,
+                    );
+                    std::thread::yield_now();
+                }
+            }
+            TestJob::Abort => std::process::abort(),
+            TestJob::Exit(code) => std::process::exit(code),
+            TestJob::Hang => loop {
+                std::thread::park();
+            },
+            TestJob::Descriptors => TestAnswer::Descriptors(
+                std::fs::read_dir("/proc/self/fd")
+                    .unwrap()
+                    .filter_map(|e| {
+                        let e = e.ok()?;
+                        let fd = e.file_name().to_str()?.parse().ok()?;
+                        Some((fd, std::fs::read_link(e.path()).ok()?.display().to_string()))
+                    })
+                    .collect(),
+            ),
+            TestJob::Tcp => TestAnswer::Tcp(
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .map(drop)
+                    .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+            ),
+            TestJob::Steps { count, every_ms } => {
+                for i in 0..count {
+                    // A slow library call, not a synchronisation.
+                    std::thread::sleep(Duration::from_millis(every_ms));
+                    ctx.interim(TestAnswer::Step(i)).unwrap();
+                }
+                TestAnswer::Echo(Vec::new())
+            }
+            TestJob::WaitForCancel => {
+                let cancel = ctx.cancel_flag();
+                while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::park_timeout(Duration::from_millis(5));
+                }
+                TestAnswer::Cancelled
+            }
+            TestJob::Side(_) => unreachable!("side jobs go to the side handler"),
         },
-        TestJob::Descriptors => TestAnswer::Descriptors(
-            std::fs::read_dir("/proc/self/fd")
-                .unwrap()
-                .filter_map(|e| {
-                    let e = e.ok()?;
-                    let fd = e.file_name().to_str()?.parse().ok()?;
-                    Some((fd, std::fs::read_link(e.path()).ok()?.display().to_string()))
-                })
-                .collect(),
-        ),
-        TestJob::Tcp => TestAnswer::Tcp(
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .map(drop)
-                .map_err(|e| e.raw_os_error().unwrap_or(-1)),
-        ),
-        TestJob::Steps { count, every_ms } => {
-            for i in 0..count {
-                // A slow library call, not a synchronisation.
-                std::thread::sleep(Duration::from_millis(every_ms));
-                ctx.interim(TestAnswer::Step(i)).unwrap();
-            }
-            TestAnswer::Echo(Vec::new())
-        }
-        TestJob::WaitForCancel => {
-            let cancel = ctx.cancel_flag();
-            while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
-                std::thread::park_timeout(Duration::from_millis(5));
-            }
-            TestAnswer::Cancelled
-        }
-    });
+        side,
+    );
     std::process::exit(i32::from(served.is_err()));
 }

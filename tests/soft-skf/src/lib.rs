@@ -9,12 +9,14 @@
 //! - `KEYPORT_SOFT_SKF_DIR`: the state directory, read **once**, at this library instance's
 //!   first SKF call (load a private copy of the .so per test to get an instance per test).
 //! - Every SKF call appends `SKF_Name rv=0x........` to `STATE/calls.log` (never an argument).
+//! - `STATE/fault.conf` makes calls crash, hang or deadlock (see `fault`).
 //!
 //! This crate is a C ABI library, so unlike the rest of the workspace it uses `unsafe`; every
 //! unsafe block states why it is sound (`clippy::undocumented_unsafe_blocks` is denied).
 //! Handles are small integers disguised as pointers; nothing is ever dereferenced through them.
 
 pub mod abi;
+mod fault;
 pub mod state;
 
 use std::ffi::{c_void, CStr, OsStr, OsString};
@@ -46,6 +48,7 @@ fn soft() -> Result<&'static Soft, Sar> {
 fn call(name: &'static str, body: impl FnOnce(&Soft) -> Result<(), Sar>) -> ULONG {
     match soft() {
         Ok(soft) => {
+            fault::before(soft.root(), name, |line| soft.log_line(line));
             let rv = match body(soft) {
                 Ok(()) => SAR_OK,
                 Err(sar) => sar,

@@ -10,6 +10,7 @@
 //! ROOT/devices/<device>/hang_sign          exists = SKF_ECCSignData / SKF_RSASignData block
 //!                                          until it is removed (first writing a line to the
 //!                                          FIFO `hanging` beside it, if the test made one)
+//! ROOT/fault.conf                        crash, hang or deadlock in named calls (fault.rs)
 //! ROOT/devices/<device>/fail_keygen       exists = SKF_GenECCKeyPair answers SAR_GENRANDERR
 //! ROOT/devices/<device>/fail_sign         exists = SKF_ECCSignData answers SAR_FAIL (a device
 //!                                          error; the PIN stays verified)
@@ -98,9 +99,19 @@ impl Soft {
         soft
     }
 
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Appends `SKF_Name rv=0x........` to ROOT/calls.log (never an argument: no PIN).
     pub fn log_call(&self, name: &str, rv: ULONG) {
-        let line = format!("{name} rv=0x{rv:08X}\n");
+        self.log_line(&format!("{name} rv=0x{rv:08X}"));
+    }
+
+    /// Appends one line to ROOT/calls.log.
+    pub fn log_line(&self, line: &str) {
+        let line = format!("{line}\n");
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -151,7 +151,7 @@ fn measure(module: &Module, scale: Scale) -> Result<(Duration, Duration)> {
 }
 
 /// "12.3 MiB" from /proc/PID/status.
-fn rss(pid: u32) -> Result<String> {
+pub(super) fn rss(pid: u32) -> Result<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()

@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 mod isolation;
+mod isolation_skf;
 mod load;
 
 use std::fmt::Write as _;
@@ -170,6 +171,7 @@ fn main() -> Result<()> {
         // Whatever keyport was built: the hop is the figure here, not the signing speed.
         let keyport = binary(&root, "keyport", &["release", "debug"])?;
         print!("{}", isolation::table(&keyport, scale)?);
+        print!("{}", isolation_skf::table(&keyport, scale)?);
         return Ok(());
     }
     let spy_log = work.path().join("spy.log");
