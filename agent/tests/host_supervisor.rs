@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,31 +90,34 @@ fn a_host_opens_no_network_socket_and_holds_no_descriptor_of_the_agent() {
         s.call(TestJob::Tcp, CALL),
         Ok(TestAnswer::Tcp(Err(libc::EACCES)))
     );
-    // An open file of the agent's must not reach the host.
+    // An open file of the agent's must not reach the host, nor one it holds without
+    // close-on-exec (as an inherited descriptor or a library's file would be).
     let marker = tempfile::NamedTempFile::new().unwrap();
+    let leaked = tempfile::NamedTempFile::new().unwrap();
+    rustix::io::fcntl_setfd(leaked.as_file(), rustix::io::FdFlags::empty()).unwrap();
+    assert!(inherited_descriptors().contains(&(leaked.as_file().as_raw_fd().unsigned_abs())));
     s.stop();
     let Ok(TestAnswer::Descriptors(fds)) = call_after_backoff(&s, TestJob::Descriptors) else {
         panic!("no descriptor list");
     };
-    let path = marker.path().display().to_string();
-    assert!(!fds.iter().any(|(_, f)| f == &path), "{fds:?}");
+    for path in [marker.path(), leaked.path()] {
+        let path = path.display().to_string();
+        assert!(!fds.iter().any(|(_, f)| f == &path), "{path} in {fds:?}");
+    }
     // Its standard streams (0 is its socket; 1 and 2 go wherever the agent's stderr goes: a
-    // terminal, a pipe, a file), clones of its socket, /proc/self/fd being read, and what this
-    // process itself inherited without close-on-exec (cargo's jobserver pipe): nothing else.
-    let inherited = inherited_descriptors();
+    // terminal, a pipe, a file), clones of its socket, /proc/self/fd being read: nothing else,
+    // not even what this process inherited without close-on-exec (cargo's jobserver pipe).
     let unexpected: Vec<&(u32, String)> = fds
         .iter()
         .filter(|(fd, f)| {
             *fd > 2
-                && !inherited.contains(fd)
                 && !(f.starts_with("socket:") || f.starts_with("/proc/") || f.starts_with("/dev/"))
         })
         .collect();
     assert!(unexpected.is_empty(), "{fds:?}");
 }
 
-/// This process's descriptors above 2 without close-on-exec: what it inherited and passes on
-/// to every child (the agent cannot close them without `unsafe`; see `host::sandbox`).
+/// This process's descriptors above 2 without close-on-exec.
 fn inherited_descriptors() -> Vec<u32> {
     const O_CLOEXEC: u32 = 0o2000000;
     std::fs::read_dir("/proc/self/fdinfo")

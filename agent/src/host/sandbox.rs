@@ -9,12 +9,12 @@
 //! - the host is the leader of its own process group (the supervisor starts it so), and the
 //!   supervisor kills the whole group.
 //!
-//! Descriptors: the agent opens everything close-on-exec (Rust's standard library does), so a
-//! host starts with its standard streams, its socket, and nothing the agent opened; the tests
-//! read the host's `/proc/PID/fd` to check it. Not closed: descriptors the agent itself
-//! inherited without close-on-exec from whatever started it (a jobserver pipe under cargo, a
-//! leak of the session manager's) pass on to the host; closing them needs a raw `close`, which
-//! no safe API offers, and is left for the host's own start-up when `unsafe` is allowed there.
+//! Descriptors: the agent opens everything close-on-exec (Rust's standard library does), and
+//! just before it starts a host it marks every other descriptor above 2 close-on-exec too
+//! (what it inherited without the flag from whatever started it, such as a jobserver pipe under
+//! cargo or a session manager's leak, and what a library opened without it). So a host starts
+//! with its standard streams and its socket only; the tests read the host's `/proc/PID/fd` to
+//! check it.
 //!
 //! Elsewhere the host runs unconfined; the threat model says so.
 

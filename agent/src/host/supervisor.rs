@@ -331,6 +331,13 @@ where
         let stdout = std::io::stderr()
             .as_fd_owned()
             .map_err(|e| start_err("stderr", &e))?;
+        // Descriptors this process inherited without close-on-exec (a jobserver pipe, a
+        // session manager's leak) or that a library opened so: none may reach the host. They
+        // are marked close-on-exec here, not closed (their owners may still use them in this
+        // process); the host's socket and streams are duplicated onto 0, 1 and 2 by the spawn,
+        // which clears the flag on those copies.
+        #[cfg(unix)]
+        close_fds::set_fds_cloexec_threadsafe(3, &[]);
         let mut cmd = Command::new(&self.command.program);
         cmd.args(&self.command.args)
             .envs(self.command.env.iter().map(|(k, v)| (k, v)))
