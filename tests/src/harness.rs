@@ -586,6 +586,33 @@ impl Agent {
             .collect()
     }
 
+    /// Kills the agent with SIGKILL (no clean-up of its own) and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("already stopped");
+        };
+        child.kill()?;
+        Ok(child.wait()?)
+    }
+
+    /// The agent's child processes (its module hosts, a dialog program) while it runs.
+    pub fn children(&self) -> Vec<u32> {
+        let Some(pid) = self.pid() else {
+            return Vec::new();
+        };
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {

@@ -313,3 +313,45 @@ async fn doctor_shows_a_row_per_module_host() {
         "{row}"
     );
 }
+
+/// A module host ends with the agent, even when the agent is killed outright (no SIGTERM, no
+/// clean-up) while the host is stuck in the module: the host sees its socket close and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_hosts_exit_when_the_agent_is_killed_even_while_a_call_hangs() {
+    let tk = TestToken::provision().unwrap();
+    let (mut agent, mut client, id) = start(&tk).await;
+    let hosts = agent.children();
+    assert!(!hosts.is_empty(), "no module host runs");
+    agent.set_fault("hang_on=C_Sign\n").unwrap();
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    let _pending = client
+        .send("sign", sign_params(&id, &[9; 32]))
+        .await
+        .unwrap();
+    let until = Instant::now() + DEADLINE;
+    while !agent.fault_log().iter().any(|l| l == "C_Sign hang") {
+        assert!(Instant::now() < until, "the host never reached C_Sign");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.kill().unwrap();
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let alive: Vec<u32> = hosts.iter().copied().filter(|p| running(*p)).collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "module hosts {alive:?} still run {DEADLINE:?} after the agent was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True while `pid` exists and is not a zombie waiting to be reaped.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
