@@ -14,30 +14,20 @@ use std::time::Duration;
 use pkcs11_shim::remote::{self, Job, Reply, Transport, TransportError, WireError};
 use pkcs11_shim::{Error, LoadOptions, Module};
 
-use super::serve::{serve_with, socket_from_stdin, InterimForwarder, JobContext};
+use super::serve::{
+    confined_socket, serve_with, InterimForwarder, JobContext, NO_DEADLINE_IN_HOST,
+};
 use super::supervisor::{HostCommand, HostError, OnExit, Supervisor};
 
 /// The supervisor of one PKCS#11 module's hosts.
 pub type Pkcs11Supervisor = Supervisor<Job, Reply>;
 
-/// Inside the host, the module's own calls are never cut short: the agent's deadline is the
-/// one that counts (it stops the whole host).
-const NO_DEADLINE_IN_HOST: Duration = Duration::from_secs(24 * 60 * 60);
-
 /// The host mode: confine the process, load the module, answer jobs until the agent goes.
 /// Returns the process's exit status; the caller exits with it at once (a module thread may
 /// still hang in the library, and C_Finalize is not waited for).
 pub fn run_host(path: &Path) -> i32 {
-    if let Err(e) = super::sandbox::confine() {
-        tracing::error!(error = %e, "the module host could not confine itself");
+    let Some(socket) = confined_socket("module") else {
         return 2;
-    }
-    let socket = match socket_from_stdin() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "the module host has no socket on its standard input");
-            return 2;
-        }
     };
     // A module that does not load is reported in every answer, so that the agent can tell
     // the user why (as it would for a module loaded in its own process).

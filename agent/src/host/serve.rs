@@ -14,11 +14,30 @@ use super::frame::{
     read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
 };
 
+/// Inside a host, the library's own calls are never cut short: the agent's deadline is the
+/// one that counts (it stops the whole host).
+pub const NO_DEADLINE_IN_HOST: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
 /// The socket the supervisor hands a host: its standard input.
 pub fn socket_from_stdin() -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(
         std::io::stdin().as_fd().try_clone_to_owned()?,
     ))
+}
+
+/// The start of every host mode: confine the process ([`super::sandbox::confine`]), then take
+/// the agent's socket from standard input. `None` once the failure is logged (`what` names the
+/// host in the message); the host then exits with status 2.
+pub fn confined_socket(what: &str) -> Option<UnixStream> {
+    if let Err(e) = super::sandbox::confine() {
+        tracing::error!(error = %e, "the {what} host could not confine itself");
+        return None;
+    }
+    socket_from_stdin()
+        .inspect_err(
+            |e| tracing::error!(error = %e, "the {what} host has no socket on its standard input"),
+        )
+        .ok()
 }
 
 /// What a running job may use besides its input: its cancel flag (set when the agent sends

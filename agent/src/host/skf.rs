@@ -15,29 +15,19 @@ use std::time::Duration;
 use skf_shim::remote::{HostState, Job, Reply, Transport, TransportError};
 use skf_shim::{Library, LoadOptions};
 
-use super::serve::{serve_with_side, socket_from_stdin, InterimForwarder, JobContext, SideJobs};
+use super::serve::{
+    confined_socket, serve_with_side, InterimForwarder, JobContext, SideJobs, NO_DEADLINE_IN_HOST,
+};
 use super::supervisor::{HostCommand, HostError, OnExit, Supervisor};
 
 /// The supervisor of one SKF library's hosts.
 pub type SkfSupervisor = Supervisor<Job, Reply>;
 
-/// Inside the host the library's own calls are never cut short: the agent's deadline is the
-/// one that counts (it stops the whole host).
-const NO_DEADLINE_IN_HOST: Duration = Duration::from_secs(24 * 60 * 60);
-
 /// The host mode: confine the process, load the library, answer jobs until the agent goes.
 /// Returns the process's exit status; the caller exits with it at once.
 pub fn run_host(path: &Path) -> i32 {
-    if let Err(e) = super::sandbox::confine() {
-        tracing::error!(error = %e, "the SKF library host could not confine itself");
+    let Some(socket) = confined_socket("SKF library") else {
         return 2;
-    }
-    let socket = match socket_from_stdin() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "the SKF library host has no socket on its standard input");
-            return 2;
-        }
     };
     // A library that does not load is reported in every answer.
     let state = Arc::new(HostState::new(Library::load_with(
