@@ -610,7 +610,11 @@ impl Worker {
     /// again when they differ. Handles are only compared within one session's life: a new
     /// session (after a login, a logout, an error) has no cached scan anyway. Signing does
     /// not check (a removed key fails its C_SignInit, and the scan is dropped then).
-    fn drop_entries_if_objects_changed(&mut self, id: &TokenId, found: &Found) -> Result<(), Error> {
+    fn drop_entries_if_objects_changed(
+        &mut self,
+        id: &TokenId,
+        found: &Found,
+    ) -> Result<(), Error> {
         let mut now = self
             .session_at(id, found.slot)?
             .find_objects(&[])

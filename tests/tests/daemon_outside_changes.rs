@@ -8,10 +8,10 @@
 
 use std::path::Path;
 use std::process::Command as Process;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keyport_e2e::harness::{
-    unb64, Agent, AgentOptions, Client, TestToken, PORTAL, SOFTHSM, USER_PIN,
+    certificates_until, unb64, Agent, AgentOptions, Client, TestToken, PORTAL, SOFTHSM, USER_PIN,
 };
 use keyport_e2e::pinentry::{Command, Step};
 use serde_json::{json, Value};
@@ -29,24 +29,11 @@ fn listed(list: &Value) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Lists until `done` holds for the list (polling, at most [`DEADLINE`]); returns that list.
+/// Lists until `done` holds for the DER of the listed certificates; returns that list.
 async fn list_until(client: &mut Client, what: &str, done: impl Fn(&[Vec<u8>]) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let list = client
-            .call_ok("certificates.list", json!({}))
-            .await
-            .unwrap();
-        if done(&listed(&list)) {
-            return list;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "after {DEADLINE:?} the agent still lists no change ({what}): {} certificates",
-            listed(&list).len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    certificates_until(client, what, DEADLINE, |list| done(&listed(list)))
+        .await
+        .unwrap()
 }
 
 fn pkcs11_tool(tk: &TestToken, args: &[&str]) {
@@ -154,14 +141,32 @@ async fn keyport_certs_import_and_remove_beside_the_daemon_show_in_its_list() {
     let (ca, ca_key) = (tk.ca_pem(), tk.dir().join("ca.key"));
     let old_pem = tk.cert_pem("sign-p256");
     openssl(
-        &["x509", "-in", old_pem.to_str().unwrap(), "-pubkey", "-noout", "-out", "pub.pem"],
+        &[
+            "x509",
+            "-in",
+            old_pem.to_str().unwrap(),
+            "-pubkey",
+            "-noout",
+            "-out",
+            "pub.pem",
+        ],
         work.path(),
     );
     openssl(
         &[
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "throwaway.key", "-subj", "/CN=Test Signer P-256/O=KeyPort Test",
-            "-out", "req.pem",
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "throwaway.key",
+            "-subj",
+            "/CN=Test Signer P-256/O=KeyPort Test",
+            "-out",
+            "req.pem",
         ],
         work.path(),
     );
