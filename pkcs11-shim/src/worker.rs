@@ -603,13 +603,14 @@ impl Worker {
     }
 
     /// PKCS#11 tells no one when another program (`pkcs11-tool`, `keyport certs` on the
-    /// command line, a vendor's tool) stores or destroys an object, yet every module we know
-    /// shows it to a search at once (SoftHSM re-reads its token folder when its `generation`
-    /// file moved). So a listing compares the handles of every object a search finds now
-    /// (one C_FindObjects, no attributes read) with those of the last listing, and scans
-    /// again when they differ. Handles are only compared within one session's life: a new
-    /// session (after a login, a logout, an error) has no cached scan anyway. Signing does
-    /// not check (a removed key fails its C_SignInit, and the scan is dropped then).
+    /// command line, a vendor's tool) stores or destroys an object, but the module shows it
+    /// to the next search: SoftHSM re-reads its token folder when its `generation` file moved
+    /// (a module that keeps a card's objects in memory shows it only once it reads them again;
+    /// nothing here can make it). So a listing compares the handles of every object a search
+    /// finds now (one C_FindObjects, no attribute read) with those of the last listing, and
+    /// scans again when they differ (a module that gave a destroyed object's handle to a new
+    /// one at once would hide that swap). Signing does not check: a key gone fails its
+    /// C_SignInit, and the scan is dropped then.
     fn drop_entries_if_objects_changed(
         &mut self,
         id: &TokenId,
