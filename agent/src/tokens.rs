@@ -569,16 +569,28 @@ impl TokenSet {
     /// token that went away under a request), and age: a listing older than
     /// [`CERTIFICATES_FRESH`] (another program may have changed a token). No call: `None`.
     pub fn cached_certificates(&self) -> Option<Arc<Vec<CertificateView>>> {
+        self.unchanged_cache(|c| {
+            (c.listed_at.elapsed() < CERTIFICATES_FRESH).then(|| Arc::clone(&c.certificates))
+        })
+        .flatten()
+    }
+
+    /// The certificate cache is right as far as any event knows, only older than
+    /// [`CERTIFICATES_FRESH`]: worth listing again whole (the signing path then finds its
+    /// certificates there again) rather than looking one certificate up.
+    pub fn certificate_cache_aged(&self) -> bool {
+        self.unchanged_cache(|c| c.listed_at.elapsed() >= CERTIFICATES_FRESH)
+            .unwrap_or(false)
+    }
+
+    /// `f` of the certificate cache, when nothing that drops it happened since it was filled.
+    fn unchanged_cache<R>(&self, f: impl FnOnce(&CertificateCache) -> R) -> Option<R> {
         let generation = self.inner.certificate_generation.load(Ordering::SeqCst);
         let hosts = self.host_pids();
         lock(&self.inner.certificate_cache)
             .as_ref()
-            .filter(|c| {
-                c.generation == generation
-                    && c.hosts == hosts
-                    && c.listed_at.elapsed() < CERTIFICATES_FRESH
-            })
-            .map(|c| Arc::clone(&c.certificates))
+            .filter(|c| c.generation == generation && c.hosts == hosts)
+            .map(f)
     }
 
     /// The certificate with this id in [`Self::cached_certificates`], when there is a cache:

@@ -86,11 +86,23 @@ async fn a_certificate_pkcs11_tool_removes_or_stores_leaves_or_joins_the_list() 
     let p256 = tk.cert_der("sign-p256").unwrap();
     let before = list_twice(&mut client).await;
     assert!(before.contains(&p256));
+    let tokens = client.call_ok("tokens.list", json!({})).await.unwrap();
+    let p256_id = format!("{}/03", tokens["tokens"][0]["id"].as_str().unwrap());
 
     pkcs11_tool(&tk, &["--delete-object", "--type", "cert", "--id", "03"]);
     let list = list_until(&mut client, "certificate removed", |l| !l.contains(&p256)).await;
-    // Only that one went.
+    // Only that one went, and a signature with it is refused as the list says, before any
+    // dialog.
     assert_eq!(listed(&list).len(), before.len() - 1);
+    client
+        .call_err(
+            "sign",
+            json!({"certificateId": p256_id, "data": "AA==", "display": {"title": "Gone"}}),
+            "CERTIFICATE_NOT_FOUND",
+        )
+        .await
+        .unwrap();
+    assert!(agent.script().dialogs().unwrap().is_empty());
 
     let der = tk.dir().join("certs").join("sign-p256.der");
     pkcs11_tool(
@@ -108,7 +120,7 @@ async fn a_certificate_pkcs11_tool_removes_or_stores_leaves_or_joins_the_list() 
     );
     let list = list_until(&mut client, "certificate stored", |l| l.contains(&p256)).await;
     assert_eq!(listed(&list).len(), before.len());
-    // And it still signs: the key is paired with the certificate stored again.
+    // Under its old id: the key is paired with the certificate stored again.
     let id = list["certificates"]
         .as_array()
         .unwrap()
@@ -116,7 +128,7 @@ async fn a_certificate_pkcs11_tool_removes_or_stores_leaves_or_joins_the_list() 
         .find(|c| unb64(&c["certificate"]).unwrap() == p256)
         .map(|c| c["id"].as_str().unwrap().to_owned())
         .unwrap();
-    assert!(id.ends_with("/03"), "{id}");
+    assert_eq!(id, p256_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
