@@ -118,6 +118,9 @@ struct TokenState {
     /// The last scan of certificates and keys; dropped on login and logout because they
     /// change which objects are visible.
     entries: Option<Vec<Entry>>,
+    /// The handles of every object our session saw when a listing last looked (see
+    /// [`Worker::entries`]): another program may add or destroy objects at any time.
+    objects: Option<Vec<ObjectHandle>>,
     /// The last health probe's C_GetTokenInfo, and the count of token events when it was
     /// taken: reused while our session holds a login (see [`Worker::find`]).
     probe: Option<(u64, cryptoki::slot::TokenInfo)>,
@@ -130,6 +133,7 @@ impl TokenState {
             session: None,
             mechanisms: None,
             entries: None,
+            objects: None,
             probe: None,
         }
     }
@@ -600,11 +604,44 @@ impl Worker {
         Ok(list)
     }
 
-    /// The certificates on the token with their keys (cached until login/logout/error).
+    /// The certificates on the token with their keys, for a listing: the cached scan (see
+    /// [`Worker::entries_at`]) while the token holds the same objects as when it was made.
     fn entries(&mut self, id: &TokenId) -> Result<Vec<Entry>, Error> {
         // Probe first: a cached scan of a token that is gone must not be served.
         let found = self.find(id)?;
+        self.drop_entries_if_objects_changed(id, &found)?;
         self.entries_at(id, &found)
+    }
+
+    /// PKCS#11 tells no one when another program (`pkcs11-tool`, `keyport certs` on the
+    /// command line, a vendor's tool) stores or destroys an object, but the module shows it
+    /// to the next search: SoftHSM re-reads its token folder when its `generation` file moved
+    /// (a module that keeps a card's objects in memory shows it only once it reads them again;
+    /// nothing here can make it). So a listing compares the handles of every object a search
+    /// finds now (one C_FindObjects, no attribute read) with those of the last listing, and
+    /// scans again when they differ (a module that gave a destroyed object's handle to a new
+    /// one at once would hide that swap). Signing does not check: a key gone fails its
+    /// C_SignInit, and the scan is dropped then.
+    fn drop_entries_if_objects_changed(
+        &mut self,
+        id: &TokenId,
+        found: &Found,
+    ) -> Result<(), Error> {
+        let mut now = self
+            .session_at(id, found.slot)?
+            .find_objects(&[])
+            .map_err(from_cryptoki)?;
+        now.sort_by_key(|h| h.handle());
+        if let Some(state) = self.tokens.get_mut(id) {
+            if state.objects.as_ref() != Some(&now) {
+                if state.objects.is_some() && state.entries.is_some() {
+                    tracing::debug!(token = %id, "the token's objects changed; scanning again");
+                }
+                state.entries = None;
+                state.objects = Some(now);
+            }
+        }
+        Ok(())
     }
 
     /// [`Worker::entries`] for a token this request has probed already.
