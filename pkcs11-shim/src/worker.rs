@@ -115,8 +115,9 @@ struct TokenState {
     session: Option<Session>,
     mechanisms: Option<Vec<MechanismType>>,
     /// The last scan of certificates and keys; dropped on login and logout because they
-    /// change which objects are visible.
-    entries: Option<Vec<Entry>>,
+    /// change which objects are visible. Shared with the requests that read it (a `sign`
+    /// reads one entry of it), so none copies the list and its certificates.
+    entries: Option<Arc<[Entry]>>,
     /// The last health probe's C_GetTokenInfo, and the count of token events when it was
     /// taken: reused while our session holds a login (see [`Worker::find`]).
     probe: Option<(u64, cryptoki::slot::TokenInfo)>,
@@ -139,6 +140,21 @@ impl TokenState {
 struct Entry {
     info: CertificateInfo,
     private_key: Option<ObjectHandle>,
+}
+
+/// One entry of a token's shared scan.
+struct EntryRef {
+    list: Arc<[Entry]>,
+    index: usize,
+}
+
+impl std::ops::Deref for EntryRef {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        // `index` was found in `list` (see `Worker::entry_at`).
+        &self.list[self.index]
+    }
 }
 
 /// A token as this request's health probe found it: the slot it is in now and what one
@@ -365,7 +381,7 @@ impl Worker {
         let mut out = Vec::new();
         for id in ids {
             match self.entries(&id) {
-                Ok(entries) => out.extend(entries.into_iter().map(|e| e.info)),
+                Ok(entries) => out.extend(entries.iter().map(|e| e.info.clone())),
                 Err(Error::TokenNotPresent) if token.is_none() => self.forget(&id),
                 Err(e) => {
                     if e.is_removal() {
@@ -590,16 +606,16 @@ impl Worker {
     }
 
     /// The certificates on the token with their keys (cached until login/logout/error).
-    fn entries(&mut self, id: &TokenId) -> Result<Vec<Entry>, Error> {
+    fn entries(&mut self, id: &TokenId) -> Result<Arc<[Entry]>, Error> {
         // Probe first: a cached scan of a token that is gone must not be served.
         let found = self.find(id)?;
         self.entries_at(id, &found)
     }
 
     /// [`Worker::entries`] for a token this request has probed already.
-    fn entries_at(&mut self, id: &TokenId, found: &Found) -> Result<Vec<Entry>, Error> {
-        if let Some(e) = self.tokens.get(id).and_then(|s| s.entries.clone()) {
-            return Ok(e);
+    fn entries_at(&mut self, id: &TokenId, found: &Found) -> Result<Arc<[Entry]>, Error> {
+        if let Some(e) = self.tokens.get(id).and_then(|s| s.entries.as_ref()) {
+            return Ok(Arc::clone(e));
         }
         let logged_in = self.logged_in(id);
         let login_required = found.info.login_required();
@@ -612,18 +628,21 @@ impl Worker {
                 e.info.always_authenticate = true;
             }
         }
+        let entries: Arc<[Entry]> = entries.into();
         if let Some(state) = self.tokens.get_mut(id) {
-            state.entries = Some(entries.clone());
+            state.entries = Some(Arc::clone(&entries));
         }
         Ok(entries)
     }
 
     /// The entry for one certificate id, on a token this request has probed already.
-    fn entry_at(&mut self, cert: &CertificateId, found: &Found) -> Result<Entry, Error> {
-        self.entries_at(cert.token_id(), found)?
-            .into_iter()
-            .find(|e| cert.names(&e.info.id, &e.info.der))
-            .ok_or_else(|| Error::CertificateNotFound(cert.clone()))
+    fn entry_at(&mut self, cert: &CertificateId, found: &Found) -> Result<EntryRef, Error> {
+        let list = self.entries_at(cert.token_id(), found)?;
+        let index = list
+            .iter()
+            .position(|e| cert.names(&e.info.id, &e.info.der))
+            .ok_or_else(|| Error::CertificateNotFound(cert.clone()))?;
+        Ok(EntryRef { list, index })
     }
 }
 
