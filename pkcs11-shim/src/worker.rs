@@ -72,6 +72,7 @@ pub(crate) fn spawn(
                 path,
                 tokens: HashMap::new(),
                 needs_reinit: false,
+                objects_unreadable: false,
                 always_authenticate: HashSet::new(),
             };
             worker.run(rx, &pace);
@@ -177,6 +178,12 @@ pub(crate) struct Worker {
     /// before the next request it is probed, and finalised and initialised again if it still
     /// fails (SoftHSM, once out of descriptors, fails every call until then).
     needs_reinit: bool,
+    /// An object C_FindObjects had just returned could not be read (CKR_OBJECT_HANDLE_INVALID):
+    /// the module is finalised and initialised again before the next request, with no probe
+    /// (which would pass). SoftHSM, when it opened its token while out of descriptors, keeps
+    /// the objects it could not read that way until C_Initialize; another process deleting the
+    /// object in between is the other cause, and costs no more than a login.
+    objects_unreadable: bool,
     /// Certificates whose key was seen with CKA_ALWAYS_AUTHENTICATE, kept across logouts: a
     /// token that hides private keys until login (SoftHSM) would otherwise hide the flag too,
     /// and the caller could not tell the user before the first PIN that each signature asks
@@ -260,7 +267,11 @@ impl Worker {
     }
 
     fn handle(&mut self, req: Request) {
-        if self.needs_reinit {
+        if self.objects_unreadable {
+            self.objects_unreadable = false;
+            tracing::warn!(path = %self.path.display(), "the module found objects it could not read; re-initialising it");
+            self.reinitialise();
+        } else if self.needs_reinit {
             self.recover();
         }
         // A send fails only when the caller stopped waiting; nothing to do then.
@@ -620,7 +631,15 @@ impl Worker {
         let logged_in = self.logged_in(id);
         let login_required = found.info.login_required();
         let session = self.session_at(id, found.slot)?;
-        let mut entries = scan(session, id, !logged_in && login_required)?;
+        let scanned = scan(session, id, !logged_in && login_required);
+        if let Err(Error::Pkcs11 { rv, .. }) = &scanned {
+            if rv == "CKR_OBJECT_HANDLE_INVALID" {
+                self.objects_unreadable = true;
+                // Tried again at each request until C_Initialize works.
+                self.needs_reinit = true;
+            }
+        }
+        let mut entries = scanned?;
         for e in &mut entries {
             if e.info.always_authenticate {
                 self.always_authenticate.insert(e.info.id.clone());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::time::Instant as Deadline;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -101,23 +101,45 @@ async fn admit<B: Backend>(
 ) -> Result<(Origin, Slot, Vec<u8>), Option<Refuse>> {
     if shared.same_user_only {
         let local = stream.local_addr().map_err(|_| None)?;
-        let owner = tokio::task::spawn_blocking(move || peer::owner(local, peer))
-            .await
-            .unwrap_or(PeerOwner::Unknown);
-        match owner {
+        match peer_owner(local, peer).await {
             PeerOwner::SameUser => {}
             PeerOwner::OtherUser(uid) => {
                 tracing::warn!(%peer, uid, "connection from another user's socket refused");
                 return Err(Some(Refuse::Forbidden));
             }
-            PeerOwner::Unknown => {
-                // Also what a descriptor flood looks like (the tables cannot be opened): debug.
+            PeerOwner::Unreadable | PeerOwner::Unknown => {
+                // Also what a descriptor flood looks like: debug.
                 tracing::debug!(%peer, "the peer's socket owner cannot be told; refused");
                 return Err(Some(Refuse::Forbidden));
             }
         }
     }
     upgrade(shared, stream).await
+}
+
+/// The owner of the peer's socket. The socket tables are read again when they could not be
+/// opened for want of descriptors — under a flood of connections the accept loop takes every
+/// descriptor the evicted ones give back, and the newest connection, a real client's, must not
+/// be refused for it; the handshake's deadline bounds the waiting — and once more when the
+/// peer's row was missing, since the kernel prints the tables in pieces and a row can be passed
+/// over while other sockets come and go.
+async fn peer_owner(local: SocketAddr, peer: SocketAddr) -> PeerOwner {
+    let lookup = move || {
+        tokio::task::spawn_blocking(move || peer::owner(local, peer))
+            .map(|r| r.unwrap_or(PeerOwner::Unknown))
+    };
+    let mut pause = Duration::from_millis(5);
+    let mut missing_again = false;
+    loop {
+        match lookup().await {
+            PeerOwner::Unreadable => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            PeerOwner::Unknown if !missing_again => missing_again = true,
+            owner => return owner,
+        }
+    }
 }
 
 /// The HTTP part: read, judge, ask the backend, reserve a slot, answer 101. `Err(None)`: the

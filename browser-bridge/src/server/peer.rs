@@ -14,7 +14,10 @@ pub(crate) enum PeerOwner {
     SameUser,
     /// Another user (uid given).
     OtherUser(u32),
-    /// No row for the peer (it already closed), or the tables cannot be read.
+    /// The tables could not be opened: this process is out of descriptors, as it is for a
+    /// moment while a flood of connections is being closed. Worth asking again.
+    Unreadable,
+    /// No row for the peer (it already closed), or `/proc/self` cannot be read.
     Unknown,
 }
 
@@ -26,9 +29,14 @@ pub(crate) fn owner(local: SocketAddr, peer: SocketAddr) -> PeerOwner {
         return PeerOwner::Unknown;
     };
     // A v4 peer may show in either table (an IPv4-mapped v6 socket lists in tcp6).
+    let mut unreadable = false;
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            Err(e) => {
+                unreadable |= matches!(e.raw_os_error(), Some(EMFILE | ENFILE));
+                continue;
+            }
         };
         if let Some(uid) = find_uid(&text, peer, local) {
             return if uid == me {
@@ -38,8 +46,19 @@ pub(crate) fn owner(local: SocketAddr, peer: SocketAddr) -> PeerOwner {
             };
         }
     }
-    PeerOwner::Unknown
+    if unreadable {
+        PeerOwner::Unreadable
+    } else {
+        PeerOwner::Unknown
+    }
 }
+
+/// Linux's "too many open files" for this process and for the system (the same numbers on
+/// every Linux architecture).
+#[cfg(target_os = "linux")]
+const EMFILE: i32 = 24;
+#[cfg(target_os = "linux")]
+const ENFILE: i32 = 23;
 
 /// Not Linux: no socket table to read.
 #[cfg(not(target_os = "linux"))]
