@@ -116,8 +116,9 @@ struct TokenState {
     session: Option<Session>,
     mechanisms: Option<Vec<MechanismType>>,
     /// The last scan of certificates and keys; dropped on login and logout because they
-    /// change which objects are visible.
-    entries: Option<Vec<Entry>>,
+    /// change which objects are visible. Shared with the requests that read it (a `sign`
+    /// reads one entry of it), so none copies the list and its certificates.
+    entries: Option<Arc<[Entry]>>,
     /// The handles of every object our session saw when a listing last looked (see
     /// [`Worker::entries`]): another program may add or destroy objects at any time.
     objects: Option<Vec<ObjectHandle>>,
@@ -144,6 +145,21 @@ impl TokenState {
 struct Entry {
     info: CertificateInfo,
     private_key: Option<ObjectHandle>,
+}
+
+/// One entry of a token's shared scan.
+struct EntryRef {
+    list: Arc<[Entry]>,
+    index: usize,
+}
+
+impl std::ops::Deref for EntryRef {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        // `index` was found in `list` (see `Worker::entry_at`).
+        &self.list[self.index]
+    }
 }
 
 /// A token as this request's health probe found it: the slot it is in now and what one
@@ -380,7 +396,7 @@ impl Worker {
         let mut out = Vec::new();
         for id in ids {
             match self.entries(&id) {
-                Ok(entries) => out.extend(entries.into_iter().map(|e| e.info)),
+                Ok(entries) => out.extend(entries.iter().map(|e| e.info.clone())),
                 Err(Error::TokenNotPresent) if token.is_none() => self.forget(&id),
                 Err(e) => {
                     if e.is_removal() {
@@ -606,7 +622,7 @@ impl Worker {
 
     /// The certificates on the token with their keys, for a listing: the cached scan (see
     /// [`Worker::entries_at`]) while the token holds the same objects as when it was made.
-    fn entries(&mut self, id: &TokenId) -> Result<Vec<Entry>, Error> {
+    fn entries(&mut self, id: &TokenId) -> Result<Arc<[Entry]>, Error> {
         // Probe first: a cached scan of a token that is gone must not be served.
         let found = self.find(id)?;
         self.drop_entries_if_objects_changed(id, &found)?;
@@ -645,9 +661,9 @@ impl Worker {
     }
 
     /// [`Worker::entries`] for a token this request has probed already.
-    fn entries_at(&mut self, id: &TokenId, found: &Found) -> Result<Vec<Entry>, Error> {
-        if let Some(e) = self.tokens.get(id).and_then(|s| s.entries.clone()) {
-            return Ok(e);
+    fn entries_at(&mut self, id: &TokenId, found: &Found) -> Result<Arc<[Entry]>, Error> {
+        if let Some(e) = self.tokens.get(id).and_then(|s| s.entries.as_ref()) {
+            return Ok(Arc::clone(e));
         }
         let logged_in = self.logged_in(id);
         let login_required = found.info.login_required();
@@ -668,18 +684,21 @@ impl Worker {
                 e.info.always_authenticate = true;
             }
         }
+        let entries: Arc<[Entry]> = entries.into();
         if let Some(state) = self.tokens.get_mut(id) {
-            state.entries = Some(entries.clone());
+            state.entries = Some(Arc::clone(&entries));
         }
         Ok(entries)
     }
 
     /// The entry for one certificate id, on a token this request has probed already.
-    fn entry_at(&mut self, cert: &CertificateId, found: &Found) -> Result<Entry, Error> {
-        self.entries_at(cert.token_id(), found)?
-            .into_iter()
-            .find(|e| cert.names(&e.info.id, &e.info.der))
-            .ok_or_else(|| Error::CertificateNotFound(cert.clone()))
+    fn entry_at(&mut self, cert: &CertificateId, found: &Found) -> Result<EntryRef, Error> {
+        let list = self.entries_at(cert.token_id(), found)?;
+        let index = list
+            .iter()
+            .position(|e| cert.names(&e.info.id, &e.info.der))
+            .ok_or_else(|| Error::CertificateNotFound(cert.clone()))?;
+        Ok(EntryRef { list, index })
     }
 }
 

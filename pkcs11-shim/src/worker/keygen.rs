@@ -152,7 +152,7 @@ impl Worker {
             return Err(Error::CertificateNotFound(listed));
         }
         let found = self.find(token)?;
-        let kept = self.entry_at(&kept_id, &found)?.info.id;
+        let kept = self.entry_at(&kept_id, &found)?.info.id.clone();
         Ok(Removed {
             certificate: listed,
             kept,
@@ -533,7 +533,7 @@ impl Worker {
             CertificateId::exact(token, cka_id, der)
         };
         let found = self.find(token)?;
-        self.entry_at(&id, &found).map(|e| e.info)
+        self.entry_at(&id, &found).map(|e| e.info.clone())
     }
 }
 

@@ -138,19 +138,10 @@ fn cpu_time(pid: u32, ticks_per_s: u64) -> Result<Duration> {
 /// `module_isolation`: the token's own work runs there), from `/proc/PID/task/*/children`.
 /// Zero where the kernel does not list children.
 fn children_cpu_time(pid: u32, ticks_per_s: u64) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Duration::ZERO;
-    };
-    let mut total = Duration::ZERO;
-    for task in tasks.flatten() {
-        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
-            continue;
-        };
-        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            total += cpu_time(child, ticks_per_s).unwrap_or_default();
-        }
-    }
-    total
+    super::memory::children(pid)
+        .into_iter()
+        .map(|child| cpu_time(child, ticks_per_s).unwrap_or_default())
+        .sum()
 }
 
 fn clock_ticks() -> Result<u64> {
@@ -159,15 +150,6 @@ fn clock_ticks() -> Result<u64> {
         .trim()
         .parse()
         .context("getconf CLK_TCK")
-}
-
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
 }
 
 /// One signature a load row got: the digest signed and the DER signature.
@@ -449,7 +431,7 @@ pub async fn rows(
                 "RSS after the {round} {} signatures on 8 connections ({signed_so_far} signed since start)",
                 run.signatures.len()
             ),
-            format!("{} KiB", rss_kib(target.pid)?),
+            super::memory::Footprint::of(target.pid, &format!("soak-{round}"))?.to_string(),
         ));
     }
 
@@ -463,7 +445,7 @@ pub async fn rows(
     }
     rows.push((
         format!("RSS with {open} open connections"),
-        format!("{} KiB", rss_kib(target.pid)?),
+        super::memory::Footprint::of(target.pid, "connections")?.to_string(),
     ));
     drop(held);
     Ok((rows, problems))

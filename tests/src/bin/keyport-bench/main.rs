@@ -31,6 +31,7 @@
 mod isolation;
 mod isolation_skf;
 mod load;
+mod memory;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -601,12 +602,6 @@ impl Drop for Agent {
     }
 }
 
-impl Agent {
-    fn rss_kib(&self) -> Result<u64> {
-        load::rss_kib(self.child.id())
-    }
-}
-
 fn binary(root: &Path, name: &str, profiles: &[&str]) -> Result<PathBuf> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
@@ -903,8 +898,8 @@ async fn agent_bench(
         ),
     ));
     rows.push((
-        "RSS after start (VmRSS)".into(),
-        format!("{} KiB", agent.rss_kib()?),
+        "RSS after start: the agent (its anonymous pages) + its module host(s) = sum; PSS (pages shared with other processes counted in part)".into(),
+        memory::Footprint::of(agent.child.id(), "start")?.to_string(),
     ));
 
     // The P-256 signing certificate's id, as the agent names it.
@@ -1004,8 +999,8 @@ async fn agent_bench(
         format!("{}, {:.0}/s", ms(elapsed), rate(BATCH_SIZE, elapsed)),
     ));
     rows.push((
-        "RSS after the batches (VmRSS)".into(),
-        format!("{} KiB", agent.rss_kib()?),
+        "RSS after the batches".into(),
+        memory::Footprint::of(agent.child.id(), "batches")?.to_string(),
     ));
 
     eprintln!("agent under load …");
