@@ -5,8 +5,10 @@
 //!
 //! Each call also has an async form (`*_async`) for callers on an async runtime: the worker
 //! answers it through a `tokio` oneshot, so no thread of the caller blocks while the module
-//! works and the answer wakes the waiting task directly. A hosted module runs the blocking call
-//! on the runtime's blocking pool (the transport waits on a socket).
+//! works and the answer wakes the waiting task directly. A hosted module whose transport has an
+//! async form ([`Transport::is_async`], the agent's supervisor) is called the same way: the task
+//! sends the job and the transport's reply wakes it; otherwise the blocking call runs on the
+//! runtime's blocking pool.
 //!
 //! A module may hang inside a call (a deadlocked driver, a card that stopped answering). Every
 //! call but the signatures themselves therefore waits at most [`LoadOptions::call_timeout`] for
@@ -120,6 +122,46 @@ impl Hosted {
         }
         self.transport.run(job, deadline, cancel, interim)
     }
+
+    /// [`Hosted::run`] for a task, on a transport that [`Transport::is_async`].
+    async fn run_async(
+        &self,
+        job: Job,
+        deadline: Duration,
+        cancel: Option<Arc<AtomicBool>>,
+        interim: Box<dyn FnMut(remote::Reply) + Send>,
+    ) -> Result<remote::Reply, TransportError> {
+        let events = self.token_events.load(Ordering::SeqCst);
+        if self.told.load(Ordering::SeqCst) < events {
+            let told = self
+                .transport
+                .run_async(Job::TokenEvent, deadline, None, Box::new(|_| {}))
+                .await;
+            if let Ok(_) | Err(TransportError::Failed(_)) = told {
+                self.told.fetch_max(events, Ordering::SeqCst);
+            }
+        }
+        self.transport
+            .run_async(job, deadline, cancel, interim)
+            .await
+    }
+}
+
+/// [`on_host!`] for a task: `$module` (owned) must be hosted on an async transport.
+macro_rules! on_host_async {
+    ($module:expr, $job:expr, $answer:path) => {{
+        let Some(h) = $module.host() else {
+            return Err(Error::ModuleHost("not a hosted module".into()));
+        };
+        match h
+            .run_async($job, $module.inner.call_timeout, None, Box::new(|_| {}))
+            .await
+        {
+            Ok($answer(r)) => r.map_err(Error::from),
+            Ok(other) => Err(remote::unexpected(&other)),
+            Err(e) => Err(Error::from(e)),
+        }
+    }};
 }
 
 /// Runs a job on a module host and takes the answer out of the reply variant that answers it.
@@ -211,6 +253,11 @@ impl Module {
     /// True when the module runs in a module host.
     pub fn is_hosted(&self) -> bool {
         matches!(self.inner.engine, Engine::Hosted(_))
+    }
+
+    /// True when the module runs in a module host reached by an async transport.
+    fn hosted_async(&self) -> bool {
+        self.host().is_some_and(|h| h.transport.is_async())
     }
 
     /// The in-process engine; a hosted module has none (its calls never get here).
@@ -310,6 +357,9 @@ impl Module {
         let token = token.cloned();
         let module = self.clone();
         async move {
+            if module.hosted_async() {
+                return on_host_async!(module, Job::Certificates { token }, remote::Reply::Certificates);
+            }
             if module.is_hosted() {
                 return off_thread(move || module.certificates(token.as_ref())).await?;
             }
@@ -337,6 +387,9 @@ impl Module {
         let token = token.clone();
         let module = self.clone();
         async move {
+            if module.hosted_async() {
+                return on_host_async!(module, Job::LoginState { token }, remote::Reply::LoginState);
+            }
             if module.is_hosted() {
                 return off_thread(move || module.login_state(&token)).await?;
             }
@@ -405,6 +458,22 @@ impl Module {
     ) -> impl Future<Output = Result<Vec<Vec<u8>>, SignFailure>> + Send + 'static {
         let module = self.clone();
         async move {
+            if let Some(h) = module.host().filter(|h| h.transport.is_async()) {
+                let deadline = module.host_deadline(h, &credential);
+                let wants_progress = progress.is_some();
+                let interim = Box::new(move |reply: remote::Reply| {
+                    if let (remote::Reply::Progress(p), Some(tx)) = (reply, progress.as_ref()) {
+                        let _ = tx.send(p);
+                    }
+                });
+                let job = Job::Sign {
+                    req,
+                    credential,
+                    progress: wants_progress,
+                };
+                let reply = h.run_async(job, deadline, cancel.clone(), interim).await;
+                return signed(reply, cancel.as_deref());
+            }
             if module.is_hosted() {
                 return off_thread(move || module.sign(req, credential, progress, cancel)).await?;
             }
@@ -467,27 +536,18 @@ impl Module {
                 let _ = tx.send(p);
             }
         };
-        let reply = h
-            .run(
-                Job::Sign { req, credential },
-                deadline,
-                cancel.as_deref(),
-                &mut interim,
-            )
-            .map_err(|e| {
-                // A job cancelled by its caller whose host then failed (a hang stopped at the
-                // deadline) was cancelled, as the in-process module answers it.
-                let cancelled = cancel.as_deref().is_some_and(|c| c.load(Ordering::SeqCst));
-                SignFailure::from(if cancelled {
-                    Error::Cancelled
-                } else {
-                    Error::from(e)
-                })
-            })?;
-        match reply {
-            remote::Reply::Signed(r) => r.map_err(SignFailure::from),
-            other => Err(remote::unexpected(&other).into()),
-        }
+        let job = Job::Sign {
+            req,
+            credential,
+            progress: progress.is_some(),
+        };
+        let reply = h.run(
+            job,
+            deadline,
+            cancel.as_deref(),
+            &mut interim,
+        );
+        signed(reply, cancel.as_deref())
     }
 
     /// Generates a key pair on the token, logging in with `credential` where the token asks
@@ -704,6 +764,27 @@ impl Drop for ThreadEngine {
                 }
             }
         }
+    }
+}
+
+/// A hosted signing job's answer as [`Module::sign`] gives it. A job cancelled by its caller
+/// whose host then failed (a hang stopped at the deadline) was cancelled, as the in-process
+/// module answers it.
+fn signed(
+    reply: Result<remote::Reply, TransportError>,
+    cancel: Option<&AtomicBool>,
+) -> Result<Vec<Vec<u8>>, SignFailure> {
+    let reply = reply.map_err(|e| {
+        let cancelled = cancel.is_some_and(|c| c.load(Ordering::SeqCst));
+        SignFailure::from(if cancelled {
+            Error::Cancelled
+        } else {
+            Error::from(e)
+        })
+    })?;
+    match reply {
+        remote::Reply::Signed(r) => r.map_err(SignFailure::from),
+        other => Err(remote::unexpected(&other).into()),
     }
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 /// The version of the messages below; bumped on any change to them or to the jobs they carry.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest frame either side accepts: room for a `sign.batch` of 1000 inputs or a token's
 /// certificates, far below what would hurt.

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pkcs11_shim::remote::{self, Job, Reply, Transport, TransportError, WireError};
+use pkcs11_shim::remote::{self, Job, Reply, ReplyFuture, Transport, TransportError, WireError};
 use pkcs11_shim::{Error, LoadOptions, Module};
 
 use super::serve::{
@@ -50,7 +50,9 @@ pub fn run_host(path: &Path) -> i32 {
             Ok(m) => m,
             Err(e) => return failed(&job, e.clone()),
         };
-        if !matches!(job, Job::Sign { .. }) {
+        // Progress only for a caller that asked for it (a `sign.batch` showing
+        // `sign.progress`): a forwarded message costs a wake-up on both sides.
+        if !matches!(job, Job::Sign { progress: true, .. }) {
             return remote::run(module, job, None, ctx.cancel_flag());
         }
         let (tx, done) = progress.forward(ctx.clone());
@@ -144,16 +146,34 @@ impl Transport for SupervisedTransport {
         let what = job.name();
         self.0
             .call_with(job, deadline, cancel, interim)
-            .map_err(|e| {
-                tracing::warn!(job = what, error = %e, "a module host call failed");
-                match e {
-                    HostError::Busy { after } => TransportError::Busy { waited: after },
-                    other => TransportError::Failed(other.to_string()),
-                }
-            })
+            .map_err(|e| transport_error(what, e))
+    }
+
+    fn run_async(
+        &self,
+        job: Job,
+        deadline: Duration,
+        cancel: Option<Arc<AtomicBool>>,
+        interim: Box<dyn FnMut(Reply) + Send>,
+    ) -> ReplyFuture {
+        let what = job.name();
+        let call = Arc::clone(&self.0).call_async(job, deadline, cancel, interim);
+        Box::pin(async move { call.await.map_err(|e| transport_error(what, e)) })
+    }
+
+    fn is_async(&self) -> bool {
+        true
     }
 
     fn is_busy(&self) -> bool {
         self.0.is_busy()
+    }
+}
+
+fn transport_error(job: &str, e: HostError) -> TransportError {
+    tracing::warn!(job, error = %e, "a module host call failed");
+    match e {
+        HostError::Busy { after } => TransportError::Busy { waited: after },
+        other => TransportError::Failed(other.to_string()),
     }
 }
