@@ -183,6 +183,8 @@ struct ThreadEngine {
     thread: Option<JoinHandle<()>>,
     /// Disconnects when the worker thread ends (in a Mutex only to make `Inner` Sync).
     finished: Mutex<mpsc::Receiver<()>>,
+    /// [`Module::load_inline`]: no thread; each request runs on its caller's thread.
+    inline: Option<Mutex<worker::Worker>>,
 }
 
 /// The way to the worker, and how many requests went down it. Sending and counting happen
@@ -218,6 +220,34 @@ impl Module {
                     pace,
                     thread: Some(spawned.thread),
                     finished: Mutex::new(spawned.finished),
+                    inline: None,
+                }),
+            }),
+        })
+    }
+
+    /// Loads the module at `path` with no worker thread: each call runs the module on the
+    /// caller's thread, one at a time, and waits for it however long it takes (no call
+    /// timeout). For a module host, whose one job thread calls the module anyway and whose
+    /// deadlines are the agent's: a worker thread there was one more hand-off (two context
+    /// switches) per job. A caller that must not wait on a hung module uses [`Module::load_with`].
+    pub fn load_inline(path: &Path) -> Result<Module, Error> {
+        let pace = Arc::new(Pace::default());
+        let worker = worker::open_worker(path.to_path_buf(), Arc::clone(&pace))?;
+        // No deadline: a day, as deadlines go (and no overflow when added to an Instant).
+        let call_timeout = Duration::from_secs(24 * 60 * 60);
+        Ok(Module {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                call_timeout,
+                engine: Engine::Thread(ThreadEngine {
+                    path: path.to_path_buf(),
+                    call_timeout,
+                    queue: Mutex::new(Queue { tx: None, sent: 0 }),
+                    pace,
+                    thread: None,
+                    finished: Mutex::new(mpsc::channel().1),
+                    inline: Some(Mutex::new(worker)),
                 }),
             }),
         })
@@ -358,7 +388,11 @@ impl Module {
         let module = self.clone();
         async move {
             if module.hosted_async() {
-                return on_host_async!(module, Job::Certificates { token }, remote::Reply::Certificates);
+                return on_host_async!(
+                    module,
+                    Job::Certificates { token },
+                    remote::Reply::Certificates
+                );
             }
             if module.is_hosted() {
                 return off_thread(move || module.certificates(token.as_ref())).await?;
@@ -388,7 +422,11 @@ impl Module {
         let module = self.clone();
         async move {
             if module.hosted_async() {
-                return on_host_async!(module, Job::LoginState { token }, remote::Reply::LoginState);
+                return on_host_async!(
+                    module,
+                    Job::LoginState { token },
+                    remote::Reply::LoginState
+                );
             }
             if module.is_hosted() {
                 return off_thread(move || module.login_state(&token)).await?;
@@ -541,12 +579,7 @@ impl Module {
             credential,
             progress: progress.is_some(),
         };
-        let reply = h.run(
-            job,
-            deadline,
-            cancel.as_deref(),
-            &mut interim,
-        );
+        let reply = h.run(job, deadline, cancel.as_deref(), &mut interim);
         signed(reply, cancel.as_deref())
     }
 
@@ -696,9 +729,22 @@ impl Module {
         self.enqueue(req)
     }
 
-    /// Puts a request in the worker's queue; returns its sequence number.
+    /// Puts a request in the worker's queue; returns its sequence number. An inline module
+    /// ([`Module::load_inline`]) runs it now, on this thread.
     fn enqueue(&self, req: Request) -> Result<u64, Error> {
-        let mut queue = lock(&self.thread()?.queue);
+        let engine = self.thread()?;
+        if let Some(worker) = &engine.inline {
+            let mut worker = lock(worker);
+            let seq = {
+                let mut queue = lock(&engine.queue);
+                queue.sent += 1;
+                queue.sent
+            };
+            worker.handle(req);
+            engine.pace.finished_one();
+            return Ok(seq);
+        }
+        let mut queue = lock(&engine.queue);
         queue
             .tx
             .as_ref()
@@ -740,6 +786,13 @@ impl fmt::Debug for Module {
 
 impl Drop for ThreadEngine {
     fn drop(&mut self) {
+        if let Some(worker) = self.inline.take() {
+            worker
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .finish();
+            return;
+        }
         // Closing the channel ends the worker's loop; it then finalises the module.
         drop(lock(&self.queue).tx.take());
         let Some(thread) = self.thread.take() else {

@@ -39,8 +39,6 @@ pub enum ToHost<J> {
 /// What a host sends the agent about the job with the same id.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromHost<A> {
-    /// The host took the job up.
-    Started { id: u64 },
     /// A message before the answer (a signing job's progress); re-arms the call's deadline.
     Interim { id: u64, answer: A },
     /// The job's answer, its last message.

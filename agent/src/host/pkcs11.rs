@@ -12,11 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pkcs11_shim::remote::{self, Job, Reply, ReplyFuture, Transport, TransportError, WireError};
-use pkcs11_shim::{Error, LoadOptions, Module};
+use pkcs11_shim::{Credential, Error, LoadOptions, Module};
 
-use super::serve::{
-    confined_socket, serve_with, InterimForwarder, JobContext, NO_DEADLINE_IN_HOST,
-};
+use super::serve::{confined_socket, serve_with_quick, InterimForwarder, JobContext};
 use super::supervisor::{HostCommand, HostError, OnExit, Supervisor};
 
 /// The supervisor of one PKCS#11 module's hosts.
@@ -31,13 +29,9 @@ pub fn run_host(path: &Path) -> i32 {
     };
     // A module that does not load is reported in every answer, so that the agent can tell
     // the user why (as it would for a module loaded in its own process).
-    let module = Module::load_with(
-        path,
-        LoadOptions {
-            call_timeout: NO_DEADLINE_IN_HOST,
-        },
-    )
-    .map_err(|e| WireError::from(&e));
+    // Inline: the job thread calls the module itself (no worker thread to hand each job to);
+    // a hang holds that thread, and the agent's deadline stops the whole host.
+    let module = Module::load_inline(path).map_err(|e| WireError::from(&e));
     let progress = match InterimForwarder::start(Reply::Progress) {
         Ok(f) => f,
         Err(e) => {
@@ -45,7 +39,7 @@ pub fn run_host(path: &Path) -> i32 {
             return 2;
         }
     };
-    let served = serve_with(socket, move |job: Job, ctx: &JobContext<Reply>| {
+    let answer = move |job: Job, ctx: &JobContext<Reply>| {
         let module = match &module {
             Ok(m) => m,
             Err(e) => return failed(&job, e.clone()),
@@ -60,13 +54,34 @@ pub fn run_host(path: &Path) -> i32 {
         // Every progress message goes out before the answer.
         let _ = done.recv();
         reply
-    });
+    };
+    let served = serve_with_quick(socket, answer, is_quick);
     match served {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "the module host's connection failed");
             1
         }
+    }
+}
+
+/// Jobs the host's reader answers itself when nothing else is queued (see
+/// [`serve_with_quick`]): the ones a cancel cannot stop midway — a signature of one input
+/// (no PIN pad, no progress), and the calls that list or look.
+fn is_quick(job: &Job) -> bool {
+    match job {
+        Job::Sign {
+            req,
+            credential,
+            progress,
+        } => !progress && req.inputs.len() == 1 && !matches!(credential, Credential::PinPad),
+        Job::Info
+        | Job::Tokens
+        | Job::Certificates { .. }
+        | Job::LoginState { .. }
+        | Job::TokenEvent
+        | Job::Logout { .. } => true,
+        _ => false,
     }
 }
 

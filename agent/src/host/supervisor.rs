@@ -1,6 +1,6 @@
 //! The agent's side: one [`Supervisor`] per vendor library, owning at most one live host.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io;
 use std::marker::PhantomData;
@@ -28,11 +28,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const GREETING_WAIT: Duration = Duration::from_secs(10);
 /// How often a call with a cancel flag looks at it.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
-/// How long a write to a host may make no progress before the host counts as hung. The host's
-/// reader drains its socket while a job runs, so a full socket means the host stopped reading;
-/// the bound keeps an async caller (which writes its job itself, on a runtime worker) from
-/// blocking that worker for longer.
-const WRITE_WAIT: Duration = Duration::from_secs(5);
+/// How long a write to a host may make no progress before the host counts as hung. A host
+/// reads its socket whenever it is not inside a quick job itself (see
+/// [`super::serve::serve_with_quick`]), so a socket that stays full this long (≈ 200 KiB of
+/// jobs unread) means a stuck host; the bound keeps an async caller, which writes its job
+/// itself on a runtime worker, from blocking that worker for longer.
+const WRITE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a call got no answer.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -81,6 +82,9 @@ pub type OnExit = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct Supervisor<J, A> {
     command: HostCommand,
     on_exit: Option<OnExit>,
+    /// The jobs a host answers beside the others ([`super::serve::SideJobs`]); they run out
+    /// of the queue's order.
+    is_side: fn(&J) -> bool,
     state: Mutex<State<A>>,
     _jobs: PhantomData<fn(J)>,
 }
@@ -148,8 +152,11 @@ struct Handle<A> {
 /// What a live host's reader thread and its callers share.
 struct Shared<A> {
     pending: Mutex<HashMap<u64, Waiter<A>>>,
-    /// The job the host said it started and has not answered yet.
-    running: Mutex<Option<u64>>,
+    /// The jobs sent and not answered yet, side jobs aside, in the order the host got them
+    /// (each is pushed while its frame is written): the host runs them one at a time in that
+    /// order, so the first is the one running. Known without a message from the host, which
+    /// would wake the reader thread once more per job.
+    queue: Mutex<VecDeque<u64>>,
     /// Jobs whose caller gave up while they were queued: nobody watches them any more, so a
     /// later caller that times out behind one of them stops the host.
     abandoned: Mutex<HashSet<u64>>,
@@ -167,6 +174,7 @@ where
         Supervisor {
             command,
             on_exit,
+            is_side: |_| false,
             state: Mutex::new(State {
                 live: None,
                 min_backoff: MIN_BACKOFF,
@@ -178,6 +186,12 @@ where
             }),
             _jobs: PhantomData,
         }
+    }
+
+    /// Which jobs the hosts answer beside the others (as their [`super::serve::SideJobs`]
+    /// say): none unless set.
+    pub fn set_side_jobs(&mut self, is_side: fn(&J) -> bool) {
+        self.is_side = is_side;
     }
 
     /// The first and the longest wait after a death (tests shorten them).
@@ -359,9 +373,17 @@ where
             lock(&shared.pending).remove(&id);
             return Err(self.died(shared));
         }
-        let sent = write_frame(&mut *lock(&host.writer), &ToHost::Job { id, job });
+        let queued = !(self.is_side)(&job);
+        let sent = {
+            let mut writer = lock(&host.writer);
+            if queued {
+                lock(&shared.queue).push_back(id);
+            }
+            write_frame(&mut *writer, &ToHost::Job { id, job })
+        };
         if let Err(e) = sent {
             lock(&shared.pending).remove(&id);
+            lock(&shared.queue).retain(|&q| q != id);
             kill_group(host.pid);
             return Err(match e {
                 FrameError::TooLarge(_) => HostError::Connection(e.to_string()),
@@ -390,7 +412,7 @@ where
     fn give_up(&self, host: &Handle<A>, id: u64, deadline: Duration) -> HostError {
         let (pid, shared) = (host.pid, &host.shared);
         lock(&shared.pending).remove(&id);
-        let running = *lock(&shared.running);
+        let running = lock(&shared.queue).front().copied();
         let ahead_is_watched =
             running.is_some_and(|r| r != id && !lock(&shared.abandoned).contains(&r));
         if ahead_is_watched {
@@ -523,7 +545,7 @@ where
         let reader = ours.try_clone().map_err(|e| start_err("socket", &e))?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
-            running: Mutex::new(None),
+            queue: Mutex::new(VecDeque::new()),
             abandoned: Mutex::new(HashSet::new()),
             ended: Mutex::new(None),
             next_id: AtomicU64::new(1),
@@ -578,7 +600,7 @@ impl<J, A> Supervisor<J, A> {
         lock(&self.state)
             .live
             .as_ref()
-            .is_some_and(|l| lock(&l.shared.running).is_some())
+            .is_some_and(|l| !lock(&l.shared.queue).is_empty())
     }
 
     pub fn status(&self) -> HostStatus {
@@ -627,7 +649,6 @@ fn read_answers<A: DeserializeOwned>(
     let pid = child.id();
     let why = loop {
         match read_frame::<FromHost<A>>(&mut socket) {
-            Ok(Some(FromHost::Started { id })) => *lock(&shared.running) = Some(id),
             Ok(Some(FromHost::Interim { id, answer })) => {
                 if let Some(waiter) = lock(&shared.pending).get(&id) {
                     waiter.deliver(Delivery::Interim(answer));
@@ -635,9 +656,11 @@ fn read_answers<A: DeserializeOwned>(
             }
             Ok(Some(FromHost::Answer { id, answer })) => {
                 {
-                    let mut running = lock(&shared.running);
-                    if *running == Some(id) {
-                        *running = None;
+                    let mut queue = lock(&shared.queue);
+                    if queue.front() == Some(&id) {
+                        queue.pop_front();
+                    } else {
+                        queue.retain(|&q| q != id);
                     }
                 }
                 lock(&shared.abandoned).remove(&id);
