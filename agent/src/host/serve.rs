@@ -282,7 +282,7 @@ where
     Ok(())
 }
 
-/// Waits for the agent's end of `socket` to close, then ends the process: a host whose reader
+/// Waits for the agent's end of `socket` to close, then kills the process: a host whose reader
 /// is inside a job that hangs would otherwise outlive the agent. It waits for the hang-up
 /// alone (`POLLRDHUP`), so frames arriving on the socket do not wake it.
 fn exit_on_hangup(socket: &UnixStream) {
@@ -292,7 +292,15 @@ fn exit_on_hangup(socket: &UnixStream) {
         match poll(&mut fds, None) {
             Ok(_) if !fds[0].revents().is_empty() => {
                 tracing::debug!("the agent closed the socket; the host ends");
-                std::process::exit(0);
+                // Not `exit`: the reader may be ending the process at the same moment (it saw
+                // the end too), and a second `exit` waits forever for the first, whose atexit
+                // handlers (the library's destructors) may wait on this process's other
+                // threads. SIGKILL to the host's process group (it leads one) ends every
+                // thread, and any helper the library forked, at once — what the agent does to a
+                // host it stops.
+                let me = rustix::process::getpid();
+                let _ = rustix::process::kill_process_group(me, rustix::process::Signal::KILL);
+                return;
             }
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
