@@ -248,7 +248,11 @@ async fn an_async_call_starts_a_host_gets_interim_answers_and_a_hang_stops_the_h
     );
     assert_eq!(
         *steps.lock().unwrap(),
-        vec![TestAnswer::Step(0), TestAnswer::Step(1), TestAnswer::Step(2)]
+        vec![
+            TestAnswer::Step(0),
+            TestAnswer::Step(1),
+            TestAnswer::Step(2)
+        ]
     );
     // A cancel set before the call reaches the job as a message.
     let cancel = Arc::new(AtomicBool::new(true));

@@ -184,7 +184,7 @@ struct ThreadEngine {
     /// Disconnects when the worker thread ends (in a Mutex only to make `Inner` Sync).
     finished: Mutex<mpsc::Receiver<()>>,
     /// [`Module::load_inline`]: no thread; each request runs on its caller's thread.
-    inline: Option<Mutex<worker::Worker>>,
+    inline: Option<Box<Mutex<worker::Worker>>>,
 }
 
 /// The way to the worker, and how many requests went down it. Sending and counting happen
@@ -247,7 +247,7 @@ impl Module {
                     pace,
                     thread: None,
                     finished: Mutex::new(mpsc::channel().1),
-                    inline: Some(Mutex::new(worker)),
+                    inline: Some(Box::new(Mutex::new(worker))),
                 }),
             }),
         })
@@ -787,7 +787,7 @@ impl fmt::Debug for Module {
 impl Drop for ThreadEngine {
     fn drop(&mut self) {
         if let Some(worker) = self.inline.take() {
-            worker
+            (*worker)
                 .into_inner()
                 .unwrap_or_else(PoisonError::into_inner)
                 .finish();

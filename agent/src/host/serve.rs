@@ -123,8 +123,9 @@ where
 }
 
 /// Jobs answered beside the others (on a thread of their own, in their own order): a wait for
-/// a device event must not hold up a signature, nor wait behind one. The agent's supervisor must know them too ([`super::supervisor::Supervisor::set_side_jobs`]):
-/// its view of the job running is about the others only.
+/// a device event must not hold up a signature, nor wait behind one. The agent's supervisor
+/// must know them too ([`super::supervisor::Supervisor::set_side_jobs`]): its view of the job
+/// running is about the others only.
 pub struct SideJobs<J, A> {
     pub is_side: fn(&J) -> bool,
     pub handle: SideHandler<J, A>,
