@@ -191,6 +191,15 @@ impl Service {
         if let Some(found) = self.tokens.cached_certificate(&id) {
             return Ok(found);
         }
+        // A cache only aged (another program may have changed a token) is listed again whole,
+        // at most once a second, so that the signatures after this one find it there again.
+        if self.tokens.certificate_cache_aged() {
+            if let Ok(certs) = self.certificates_cached().await {
+                if let Some(found) = certs.iter().find(|c| id.names(&c.info)) {
+                    return Ok(found.clone());
+                }
+            }
+        }
         let mark = self.tokens.card_mark();
         let e = match self.tokens.certificate_async(&id).await {
             Ok(found) => return Ok(found),

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::{
     Backend, BackendKind, CertificateId, CertificateInfo, TokenError, TokenId, TokenInfo,
@@ -99,6 +99,8 @@ struct Inner {
 struct CertificateCache {
     /// [`Inner::certificate_generation`] read before that listing started.
     generation: u64,
+    /// When that listing started: it is served for [`CERTIFICATES_FRESH`] from then.
+    listed_at: Instant,
     /// Each hosted module's host process then: a host that ended or restarted since (a crash,
     /// a hang) makes the listing stale.
     hosts: Vec<Option<u32>>,
@@ -142,6 +144,13 @@ pub struct Listing {
     /// are left out until a new host lists them, a listing worth repeating.
     pub hosts_down: usize,
 }
+
+/// How long a complete listing of certificates answers `certificates.list` (and a signature's
+/// lookup) without asking the modules again. Events drop it sooner; this bound is for what no
+/// event reports: another program (`pkcs11-tool`, `keyport certs` or `keys` on the command
+/// line, a vendor's tool) storing or removing a certificate while the daemon runs. The listing
+/// after it asks each module, whose worker rescans a token only when its objects changed.
+pub const CERTIFICATES_FRESH: Duration = Duration::from_secs(1);
 
 /// How long [`TokenSet::card_was_pulled`] waits for PC/SC to report a removal (pcscd polls
 /// some readers every 400 ms; the watcher's promise is one second).
@@ -556,15 +565,32 @@ impl TokenSet {
     /// change them (issue 12: `certificates.list` answers from here, with no module call).
     /// What drops it: a card in or out (PC/SC), a listing of tokens that differs from the one
     /// before (the SKF and PC/SC watchers, `tokens.list`) or fails, a module host that ended
-    /// or restarted, and [`Self::certificates_changed`] (a login or logout, an enrolment, a
-    /// token that went away under a request). No call: `None`.
+    /// or restarted, [`Self::certificates_changed`] (a login or logout, an enrolment, a
+    /// token that went away under a request), and age: a listing older than
+    /// [`CERTIFICATES_FRESH`] (another program may have changed a token). No call: `None`.
     pub fn cached_certificates(&self) -> Option<Arc<Vec<CertificateView>>> {
+        self.unchanged_cache(|c| {
+            (c.listed_at.elapsed() < CERTIFICATES_FRESH).then(|| Arc::clone(&c.certificates))
+        })
+        .flatten()
+    }
+
+    /// The certificate cache is right as far as any event knows, only older than
+    /// [`CERTIFICATES_FRESH`]: worth listing again whole (the signing path then finds its
+    /// certificates there again) rather than looking one certificate up.
+    pub fn certificate_cache_aged(&self) -> bool {
+        self.unchanged_cache(|c| c.listed_at.elapsed() >= CERTIFICATES_FRESH)
+            .unwrap_or(false)
+    }
+
+    /// `f` of the certificate cache, when nothing that drops it happened since it was filled.
+    fn unchanged_cache<R>(&self, f: impl FnOnce(&CertificateCache) -> R) -> Option<R> {
         let generation = self.inner.certificate_generation.load(Ordering::SeqCst);
         let hosts = self.host_pids();
         lock(&self.inner.certificate_cache)
             .as_ref()
             .filter(|c| c.generation == generation && c.hosts == hosts)
-            .map(|c| Arc::clone(&c.certificates))
+            .map(f)
     }
 
     /// The certificate with this id in [`Self::cached_certificates`], when there is a cache:
@@ -586,11 +612,13 @@ impl TokenSet {
         // Read before the listing: an event during it leaves the cache stale, not wrong.
         let generation = self.inner.certificate_generation.load(Ordering::SeqCst);
         let hosts = self.host_pids();
+        let listed_at = Instant::now();
         let (list, complete) = self.certificates_complete();
         let certificates = Arc::new(list);
         if complete {
             *lock(&self.inner.certificate_cache) = Some(CertificateCache {
                 generation,
+                listed_at,
                 hosts,
                 certificates: Arc::clone(&certificates),
             });

@@ -250,7 +250,8 @@ pub(crate) struct Shared<B> {
     pub backend: Arc<B>,
     pub limits: Limits,
     pub allow_insecure_localhost_origins: bool,
-    pub same_user_only: bool,
+    /// The socket tables the peer's owner is looked up in; `None`: `same_user_only` is off.
+    pub peer_tables: Option<Arc<peer::SocketTables>>,
     pub port: u16,
     pub registry: Arc<Registry>,
     /// Connections accepted whose handshake has not ended, oldest first.
@@ -280,7 +281,9 @@ pub async fn bind<B: Backend>(
                     backend,
                     limits: config.limits,
                     allow_insecure_localhost_origins: config.allow_insecure_localhost_origins,
-                    same_user_only: config.same_user_only,
+                    peer_tables: config
+                        .same_user_only
+                        .then(|| Arc::new(peer::SocketTables::open())),
                     port,
                     registry: Arc::new(Registry::default()),
                     pending_handshakes: Arc::default(),

@@ -99,6 +99,7 @@ pub(crate) fn open_worker(path: PathBuf, pace: Arc<Pace>) -> Result<Worker, Erro
         path,
         tokens: HashMap::new(),
         needs_reinit: false,
+        objects_unreadable: false,
         always_authenticate: HashSet::new(),
     })
 }
@@ -124,6 +125,9 @@ struct TokenState {
     /// The last scan of certificates and keys; dropped on login and logout because they
     /// change which objects are visible.
     entries: Option<Vec<Entry>>,
+    /// The handles of every object our session saw when a listing last looked (see
+    /// [`Worker::entries`]): another program may add or destroy objects at any time.
+    objects: Option<Vec<ObjectHandle>>,
     /// The last health probe's C_GetTokenInfo, and the count of token events when it was
     /// taken: reused while our session holds a login (see [`Worker::find`]).
     probe: Option<(u64, cryptoki::slot::TokenInfo)>,
@@ -136,6 +140,7 @@ impl TokenState {
             session: None,
             mechanisms: None,
             entries: None,
+            objects: None,
             probe: None,
         }
     }
@@ -168,6 +173,12 @@ pub(crate) struct Worker {
     /// before the next request it is probed, and finalised and initialised again if it still
     /// fails (SoftHSM, once out of descriptors, fails every call until then).
     needs_reinit: bool,
+    /// An object C_FindObjects had just returned could not be read (CKR_OBJECT_HANDLE_INVALID):
+    /// the module is finalised and initialised again before the next request, with no probe
+    /// (which would pass). SoftHSM, when it opened its token while out of descriptors, keeps
+    /// the objects it could not read that way until C_Initialize; another process deleting the
+    /// object in between is the other cause, and costs no more than a login.
+    objects_unreadable: bool,
     /// Certificates whose key was seen with CKA_ALWAYS_AUTHENTICATE, kept across logouts: a
     /// token that hides private keys until login (SoftHSM) would otherwise hide the flag too,
     /// and the caller could not tell the user before the first PIN that each signature asks
@@ -255,7 +266,11 @@ impl Worker {
     }
 
     pub(crate) fn handle(&mut self, req: Request) {
-        if self.needs_reinit {
+        if self.objects_unreadable {
+            self.objects_unreadable = false;
+            tracing::warn!(path = %self.path.display(), "the module found objects it could not read; re-initialising it");
+            self.reinitialise();
+        } else if self.needs_reinit {
             self.recover();
         }
         // A send fails only when the caller stopped waiting; nothing to do then.
@@ -600,11 +615,44 @@ impl Worker {
         Ok(list)
     }
 
-    /// The certificates on the token with their keys (cached until login/logout/error).
+    /// The certificates on the token with their keys, for a listing: the cached scan (see
+    /// [`Worker::entries_at`]) while the token holds the same objects as when it was made.
     fn entries(&mut self, id: &TokenId) -> Result<Vec<Entry>, Error> {
         // Probe first: a cached scan of a token that is gone must not be served.
         let found = self.find(id)?;
+        self.drop_entries_if_objects_changed(id, &found)?;
         self.entries_at(id, &found)
+    }
+
+    /// PKCS#11 tells no one when another program (`pkcs11-tool`, `keyport certs` on the
+    /// command line, a vendor's tool) stores or destroys an object, but the module shows it
+    /// to the next search: SoftHSM re-reads its token folder when its `generation` file moved
+    /// (a module that keeps a card's objects in memory shows it only once it reads them again;
+    /// nothing here can make it). So a listing compares the handles of every object a search
+    /// finds now (one C_FindObjects, no attribute read) with those of the last listing, and
+    /// scans again when they differ (a module that gave a destroyed object's handle to a new
+    /// one at once would hide that swap). Signing does not check: a key gone fails its
+    /// C_SignInit, and the scan is dropped then.
+    fn drop_entries_if_objects_changed(
+        &mut self,
+        id: &TokenId,
+        found: &Found,
+    ) -> Result<(), Error> {
+        let mut now = self
+            .session_at(id, found.slot)?
+            .find_objects(&[])
+            .map_err(from_cryptoki)?;
+        now.sort_by_key(|h| h.handle());
+        if let Some(state) = self.tokens.get_mut(id) {
+            if state.objects.as_ref() != Some(&now) {
+                if state.objects.is_some() && state.entries.is_some() {
+                    tracing::debug!(token = %id, "the token's objects changed; scanning again");
+                }
+                state.entries = None;
+                state.objects = Some(now);
+            }
+        }
+        Ok(())
     }
 
     /// [`Worker::entries`] for a token this request has probed already.
@@ -615,7 +663,15 @@ impl Worker {
         let logged_in = self.logged_in(id);
         let login_required = found.info.login_required();
         let session = self.session_at(id, found.slot)?;
-        let mut entries = scan(session, id, !logged_in && login_required)?;
+        let scanned = scan(session, id, !logged_in && login_required);
+        if let Err(Error::Pkcs11 { rv, .. }) = &scanned {
+            if rv == "CKR_OBJECT_HANDLE_INVALID" {
+                self.objects_unreadable = true;
+                // Tried again at each request until C_Initialize works.
+                self.needs_reinit = true;
+            }
+        }
+        let mut entries = scanned?;
         for e in &mut entries {
             if e.info.always_authenticate {
                 self.always_authenticate.insert(e.info.id.clone());

@@ -133,3 +133,58 @@ fn certificates_are_paired_parsed_and_stable() {
     ids_again.sort();
     assert_eq!(ids, ids_again);
 }
+
+/// `pkcs11-tool` (another process) on the rig's token.
+fn pkcs11_tool(rig: &Rig, args: &[&str]) {
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", rig.dir.path().join("softhsm2.conf"))
+        .args(["--module", rig::SOFTHSM, "--login", "--pin", rig::USER_PIN])
+        .args(args)
+        .output()
+        .expect("pkcs11-tool");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_certificate_another_process_removes_or_stores_shows_in_the_next_listing() {
+    let rig = Rig::new();
+    let labels = |rig: &Rig| -> Vec<String> {
+        let certs = rig
+            .module
+            .certificates(Some(&rig.token))
+            .expect("certificates");
+        certs.into_iter().map(|c| c.label).collect()
+    };
+    // Twice: the second listing is the worker's cached scan.
+    assert_eq!(labels(&rig), labels(&rig));
+    let before = labels(&rig);
+    assert!(before.contains(&"sign-p256".to_owned()));
+
+    pkcs11_tool(&rig, &["--delete-object", "--type", "cert", "--id", "03"]);
+    let after = labels(&rig);
+    assert!(!after.contains(&"sign-p256".to_owned()), "{after:?}");
+    assert_eq!(after.len(), before.len() - 1);
+
+    let der = rig.dir.path().join("certs").join("sign-p256.der");
+    pkcs11_tool(
+        &rig,
+        &[
+            "--write-object",
+            der.to_str().expect("utf-8"),
+            "--type",
+            "cert",
+            "--id",
+            "03",
+            "--label",
+            "sign-p256",
+        ],
+    );
+    let back = rig.certificate("sign-p256");
+    assert_eq!(back.der, rig.cert_der("sign-p256"));
+    assert_eq!(back.id, CertificateId::new(&rig.token, &[3], &back.der));
+    assert_eq!(labels(&rig).len(), before.len());
+}

@@ -1325,6 +1325,32 @@ pub async fn certificate_ids(
     Ok(ids)
 }
 
+/// `certificates.list` again and again (every 50 ms, at most `deadline`) until `done` holds for
+/// the answer, which it returns; an error names `what` did not show. For what no event reports:
+/// a change made by another program shows once the agent's cache has aged (1 s).
+pub async fn certificates_until(
+    client: &mut Client,
+    what: &str,
+    deadline: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let list = client
+            .call_ok("certificates.list", json!({}))
+            .await
+            .context("certificates.list")?;
+        if done(&list) {
+            return Ok(list);
+        }
+        if start.elapsed() >= deadline {
+            let n = list["certificates"].as_array().map_or(0, Vec::len);
+            bail!("after {deadline:?} certificates.list still shows no change ({what}): {n} certificates");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A base64 nonce of `len` random bytes.
 pub fn nonce(len: usize) -> Result<String> {
     let mut bytes = vec![0u8; len];

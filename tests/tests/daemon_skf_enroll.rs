@@ -13,8 +13,11 @@ mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
+use std::time::Duration;
 
-use keyport_e2e::harness::{b64, unb64, Agent, AgentOptions, Client, TestToken, PORTAL};
+use keyport_e2e::harness::{
+    b64, certificates_until, unb64, Agent, AgentOptions, Client, TestToken, PORTAL,
+};
 use keyport_e2e::pinentry::{Command, Step};
 use keyport_e2e::skf::{SoftSkfStore, SKF_APP, SKF_DEVICE, SKF_USER_PIN};
 use serde_json::{json, Value};
@@ -564,6 +567,13 @@ async fn cancels_wrong_types_strangers_names_in_use_and_renewals_on_an_skf_key()
 async fn keys_generate_and_certs_import_on_an_skf_key_from_the_command_line() {
     let mut rig = start().await;
     let (skf, _) = rig.token_ids().await;
+    // The running agent lists (and caches) the certificates before the command line, in a
+    // process of its own, changes the key: it must still see the change.
+    let before = rig
+        .client
+        .call_ok("certificates.list", json!({}))
+        .await
+        .unwrap();
     let req = rig.path("cli.req.pem");
     rig.agent
         .script()
@@ -647,13 +657,21 @@ async fn keys_generate_and_certs_import_on_an_skf_key_from_the_command_line() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains(&key_id), "{text}");
-    let list = rig
-        .client
-        .call_ok("certificates.list", json!({}))
-        .await
-        .unwrap();
+    assert!(listed(&before, &key_id).is_empty());
+    let list = certificates_until(
+        &mut rig.client,
+        "the certificate imported on the command line",
+        Duration::from_secs(15),
+        |list| !listed(list, &key_id).is_empty(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         unb64(&listed(&list, &key_id)[0]["certificate"]).unwrap(),
         cert
+    );
+    assert_eq!(
+        list["certificates"].as_array().unwrap().len(),
+        before["certificates"].as_array().unwrap().len() + 1
     );
 }

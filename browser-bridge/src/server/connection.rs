@@ -20,7 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
 use super::handshake::{self, Refuse};
-use super::peer::{self, PeerOwner};
+use super::peer::PeerOwner;
 use super::{
     Backend, CancelSignal, CancelTrigger, Notifier, Outgoing, PendingHandshake, RequestContext,
     Shared, Slot,
@@ -99,11 +99,19 @@ async fn admit<B: Backend>(
     stream: &mut TcpStream,
     peer: SocketAddr,
 ) -> Result<(Origin, Slot, Vec<u8>), Option<Refuse>> {
-    if shared.same_user_only {
+    if let Some(tables) = &shared.peer_tables {
         let local = stream.local_addr().map_err(|_| None)?;
-        let owner = tokio::task::spawn_blocking(move || peer::owner(local, peer))
-            .await
-            .unwrap_or(PeerOwner::Unknown);
+        let tables = Arc::clone(tables);
+        let owner = tokio::task::spawn_blocking(move || {
+            // Once more when the peer's row was missing: the kernel prints the table in
+            // pieces, and a row can be passed over while other sockets come and go.
+            match tables.owner(local, peer) {
+                PeerOwner::Unknown => tables.owner(local, peer),
+                owner => owner,
+            }
+        })
+        .await
+        .unwrap_or(PeerOwner::Unknown);
         match owner {
             PeerOwner::SameUser => {}
             PeerOwner::OtherUser(uid) => {
@@ -111,7 +119,6 @@ async fn admit<B: Backend>(
                 return Err(Some(Refuse::Forbidden));
             }
             PeerOwner::Unknown => {
-                // Also what a descriptor flood looks like (the tables cannot be opened): debug.
                 tracing::debug!(%peer, "the peer's socket owner cannot be told; refused");
                 return Err(Some(Refuse::Forbidden));
             }

@@ -18,33 +18,84 @@ pub(crate) enum PeerOwner {
     Unknown,
 }
 
-/// Looks the peer up. `local` is this end of the connection, `peer` the other.
-#[cfg(target_os = "linux")]
-pub(crate) fn owner(local: SocketAddr, peer: SocketAddr) -> PeerOwner {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
-        return PeerOwner::Unknown;
-    };
-    // A v4 peer may show in either table (an IPv4-mapped v6 socket lists in tcp6).
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        if let Some(uid) = find_uid(&text, peer, local) {
-            return if uid == me {
-                PeerOwner::SameUser
-            } else {
-                PeerOwner::OtherUser(uid)
-            };
-        }
-    }
-    PeerOwner::Unknown
+/// The kernel's socket tables and this process's uid, opened and read once when the server
+/// starts. Each look-up reads the open tables again from their start, so it needs no
+/// descriptor of its own: under a flood of connections the accept loop takes every descriptor
+/// the closed ones give back, and a real client's connection must not be refused for want of
+/// one to open a table with.
+#[derive(Debug)]
+pub(crate) struct SocketTables {
+    #[cfg(target_os = "linux")]
+    me: Option<u32>,
+    #[cfg(target_os = "linux")]
+    tables: std::sync::Mutex<Vec<std::fs::File>>,
 }
 
-/// Not Linux: no socket table to read.
+#[cfg(target_os = "linux")]
+impl SocketTables {
+    pub(crate) fn open() -> SocketTables {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        // A v4 peer may show in either table (an IPv4-mapped v6 socket lists in tcp6).
+        let tables = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .into_iter()
+            .filter_map(|path| match std::fs::File::open(path) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(path, error = %e, "socket table cannot be opened");
+                    None
+                }
+            })
+            .collect();
+        SocketTables {
+            me,
+            tables: std::sync::Mutex::new(tables),
+        }
+    }
+
+    /// Looks the peer up. `local` is this end of the connection, `peer` the other.
+    pub(crate) fn owner(&self, local: SocketAddr, peer: SocketAddr) -> PeerOwner {
+        use std::io::{Read, Seek};
+        let Some(me) = self.me else {
+            return PeerOwner::Unknown;
+        };
+        let mut tables = self
+            .tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut text = String::new();
+        for table in tables.iter_mut() {
+            text.clear();
+            // Back at the start, the kernel prints the table anew.
+            if table
+                .rewind()
+                .and_then(|()| table.read_to_string(&mut text))
+                .is_err()
+            {
+                continue;
+            }
+            if let Some(uid) = find_uid(&text, peer, local) {
+                return if uid == me {
+                    PeerOwner::SameUser
+                } else {
+                    PeerOwner::OtherUser(uid)
+                };
+            }
+        }
+        PeerOwner::Unknown
+    }
+}
+
+/// Not Linux: no socket table to read, and every peer passes.
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn owner(_local: SocketAddr, _peer: SocketAddr) -> PeerOwner {
-    PeerOwner::SameUser
+impl SocketTables {
+    pub(crate) fn open() -> SocketTables {
+        SocketTables {}
+    }
+
+    pub(crate) fn owner(&self, _local: SocketAddr, _peer: SocketAddr) -> PeerOwner {
+        PeerOwner::SameUser
+    }
 }
 
 /// The uid of the row of a `/proc/net/tcp{,6}` text whose local address is `local` and remote
@@ -120,6 +171,14 @@ mod tests {
         let (server, peer) = listener.accept().unwrap();
         let local = server.local_addr().unwrap();
         assert_eq!(peer, client.local_addr().unwrap());
-        assert_eq!(owner(local, peer), PeerOwner::SameUser);
+        let tables = SocketTables::open();
+        assert_eq!(tables.owner(local, peer), PeerOwner::SameUser);
+        // Read again from the start: a second look-up (another connection) finds its row too.
+        let client2 = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server2, peer2) = listener.accept().unwrap();
+        assert_eq!(peer2, client2.local_addr().unwrap());
+        assert_eq!(tables.owner(local, peer2), PeerOwner::SameUser);
+        let stranger: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(tables.owner(local, stranger), PeerOwner::Unknown);
     }
 }

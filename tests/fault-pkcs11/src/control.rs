@@ -37,6 +37,10 @@ pub(crate) struct Control {
     /// C_GetTokenInfo fails with CKR_GENERAL_ERROR — and, as SoftHSM does once the process ran
     /// out of descriptors, keeps failing after this is cleared, until the next C_Initialize.
     pub(crate) general_error: bool,
+    /// C_GetAttributeValue fails with CKR_OBJECT_HANDLE_INVALID — and, as SoftHSM does for the
+    /// object files it could not open when it loaded the token (out of descriptors then), keeps
+    /// failing after this is cleared, until the next C_Initialize.
+    pub(crate) unreadable_objects: bool,
     /// Stand in for a PIN-pad reader: C_GetTokenInfo adds CKF_PROTECTED_AUTHENTICATION_PATH and
     /// C_Login with no PIN is answered as [`Control::pin_pad_entry`] says.
     pub(crate) pin_pad: bool,
@@ -123,6 +127,9 @@ impl Control {
                 "hang_sign" => control.hang_sign = flag(value).ok_or_else(|| bad("not 0/1"))?,
                 "general_error" => {
                     control.general_error = flag(value).ok_or_else(|| bad("not 0/1"))?;
+                }
+                "unreadable_objects" => {
+                    control.unreadable_objects = flag(value).ok_or_else(|| bad("not 0/1"))?;
                 }
                 "pin_pad" => control.pin_pad = flag(value).ok_or_else(|| bad("not 0/1"))?,
                 "pin_pad_entry" => {
@@ -241,7 +248,7 @@ mod tests {
                     fail_sign_after=3\nhang_sign=1\ncrash_on=C_Sign, C_Login\n\
                     pin_pad=1\npin_pad_entry=654321\npin_pad_delay_ms=250\n\
                     crash_how=segv\nhang_on=C_GetTokenInfo\ndeadlock_on=C_Sign\n\
-                    hide_mechanisms=0x1055, 0x1040\n";
+                    hide_mechanisms=0x1055, 0x1040\nunreadable_objects=1\n";
         let control = Control::parse(text).expect("valid control file");
         assert_eq!(
             control,
@@ -257,6 +264,7 @@ mod tests {
                 hang_on: vec!["C_GetTokenInfo".to_owned()],
                 deadlock_on: vec!["C_Sign".to_owned()],
                 general_error: false,
+                unreadable_objects: true,
                 pin_pad: true,
                 pin_pad_entry: PadEntry::Pin("654321".to_owned()),
                 pin_pad_delay_ms: 250,

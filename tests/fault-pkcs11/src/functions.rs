@@ -9,9 +9,9 @@ use cryptoki_sys::{
     CKF_PROTECTED_AUTHENTICATION_PATH, CKF_TOKEN_PRESENT, CKF_USER_PIN_COUNT_LOW,
     CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_ARGUMENTS_BAD, CKR_BUFFER_TOO_SMALL,
     CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_FUNCTION_CANCELED, CKR_FUNCTION_NOT_SUPPORTED,
-    CKR_GENERAL_ERROR, CKR_MECHANISM_INVALID, CKR_OK, CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT,
-    CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER, CK_ATTRIBUTE, CK_BBOOL, CK_BYTE, CK_FLAGS,
-    CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_INFO, CK_MECHANISM_TYPE, CK_NOTIFY,
+    CKR_GENERAL_ERROR, CKR_MECHANISM_INVALID, CKR_OBJECT_HANDLE_INVALID, CKR_OK, CKR_PIN_LOCKED,
+    CKR_TOKEN_NOT_PRESENT, CKU_CONTEXT_SPECIFIC, CKU_SO, CKU_USER, CK_ATTRIBUTE, CK_BBOOL, CK_BYTE,
+    CK_FLAGS, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_INFO, CK_MECHANISM_TYPE, CK_NOTIFY,
     CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO, CK_SLOT_ID, CK_SLOT_INFO,
     CK_TOKEN_INFO, CK_ULONG, CK_USER_TYPE,
 };
@@ -22,6 +22,10 @@ use crate::{call, call_noted, signature_fails, Call};
 /// Set by `general_error=1`; cleared only by a successful C_Initialize (SoftHSM's behaviour
 /// after descriptor exhaustion).
 static GENERAL_ERROR_LATCHED: AtomicBool = AtomicBool::new(false);
+
+/// Set by `unreadable_objects=1`; cleared only by a successful C_Initialize (SoftHSM's
+/// behaviour for object files it could not open when it loaded the token).
+static UNREADABLE_LATCHED: AtomicBool = AtomicBool::new(false);
 
 /// How often a hanging C_Sign looks at the control file again.
 const HANG_POLL: Duration = Duration::from_millis(50);
@@ -84,6 +88,7 @@ unsafe extern "C" fn initialize(args: *mut c_void) -> CK_RV {
         let rv = forward!(c, C_Initialize(args));
         if rv == CKR_OK {
             GENERAL_ERROR_LATCHED.store(false, Ordering::SeqCst);
+            UNREADABLE_LATCHED.store(false, Ordering::SeqCst);
         }
         rv
     })
@@ -313,10 +318,18 @@ unsafe extern "C" fn get_attribute_value(
     template: *mut CK_ATTRIBUTE,
     count: CK_ULONG,
 ) -> CK_RV {
-    session_call!(
-        "C_GetAttributeValue",
-        C_GetAttributeValue(session, object, template, count)
-    )
+    call("C_GetAttributeValue", |c| {
+        if c.control.token_removed {
+            return CKR_DEVICE_REMOVED;
+        }
+        if c.control.unreadable_objects {
+            UNREADABLE_LATCHED.store(true, Ordering::SeqCst);
+        }
+        if UNREADABLE_LATCHED.load(Ordering::SeqCst) {
+            return CKR_OBJECT_HANDLE_INVALID;
+        }
+        forward!(c, C_GetAttributeValue(session, object, template, count))
+    })
 }
 
 unsafe extern "C" fn find_objects_init(
