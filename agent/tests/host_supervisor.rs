@@ -221,3 +221,66 @@ fn a_side_job_is_answered_while_another_job_runs() {
     assert_eq!(running.join().unwrap(), Ok(TestAnswer::Cancelled));
     assert_eq!(s.status().restarts, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_call_starts_a_host_gets_interim_answers_and_a_hang_stops_the_host() {
+    let s = Arc::new(supervisor(HOST));
+    // No host yet: the call starts one (on the blocking pool), then is answered.
+    assert_eq!(
+        Arc::clone(&s)
+            .call_async(TestJob::Echo(vec![7]), CALL, None, |_| {})
+            .await,
+        Ok(TestAnswer::Echo(vec![7]))
+    );
+    let pid = s.status().pid;
+    assert!(pid.is_some());
+    let steps = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&steps);
+    let job = TestJob::Steps {
+        count: 3,
+        every_ms: 1,
+    };
+    assert_eq!(
+        Arc::clone(&s)
+            .call_async(job, CALL, None, move |a| seen.lock().unwrap().push(a))
+            .await,
+        Ok(TestAnswer::Echo(vec![]))
+    );
+    assert_eq!(
+        *steps.lock().unwrap(),
+        vec![
+            TestAnswer::Step(0),
+            TestAnswer::Step(1),
+            TestAnswer::Step(2)
+        ]
+    );
+    // A cancel set before the call reaches the job as a message.
+    let cancel = Arc::new(AtomicBool::new(true));
+    assert_eq!(
+        Arc::clone(&s)
+            .call_async(TestJob::WaitForCancel, CALL, Some(cancel), |_| {})
+            .await,
+        Ok(TestAnswer::Cancelled)
+    );
+    assert_eq!(s.status().pid, pid);
+    // A hang past the deadline stops the host; a later call gets a new one.
+    let deadline = Duration::from_millis(300);
+    assert_eq!(
+        Arc::clone(&s)
+            .call_async(TestJob::Hang, deadline, None, |_| {})
+            .await,
+        Err(HostError::TimedOut { after: deadline })
+    );
+    let answer = loop {
+        match Arc::clone(&s)
+            .call_async(TestJob::Echo(vec![8]), CALL, None, |_| {})
+            .await
+        {
+            Err(HostError::Restarting { retry_in }) => tokio::time::sleep(retry_in).await,
+            other => break other,
+        }
+    };
+    assert_eq!(answer, Ok(TestAnswer::Echo(vec![8])));
+    assert_ne!(s.status().pid, pid);
+    assert_eq!(s.status().restarts, 1);
+}

@@ -5,8 +5,10 @@
 //!
 //! Each call also has an async form (`*_async`) for callers on an async runtime: the worker
 //! answers it through a `tokio` oneshot, so no thread of the caller blocks while the module
-//! works and the answer wakes the waiting task directly. A hosted module runs the blocking call
-//! on the runtime's blocking pool (the transport waits on a socket).
+//! works and the answer wakes the waiting task directly. A hosted module whose transport has an
+//! async form ([`Transport::is_async`], the agent's supervisor) is called the same way: the task
+//! sends the job and the transport's reply wakes it; otherwise the blocking call runs on the
+//! runtime's blocking pool.
 //!
 //! A module may hang inside a call (a deadlocked driver, a card that stopped answering). Every
 //! call but the signatures themselves therefore waits at most [`LoadOptions::call_timeout`] for
@@ -120,6 +122,46 @@ impl Hosted {
         }
         self.transport.run(job, deadline, cancel, interim)
     }
+
+    /// [`Hosted::run`] for a task, on a transport that [`Transport::is_async`].
+    async fn run_async(
+        &self,
+        job: Job,
+        deadline: Duration,
+        cancel: Option<Arc<AtomicBool>>,
+        interim: Box<dyn FnMut(remote::Reply) + Send>,
+    ) -> Result<remote::Reply, TransportError> {
+        let events = self.token_events.load(Ordering::SeqCst);
+        if self.told.load(Ordering::SeqCst) < events {
+            let told = self
+                .transport
+                .run_async(Job::TokenEvent, deadline, None, Box::new(|_| {}))
+                .await;
+            if let Ok(_) | Err(TransportError::Failed(_)) = told {
+                self.told.fetch_max(events, Ordering::SeqCst);
+            }
+        }
+        self.transport
+            .run_async(job, deadline, cancel, interim)
+            .await
+    }
+}
+
+/// [`on_host!`] for a task: `$module` (owned) must be hosted on an async transport.
+macro_rules! on_host_async {
+    ($module:expr, $job:expr, $answer:path) => {{
+        let Some(h) = $module.host() else {
+            return Err(Error::ModuleHost("not a hosted module".into()));
+        };
+        match h
+            .run_async($job, $module.inner.call_timeout, None, Box::new(|_| {}))
+            .await
+        {
+            Ok($answer(r)) => r.map_err(Error::from),
+            Ok(other) => Err(remote::unexpected(&other)),
+            Err(e) => Err(Error::from(e)),
+        }
+    }};
 }
 
 /// Runs a job on a module host and takes the answer out of the reply variant that answers it.
@@ -141,6 +183,8 @@ struct ThreadEngine {
     thread: Option<JoinHandle<()>>,
     /// Disconnects when the worker thread ends (in a Mutex only to make `Inner` Sync).
     finished: Mutex<mpsc::Receiver<()>>,
+    /// [`Module::load_inline`]: no thread; each request runs on its caller's thread.
+    inline: Option<Box<Mutex<worker::Worker>>>,
 }
 
 /// The way to the worker, and how many requests went down it. Sending and counting happen
@@ -176,6 +220,34 @@ impl Module {
                     pace,
                     thread: Some(spawned.thread),
                     finished: Mutex::new(spawned.finished),
+                    inline: None,
+                }),
+            }),
+        })
+    }
+
+    /// Loads the module at `path` with no worker thread: each call runs the module on the
+    /// caller's thread, one at a time, and waits for it however long it takes (no call
+    /// timeout). For a module host, whose one job thread calls the module anyway and whose
+    /// deadlines are the agent's: a worker thread there was one more hand-off (two context
+    /// switches) per job. A caller that must not wait on a hung module uses [`Module::load_with`].
+    pub fn load_inline(path: &Path) -> Result<Module, Error> {
+        let pace = Arc::new(Pace::default());
+        let worker = worker::open_worker(path.to_path_buf(), Arc::clone(&pace))?;
+        // No deadline: a day, as deadlines go (and no overflow when added to an Instant).
+        let call_timeout = Duration::from_secs(24 * 60 * 60);
+        Ok(Module {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                call_timeout,
+                engine: Engine::Thread(ThreadEngine {
+                    path: path.to_path_buf(),
+                    call_timeout,
+                    queue: Mutex::new(Queue { tx: None, sent: 0 }),
+                    pace,
+                    thread: None,
+                    finished: Mutex::new(mpsc::channel().1),
+                    inline: Some(Box::new(Mutex::new(worker))),
                 }),
             }),
         })
@@ -211,6 +283,11 @@ impl Module {
     /// True when the module runs in a module host.
     pub fn is_hosted(&self) -> bool {
         matches!(self.inner.engine, Engine::Hosted(_))
+    }
+
+    /// True when the module runs in a module host reached by an async transport.
+    fn hosted_async(&self) -> bool {
+        self.host().is_some_and(|h| h.transport.is_async())
     }
 
     /// The in-process engine; a hosted module has none (its calls never get here).
@@ -310,6 +387,13 @@ impl Module {
         let token = token.cloned();
         let module = self.clone();
         async move {
+            if module.hosted_async() {
+                return on_host_async!(
+                    module,
+                    Job::Certificates { token },
+                    remote::Reply::Certificates
+                );
+            }
             if module.is_hosted() {
                 return off_thread(move || module.certificates(token.as_ref())).await?;
             }
@@ -337,6 +421,13 @@ impl Module {
         let token = token.clone();
         let module = self.clone();
         async move {
+            if module.hosted_async() {
+                return on_host_async!(
+                    module,
+                    Job::LoginState { token },
+                    remote::Reply::LoginState
+                );
+            }
             if module.is_hosted() {
                 return off_thread(move || module.login_state(&token)).await?;
             }
@@ -405,6 +496,22 @@ impl Module {
     ) -> impl Future<Output = Result<Vec<Vec<u8>>, SignFailure>> + Send + 'static {
         let module = self.clone();
         async move {
+            if let Some(h) = module.host().filter(|h| h.transport.is_async()) {
+                let deadline = module.host_deadline(h, &credential);
+                let wants_progress = progress.is_some();
+                let interim = Box::new(move |reply: remote::Reply| {
+                    if let (remote::Reply::Progress(p), Some(tx)) = (reply, progress.as_ref()) {
+                        let _ = tx.send(p);
+                    }
+                });
+                let job = Job::Sign {
+                    req,
+                    credential,
+                    progress: wants_progress,
+                };
+                let reply = h.run_async(job, deadline, cancel.clone(), interim).await;
+                return signed(reply, cancel.as_deref());
+            }
             if module.is_hosted() {
                 return off_thread(move || module.sign(req, credential, progress, cancel)).await?;
             }
@@ -467,27 +574,13 @@ impl Module {
                 let _ = tx.send(p);
             }
         };
-        let reply = h
-            .run(
-                Job::Sign { req, credential },
-                deadline,
-                cancel.as_deref(),
-                &mut interim,
-            )
-            .map_err(|e| {
-                // A job cancelled by its caller whose host then failed (a hang stopped at the
-                // deadline) was cancelled, as the in-process module answers it.
-                let cancelled = cancel.as_deref().is_some_and(|c| c.load(Ordering::SeqCst));
-                SignFailure::from(if cancelled {
-                    Error::Cancelled
-                } else {
-                    Error::from(e)
-                })
-            })?;
-        match reply {
-            remote::Reply::Signed(r) => r.map_err(SignFailure::from),
-            other => Err(remote::unexpected(&other).into()),
-        }
+        let job = Job::Sign {
+            req,
+            credential,
+            progress: progress.is_some(),
+        };
+        let reply = h.run(job, deadline, cancel.as_deref(), &mut interim);
+        signed(reply, cancel.as_deref())
     }
 
     /// Generates a key pair on the token, logging in with `credential` where the token asks
@@ -636,9 +729,22 @@ impl Module {
         self.enqueue(req)
     }
 
-    /// Puts a request in the worker's queue; returns its sequence number.
+    /// Puts a request in the worker's queue; returns its sequence number. An inline module
+    /// ([`Module::load_inline`]) runs it now, on this thread.
     fn enqueue(&self, req: Request) -> Result<u64, Error> {
-        let mut queue = lock(&self.thread()?.queue);
+        let engine = self.thread()?;
+        if let Some(worker) = &engine.inline {
+            let mut worker = lock(worker);
+            let seq = {
+                let mut queue = lock(&engine.queue);
+                queue.sent += 1;
+                queue.sent
+            };
+            worker.handle(req);
+            engine.pace.finished_one();
+            return Ok(seq);
+        }
+        let mut queue = lock(&engine.queue);
         queue
             .tx
             .as_ref()
@@ -680,6 +786,13 @@ impl fmt::Debug for Module {
 
 impl Drop for ThreadEngine {
     fn drop(&mut self) {
+        if let Some(worker) = self.inline.take() {
+            (*worker)
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .finish();
+            return;
+        }
         // Closing the channel ends the worker's loop; it then finalises the module.
         drop(lock(&self.queue).tx.take());
         let Some(thread) = self.thread.take() else {
@@ -704,6 +817,27 @@ impl Drop for ThreadEngine {
                 }
             }
         }
+    }
+}
+
+/// A hosted signing job's answer as [`Module::sign`] gives it. A job cancelled by its caller
+/// whose host then failed (a hang stopped at the deadline) was cancelled, as the in-process
+/// module answers it.
+fn signed(
+    reply: Result<remote::Reply, TransportError>,
+    cancel: Option<&AtomicBool>,
+) -> Result<Vec<Vec<u8>>, SignFailure> {
+    let reply = reply.map_err(|e| {
+        let cancelled = cancel.is_some_and(|c| c.load(Ordering::SeqCst));
+        SignFailure::from(if cancelled {
+            Error::Cancelled
+        } else {
+            Error::from(e)
+        })
+    })?;
+    match reply {
+        remote::Reply::Signed(r) => r.map_err(SignFailure::from),
+        other => Err(remote::unexpected(&other).into()),
     }
 }
 

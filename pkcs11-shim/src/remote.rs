@@ -13,6 +13,7 @@
 //! string, and `Debug` never shows it. The cancel flag of the in-process API becomes a message
 //! of the transport (see [`Transport::run`]).
 
+use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -43,11 +44,14 @@ pub enum Job {
     LoginState {
         token: TokenId,
     },
-    /// A signing job; its progress comes back as [`Reply::Progress`] before [`Reply::Signed`].
+    /// A signing job; with `progress`, its progress comes back as [`Reply::Progress`] before
+    /// [`Reply::Signed`] (a caller that shows none asks for none: each message is a write, a
+    /// wake-up and a context switch on both sides).
     Sign {
         req: SignRequest,
         #[serde(with = "credential_wire")]
         credential: Credential,
+        progress: bool,
     },
     Logout {
         token: TokenId,
@@ -207,11 +211,38 @@ pub trait Transport: Send + Sync + 'static {
         interim: &mut dyn FnMut(Reply),
     ) -> Result<Reply, TransportError>;
 
+    /// [`Transport::run`] for a task on an async runtime, when [`Transport::is_async`]: the
+    /// answer wakes the task itself, with no thread of the caller's waiting on the host.
+    /// Interim replies go to `interim`; a set `cancel` is sent as in [`Transport::run`]. The
+    /// default answers [`TransportError::Failed`]: callers ask [`Transport::is_async`] first
+    /// (and otherwise run [`Transport::run`] on a blocking thread).
+    fn run_async(
+        &self,
+        job: Job,
+        deadline: Duration,
+        cancel: Option<Arc<AtomicBool>>,
+        interim: Box<dyn FnMut(Reply) + Send>,
+    ) -> ReplyFuture {
+        let _ = (job, deadline, cancel, interim);
+        Box::pin(std::future::ready(Err(TransportError::Failed(
+            "this transport has no async form".into(),
+        ))))
+    }
+
+    /// True when [`Transport::run_async`] works.
+    fn is_async(&self) -> bool {
+        false
+    }
+
     /// True while the host runs a job (a call now would queue behind it); no call is made.
     fn is_busy(&self) -> bool {
         false
     }
 }
+
+/// The answer of [`Transport::run_async`].
+pub type ReplyFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<Reply, TransportError>> + Send + 'static>>;
 
 impl From<TransportError> for Error {
     fn from(e: TransportError) -> Self {
@@ -264,7 +295,9 @@ pub fn run(
         Job::DeleteCertificate { req, credential } => {
             Reply::CertificateDeleted(module.delete_certificate(req, credential).map_err(wire))
         }
-        Job::Sign { req, credential } => Reply::Signed(
+        Job::Sign {
+            req, credential, ..
+        } => Reply::Signed(
             module
                 .sign(req, credential, progress, Some(cancel))
                 .map_err(|f| WireFailure {

@@ -48,33 +48,14 @@ pub(crate) fn spawn(
         .spawn(move || {
             // Dropped when this thread ends, however it ends.
             let _finished = finished_tx;
-            let ctx = match open(&path) {
-                Ok(ctx) => ctx,
+            let mut worker = match open_worker(path, Arc::clone(&pace)) {
+                Ok(worker) => worker,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            // Without it the module still signs every key but CKA_ALWAYS_AUTHENTICATE ones.
-            let raw = match RawSign::load(&path) {
-                Ok(raw) => Some(raw),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e.0,
-                        "no raw C_Sign: keys that ask for the PIN per signature cannot sign");
-                    None
-                }
-            };
             let _ = ready_tx.send(Ok(()));
-            let mut worker = Worker {
-                ctx,
-                raw,
-                pace: Arc::clone(&pace),
-                path,
-                tokens: HashMap::new(),
-                needs_reinit: false,
-                objects_unreadable: false,
-                always_authenticate: HashSet::new(),
-            };
             worker.run(rx, &pace);
         })
         .map_err(|_| Error::WorkerGone)?;
@@ -95,6 +76,32 @@ pub(crate) fn spawn(
         }),
         Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::WorkerGone),
     }
+}
+
+/// Loads and initialises the module at `path` on the calling thread: the worker's state,
+/// for a worker thread ([`spawn`]) or for a caller that runs requests itself
+/// ([`crate::Module::load_inline`]).
+pub(crate) fn open_worker(path: PathBuf, pace: Arc<Pace>) -> Result<Worker, Error> {
+    let ctx = open(&path)?;
+    // Without it the module still signs every key but CKA_ALWAYS_AUTHENTICATE ones.
+    let raw = match RawSign::load(&path) {
+        Ok(raw) => Some(raw),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e.0,
+                "no raw C_Sign: keys that ask for the PIN per signature cannot sign");
+            None
+        }
+    };
+    Ok(Worker {
+        ctx,
+        raw,
+        pace,
+        path,
+        tokens: HashMap::new(),
+        needs_reinit: false,
+        objects_unreadable: false,
+        always_authenticate: HashSet::new(),
+    })
 }
 
 fn open(path: &std::path::Path) -> Result<Pkcs11, Error> {
@@ -214,7 +221,11 @@ impl Worker {
             self.handle(req);
             pace.finished_one();
         }
-        // All Module handles are gone: close sessions, then C_Finalize.
+        self.finish();
+    }
+
+    /// All Module handles are gone: close sessions, then C_Finalize.
+    pub(crate) fn finish(&mut self) {
         self.tokens.clear();
         let ctx = self.ctx.clone();
         if let Err(e) = ctx.finalize() {
@@ -270,7 +281,7 @@ impl Worker {
         }
     }
 
-    fn handle(&mut self, req: Request) {
+    pub(crate) fn handle(&mut self, req: Request) {
         if self.objects_unreadable {
             self.objects_unreadable = false;
             tracing::warn!(path = %self.path.display(), "the module found objects it could not read; re-initialising it");

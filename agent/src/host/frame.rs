@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 /// The version of the messages below; bumped on any change to them or to the jobs they carry.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest frame either side accepts: room for a `sign.batch` of 1000 inputs or a token's
 /// certificates, far below what would hurt.
@@ -39,8 +39,6 @@ pub enum ToHost<J> {
 /// What a host sends the agent about the job with the same id.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromHost<A> {
-    /// The host took the job up.
-    Started { id: u64 },
     /// A message before the answer (a signing job's progress); re-arms the call's deadline.
     Interim { id: u64, answer: A },
     /// The job's answer, its last message.

@@ -11,12 +11,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pkcs11_shim::remote::{self, Job, Reply, Transport, TransportError, WireError};
-use pkcs11_shim::{Error, LoadOptions, Module};
+use pkcs11_shim::remote::{self, Job, Reply, ReplyFuture, Transport, TransportError, WireError};
+use pkcs11_shim::{Credential, Error, LoadOptions, Module};
 
-use super::serve::{
-    confined_socket, serve_with, InterimForwarder, JobContext, NO_DEADLINE_IN_HOST,
-};
+use super::serve::{confined_socket, serve_with_quick, InterimForwarder, JobContext};
 use super::supervisor::{HostCommand, HostError, OnExit, Supervisor};
 
 /// The supervisor of one PKCS#11 module's hosts.
@@ -31,13 +29,9 @@ pub fn run_host(path: &Path) -> i32 {
     };
     // A module that does not load is reported in every answer, so that the agent can tell
     // the user why (as it would for a module loaded in its own process).
-    let module = Module::load_with(
-        path,
-        LoadOptions {
-            call_timeout: NO_DEADLINE_IN_HOST,
-        },
-    )
-    .map_err(|e| WireError::from(&e));
+    // Inline: the job thread calls the module itself (no worker thread to hand each job to);
+    // a hang holds that thread, and the agent's deadline stops the whole host.
+    let module = Module::load_inline(path).map_err(|e| WireError::from(&e));
     let progress = match InterimForwarder::start(Reply::Progress) {
         Ok(f) => f,
         Err(e) => {
@@ -45,12 +39,14 @@ pub fn run_host(path: &Path) -> i32 {
             return 2;
         }
     };
-    let served = serve_with(socket, move |job: Job, ctx: &JobContext<Reply>| {
+    let answer = move |job: Job, ctx: &JobContext<Reply>| {
         let module = match &module {
             Ok(m) => m,
             Err(e) => return failed(&job, e.clone()),
         };
-        if !matches!(job, Job::Sign { .. }) {
+        // Progress only for a caller that asked for it (a `sign.batch` showing
+        // `sign.progress`): a forwarded message costs a wake-up on both sides.
+        if !matches!(job, Job::Sign { progress: true, .. }) {
             return remote::run(module, job, None, ctx.cancel_flag());
         }
         let (tx, done) = progress.forward(ctx.clone());
@@ -58,13 +54,34 @@ pub fn run_host(path: &Path) -> i32 {
         // Every progress message goes out before the answer.
         let _ = done.recv();
         reply
-    });
+    };
+    let served = serve_with_quick(socket, answer, is_quick);
     match served {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "the module host's connection failed");
             1
         }
+    }
+}
+
+/// Jobs the host's reader answers itself when nothing else is queued (see
+/// [`serve_with_quick`]): the ones a cancel cannot stop midway — a signature of one input
+/// (no PIN pad, no progress), and the calls that list or look.
+fn is_quick(job: &Job) -> bool {
+    match job {
+        Job::Sign {
+            req,
+            credential,
+            progress,
+        } => !progress && req.inputs.len() == 1 && !matches!(credential, Credential::PinPad),
+        Job::Info
+        | Job::Tokens
+        | Job::Certificates { .. }
+        | Job::LoginState { .. }
+        | Job::TokenEvent
+        | Job::Logout { .. } => true,
+        _ => false,
     }
 }
 
@@ -144,16 +161,34 @@ impl Transport for SupervisedTransport {
         let what = job.name();
         self.0
             .call_with(job, deadline, cancel, interim)
-            .map_err(|e| {
-                tracing::warn!(job = what, error = %e, "a module host call failed");
-                match e {
-                    HostError::Busy { after } => TransportError::Busy { waited: after },
-                    other => TransportError::Failed(other.to_string()),
-                }
-            })
+            .map_err(|e| transport_error(what, e))
+    }
+
+    fn run_async(
+        &self,
+        job: Job,
+        deadline: Duration,
+        cancel: Option<Arc<AtomicBool>>,
+        interim: Box<dyn FnMut(Reply) + Send>,
+    ) -> ReplyFuture {
+        let what = job.name();
+        let call = Arc::clone(&self.0).call_async(job, deadline, cancel, interim);
+        Box::pin(async move { call.await.map_err(|e| transport_error(what, e)) })
+    }
+
+    fn is_async(&self) -> bool {
+        true
     }
 
     fn is_busy(&self) -> bool {
         self.0.is_busy()
+    }
+}
+
+fn transport_error(job: &str, e: HostError) -> TransportError {
+    tracing::warn!(job, error = %e, "a module host call failed");
+    match e {
+        HostError::Busy { after } => TransportError::Busy { waited: after },
+        other => TransportError::Failed(other.to_string()),
     }
 }

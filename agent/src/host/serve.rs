@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::de::DeserializeOwned;
@@ -99,12 +99,33 @@ where
     A: Serialize + Send + 'static,
     H: FnMut(J, &JobContext<A>) -> A + Send + 'static,
 {
-    serve_inner(socket, handle, None)
+    serve_inner(socket, handle, None, None)
+}
+
+/// [`serve_with`], where a job that `quick` accepts and that finds no other job queued or
+/// running is answered on the reading thread itself: no hand-off to the job thread (a wake-up
+/// and two context switches per job). While it runs nobody reads the socket, so `quick` must
+/// accept only jobs a cancel cannot stop midway (one signature, a listing): a cancel sent
+/// meanwhile is read after the answer and finds nothing to cancel. Should such a job hang, the
+/// host still ends with the agent: a thread waits for nothing but the socket's hang-up
+/// ([`exit_on_hangup`]), and the agent's deadline stops the host.
+pub fn serve_with_quick<J, A, H>(
+    socket: UnixStream,
+    handle: H,
+    quick: fn(&J) -> bool,
+) -> Result<(), FrameError>
+where
+    J: DeserializeOwned + Send + 'static,
+    A: Serialize + Send + 'static,
+    H: FnMut(J, &JobContext<A>) -> A + Send + 'static,
+{
+    serve_inner(socket, handle, None, Some(quick))
 }
 
 /// Jobs answered beside the others (on a thread of their own, in their own order): a wait for
-/// a device event must not hold up a signature, nor wait behind one. They send no
-/// [`FromHost::Started`], so the agent's view of the job running is about the others only.
+/// a device event must not hold up a signature, nor wait behind one. The agent's supervisor
+/// must know them too ([`super::supervisor::Supervisor::set_side_jobs`]): its view of the job
+/// running is about the others only.
 pub struct SideJobs<J, A> {
     pub is_side: fn(&J) -> bool,
     pub handle: SideHandler<J, A>,
@@ -130,13 +151,14 @@ where
     A: Serialize + Send + 'static,
     H: FnMut(J, &JobContext<A>) -> A + Send + 'static,
 {
-    serve_inner(socket, handle, Some(side))
+    serve_inner(socket, handle, Some(side), None)
 }
 
 fn serve_inner<J, A, H>(
     socket: UnixStream,
-    mut handle: H,
+    handle: H,
     side: Option<SideJobs<J, A>>,
+    quick: Option<fn(&J) -> bool>,
 ) -> Result<(), FrameError>
 where
     J: DeserializeOwned + Send + 'static,
@@ -152,10 +174,22 @@ where
             pid: std::process::id(),
         },
     )?;
+    if quick.is_some() {
+        let watched = reader.try_clone()?;
+        std::thread::Builder::new()
+            .name("host-hangup".into())
+            .spawn(move || exit_on_hangup(&watched))?;
+    }
     // Cancel flags of the jobs queued or running.
     let flags: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    // Jobs handed to the job thread and not answered yet.
+    let handed = Arc::new(AtomicUsize::new(0));
+    // The job thread's, and the reader's for a quick job when the job thread is idle (so the
+    // lock is never waited for).
+    let handle = Arc::new(Mutex::new(handle));
     let (jobs, queue) = mpsc::channel::<(u64, J, Arc<AtomicBool>)>();
     let (job_writer, job_flags) = (Arc::clone(&writer), Arc::clone(&flags));
+    let (job_handle, job_handed) = (Arc::clone(&handle), Arc::clone(&handed));
     std::thread::Builder::new()
         .name("host-jobs".into())
         .spawn(move || {
@@ -167,14 +201,13 @@ where
                     _answers: PhantomData,
                 };
                 // Each write takes the writer's lock for itself only: the job sends interim
-                // answers in between.
-                let started = write_frame(&mut *lock(&job_writer), &FromHost::<A>::Started { id });
-                let sent = started.and_then(|()| {
-                    let answer = handle(job, &ctx);
-                    let mut writer = lock(&job_writer);
-                    write_frame(&mut *writer, &FromHost::Answer { id, answer })
-                });
+                // answers in between. No message says the job started: the agent knows the
+                // order the jobs run in.
+                let answer = (*lock(&job_handle))(job, &ctx);
+                let sent = write_frame(&mut *lock(&job_writer), &FromHost::Answer { id, answer });
                 lock(&job_flags).remove(&id);
+                // After the answer is out: a quick job the reader runs now is answered after it.
+                job_handed.fetch_sub(1, Ordering::SeqCst);
                 if let Err(e) = sent {
                     tracing::error!(error = %e, "the agent's socket failed; the host stops answering");
                     break;
@@ -220,9 +253,22 @@ where
                     }
                 }
             }
+            ToHost::Job { id, job }
+                if quick.is_some_and(|q| q(&job)) && handed.load(Ordering::SeqCst) == 0 =>
+            {
+                let ctx = JobContext {
+                    id,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    writer: Arc::clone(&writer),
+                    _answers: PhantomData,
+                };
+                let answer = (*lock(&handle))(job, &ctx);
+                write_frame(&mut *lock(&writer), &FromHost::Answer { id, answer })?;
+            }
             ToHost::Job { id, job } => {
                 let cancel = Arc::new(AtomicBool::new(false));
                 lock(&flags).insert(id, Arc::clone(&cancel));
+                handed.fetch_add(1, Ordering::SeqCst);
                 if jobs.send((id, job, cancel)).is_err() {
                     break;
                 }
@@ -235,6 +281,35 @@ where
         }
     }
     Ok(())
+}
+
+/// Waits for the agent's end of `socket` to close, then kills the process: a host whose reader
+/// is inside a job that hangs would otherwise outlive the agent. It waits for the hang-up
+/// alone (`POLLRDHUP`), so frames arriving on the socket do not wake it.
+fn exit_on_hangup(socket: &UnixStream) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::new(socket, PollFlags::RDHUP)];
+        match poll(&mut fds, None) {
+            Ok(_) if !fds[0].revents().is_empty() => {
+                tracing::debug!("the agent closed the socket; the host ends");
+                // Not `exit`: the reader may be ending the process at the same moment (it saw
+                // the end too), and a second `exit` waits forever for the first, whose atexit
+                // handlers (the library's destructors) may wait on this process's other
+                // threads. SIGKILL to the host's process group (it leads one) ends every
+                // thread, and any helper the library forked, at once — what the agent does to a
+                // host it stops.
+                let me = rustix::process::getpid();
+                let _ = rustix::process::kill_process_group(me, rustix::process::Signal::KILL);
+                return;
+            }
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the host cannot watch its socket for a hang-up");
+                return;
+            }
+        }
+    }
 }
 
 /// One thread for the host's life that sends a job's progress to the agent (as interim

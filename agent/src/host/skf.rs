@@ -89,7 +89,9 @@ pub fn host_command(path: &Path) -> std::io::Result<HostCommand> {
 
 /// A supervisor for the library at `path`; `on_exit` runs each time one of its hosts ends.
 pub fn supervisor(path: &Path, on_exit: Option<OnExit>) -> std::io::Result<Arc<SkfSupervisor>> {
-    Ok(Arc::new(Supervisor::new(host_command(path)?, on_exit)))
+    let mut supervisor = Supervisor::new(host_command(path)?, on_exit);
+    supervisor.set_side_jobs(Job::is_side_job);
+    Ok(Arc::new(supervisor))
 }
 
 /// The library at `path` in a host of `supervisor`: the in-process library's API.

@@ -1,6 +1,6 @@
 //! The agent's side: one [`Supervisor`] per vendor library, owning at most one live host.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io;
 use std::marker::PhantomData;
@@ -28,6 +28,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const GREETING_WAIT: Duration = Duration::from_secs(10);
 /// How often a call with a cancel flag looks at it.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
+/// How long a write to a host may make no progress before the host counts as hung. A host
+/// reads its socket whenever it is not inside a quick job itself (see
+/// [`super::serve::serve_with_quick`]), so a socket that stays full this long (≈ 200 KiB of
+/// jobs unread) means a stuck host; the bound keeps an async caller, which writes its job
+/// itself on a runtime worker, from blocking that worker for longer.
+const WRITE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a call got no answer.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -76,6 +82,9 @@ pub type OnExit = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct Supervisor<J, A> {
     command: HostCommand,
     on_exit: Option<OnExit>,
+    /// The jobs a host answers beside the others ([`super::serve::SideJobs`]); they run out
+    /// of the queue's order.
+    is_side: fn(&J) -> bool,
     state: Mutex<State<A>>,
     _jobs: PhantomData<fn(J)>,
 }
@@ -112,11 +121,42 @@ enum Delivery<A> {
     Final(A),
 }
 
+/// The way to a waiting caller: a thread blocked on a channel ([`Supervisor::call_with`]), or
+/// a task awaiting one ([`Supervisor::call_async`]), which the reader thread wakes directly.
+enum Waiter<A> {
+    Blocking(mpsc::Sender<Delivery<A>>),
+    Async(tokio::sync::mpsc::UnboundedSender<Delivery<A>>),
+}
+
+impl<A> Waiter<A> {
+    /// Hands `d` over; a caller that gave up (or a future that was dropped) is not there.
+    fn deliver(&self, d: Delivery<A>) {
+        match self {
+            Waiter::Blocking(tx) => {
+                let _ = tx.send(d);
+            }
+            Waiter::Async(tx) => {
+                let _ = tx.send(d);
+            }
+        }
+    }
+}
+
+/// What a caller holds of the live host for one call.
+struct Handle<A> {
+    pid: u32,
+    writer: Arc<Mutex<UnixStream>>,
+    shared: Arc<Shared<A>>,
+}
+
 /// What a live host's reader thread and its callers share.
 struct Shared<A> {
-    pending: Mutex<HashMap<u64, mpsc::Sender<Delivery<A>>>>,
-    /// The job the host said it started and has not answered yet.
-    running: Mutex<Option<u64>>,
+    pending: Mutex<HashMap<u64, Waiter<A>>>,
+    /// The jobs sent and not answered yet, side jobs aside, in the order the host got them
+    /// (each is pushed while its frame is written): the host runs them one at a time in that
+    /// order, so the first is the one running. Known without a message from the host, which
+    /// would wake the reader thread once more per job.
+    queue: Mutex<VecDeque<u64>>,
     /// Jobs whose caller gave up while they were queued: nobody watches them any more, so a
     /// later caller that times out behind one of them stops the host.
     abandoned: Mutex<HashSet<u64>>,
@@ -134,6 +174,7 @@ where
         Supervisor {
             command,
             on_exit,
+            is_side: |_| false,
             state: Mutex::new(State {
                 live: None,
                 min_backoff: MIN_BACKOFF,
@@ -145,6 +186,12 @@ where
             }),
             _jobs: PhantomData,
         }
+    }
+
+    /// Which jobs the hosts answer beside the others (as their [`super::serve::SideJobs`]
+    /// say): none unless set.
+    pub fn set_side_jobs(&mut self, is_side: fn(&J) -> bool) {
+        self.is_side = is_side;
     }
 
     /// The first and the longest wait after a death (tests shorten them).
@@ -186,31 +233,16 @@ where
         cancel: Option<&AtomicBool>,
         interim: &mut dyn FnMut(A),
     ) -> Result<A, HostError> {
-        let (pid, writer, shared) = {
+        let host = {
             let mut state = lock(&self.state);
             let live = self.live(&mut state)?;
-            (live.pid, Arc::clone(&live.writer), Arc::clone(&live.shared))
+            live.handle()
         };
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        lock(&shared.pending).insert(id, tx);
-        if lock(&shared.ended).is_some() {
-            // Ended between taking it and registering: the reader thread will not see us.
-            lock(&shared.pending).remove(&id);
-            return Err(self.died(&shared));
-        }
-        let sent = write_frame(&mut *lock(&writer), &ToHost::Job { id, job });
-        if let Err(e) = sent {
-            lock(&shared.pending).remove(&id);
-            kill_group(pid);
-            return Err(match e {
-                FrameError::TooLarge(_) => HostError::Connection(e.to_string()),
-                _ => self.died(&shared),
-            });
-        }
+        let id = self.submit(&host, job, Waiter::Blocking(tx))?;
         let mut step_end = Instant::now() + deadline;
         let mut cancel_sent = false;
-        let timed_out = loop {
+        loop {
             let watch_cancel = cancel.is_some() && !cancel_sent;
             let left = step_end.saturating_duration_since(Instant::now());
             let wait = if watch_cancel {
@@ -224,34 +256,170 @@ where
                     step_end = Instant::now() + deadline;
                 }
                 Ok(Delivery::Final(answer)) => {
-                    let mut state = lock(&self.state);
-                    state.backoff = state.min_backoff;
+                    self.answered(false);
                     return Ok(answer);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if watch_cancel && cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
                         cancel_sent = true;
-                        let _ = write_frame(&mut *lock(&writer), &ToHost::<J>::Cancel { id });
+                        let _ = write_frame(&mut *lock(&host.writer), &ToHost::<J>::Cancel { id });
                     }
                     if Instant::now() >= step_end {
-                        break true;
+                        return Err(self.give_up(&host, id, deadline));
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.died(&host.shared)),
+            }
+        }
+    }
+
+    /// [`Self::call_with`] for a task on a tokio runtime, with the same deadlines, cancel and
+    /// restarts, and no thread of ours between the task and the host: the task writes its job
+    /// to the host's socket itself (a short write: the host's reader drains the socket while
+    /// jobs run; [`WRITE_WAIT`] bounds it), and the host's reader thread wakes the task with
+    /// the answer. Only starting a host (spawning it, waiting for its greeting) blocks, so it
+    /// runs on the runtime's blocking pool. Dropping the future gives the job up as a timeout
+    /// behind a long job does: the host still runs it, and a later call that times out behind
+    /// it stops the host.
+    pub async fn call_async(
+        self: Arc<Self>,
+        job: J,
+        deadline: Duration,
+        cancel: Option<Arc<AtomicBool>>,
+        mut interim: impl FnMut(A) + Send,
+    ) -> Result<A, HostError>
+    where
+        J: Send + 'static,
+        A: Send + 'static,
+    {
+        let host = match self.up() {
+            Some(host) => host,
+            None => {
+                let starter = Arc::clone(&self);
+                let start = move || starter.ensure_running();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => runtime
+                        .spawn_blocking(start)
+                        .await
+                        .map_err(|e| HostError::Start(e.to_string()))??,
+                    Err(_) => start()?,
+                };
+                let mut state = lock(&self.state);
+                self.live(&mut state)?.handle()
             }
         };
-        if !timed_out {
-            return Err(self.died(&shared));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = self.submit(&host, job, Waiter::Async(tx))?;
+        let mut waiting = AbandonOnDrop {
+            shared: &host.shared,
+            id: Some(id),
+        };
+        let mut step_end = Instant::now() + deadline;
+        let mut cancel_sent = false;
+        loop {
+            let watch_cancel = cancel.is_some() && !cancel_sent;
+            let left = step_end.saturating_duration_since(Instant::now());
+            let wait = if watch_cancel {
+                left.min(CANCEL_POLL)
+            } else {
+                left
+            };
+            match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(Delivery::Interim(answer))) => {
+                    interim(answer);
+                    step_end = Instant::now() + deadline;
+                }
+                Ok(Some(Delivery::Final(answer))) => {
+                    waiting.id = None;
+                    self.answered(true);
+                    return Ok(answer);
+                }
+                Ok(None) => {
+                    waiting.id = None;
+                    return Err(self.died(&host.shared));
+                }
+                Err(_) => {
+                    if watch_cancel && cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+                        cancel_sent = true;
+                        let _ = write_frame(&mut *lock(&host.writer), &ToHost::<J>::Cancel { id });
+                    }
+                    if Instant::now() >= step_end {
+                        waiting.id = None;
+                        return Err(self.give_up(&host, id, deadline));
+                    }
+                }
+            }
         }
+    }
+
+    /// The live host without starting one or waiting on a start under way: `None` if there is
+    /// none, it ended, or another caller holds the state (it may be starting one).
+    fn up(&self) -> Option<Handle<A>> {
+        let state = self.state.try_lock().ok()?;
+        state
+            .live
+            .as_ref()
+            .filter(|l| lock(&l.shared.ended).is_none())
+            .map(Live::handle)
+    }
+
+    /// Registers `waiter` for a new job and sends the job; its id.
+    fn submit(&self, host: &Handle<A>, job: J, waiter: Waiter<A>) -> Result<u64, HostError> {
+        let shared = &host.shared;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&shared.pending).insert(id, waiter);
+        if lock(&shared.ended).is_some() {
+            // Ended between taking it and registering: the reader thread will not see us.
+            lock(&shared.pending).remove(&id);
+            return Err(self.died(shared));
+        }
+        let queued = !(self.is_side)(&job);
+        let sent = {
+            let mut writer = lock(&host.writer);
+            if queued {
+                lock(&shared.queue).push_back(id);
+            }
+            write_frame(&mut *writer, &ToHost::Job { id, job })
+        };
+        if let Err(e) = sent {
+            lock(&shared.pending).remove(&id);
+            lock(&shared.queue).retain(|&q| q != id);
+            kill_group(host.pid);
+            return Err(match e {
+                FrameError::TooLarge(_) => HostError::Connection(e.to_string()),
+                _ => self.died(shared),
+            });
+        }
+        Ok(id)
+    }
+
+    /// A call was answered: the next death waits the shortest backoff again. From a runtime
+    /// worker (`from_task`) the state is only taken if free: a caller holding it may be starting
+    /// a host, and the worker must not wait for that.
+    fn answered(&self, from_task: bool) {
+        let state = if from_task {
+            self.state.try_lock().ok()
+        } else {
+            Some(lock(&self.state))
+        };
+        if let Some(mut state) = state {
+            state.backoff = state.min_backoff;
+        }
+    }
+
+    /// Job `id` got no answer within `deadline`: given up as busy if a job ahead of it is
+    /// still watched by its caller, else the host is stopped.
+    fn give_up(&self, host: &Handle<A>, id: u64, deadline: Duration) -> HostError {
+        let (pid, shared) = (host.pid, &host.shared);
         lock(&shared.pending).remove(&id);
-        let running = *lock(&shared.running);
+        let running = lock(&shared.queue).front().copied();
         let ahead_is_watched =
             running.is_some_and(|r| r != id && !lock(&shared.abandoned).contains(&r));
         if ahead_is_watched {
             lock(&shared.abandoned).insert(id);
-            let _ = write_frame(&mut *lock(&writer), &ToHost::<J>::Cancel { id });
+            let _ = write_frame(&mut *lock(&host.writer), &ToHost::<J>::Cancel { id });
             tracing::debug!(pid, "a job queued behind a long one was given up on");
-            return Err(HostError::Busy { after: deadline });
+            return HostError::Busy { after: deadline };
         }
         tracing::warn!(
             pid,
@@ -267,7 +435,7 @@ where
             }
         }
         kill_group(pid);
-        Err(HostError::TimedOut { after: deadline })
+        HostError::TimedOut { after: deadline }
     }
 
     /// Stops the live host, if any (the agent is shutting down, or the library is unloaded).
@@ -377,7 +545,7 @@ where
         let reader = ours.try_clone().map_err(|e| start_err("socket", &e))?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
-            running: Mutex::new(None),
+            queue: Mutex::new(VecDeque::new()),
             abandoned: Mutex::new(HashSet::new()),
             ended: Mutex::new(None),
             next_id: AtomicU64::new(1),
@@ -388,6 +556,8 @@ where
             .name(format!("host-{pid}"))
             .spawn(move || read_answers(reader, child, for_reader, on_exit))
             .map_err(|e| start_err("reader thread", &e))?;
+        ours.set_write_timeout(Some(WRITE_WAIT))
+            .map_err(|e| start_err("socket", &e))?;
         tracing::info!(pid, program = %self.command.program.display(), "module host started");
         Ok(Live {
             pid,
@@ -397,13 +567,40 @@ where
     }
 }
 
+impl<A> Live<A> {
+    fn handle(&self) -> Handle<A> {
+        Handle {
+            pid: self.pid,
+            writer: Arc::clone(&self.writer),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// An async call's job while its future waits: if the future is dropped then, nobody will
+/// watch the job any more (as after [`HostError::Busy`]), so a later call that times out
+/// behind it stops the host instead of waiting behind it.
+struct AbandonOnDrop<'s, A> {
+    shared: &'s Shared<A>,
+    id: Option<u64>,
+}
+
+impl<A> Drop for AbandonOnDrop<'_, A> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            lock(&self.shared.pending).remove(&id);
+            lock(&self.shared.abandoned).insert(id);
+        }
+    }
+}
+
 impl<J, A> Supervisor<J, A> {
     /// True while the live host runs a job (a call now would queue behind it).
     pub fn is_busy(&self) -> bool {
         lock(&self.state)
             .live
             .as_ref()
-            .is_some_and(|l| lock(&l.shared.running).is_some())
+            .is_some_and(|l| !lock(&l.shared.queue).is_empty())
     }
 
     pub fn status(&self) -> HostStatus {
@@ -452,23 +649,24 @@ fn read_answers<A: DeserializeOwned>(
     let pid = child.id();
     let why = loop {
         match read_frame::<FromHost<A>>(&mut socket) {
-            Ok(Some(FromHost::Started { id })) => *lock(&shared.running) = Some(id),
             Ok(Some(FromHost::Interim { id, answer })) => {
-                if let Some(tx) = lock(&shared.pending).get(&id) {
-                    let _ = tx.send(Delivery::Interim(answer));
+                if let Some(waiter) = lock(&shared.pending).get(&id) {
+                    waiter.deliver(Delivery::Interim(answer));
                 }
             }
             Ok(Some(FromHost::Answer { id, answer })) => {
                 {
-                    let mut running = lock(&shared.running);
-                    if *running == Some(id) {
-                        *running = None;
+                    let mut queue = lock(&shared.queue);
+                    if queue.front() == Some(&id) {
+                        queue.pop_front();
+                    } else {
+                        queue.retain(|&q| q != id);
                     }
                 }
                 lock(&shared.abandoned).remove(&id);
-                if let Some(tx) = lock(&shared.pending).remove(&id) {
+                if let Some(waiter) = lock(&shared.pending).remove(&id) {
                     // The caller may have given up (deadline); its answer is dropped.
-                    let _ = tx.send(Delivery::Final(answer));
+                    waiter.deliver(Delivery::Final(answer));
                 }
             }
             Ok(None) => break None,

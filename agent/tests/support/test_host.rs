@@ -63,6 +63,7 @@ pub fn supervisor(host_test: &str) -> TestSupervisor {
         None,
     );
     s.set_backoff(Duration::from_millis(1), Duration::from_millis(8));
+    s.set_side_jobs(|job| matches!(job, TestJob::Side(_)));
     s
 }
 

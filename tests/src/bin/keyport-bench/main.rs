@@ -19,6 +19,9 @@
 //!    time to dialog, RSS after many signatures and with 200 connections, and
 //!    `certificates.list` over 5 tokens × 20 certificates.
 //!
+//! `--load-only` runs only section 4's signing rows under load (1, 8 and 32 connections) and
+//! the token's rate around them: the quick before/after comparison of a change on the sign path.
+//!
 //! `--short` runs every row with small counts and debug binaries if no release build is there:
 //! CI runs it to check that every row is measured and every signature verifies; its timings
 //! mean nothing.
@@ -76,6 +79,8 @@ const SPY_REQUESTS: usize = 10;
 #[derive(Debug, Clone, Copy)]
 struct Scale {
     short: bool,
+    /// `--load-only`: the load rows alone (no shim, batch, soak, RSS or isolation rows).
+    load_only: bool,
 }
 
 impl Scale {
@@ -160,7 +165,12 @@ const CASES: [KeyCase; 5] = [
 fn main() -> Result<()> {
     let scale = Scale {
         short: std::env::args().skip(1).any(|a| a == "--short"),
+        load_only: std::env::args().skip(1).any(|a| a == "--load-only"),
     };
+    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("keyport-bench [--short] [--load-only] [--isolation-only]\n  --short           every row, small counts (CI; timings meaningless)\n  --load-only       the signing rows under load only (1, 8, 32 connections) and the token's rate around them\n  --isolation-only  issue 11's module-isolation rows only");
+        return Ok(());
+    }
     let root = repo_root();
     let work = tempfile::tempdir()?;
     let token = TestToken::provision()?;
@@ -183,6 +193,9 @@ fn main() -> Result<()> {
     writeln!(out, "{}", machine_line())?;
     writeln!(out)?;
 
+    if scale.load_only {
+        return load_only(&root, work.path(), &token, scale);
+    }
     eprintln!("raw cryptoki baseline …");
     let (raw, probes) = raw_cryptoki_rates(scale)?;
     eprintln!("pkcs11-shim …");
@@ -243,6 +256,36 @@ fn main() -> Result<()> {
         &binary(&root, "keyport", scale.profiles())?,
         scale,
     )?);
+    print!("{out}");
+    if !problems.is_empty() {
+        bail!(
+            "{} row(s) saw failed requests:\n{}",
+            problems.len(),
+            problems.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// `--load-only`: the agent's signing rows under load and the token's rate around them.
+fn load_only(root: &Path, work: &Path, token: &TestToken, scale: Scale) -> Result<()> {
+    let (rows, problems) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(agent_bench(root, work, token, scale))?;
+    let mut out = String::new();
+    writeln!(out, "{}", machine_line())?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| agent (`{}`) | value |",
+        binary(root, "keyport", scale.profiles())?.display()
+    )?;
+    writeln!(out, "| --- | ---: |")?;
+    for (what, value) in rows {
+        writeln!(out, "| {what} | {value} |")?;
+    }
     print!("{out}");
     if !problems.is_empty() {
         bail!(
@@ -955,23 +998,24 @@ async fn agent_bench(
         ),
     ));
 
-    // Per-request consent: the token is logged in (PIN cache), so each request is a CONFIRM.
-    let steps = vec![Step::confirm(Button::Ok).expect(Dialog::Confirm); SIGN_REQUESTS];
-    script.push_all(&steps)?;
     let mut portal = Client::connect(agent.port, REQUEST_ORIGIN).await?;
-    let before = script.consumed()?;
-    let times = sign_latencies(&mut portal, &cert_id).await?;
-    let dialogs = script.consumed()? - before;
-    if dialogs != SIGN_REQUESTS {
-        bail!("{dialogs} dialogs for {SIGN_REQUESTS} per-request-consent signatures");
-    }
-    rows.push((
+    if !scale.load_only {
+        // Per-request consent: the token is logged in (PIN cache), so each request is a CONFIRM.
+        let steps = vec![Step::confirm(Button::Ok).expect(Dialog::Confirm); SIGN_REQUESTS];
+        script.push_all(&steps)?;
+        let before = script.consumed()?;
+        let times = sign_latencies(&mut portal, &cert_id).await?;
+        let dialogs = script.consumed()? - before;
+        if dialogs != SIGN_REQUESTS {
+            bail!("{dialogs} dialogs for {SIGN_REQUESTS} per-request-consent signatures");
+        }
+        rows.push((
         format!(
             "`sign` P-256 round trip, per-request consent: 1 scripted CONFIRM (a pinentry process) each (p50 / p95 of {SIGN_REQUESTS})"
         ),
         format!("{} / {}", ms(percentile(&times, 50.0)), ms(percentile(&times, 95.0))),
     ));
-
+    }
     // The token's own rate, measured now and again after the load rows (the machine is shared).
     let token_before = load::token_rate(scale.of(6000))?;
     rows.push((
@@ -979,10 +1023,11 @@ async fn agent_bench(
         format!("{:.0}/s, {:.0} µs", token_before.per_s, token_before.p50.as_secs_f64() * 1e6),
     ));
 
-    // sign.batch of 1000 digests: session consent (no dialog), then per-request (one CONFIRM).
-    let (elapsed, check) = batch(&mut session, &cert_id).await?;
-    verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
-    rows.push((
+    if !scale.load_only {
+        // sign.batch of 1000 digests: session consent (no dialog), then per-request (one CONFIRM).
+        let (elapsed, check) = batch(&mut session, &cert_id).await?;
+        verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
+        rows.push((
         format!("`sign.batch` {BATCH_SIZE} P-256 digests, session consent: total, signatures/s (× the token's)"),
         format!(
             "{}, {:.0}/s (× {:.2})",
@@ -991,17 +1036,18 @@ async fn agent_bench(
             rate(BATCH_SIZE, elapsed) / token_before.per_s
         ),
     ));
-    script.push(&Step::confirm(Button::Ok).expect(Dialog::Confirm))?;
-    let (elapsed, check) = batch(&mut portal, &cert_id).await?;
-    verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
-    rows.push((
+        script.push(&Step::confirm(Button::Ok).expect(Dialog::Confirm))?;
+        let (elapsed, check) = batch(&mut portal, &cert_id).await?;
+        verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
+        rows.push((
         format!("`sign.batch` {BATCH_SIZE} P-256 digests, per-request consent (1 CONFIRM): total, signatures/s"),
         format!("{}, {:.0}/s", ms(elapsed), rate(BATCH_SIZE, elapsed)),
     ));
-    rows.push((
-        "RSS after the batches".into(),
-        memory::Footprint::of(agent.child.id(), "batches")?.to_string(),
-    ));
+        rows.push((
+            "RSS after the batches".into(),
+            memory::Footprint::of(agent.child.id(), "batches")?.to_string(),
+        ));
+    }
 
     eprintln!("agent under load …");
     let target = load::Target {
@@ -1027,6 +1073,9 @@ async fn agent_bench(
         ),
     ));
 
+    if scale.load_only {
+        return Ok((rows, problems));
+    }
     eprintln!(
         "certificates.list over {} tokens × {} certificates …",
         load::LIST_TOKENS,
