@@ -1,6 +1,5 @@
 //! `keyport`: the local signing agent and its command line.
-// One FFI call (glibc's `mallopt`, module `malloc_tuning`) is allowed; nothing else.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -265,8 +264,6 @@ macro_rules! out {
 }
 
 fn main() -> ExitCode {
-    // Before any thread exists: the daemon and its module hosts alike.
-    malloc_tuning::apply();
     let cli = Cli::parse();
     // The daemon logs its warnings; a one-shot command reports its own failures in one line
     // each, so library warnings would only repeat them.
@@ -694,41 +691,4 @@ fn check_origin(origin: &str) -> anyhow::Result<()> {
     browser_bridge::Origin::parse(origin, true)
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("{origin:?} is not an origin: {e}"))
-}
-
-/// glibc's allocator, tuned for a long-running process with many short-lived threads (issue
-/// 12; BENCHMARKS.md section 3, "Memory"). By default glibc gives each new thread that
-/// allocates an arena of its own, up to 8 per core, and keeps the pages each arena has touched:
-/// the agent's blocking-pool threads (one per call in flight to a module host, 60–70 under the
-/// benchmark's 32 connections) left 15 arenas holding ≈ 6 MiB while the live heap never
-/// exceeded 2.8 MB (heaptrack). Two arenas hold the same work in ≈ 2 MiB. A fixed mmap
-/// threshold keeps large buffers (a `sign.batch` of 1000 and its answer) in their own
-/// mappings, returned when freed, instead of raising the threshold so that they stay in an
-/// arena.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-mod malloc_tuning {
-    /// Arenas for all threads: two cores' worth of parallel allocation on the machines seen.
-    const ARENA_MAX: libc::c_int = 2;
-    /// glibc's own starting value (128 KiB), fixed: setting it turns off the dynamic raise.
-    const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
-
-    pub fn apply() {
-        for (param, value) in [
-            (libc::M_ARENA_MAX, ARENA_MAX),
-            (libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-        ] {
-            // SAFETY: mallopt takes two integers and only changes the allocator's parameters
-            // (it takes the allocator's own lock); no pointer crosses, and the values are
-            // within the ranges glibc documents. It returns 0 on failure, which leaves the
-            // defaults in force: nothing to undo.
-            let _ = unsafe { libc::mallopt(param, value) };
-        }
-    }
-}
-
-/// Other allocators are left as they are.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-mod malloc_tuning {
-    pub fn apply() {}
 }
