@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use browser_bridge::protocol::TokenEntry;
 use pcsc::{Context, ReaderState, Scope, State};
@@ -32,6 +32,12 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// How long [`Watcher::spawn`] waits for the first look at PC/SC.
 const FIRST_LOOK: Duration = Duration::from_secs(2);
+/// After a card goes in, how long the watcher lists again (each wait slice) while no library
+/// shows a token in that reader: a module may list the reader's slot empty for a moment after
+/// PC/SC reported the card (OpenSC in a module host started while the card was out does), and
+/// no further PC/SC event would come to list it again. A card no library knows (a bank card)
+/// stops the relisting once this has passed.
+const CARD_ARRIVAL_GRACE: Duration = Duration::from_secs(5);
 
 /// What PC/SC says about one reader.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +80,7 @@ impl Watcher {
             ready: Some(ready_tx),
             last: Vec::new(),
             retry: false,
+            arrived: HashMap::new(),
             tokens,
             atr,
             on_change,
@@ -131,8 +138,12 @@ struct Loop {
     atr: AtrTable,
     on_change: OnChange,
     last: Vec<TokenEntry>,
-    /// A module did not answer in the last round: list again at the next wait slice.
+    /// A module did not answer in the last round, or a card that went in lately shows no
+    /// token yet: list again at the next wait slice.
     retry: bool,
+    /// When each reader's card went in (with pcscd's event counter then, so that a quick
+    /// remove and insert counts as a new arrival).
+    arrived: HashMap<String, (u32, Instant)>,
     stop_flag: Arc<AtomicBool>,
     context: Arc<Mutex<Option<Context>>>,
     wake: mpsc::Receiver<()>,
@@ -302,7 +313,30 @@ impl Loop {
                 .collect(),
         );
         let listing = self.tokens.listing_with(WhenBehind::Skip, start_hosts);
-        self.retry = listing.unanswered > 0 || listing.hosts_down > 0;
+        let now = Instant::now();
+        self.arrived
+            .retain(|name, _| readers.iter().any(|r| &r.name == name && r.atr.is_some()));
+        for r in readers.iter().filter(|r| r.atr.is_some()) {
+            let arrival = self
+                .arrived
+                .entry(r.name.clone())
+                .or_insert((r.events, now));
+            if arrival.0 != r.events {
+                *arrival = (r.events, now);
+            }
+        }
+        let card_without_token = readers.iter().any(|r| {
+            r.atr.is_some()
+                && !listing
+                    .tokens
+                    .iter()
+                    .any(|t| t.reader.as_deref() == Some(r.name.as_str()))
+                && self
+                    .arrived
+                    .get(&r.name)
+                    .is_some_and(|(_, at)| now.duration_since(*at) < CARD_ARRIVAL_GRACE)
+        });
+        self.retry = listing.unanswered > 0 || listing.hosts_down > 0 || card_without_token;
         let entries = token_entries(&listing.tokens);
         if entries != self.last {
             tracing::debug!(tokens = entries.len(), "tokens changed");

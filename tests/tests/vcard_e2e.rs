@@ -224,7 +224,7 @@ impl Agent {
             .arg("run")
             .envs(rig.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(script.env())
-            .env("KEYPORT_LOG", "warn,agent::pcsc_watch=debug,cryptoki=off")
+            .env("KEYPORT_LOG", "warn,agent::pcsc_watch=debug,agent::host=debug,agent::tokens=debug,pkcs11_shim=debug,cryptoki=off")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -913,7 +913,9 @@ async fn opensc_deadlock_on_card_removal_recovers_without_restarting_the_agent()
     );
     // pcscd has seen the card go (the bridge hung up at the SELECT).
     rig.run("remove")?;
-    reinsert_and_sign(&rig, &mut client, &cert, &rig.cert_9a()).await?;
+    reinsert_and_sign(&rig, &mut client, &cert, &rig.cert_9a())
+        .await
+        .with_context(|| agent.log())?;
     ensure!(
         agent.child.id() == agent_pid && agent.child.try_wait()?.is_none(),
         "the agent itself never restarted"
