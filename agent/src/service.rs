@@ -191,9 +191,11 @@ impl Service {
         if let Some(found) = self.tokens.cached_certificate(&id) {
             return Ok(found);
         }
-        // A cache only aged (another program may have changed a token) is listed again whole,
-        // at most once a second, so that the signatures after this one find it there again.
-        if self.tokens.certificate_cache_aged() {
+        // No cache, or one only aged (another program may have changed a token): every
+        // certificate is listed, at most once a second, so that the signatures after this one
+        // find theirs in the cache. Looking one up on its token costs the module a search of
+        // every object each time (the worker's check for changes by other programs).
+        if self.tokens.certificate_listing_due() {
             if let Ok(certs) = self.certificates_cached().await {
                 if let Some(found) = certs.iter().find(|c| id.names(&c.info)) {
                     return Ok(found.clone());
