@@ -38,6 +38,20 @@ pub const LOAD_ORIGINS: [&str; 8] = [
 /// The load scenarios: connections, origins they come from.
 const SCENARIOS: [(usize, usize); 5] = [(1, 1), (8, 8), (8, 1), (32, 8), (32, 1)];
 
+/// The load rows to run: every one of [`SCENARIOS`], or (to profile one of them) those that
+/// `KEYPORT_BENCH_ROWS` names, as `CONNECTIONSxORIGINS` separated by commas (`1x1,8x8`).
+/// `KEYPORT_BENCH_SIGNATURES` sets the signatures per row (4000).
+fn scenarios() -> Vec<(usize, usize)> {
+    let Ok(wanted) = std::env::var("KEYPORT_BENCH_ROWS") else {
+        return SCENARIOS.to_vec();
+    };
+    let wanted: Vec<&str> = wanted.split(',').map(str::trim).collect();
+    SCENARIOS
+        .into_iter()
+        .filter(|(c, o)| wanted.contains(&format!("{c}x{o}").as_str()))
+        .collect()
+}
+
 /// A row of the table: what, value.
 pub type Row = (String, String);
 
@@ -319,11 +333,15 @@ pub async fn rows(
     let ticks = clock_ticks()?;
     let mut rows = Vec::new();
     let mut problems = Vec::new();
-    let total = target.scale.of(4000);
+    let per_row = std::env::var("KEYPORT_BENCH_SIGNATURES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(4000);
+    let total = target.scale.of(per_row);
     let mut signed_so_far = 0usize;
     let mut one_conn_p50 = None;
 
-    for (conns, origins) in SCENARIOS {
+    for (conns, origins) in scenarios() {
         let per_conn = total.div_ceil(conns);
         let tag = format!("{conns}x{origins}");
         let run = load_run(target, conns, origins, per_conn, ticks, &tag).await?;
