@@ -284,3 +284,92 @@ async fn an_async_call_starts_a_host_gets_interim_answers_and_a_hang_stops_the_h
     assert_ne!(s.status().pid, pid);
     assert_eq!(s.status().restarts, 1);
 }
+
+/// A supervisor made on a multi-threaded runtime reads its hosts' answers there (no reader
+/// thread): answers larger than one read, many calls at once from tasks and from a blocking
+/// thread, and a crash, as with a reader thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_read_on_the_runtime_arrive_whole_and_a_crash_fails_the_call() {
+    let s = Arc::new(supervisor(HOST));
+    let pid = s.ensure_running().unwrap();
+    let threads = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == format!("host-{pid}"))
+        .count();
+    assert_eq!(
+        threads, 0,
+        "no reader thread for a host whose answers the runtime reads"
+    );
+    let calls: Vec<_> = (0..16usize)
+        .map(|i| {
+            let s = Arc::clone(&s);
+            // Up to 300 000 bytes: several reads of the runtime's reader per answer.
+            let body: Vec<u8> = (0..i * 20_000).map(|b| (b % 251) as u8).collect();
+            tokio::spawn(async move {
+                let answer = s
+                    .call_async(TestJob::Echo(body.clone()), CALL, None, |_| {})
+                    .await;
+                (answer, body)
+            })
+        })
+        .collect();
+    let from_a_thread = {
+        let s = Arc::clone(&s);
+        tokio::task::spawn_blocking(move || s.call(TestJob::Echo(vec![5; 70_000]), CALL))
+    };
+    for call in calls {
+        let (answer, body) = call.await.unwrap();
+        assert_eq!(answer, Ok(TestAnswer::Echo(body)));
+    }
+    assert_eq!(
+        from_a_thread.await.unwrap(),
+        Ok(TestAnswer::Echo(vec![5; 70_000]))
+    );
+    assert_eq!(s.status().pid, Some(pid));
+    match Arc::clone(&s)
+        .call_async(TestJob::Segv, CALL, None, |_| {})
+        .await
+    {
+        Err(HostError::Died { how }) => assert!(how.contains("SIGSEGV"), "{how}"),
+        other => panic!("expected the host to die: {other:?}"),
+    }
+    assert!(s
+        .status()
+        .last_failure
+        .is_some_and(|f| f.contains("SIGSEGV")));
+}
+
+/// A runtime that stops while its supervisor lives on stops the host whose answers it read
+/// (nobody would read them any more): the host is reaped, and the next call, outside any
+/// runtime, gets a new host with a reader thread.
+#[test]
+fn a_host_whose_runtime_stopped_is_stopped_and_the_next_call_gets_a_new_one() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = supervisor(HOST);
+    // Started on the runtime: its answers are read there.
+    let pid = runtime.block_on(async { s.ensure_running() }).unwrap();
+    assert_eq!(
+        s.call(TestJob::Echo(vec![1]), CALL),
+        Ok(TestAnswer::Echo(vec![1]))
+    );
+    drop(runtime);
+    let status = s.status();
+    assert_eq!(status.pid, None);
+    assert!(
+        status
+            .last_failure
+            .as_deref()
+            .is_some_and(|f| f.contains("runtime stopped")),
+        "{status:?}"
+    );
+    // Reaped: no such process any more.
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let answer = call_after_backoff(&s, TestJob::Echo(vec![2]));
+    assert_eq!(answer, Ok(TestAnswer::Echo(vec![2])));
+    assert_ne!(s.status().pid, Some(pid));
+}
