@@ -180,6 +180,9 @@ struct LoadRun {
     cpu: Duration,
     /// The agent's module hosts' CPU over the same run.
     hosts_cpu: Duration,
+    /// This process's CPU over the same run: the clients (WebSocket, JSON), which share the
+    /// machine's cores with the agent and its hosts.
+    clients_cpu: Duration,
     failures: Vec<String>,
 }
 
@@ -210,6 +213,7 @@ async fn load_run(
 
     let cpu_before = cpu_time(target.pid, ticks)?;
     let hosts_before = children_cpu_time(target.pid, ticks);
+    let clients_before = cpu_time(std::process::id(), ticks)?;
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(conns);
     for (c, mut client) in clients.into_iter().enumerate() {
@@ -253,6 +257,7 @@ async fn load_run(
     let elapsed = start.elapsed();
     let cpu = cpu_time(target.pid, ticks)?.saturating_sub(cpu_before);
     let hosts_cpu = children_cpu_time(target.pid, ticks).saturating_sub(hosts_before);
+    let clients_cpu = cpu_time(std::process::id(), ticks)?.saturating_sub(clients_before);
     latencies.sort();
     Ok(LoadRun {
         signatures,
@@ -260,6 +265,7 @@ async fn load_run(
         latencies,
         cpu,
         hosts_cpu,
+        clients_cpu,
         failures,
     })
 }
@@ -367,6 +373,10 @@ pub async fn rows(
         let per_s = rate(n, run.elapsed);
         let cpu_per = run.cpu.as_secs_f64() * 1e6 / n as f64;
         let hosts_per = run.hosts_cpu.as_secs_f64() * 1e6 / n as f64;
+        let clients_per = run.clients_cpu.as_secs_f64() * 1e6 / n as f64;
+        // How many cores the agent, its hosts and the clients kept busy together.
+        let busy =
+            (run.cpu + run.hosts_cpu + run.clients_cpu).as_secs_f64() / run.elapsed.as_secs_f64();
         let from = if origins == 1 {
             "1 origin".to_owned()
         } else {
@@ -374,11 +384,11 @@ pub async fn rows(
         };
         rows.push((
             format!(
-                "{conns} connection{} ({from}), session consent: `sign` P-256 rate (× the token's), p50 / p99, agent CPU per `sign` (+ its module host's, where the token signs) ({n} signatures)",
+                "{conns} connection{} ({from}), session consent: `sign` P-256 rate (× the token's), p50 / p99, agent CPU per `sign` (+ its module host's, where the token signs; the benchmark's clients'), cores kept busy by the three ({n} signatures)",
                 if conns == 1 { "" } else { "s" }
             ),
             format!(
-                "{per_s:.0}/s (× {:.2}), {} / {}, {cpu_per:.0} µs (+ {hosts_per:.0} µs){failed}",
+                "{per_s:.0}/s (× {:.2}), {} / {}, {cpu_per:.0} µs (+ {hosts_per:.0} µs; clients {clients_per:.0} µs), {busy:.2} cores{failed}",
                 per_s / before.per_s,
                 ms(percentile(&run.latencies, 50.0)),
                 ms(percentile(&run.latencies, 99.0)),
