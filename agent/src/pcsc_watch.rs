@@ -88,15 +88,9 @@ impl Watcher {
             context: Arc::clone(&context),
             wake: wake_rx,
         };
-        // A module host this thread starts has its answers read on the agent's runtime, as
-        // one a request starts (see `host::supervisor`).
-        let runtime = tokio::runtime::Handle::try_current().ok();
         let thread = std::thread::Builder::new()
             .name("pcsc-watch".into())
-            .spawn(move || {
-                let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                state.run()
-            })?;
+            .spawn(move || state.run())?;
         // Readers are known once the first look at PC/SC is done (or failed): wait for it a
         // little, so the first `tokens.list` already names them.
         let _ = ready_rx.recv_timeout(FIRST_LOOK);

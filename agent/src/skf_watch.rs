@@ -84,14 +84,9 @@ impl SkfWatch {
             let (tokens, notifier, stop) =
                 (tokens.clone(), Arc::clone(notifier), Arc::clone(&stop));
             let path = m.module.path().to_owned();
-            // A library host this thread starts has its answers read on the agent's runtime.
-            let runtime = tokio::runtime::Handle::try_current().ok();
             let spawned = std::thread::Builder::new()
                 .name("skf-watch".into())
-                .spawn(move || {
-                    let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                    watch(&tokens, &notifier, &stop, events)
-                });
+                .spawn(move || watch(&tokens, &notifier, &stop, events));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::frame::{
-    read_frame, write_frame, FrameBuffer, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
+    read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
 };
 
 /// The first wait after a host died; doubled after each death, up to [`MAX_BACKOFF`], and back
@@ -74,8 +74,7 @@ pub struct HostCommand {
     pub env: Vec<(OsString, OsString)>,
 }
 
-/// Called when a host ends, with how it ended (on the host's reader thread, or on the
-/// runtime's blocking pool when its answers are read on the runtime).
+/// Called (on the host's reader thread) when a host ends, with how it ended.
 pub type OnExit = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Starts hosts for one library and calls them. Calls may come from many threads; the host
@@ -112,7 +111,7 @@ struct State<A> {
 
 struct Live<A> {
     pid: u32,
-    writer: Arc<Mutex<HostWriter>>,
+    writer: Arc<Mutex<UnixStream>>,
     shared: Arc<Shared<A>>,
 }
 
@@ -123,7 +122,7 @@ enum Delivery<A> {
 }
 
 /// The way to a waiting caller: a thread blocked on a channel ([`Supervisor::call_with`]), or
-/// a task awaiting one ([`Supervisor::call_async`]), which the host's reader wakes directly.
+/// a task awaiting one ([`Supervisor::call_async`]), which the reader thread wakes directly.
 enum Waiter<A> {
     Blocking(mpsc::Sender<Delivery<A>>),
     Async(tokio::sync::mpsc::UnboundedSender<Delivery<A>>),
@@ -146,17 +145,17 @@ impl<A> Waiter<A> {
 /// What a caller holds of the live host for one call.
 struct Handle<A> {
     pid: u32,
-    writer: Arc<Mutex<HostWriter>>,
+    writer: Arc<Mutex<UnixStream>>,
     shared: Arc<Shared<A>>,
 }
 
-/// What a live host's reader (a thread, or a task on the runtime) and its callers share.
+/// What a live host's reader thread and its callers share.
 struct Shared<A> {
     pending: Mutex<HashMap<u64, Waiter<A>>>,
     /// The jobs sent and not answered yet, side jobs aside, in the order the host got them
     /// (each is pushed while its frame is written): the host runs them one at a time in that
     /// order, so the first is the one running. Known without a message from the host, which
-    /// would wake the reader once more per job.
+    /// would wake the reader thread once more per job.
     queue: Mutex<VecDeque<u64>>,
     /// Jobs whose caller gave up while they were queued: nobody watches them any more, so a
     /// later caller that times out behind one of them stops the host.
@@ -277,7 +276,7 @@ where
     /// [`Self::call_with`] for a task on a tokio runtime, with the same deadlines, cancel and
     /// restarts, and no thread of ours between the task and the host: the task writes its job
     /// to the host's socket itself (a short write: the host's reader drains the socket while
-    /// jobs run; [`WRITE_WAIT`] bounds it), and the host's reader wakes the task with
+    /// jobs run; [`WRITE_WAIT`] bounds it), and the host's reader thread wakes the task with
     /// the answer. Only starting a host (spawning it, waiting for its greeting) blocks, so it
     /// runs on the runtime's blocking pool. Dropping the future gives the job up as a timeout
     /// behind a long job does: the host still runs it, and a later call that times out behind
@@ -370,7 +369,7 @@ where
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&shared.pending).insert(id, waiter);
         if lock(&shared.ended).is_some() {
-            // Ended between taking it and registering: the reader will not see us.
+            // Ended between taking it and registering: the reader thread will not see us.
             lock(&shared.pending).remove(&id);
             return Err(self.died(shared));
         }
@@ -553,35 +552,16 @@ where
         });
         let on_exit = self.on_exit.clone();
         let for_reader = Arc::clone(&shared);
-        // A host started on a multi-threaded runtime (a task's start, a call from its blocking
-        // pool, a thread that entered it) has its answers read there; else by a thread of its
-        // own. Not a runtime kept from earlier: it may have stopped since.
-        let runtime = tokio::runtime::Handle::try_current()
-            .ok()
-            .filter(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        match runtime {
-            Some(runtime) => {
-                // The socket's mode is shared by both ends' descriptors: the writers wait
-                // for room themselves.
-                if let Err(e) = reader.set_nonblocking(true) {
-                    return Err(failed(format!("socket: {e}"), &mut child));
-                }
-                runtime.spawn(read_answers_async(reader, child, for_reader, on_exit));
-            }
-            None => {
-                std::thread::Builder::new()
-                    .name(format!("host-{pid}"))
-                    .spawn(move || read_answers(reader, child, for_reader, on_exit))
-                    .map_err(|e| start_err("reader thread", &e))?;
-            }
-        }
-        // A blocking socket's writes give up after this too.
+        std::thread::Builder::new()
+            .name(format!("host-{pid}"))
+            .spawn(move || read_answers(reader, child, for_reader, on_exit))
+            .map_err(|e| start_err("reader thread", &e))?;
         ours.set_write_timeout(Some(WRITE_WAIT))
             .map_err(|e| start_err("socket", &e))?;
         tracing::info!(pid, program = %self.command.program.display(), "module host started");
         Ok(Live {
             pid,
-            writer: Arc::new(Mutex::new(HostWriter(ours))),
+            writer: Arc::new(Mutex::new(ours)),
             shared,
         })
     }
@@ -594,40 +574,6 @@ impl<A> Live<A> {
             writer: Arc::clone(&self.writer),
             shared: Arc::clone(&self.shared),
         }
-    }
-}
-
-/// The agent's end of a host's socket, for writing jobs. A write that finds no room waits for
-/// some, at most [`WRITE_WAIT`] without progress, whether the socket blocks or not (it does
-/// not when the host's answers are read on the runtime: the mode is the socket's, shared by
-/// its reader).
-struct HostWriter(UnixStream);
-
-impl io::Write for HostWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        loop {
-            match self.0.write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let wait = rustix::event::Timespec::try_from(WRITE_WAIT)
-                        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-                    let mut fds = [rustix::event::PollFd::new(
-                        &self.0,
-                        rustix::event::PollFlags::OUT,
-                    )];
-                    match rustix::event::poll(&mut fds, Some(&wait)) {
-                        Ok(0) => return Err(io::ErrorKind::TimedOut.into()),
-                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => return other,
-            }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -692,141 +638,42 @@ fn forget_ended<A>(state: &mut State<A>) -> bool {
     }
 }
 
-/// A host's reader thread: hands each answer to its caller; when the host ends, see
-/// [`host_ended`].
+/// A host's reader thread: hands each answer to its caller; when the host ends, reaps it,
+/// records how it ended, and fails every call still waiting.
 fn read_answers<A: DeserializeOwned>(
     mut socket: UnixStream,
-    child: Child,
+    mut child: Child,
     shared: Arc<Shared<A>>,
     on_exit: Option<OnExit>,
 ) {
+    let pid = child.id();
     let why = loop {
         match read_frame::<FromHost<A>>(&mut socket) {
-            Ok(Some(message)) => deliver(&shared, message),
+            Ok(Some(FromHost::Interim { id, answer })) => {
+                if let Some(waiter) = lock(&shared.pending).get(&id) {
+                    waiter.deliver(Delivery::Interim(answer));
+                }
+            }
+            Ok(Some(FromHost::Answer { id, answer })) => {
+                {
+                    let mut queue = lock(&shared.queue);
+                    if queue.front() == Some(&id) {
+                        queue.pop_front();
+                    } else {
+                        queue.retain(|&q| q != id);
+                    }
+                }
+                lock(&shared.abandoned).remove(&id);
+                if let Some(waiter) = lock(&shared.pending).remove(&id) {
+                    // The caller may have given up (deadline); its answer is dropped.
+                    waiter.deliver(Delivery::Final(answer));
+                }
+            }
             Ok(None) => break None,
             Err(e) => break Some(e.to_string()),
         }
     };
-    host_ended(child, why, &shared, on_exit);
-}
-
-/// [`read_answers`] as a task on the agent's runtime (issue 12): the socket is watched by the
-/// runtime's event loop, so an answer wakes a worker that hands it to the waiting task, with
-/// no thread of ours to wake in between. The socket is non-blocking (its writers wait for room
-/// themselves: [`HostWriter`]). Reaping the ended host waits, so it runs on the blocking pool;
-/// should the runtime stop first, the host is stopped and reaped as the task is dropped.
-async fn read_answers_async<A: DeserializeOwned + Send + 'static>(
-    socket: UnixStream,
-    child: Child,
-    shared: Arc<Shared<A>>,
-    on_exit: Option<OnExit>,
-) {
-    let mut end = EndOnDrop {
-        child: Some(child),
-        shared: Arc::clone(&shared),
-        on_exit,
-    };
-    let why = match tokio::net::UnixStream::from_std(socket) {
-        Ok(socket) => pump_answers(&socket, &shared).await,
-        Err(e) => Some(FrameError::from(e).to_string()),
-    };
-    let (Some(child), on_exit) = (end.child.take(), end.on_exit.take()) else {
-        return;
-    };
-    let reaped = tokio::task::spawn_blocking(move || host_ended(child, why, &shared, on_exit));
-    if let Err(e) = reaped.await {
-        tracing::warn!(error = %e, "a module host's end could not be recorded");
-    }
-}
-
-/// Hands each answer on `socket` to its caller until the stream ends; why it ended (`None`: a
-/// clean end between frames).
-async fn pump_answers<A: DeserializeOwned>(
-    socket: &tokio::net::UnixStream,
-    shared: &Shared<A>,
-) -> Option<String> {
-    let mut frames = FrameBuffer::default();
-    loop {
-        loop {
-            match frames.next_frame::<FromHost<A>>() {
-                Ok(Some(message)) => deliver(shared, message),
-                Ok(None) => break,
-                Err(e) => return Some(e.to_string()),
-            }
-        }
-        if let Err(e) = socket.readable().await {
-            return Some(FrameError::from(e).to_string());
-        }
-        match socket.try_io(tokio::io::Interest::READABLE, || frames.fill_from(socket)) {
-            Ok(0) => return frames.cut_frame().map(|e| e.to_string()),
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Some(FrameError::from(e).to_string()),
-        }
-    }
-}
-
-/// A reader task's host, ended as [`host_ended`] says if the task is dropped before it could
-/// (the runtime stopped).
-struct EndOnDrop<A> {
-    child: Option<Child>,
-    shared: Arc<Shared<A>>,
-    on_exit: Option<OnExit>,
-}
-
-impl<A> Drop for EndOnDrop<A> {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            host_ended(
-                child,
-                Some("the agent's runtime stopped".into()),
-                &self.shared,
-                self.on_exit.take(),
-            );
-        }
-    }
-}
-
-/// One message from a host, to the caller waiting for it.
-fn deliver<A>(shared: &Shared<A>, message: FromHost<A>) {
-    match message {
-        FromHost::Interim { id, answer } => {
-            if let Some(waiter) = lock(&shared.pending).get(&id) {
-                waiter.deliver(Delivery::Interim(answer));
-            }
-        }
-        FromHost::Answer { id, answer } => {
-            {
-                let mut queue = lock(&shared.queue);
-                if queue.front() == Some(&id) {
-                    queue.pop_front();
-                } else {
-                    queue.retain(|&q| q != id);
-                }
-            }
-            lock(&shared.abandoned).remove(&id);
-            if let Some(waiter) = lock(&shared.pending).remove(&id) {
-                // The caller may have given up (deadline); its answer is dropped.
-                waiter.deliver(Delivery::Final(answer));
-            }
-        }
-    }
-}
-
-/// A host's stream ended (`why`: how, if not cleanly): the host is stopped (one that broke the
-/// protocol as one that crashed) and reaped, how it ended is recorded, and every call still
-/// waiting fails.
-fn host_ended<A>(
-    mut child: Child,
-    why: Option<String>,
-    shared: &Shared<A>,
-    on_exit: Option<OnExit>,
-) {
-    let pid = child.id();
+    // A host that broke the protocol is stopped like one that crashed.
     kill_group(pid);
     let how = match child.wait() {
         Ok(status) => describe(status),
