@@ -196,9 +196,16 @@ impl Service {
         // find theirs in the cache. Looking one up on its token costs the module a search of
         // every object each time (the worker's check for changes by other programs).
         if self.tokens.certificate_listing_due() {
-            if let Ok(certs) = self.certificates_cached().await {
+            let tokens = self.tokens.clone();
+            if let Ok((certs, busy)) = blocking(move || tokens.certificates_cached_or_busy()).await
+            {
                 if let Some(found) = certs.iter().find(|c| id.names(&c.info)) {
                     return Ok(found.clone());
+                }
+                // A library that did not answer in time was waited for once: what looking the
+                // certificate up on its token would say after waiting once more.
+                if let Some(busy) = busy {
+                    return Err(Failure::Token(busy));
                 }
             }
         }

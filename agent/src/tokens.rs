@@ -538,10 +538,12 @@ impl TokenSet {
         self.certificates_complete().0
     }
 
-    /// [`Self::certificates`], and whether every module answered.
-    fn certificates_complete(&self) -> (Vec<CertificateView>, bool) {
+    /// [`Self::certificates`], whether every module answered, and the first
+    /// [`TokenError::Busy`] of a module that did not answer in time.
+    fn certificates_complete(&self) -> (Vec<CertificateView>, bool, Option<TokenError>) {
         let mut out = Vec::new();
         let mut complete = true;
+        let mut busy = None;
         for m in self.modules() {
             match m.module.certificates(None) {
                 Ok(certs) => {
@@ -554,6 +556,7 @@ impl TokenSet {
                 Err(e @ TokenError::Busy { .. }) => {
                     complete = false;
                     self.not_answered(&m.module, &e);
+                    busy.get_or_insert(e);
                 }
                 Err(e) => {
                     complete = false;
@@ -561,7 +564,7 @@ impl TokenSet {
                 }
             }
         }
-        (out, complete)
+        (out, complete, busy)
     }
 
     /// The certificates of the last complete listing, when nothing happened since that could
@@ -615,15 +618,21 @@ impl TokenSet {
     /// [`Self::cached_certificates`], else a listing now (blocking), kept for the next call
     /// when every module answered.
     pub fn certificates_cached(&self) -> Arc<Vec<CertificateView>> {
+        self.certificates_cached_or_busy().0
+    }
+
+    /// [`Self::certificates_cached`], and the first [`TokenError::Busy`] of a module that did
+    /// not answer the listing in time (it was waited for once already).
+    pub fn certificates_cached_or_busy(&self) -> (Arc<Vec<CertificateView>>, Option<TokenError>) {
         if let Some(certs) = self.cached_certificates() {
-            return certs;
+            return (certs, None);
         }
         // Read before the listing: an event during it leaves the cache stale, not wrong.
         let generation = self.inner.certificate_generation.load(Ordering::SeqCst);
         let hosts = self.host_pids();
         let listed_at = Instant::now();
         *lock(&self.inner.certificates_listed_at) = Some(listed_at);
-        let (list, complete) = self.certificates_complete();
+        let (list, complete, busy) = self.certificates_complete();
         let certificates = Arc::new(list);
         if complete {
             *lock(&self.inner.certificate_cache) = Some(CertificateCache {
@@ -633,7 +642,7 @@ impl TokenSet {
                 certificates: Arc::clone(&certificates),
             });
         }
-        certificates
+        (certificates, busy)
     }
 
     /// Something may have changed the certificates of a token (a login can reveal private
