@@ -62,6 +62,10 @@ pub struct Service {
     connections: Mutex<HashMap<ConnectionId, ConnState>>,
     /// The PIN cache's logout timer of each token.
     pin_cache: pin_cache::LogoutTimers,
+    /// Held while a signature's lookup lists every certificate: the signatures arriving
+    /// meanwhile wait for that listing and find their certificate in the cache it fills,
+    /// rather than each looking theirs up on its token.
+    certificate_listing: tokio::sync::Mutex<()>,
 }
 
 impl Service {
@@ -83,6 +87,7 @@ impl Service {
             dialog_lines: Arc::new(Mutex::new(HashMap::new())),
             connections: Mutex::new(HashMap::new()),
             pin_cache: pin_cache::LogoutTimers::default(),
+            certificate_listing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -195,17 +200,24 @@ impl Service {
         // certificate is listed, at most once a second, so that the signatures after this one
         // find theirs in the cache. Looking one up on its token costs the module a search of
         // every object each time (the worker's check for changes by other programs).
-        if self.tokens.certificate_listing_due() {
-            let tokens = self.tokens.clone();
-            if let Ok((certs, busy)) = blocking(move || tokens.certificates_cached_or_busy()).await
-            {
-                if let Some(found) = certs.iter().find(|c| id.names(&c.info)) {
-                    return Ok(found.clone());
-                }
-                // A library that did not answer in time was waited for once: what looking the
-                // certificate up on its token would say after waiting once more.
-                if let Some(busy) = busy {
-                    return Err(Failure::Token(busy));
+        let listing_under_way = self.certificate_listing.try_lock().is_err();
+        if listing_under_way || self.tokens.certificate_listing_due() {
+            let _turn = self.certificate_listing.lock().await;
+            if let Some(found) = self.tokens.cached_certificate(&id) {
+                return Ok(found);
+            }
+            if self.tokens.certificate_listing_due() {
+                let tokens = self.tokens.clone();
+                let listed = blocking(move || tokens.certificates_cached_or_busy()).await;
+                if let Ok((certs, busy)) = listed {
+                    if let Some(found) = certs.iter().find(|c| id.names(&c.info)) {
+                        return Ok(found.clone());
+                    }
+                    // A library that did not answer in time was waited for once: what
+                    // looking the certificate up on its token would say after waiting again.
+                    if let Some(busy) = busy {
+                        return Err(Failure::Token(busy));
+                    }
                 }
             }
         }

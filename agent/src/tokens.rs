@@ -92,9 +92,9 @@ struct Inner {
     certificate_cache: Mutex<Option<CertificateCache>>,
     /// Counts the events after which the certificate cache may be wrong.
     certificate_generation: AtomicU64,
-    /// When the last listing of every certificate started (complete or not): a signature's
-    /// lookup lists them all at most once per [`CERTIFICATES_FRESH`].
-    certificates_listed_at: Mutex<Option<Instant>>,
+    /// When the last listing of every certificate that some module did not answer started:
+    /// after one, a signature's lookup lists them all again only [`CERTIFICATES_FRESH`] later.
+    certificates_incomplete_at: Mutex<Option<Instant>>,
 }
 
 /// Every certificate as one complete listing saw it, and what it depended on.
@@ -584,13 +584,14 @@ impl TokenSet {
     /// Worth listing every certificate for a signature's lookup (the signatures after it then
     /// find theirs in the cache, with no module call): the cache is right as far as any event
     /// knows, only older than [`CERTIFICATES_FRESH`]; or there is none (never filled, or
-    /// dropped by an event) and no listing started within [`CERTIFICATES_FRESH`]. The bound
-    /// keeps a library that never completes a listing (a host that does not answer) from
-    /// costing every signature a listing; those look their certificate up on its own token.
+    /// dropped by an event: a login drops it) and no listing that a module left incomplete
+    /// started within [`CERTIFICATES_FRESH`]. That bound keeps a library that does not answer
+    /// from costing every signature a listing; meanwhile they look their certificate up on its
+    /// own token.
     pub fn certificate_listing_due(&self) -> bool {
         match self.unchanged_cache(|c| c.listed_at.elapsed() >= CERTIFICATES_FRESH) {
             Some(aged) => aged,
-            None => lock(&self.inner.certificates_listed_at)
+            None => lock(&self.inner.certificates_incomplete_at)
                 .is_none_or(|at| at.elapsed() >= CERTIFICATES_FRESH),
         }
     }
@@ -631,9 +632,11 @@ impl TokenSet {
         let generation = self.inner.certificate_generation.load(Ordering::SeqCst);
         let hosts = self.host_pids();
         let listed_at = Instant::now();
-        *lock(&self.inner.certificates_listed_at) = Some(listed_at);
         let (list, complete, busy) = self.certificates_complete();
         let certificates = Arc::new(list);
+        if !complete {
+            *lock(&self.inner.certificates_incomplete_at) = Some(listed_at);
+        }
         if complete {
             *lock(&self.inner.certificate_cache) = Some(CertificateCache {
                 generation,

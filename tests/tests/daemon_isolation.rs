@@ -355,3 +355,70 @@ fn running(pid: u32) -> bool {
         .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
         .unwrap_or(false)
 }
+
+/// Issue 12: with the session's consent given, a signature asks the module for no login state
+/// first (the token says when it is not logged in). A module host that restarted between
+/// signatures took its login with it: the next signature is refused by the token with no
+/// signature made, asks for the PIN once, logs in once, and signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consented_session_whose_host_restarted_asks_the_pin_once_and_signs() {
+    let tk = TestToken::provision().unwrap();
+    let options = AgentOptions {
+        token_wait_seconds: Some(TOKEN_WAIT),
+        session_consent_origins: vec![PORTAL.to_owned()],
+        pin_cache_seconds: 600,
+        extra_toml: vec!["module_isolation = true".into()],
+        ..AgentOptions::default().fault()
+    };
+    let agent = Agent::start(&tk, options).unwrap();
+    let mut client = agent.connect(PORTAL).await.unwrap();
+    let id = certificate_ids(&mut client, &tk).await.unwrap()["sign-p256"].clone();
+    // The session's consent and the login: one dialog. The next signatures ask nothing.
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    for i in 0..3u8 {
+        client
+            .call_ok("sign", sign_params(&id, &[i; 32]))
+            .await
+            .unwrap();
+    }
+    assert_eq!(agent.script().dialogs().unwrap().len(), 1);
+    assert_eq!(agent.fault_calls("C_Login"), 1);
+
+    let hosts = agent.children();
+    assert_eq!(hosts.len(), 1, "one module host: {hosts:?}");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &hosts[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    token_goes_and_comes_back(&mut client).await;
+
+    let signs_before = agent.fault_calls("C_SignInit");
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    let digest = Hash::Sha256.digest(b"after the host restarted");
+    let result = client
+        .call_ok("sign", sign_params(&id, &digest))
+        .await
+        .unwrap();
+    verify_raw(
+        &tk.cert_pem("sign-p256"),
+        &Signed::Digest(digest),
+        &unb64(&result["signature"]).unwrap(),
+        RawAlg::EcdsaDer(Hash::Sha256),
+    )
+    .unwrap();
+    let dialogs = agent.script().dialogs().unwrap();
+    assert_eq!(dialogs.len(), 2, "one PIN dialog more: {dialogs:?}");
+    assert_eq!(
+        dialogs[1].command.as_deref(),
+        Some("GETPIN"),
+        "a PIN dialog: {:?}",
+        dialogs[1]
+    );
+    assert_eq!(agent.fault_calls("C_Login"), 2, "one login more");
+    assert_eq!(
+        agent.fault_calls("C_SignInit") - signs_before,
+        1,
+        "no signature before the login"
+    );
+}

@@ -237,3 +237,40 @@ async fn four_requests_wait_for_an_open_dialog_and_a_fifth_is_busy_at_once() {
     }
     assert_eq!(agent.script().dialogs().unwrap().len(), 5);
 }
+
+/// Issue 12: signatures with the session's consent cost the module no search of the token's
+/// objects each (the certificate comes from a listing of every certificate, kept for a
+/// second, not from a lookup on its token, whose check for changes searches every object) and
+/// no probe of the login state (C_GetSlotInfo: the token says if it is not logged in). The
+/// login drops the certificate cache, so the signatures after it find none at first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consented_signatures_search_no_objects_and_probe_no_login_state_each() {
+    let tk = TestToken::provision().unwrap();
+    let agent = Agent::start(&tk, session_options()).unwrap();
+    let mut a = agent.connect(PORTAL).await.unwrap();
+    let id = certificate_ids(&mut a, &tk).await.unwrap()["sign-p256"].clone();
+    agent.script().push(&Step::pin(USER_PIN)).unwrap();
+    a.call_ok("sign", sign_params(&id, &[1; 32])).await.unwrap();
+
+    let searches = agent.fault_calls("C_FindObjectsInit");
+    let probes = agent.fault_calls("C_GetSlotInfo");
+    let signs = 60;
+    let started = std::time::Instant::now();
+    let (_, answers) = sign_many(a, id.clone(), 0xC, signs).await;
+    let elapsed = started.elapsed();
+    assert!(answers.iter().all(|(_, r)| r.is_ok()), "{answers:?}");
+    // At most one listing a second (each: one search for changes, and after the login one
+    // scan of a few searches), whatever the number of signatures.
+    let listings = elapsed.as_secs() as usize + 2;
+    let searched = agent.fault_calls("C_FindObjectsInit") - searches;
+    let probed = agent.fault_calls("C_GetSlotInfo") - probes;
+    assert!(
+        searched <= 4 * listings && searched < signs / 2,
+        "{searched} searches for {signs} signatures in {elapsed:?}"
+    );
+    assert!(
+        probed <= listings && probed < signs / 2,
+        "{probed} C_GetSlotInfo for {signs} signatures in {elapsed:?}"
+    );
+    assert_eq!(agent.script().dialogs().unwrap().len(), 1);
+}
