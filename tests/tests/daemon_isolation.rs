@@ -394,19 +394,7 @@ async fn a_consented_session_whose_host_restarted_asks_the_pin_once_and_signs() 
     token_goes_and_comes_back(&mut client).await;
 
     let signs_before = agent.fault_calls("C_SignInit");
-    agent.script().push(&Step::pin(USER_PIN)).unwrap();
-    let digest = Hash::Sha256.digest(b"after the host restarted");
-    let result = client
-        .call_ok("sign", sign_params(&id, &digest))
-        .await
-        .unwrap();
-    verify_raw(
-        &tk.cert_pem("sign-p256"),
-        &Signed::Digest(digest),
-        &unb64(&result["signature"]).unwrap(),
-        RawAlg::EcdsaDer(Hash::Sha256),
-    )
-    .unwrap();
+    next_signature_verifies(&agent, &mut client, &tk, &id).await;
     let dialogs = agent.script().dialogs().unwrap();
     assert_eq!(dialogs.len(), 2, "one PIN dialog more: {dialogs:?}");
     assert_eq!(
