@@ -197,9 +197,10 @@ impl Service {
             return Ok(found);
         }
         // No cache, or one only aged (another program may have changed a token): every
-        // certificate is listed, at most once a second, so that the signatures after this one
-        // find theirs in the cache. Looking one up on its token costs the module a search of
-        // every object each time (the worker's check for changes by other programs).
+        // certificate is listed (see `certificate_listing_due` for when not), so that the
+        // signatures after this one find theirs in the cache. Looking one up on its token costs
+        // the module a search of every object each time (the worker's check for changes by
+        // other programs).
         let listing_under_way = self.certificate_listing.try_lock().is_err();
         if listing_under_way || self.tokens.certificate_listing_due() {
             let _turn = self.certificate_listing.lock().await;
