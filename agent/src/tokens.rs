@@ -634,9 +634,6 @@ impl TokenSet {
         let listed_at = Instant::now();
         let (list, complete, busy) = self.certificates_complete();
         let certificates = Arc::new(list);
-        if !complete {
-            *lock(&self.inner.certificates_incomplete_at) = Some(listed_at);
-        }
         if complete {
             *lock(&self.inner.certificate_cache) = Some(CertificateCache {
                 generation,
@@ -644,6 +641,8 @@ impl TokenSet {
                 hosts,
                 certificates: Arc::clone(&certificates),
             });
+        } else {
+            *lock(&self.inner.certificates_incomplete_at) = Some(listed_at);
         }
         (certificates, busy)
     }
