@@ -52,7 +52,7 @@ pub fn run_host(path: &Path) -> i32 {
         let (tx, done) = progress.forward(ctx.clone());
         let reply = remote::run(module, job, Some(tx), ctx.cancel_flag());
         // Every progress message goes out before the answer.
-        let _ = done.recv();
+        done.finish();
         reply
     };
     let served = serve_with_quick(socket, answer, is_quick);

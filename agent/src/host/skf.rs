@@ -56,11 +56,11 @@ pub fn run_host(path: &Path) -> i32 {
             if !matches!(job, Job::Sign { .. }) {
                 return state.run(job, None, ctx.cancel_flag());
             }
-            // Each signature's progress goes out as it is made (it re-arms the agent's
-            // deadline), all of it before the answer.
+            // The signatures' progress goes out every 50 ms while they are made (it re-arms
+            // the agent's deadline), all of it before the answer.
             let (tx, done) = progress.forward(ctx.clone());
             let reply = state.run(job, Some(tx), ctx.cancel_flag());
-            let _ = done.recv();
+            done.finish();
             reply
         },
         side,

@@ -68,6 +68,8 @@ const LIST_ORIGIN: &str = "https://list.example";
 const REQUEST_ORIGIN: &str = "https://portal.example";
 const SIGN_REQUESTS: usize = 200;
 const BATCH_SIZE: usize = 1000;
+/// Session-consent batches the batch row times, one after the other.
+const BATCHES: usize = 7;
 const STARTS: usize = 5;
 /// Each signing rate is measured this many times; the median is reported.
 const RUNS: usize = 3;
@@ -786,16 +788,26 @@ impl Client {
 
     /// Sends a request and waits for its answer, skipping events; an error answer is an error.
     async fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+        Ok(self.call_timed(method, params).await?.0)
+    }
+
+    /// [`Self::call`], and the time from the request's first byte sent to its answer's last
+    /// byte received: the client's own JSON work (encoding the request, decoding the answer)
+    /// left out.
+    async fn call_timed(&mut self, method: &str, params: Value) -> Result<(Value, Duration)> {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        self.ws.send(Message::text(request.to_string())).await?;
+        let text = Message::text(request.to_string());
+        let start = Instant::now();
+        self.ws.send(text).await?;
         loop {
             let msg = self
                 .ws
                 .next()
                 .await
                 .ok_or_else(|| anyhow!("connection closed waiting for {method}"))??;
+            let received = start.elapsed();
             let Message::Text(text) = msg else { continue };
             let value: Value = serde_json::from_str(text.as_str())?;
             if value.get("id").and_then(Value::as_u64) != Some(id) {
@@ -804,10 +816,11 @@ impl Client {
             if let Some(error) = value.get("error") {
                 bail!("{method} failed: {error}");
             }
-            return value
+            let result = value
                 .get("result")
                 .cloned()
-                .ok_or_else(|| anyhow!("{method}: answer without result"));
+                .ok_or_else(|| anyhow!("{method}: answer without result"))?;
+            return Ok((result, received));
         }
     }
 }
@@ -848,7 +861,23 @@ async fn sign_latencies(client: &mut Client, cert_id: &str) -> Result<Vec<Durati
     Ok(times)
 }
 
-async fn batch(client: &mut Client, cert_id: &str) -> Result<(Duration, Vec<Vec<u8>>)> {
+/// How many session-consent batches the batch row times: `KEYPORT_BENCH_BATCHES`, else
+/// [`BATCHES`] (1 in a short run). Set it high to profile the batch path.
+fn batch_count(scale: Scale) -> Result<usize> {
+    match std::env::var("KEYPORT_BENCH_BATCHES") {
+        Ok(n) => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("KEYPORT_BENCH_BATCHES must be a positive count, not {n:?}"),
+        },
+        Err(_) if scale.short => Ok(1),
+        Err(_) => Ok(BATCHES),
+    }
+}
+
+/// One `sign.batch` of [`BATCH_SIZE`] digests: the time from sending it to its answer received
+/// (the client's JSON work left out), the time with that work, and the first digest and its
+/// signature.
+async fn batch(client: &mut Client, cert_id: &str) -> Result<(Duration, Duration, Vec<Vec<u8>>)> {
     let digests: Vec<Vec<u8>> = (0..BATCH_SIZE)
         .map(|i| sha2::Sha256::digest(format!("batch {i}")).to_vec())
         .collect();
@@ -862,7 +891,7 @@ async fn batch(client: &mut Client, cert_id: &str) -> Result<(Duration, Vec<Vec<
         "display": {"title": "keyport-bench batch"},
     });
     let start = Instant::now();
-    let result = client.call("sign.batch", params).await?;
+    let (result, answered) = client.call_timed("sign.batch", params).await?;
     let elapsed = start.elapsed();
     let results = result
         .get("results")
@@ -875,7 +904,11 @@ async fn batch(client: &mut Client, cert_id: &str) -> Result<(Duration, Vec<Vec<
         .get("signature")
         .and_then(Value::as_str)
         .ok_or_else(|| anyhow!("no signature in the batch result"))?;
-    Ok((elapsed, vec![digests[0].clone(), B64.decode(first)?]))
+    Ok((
+        answered,
+        elapsed,
+        vec![digests[0].clone(), B64.decode(first)?],
+    ))
 }
 
 /// Checks a DER ECDSA signature over a SHA-256 digest: the answer's certificate must be the
@@ -1025,19 +1058,34 @@ async fn agent_bench(
 
     if !scale.load_only {
         // sign.batch of 1000 digests: session consent (no dialog), then per-request (one CONFIRM).
-        let (elapsed, check) = batch(&mut session, &cert_id).await?;
-        verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
+        // One batch moves by ±25 % from one to the next: the row times several.
+        let batches = batch_count(scale)?;
+        let mut times = Vec::with_capacity(batches);
+        let mut totals = Vec::with_capacity(batches);
+        eprintln!("{batches} batches …");
+        for _ in 0..batches {
+            let (answered, total, check) = batch(&mut session, &cert_id).await?;
+            verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
+            times.push(answered);
+            totals.push(total);
+        }
+        times.sort();
+        totals.sort();
+        let (fastest, median, slowest) = (times[0], times[batches / 2], times[batches - 1]);
         rows.push((
-        format!("`sign.batch` {BATCH_SIZE} P-256 digests, session consent: total, signatures/s (× the token's)"),
+        format!("`sign.batch` {BATCH_SIZE} P-256 digests, session consent, {batches} batches one after the other, request sent → answer received: median (min–max), signatures/s of the median (× the token's); in brackets the median with the client's JSON encoding and decoding"),
         format!(
-            "{}, {:.0}/s (× {:.2})",
-            ms(elapsed),
-            rate(BATCH_SIZE, elapsed),
-            rate(BATCH_SIZE, elapsed) / token_before.per_s
+            "{} ({}–{}), {:.0}/s (× {:.2}) [{}]",
+            ms(median),
+            ms(fastest),
+            ms(slowest),
+            rate(BATCH_SIZE, median),
+            rate(BATCH_SIZE, median) / token_before.per_s,
+            ms(totals[batches / 2]),
         ),
     ));
         script.push(&Step::confirm(Button::Ok).expect(Dialog::Confirm))?;
-        let (elapsed, check) = batch(&mut portal, &cert_id).await?;
+        let (_, elapsed, check) = batch(&mut portal, &cert_id).await?;
         verify_agent_signature(token, &cert_b64, &check[0], &check[1])?;
         rows.push((
         format!("`sign.batch` {BATCH_SIZE} P-256 digests, per-request consent (1 CONFIRM): total, signatures/s"),
