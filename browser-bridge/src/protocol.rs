@@ -82,24 +82,28 @@ impl Request {
 
     /// Builds a request from a method name and its params object.
     pub fn from_parts(method: &str, params: Value) -> Result<Request, RpcError> {
+        Request::build(method, params)
+    }
+
+    fn build(method: &str, params: impl Params) -> Result<Request, RpcError> {
         Ok(match method {
-            "hello" => Request::Hello(typed(params)?),
+            "hello" => Request::Hello(params.typed()?),
             "origin.requestAccess" => {
-                typed::<EmptyParams>(params)?;
+                params.typed::<EmptyParams>()?;
                 Request::RequestAccess
             }
             "tokens.list" => {
-                typed::<EmptyParams>(params)?;
+                params.typed::<EmptyParams>()?;
                 Request::TokensList
             }
-            "certificates.list" => Request::CertificatesList(typed(params)?),
-            "sign" => Request::Sign(typed(params)?),
-            "sign.batch" => Request::SignBatch(typed(params)?),
-            "authenticate" => Request::Authenticate(typed(params)?),
-            "keys.generate" => Request::KeysGenerate(typed(params)?),
-            "certificates.import" => Request::CertificatesImport(typed(params)?),
+            "certificates.list" => Request::CertificatesList(params.typed()?),
+            "sign" => Request::Sign(params.typed()?),
+            "sign.batch" => Request::SignBatch(params.typed()?),
+            "authenticate" => Request::Authenticate(params.typed()?),
+            "keys.generate" => Request::KeysGenerate(params.typed()?),
+            "certificates.import" => Request::CertificatesImport(params.typed()?),
             "cancel" => {
-                let p: CancelParams = typed(params)?;
+                let p: CancelParams = params.typed()?;
                 Request::Cancel {
                     request_id: p.request_id,
                 }
@@ -173,14 +177,18 @@ pub struct Refusal {
 
 /// Parses one text frame into a request, in the checking order of the module docs.
 pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
-    let (value, scan) = strict::parse(text).map_err(|e| Refusal {
+    let not_json = |e: serde_json::Error| Refusal {
         id: Value::Null,
         error: RpcError::parse_error(format!("not JSON: {e}")),
-    })?;
+    };
+    let scan = strict::scan(text).map_err(not_json)?;
+    // Valid JSON (the scan said so): reading its envelope cannot fail.
+    let envelope = strict::envelope(text).map_err(not_json)?;
     // With a repeated key the message means two things; its `id` is not trusted either.
-    let id = match &value {
-        Value::Object(m) if !scan.duplicate_key => m.get("id").filter(|v| is_valid_id(v)).cloned(),
-        _ => None,
+    let id = if envelope.object && !scan.duplicate_key {
+        envelope.id.as_ref().filter(|v| is_valid_id(v)).cloned()
+    } else {
+        None
     }
     .unwrap_or(Value::Null);
     if scan.secret_key {
@@ -198,21 +206,21 @@ pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
             "an object has the same member twice",
         )));
     }
-    if let Value::Object(m) = &value {
-        if m.get("id")
-            .is_some_and(|v| v.is_number() && !is_valid_id(v))
-        {
-            return Err(refuse(RpcError::invalid_request(
-                "a numeric id must be an integer within ±(2^53 − 1)",
-            )));
-        }
+    if envelope
+        .id
+        .as_ref()
+        .is_some_and(|v| v.is_number() && !is_valid_id(v))
+    {
+        return Err(refuse(RpcError::invalid_request(
+            "a numeric id must be an integer within ±(2^53 − 1)",
+        )));
     }
-    let Value::Object(mut object) = value else {
+    if !envelope.object {
         return Err(refuse(RpcError::invalid_request(
             "a request is one JSON object (batches are not supported)",
         )));
-    };
-    if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+    }
+    if envelope.jsonrpc.as_ref().and_then(Value::as_str) != Some("2.0") {
         return Err(refuse(RpcError::invalid_request("jsonrpc must be \"2.0\"")));
     }
     if id.is_null() {
@@ -220,28 +228,24 @@ pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
             "id must be a number or a string",
         )));
     }
-    let Some(Value::String(method)) = object.remove("method") else {
+    let Some(Value::String(method)) = envelope.method else {
         return Err(refuse(RpcError::invalid_request("method must be a string")));
     };
-    if let Some(extra) = object
-        .keys()
-        .find(|k| !matches!(k.as_str(), "jsonrpc" | "id" | "params"))
-    {
+    if let Some(extra) = &envelope.unknown {
         let shown: String = extra.chars().take(64).collect();
         return Err(refuse(RpcError::invalid_request(format!(
             "unknown member {shown:?}"
         ))));
     }
-    let params = object
-        .remove("params")
-        .unwrap_or_else(|| Value::Object(Map::new()));
     if !Request::METHODS.contains(&method.as_str()) {
         return Err(refuse(RpcError::method_not_found(&method)));
     }
-    if !params.is_object() {
+    // The text of a JSON value starts with `{` exactly when it is an object.
+    let params = envelope.params.map_or("{}", |p| p.get());
+    if !params.starts_with('{') {
         return Err(refuse(RpcError::invalid_params("params must be an object")));
     }
-    let request = Request::from_parts(&method, params).map_err(refuse)?;
+    let request = Request::build(&method, ParamsText(params)).map_err(refuse)?;
     Ok(IncomingRequest { id, request })
 }
 
@@ -332,13 +336,186 @@ pub fn to_json<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-fn typed<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
-    serde_json::from_value(params).map_err(|e| RpcError::invalid_params(e.to_string()))
+/// A request's params, as a `Value` or as the text of a JSON object.
+trait Params {
+    /// The params as `T`; INVALID_PARAMS with serde's words where they are not one.
+    fn typed<T: DeserializeOwned>(self) -> Result<T, RpcError>;
+}
+
+impl Params for Value {
+    fn typed<T: DeserializeOwned>(self) -> Result<T, RpcError> {
+        serde_json::from_value(self).map_err(|e| RpcError::invalid_params(e.to_string()))
+    }
+}
+
+/// The params object's text, parsed straight into its type (no `Value` on the way).
+struct ParamsText<'a>(&'a str);
+
+impl Params for ParamsText<'_> {
+    fn typed<T: DeserializeOwned>(self) -> Result<T, RpcError> {
+        serde_json::from_str(self.0).map_err(|e| {
+            // The same words as from a `Value`: a position inside the params says nothing to
+            // the page, whose text had other lines.
+            let text = e.to_string();
+            let position = format!(" at line {} column {}", e.line(), e.column());
+            let message = match text.strip_suffix(&position) {
+                Some(message) if e.line() > 0 => message.to_owned(),
+                _ => text,
+            };
+            RpcError::invalid_params(message)
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `parse_request` as it was before the params were parsed from their text (issue 12):
+    /// through a whole `Value`.
+    fn parse_request_through_value(text: &str) -> Result<IncomingRequest, Refusal> {
+        let (value, scan) = strict::reference::parse(text).map_err(|e| Refusal {
+            id: Value::Null,
+            error: RpcError::parse_error(format!("not JSON: {e}")),
+        })?;
+        // With a repeated key the message means two things; its `id` is not trusted either.
+        let id = match &value {
+            Value::Object(m) if !scan.duplicate_key => {
+                m.get("id").filter(|v| is_valid_id(v)).cloned()
+            }
+            _ => None,
+        }
+        .unwrap_or(Value::Null);
+        if scan.secret_key {
+            return Err(Refusal {
+                id,
+                error: RpcError::pin_from_page_refused(),
+            });
+        }
+        let refuse = |error: RpcError| Refusal {
+            id: id.clone(),
+            error,
+        };
+        if scan.duplicate_key {
+            return Err(refuse(RpcError::invalid_request(
+                "an object has the same member twice",
+            )));
+        }
+        if let Value::Object(m) = &value {
+            if m.get("id")
+                .is_some_and(|v| v.is_number() && !is_valid_id(v))
+            {
+                return Err(refuse(RpcError::invalid_request(
+                    "a numeric id must be an integer within ±(2^53 − 1)",
+                )));
+            }
+        }
+        let Value::Object(mut object) = value else {
+            return Err(refuse(RpcError::invalid_request(
+                "a request is one JSON object (batches are not supported)",
+            )));
+        };
+        if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            return Err(refuse(RpcError::invalid_request("jsonrpc must be \"2.0\"")));
+        }
+        if id.is_null() {
+            return Err(refuse(RpcError::invalid_request(
+                "id must be a number or a string",
+            )));
+        }
+        let Some(Value::String(method)) = object.remove("method") else {
+            return Err(refuse(RpcError::invalid_request("method must be a string")));
+        };
+        if let Some(extra) = object
+            .keys()
+            .find(|k| !matches!(k.as_str(), "jsonrpc" | "id" | "params"))
+        {
+            let shown: String = extra.chars().take(64).collect();
+            return Err(refuse(RpcError::invalid_request(format!(
+                "unknown member {shown:?}"
+            ))));
+        }
+        let params = object
+            .remove("params")
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        if !Request::METHODS.contains(&method.as_str()) {
+            return Err(refuse(RpcError::method_not_found(&method)));
+        }
+        if !params.is_object() {
+            return Err(refuse(RpcError::invalid_params("params must be an object")));
+        }
+        let request = Request::from_parts(&method, params).map_err(refuse)?;
+        Ok(IncomingRequest { id, request })
+    }
+
+    /// Every golden message, cut, with a byte left out, or with a token put in at each place:
+    /// the text reader and the `Value` reader accept the same requests and refuse the rest for
+    /// the same reason, under the same id.
+    #[test]
+    fn reading_the_params_from_their_text_changes_no_answer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut texts = Vec::new();
+        for sub in [dir.clone(), dir.join("invalid")] {
+            for entry in std::fs::read_dir(&sub).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "json") {
+                    texts.push(std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+        assert!(texts.len() > 50, "{} fixtures", texts.len());
+        let tokens = [
+            "\"pin\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "null",
+            "1.5",
+            "\"id\":2,",
+            "\"x\":1,",
+            "\"params\":{},",
+            "\"a\\u0062\"",
+        ];
+        let mut compared = 0;
+        let mut accepted = 0;
+        for base in &texts {
+            let bytes = base.as_bytes();
+            let mut variants = vec![base.clone()];
+            for at in 0..=bytes.len() {
+                if !base.is_char_boundary(at) {
+                    continue;
+                }
+                variants.push(base[..at].to_owned());
+                if let Some(c) = base[at..].chars().next() {
+                    variants.push(format!("{}{}", &base[..at], &base[at + c.len_utf8()..]));
+                }
+                let token = tokens[at % tokens.len()];
+                variants.push(format!("{}{token}{}", &base[..at], &base[at..]));
+            }
+            for text in &variants {
+                let new = parse_request(text);
+                let old = parse_request_through_value(text);
+                match (&new, &old) {
+                    (Ok(n), Ok(o)) => {
+                        assert_eq!(n, o, "{text}");
+                        accepted += 1;
+                    }
+                    (Err(n), Err(o)) => {
+                        assert_eq!((&n.id, n.error.reason), (&o.id, o.error.reason), "{text}");
+                    }
+                    _ => panic!("{text}\nnow: {new:?}\nbefore: {old:?}"),
+                }
+                compared += 1;
+            }
+        }
+        assert!(
+            compared > 10_000 && accepted > 100,
+            "{compared} compared, {accepted} accepted"
+        );
+    }
 
     #[test]
     fn a_response_text_is_the_response_value() {

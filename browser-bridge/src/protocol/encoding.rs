@@ -56,9 +56,19 @@ impl Serialize for Base64Bytes {
 
 impl<'de> Deserialize<'de> for Base64Bytes {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        Base64Bytes::decode(&text)
-            .map_err(|e| D::Error::custom(format!("not standard padded base64: {e}")))
+        // Decoded from the text as it is read: no copy of it first (a batch has 1000).
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Base64Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Base64Bytes, E> {
+                Base64Bytes::decode(text)
+                    .map_err(|e| E::custom(format!("not standard padded base64: {e}")))
+            }
+        }
+        deserializer.deserialize_str(Text)
     }
 }
 
