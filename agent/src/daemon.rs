@@ -22,6 +22,25 @@ use crate::secrets::{self, AuditKeySource};
 use crate::service::Service;
 use crate::tokens::TokenSet;
 
+/// The runtime the agent serves on: one worker thread (plus tokio's pool for blocking work),
+/// unless `TOKIO_WORKER_THREADS` says otherwise.
+///
+/// A worker per core (tokio's default) made the two workers of a 2-core machine wake each
+/// other for every request: with the request's own thread hops (the module host, the audit
+/// writer) that cost more than it brought. Alternated on the benchmark (issue 12, BENCHMARKS
+/// §3 "Fifth round"), one worker used a quarter to a third less agent CPU per `sign` with one
+/// connection, and reached no lower a rate with 8 or 32. What may take long runs off the
+/// worker: a module's calls in its host process, the audit log's `fdatasync` on its writer
+/// thread, the rest on tokio's blocking pool; a job's write to its host's socket is bounded
+/// (`WRITE_WAIT`).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder.enable_all().build()
+}
+
 /// Options of `keyport run` beyond the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {

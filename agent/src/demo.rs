@@ -106,7 +106,7 @@ pub fn run(
     );
     // The demo's own settings are the user's: the administrator's policy bounds them too.
     let (config, _) = policy.apply(config);
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = daemon::runtime()?;
     rt.block_on(daemon::run(
         config,
         paths,

@@ -366,7 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (config, paths, policy, policy_report) = load(cli.config.as_deref(), cli.demo)?;
     match cli.command {
         Command::Run { demo_port } => {
-            let rt = tokio::runtime::Runtime::new()?;
+            let rt = daemon::runtime()?;
             let served = rt.block_on(daemon::run(config, paths, RunOptions { demo_port }));
             // Dropping the runtime would wait without end for blocking work (a module stuck in
             // C_Sign): the connections have had their grace to answer, so exit regardless.
