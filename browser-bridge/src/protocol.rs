@@ -177,13 +177,25 @@ pub struct Refusal {
 
 /// Parses one text frame into a request, in the checking order of the module docs.
 pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
-    let not_json = |e: serde_json::Error| Refusal {
-        id: Value::Null,
-        error: RpcError::parse_error(format!("not JSON: {e}")),
-    };
     let scan = strict::scan(text).map_err(not_json)?;
     // Valid JSON (the scan said so): reading its envelope cannot fail.
     let envelope = strict::envelope(text).map_err(not_json)?;
+    checked(scan, envelope.map_params(|p| ParamsText(p.get())))
+}
+
+fn not_json(e: serde_json::Error) -> Refusal {
+    Refusal {
+        id: Value::Null,
+        error: RpcError::parse_error(format!("not JSON: {e}")),
+    }
+}
+
+/// The checks of a message read into `scan` and `envelope`, in the module docs' order, and
+/// its typed params.
+fn checked<P: Params>(
+    scan: strict::Scan,
+    envelope: strict::Envelope<P>,
+) -> Result<IncomingRequest, Refusal> {
     // With a repeated key the message means two things; its `id` is not trusted either.
     let id = if envelope.object && !scan.duplicate_key {
         envelope.id.as_ref().filter(|v| is_valid_id(v)).cloned()
@@ -240,12 +252,11 @@ pub fn parse_request(text: &str) -> Result<IncomingRequest, Refusal> {
     if !Request::METHODS.contains(&method.as_str()) {
         return Err(refuse(RpcError::method_not_found(&method)));
     }
-    // The text of a JSON value starts with `{` exactly when it is an object.
-    let params = envelope.params.map_or("{}", |p| p.get());
-    if !params.starts_with('{') {
+    let params = envelope.params.unwrap_or_else(P::empty);
+    if !params.is_object() {
         return Err(refuse(RpcError::invalid_params("params must be an object")));
     }
-    let request = Request::build(&method, ParamsText(params)).map_err(refuse)?;
+    let request = Request::build(&method, params).map_err(refuse)?;
     Ok(IncomingRequest { id, request })
 }
 
@@ -336,22 +347,40 @@ pub fn to_json<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-/// A request's params, as a `Value` or as the text of a JSON object.
-trait Params {
+/// A request's params, as a `Value` or as the text of a JSON value.
+trait Params: Sized {
+    /// The params of a request without any: an empty object.
+    fn empty() -> Self;
+    /// Whether the params are a JSON object.
+    fn is_object(&self) -> bool;
     /// The params as `T`; INVALID_PARAMS with serde's words where they are not one.
     fn typed<T: DeserializeOwned>(self) -> Result<T, RpcError>;
 }
 
 impl Params for Value {
+    fn empty() -> Self {
+        Value::Object(Map::new())
+    }
+    fn is_object(&self) -> bool {
+        Value::is_object(self)
+    }
     fn typed<T: DeserializeOwned>(self) -> Result<T, RpcError> {
         serde_json::from_value(self).map_err(|e| RpcError::invalid_params(e.to_string()))
     }
 }
 
-/// The params object's text, parsed straight into its type (no `Value` on the way).
+/// The params' text, parsed straight into their type (no `Value` on the way).
 struct ParamsText<'a>(&'a str);
 
 impl Params for ParamsText<'_> {
+    fn empty() -> Self {
+        ParamsText("{}")
+    }
+    fn is_object(&self) -> bool {
+        // The text of a JSON value (no space around it) starts with `{` exactly when it is
+        // an object.
+        self.0.starts_with('{')
+    }
     fn typed<T: DeserializeOwned>(self) -> Result<T, RpcError> {
         serde_json::from_str(self.0).map_err(|e| {
             // The same words as from a `Value`: a position inside the params says nothing to
@@ -372,80 +401,22 @@ mod tests {
     use super::*;
 
     /// `parse_request` as it was before the params were parsed from their text (issue 12):
-    /// through a whole `Value`.
+    /// the message read as a whole `Value`, then the same checks.
     fn parse_request_through_value(text: &str) -> Result<IncomingRequest, Refusal> {
-        let (value, scan) = strict::reference::parse(text).map_err(|e| Refusal {
-            id: Value::Null,
-            error: RpcError::parse_error(format!("not JSON: {e}")),
-        })?;
-        // With a repeated key the message means two things; its `id` is not trusted either.
-        let id = match &value {
-            Value::Object(m) if !scan.duplicate_key => {
-                m.get("id").filter(|v| is_valid_id(v)).cloned()
-            }
-            _ => None,
-        }
-        .unwrap_or(Value::Null);
-        if scan.secret_key {
-            return Err(Refusal {
-                id,
-                error: RpcError::pin_from_page_refused(),
-            });
-        }
-        let refuse = |error: RpcError| Refusal {
-            id: id.clone(),
-            error,
+        let (value, scan) = strict::reference::parse(text).map_err(not_json)?;
+        let envelope = match value {
+            Value::Object(mut members) => strict::Envelope {
+                object: true,
+                jsonrpc: members.remove("jsonrpc"),
+                id: members.remove("id"),
+                method: members.remove("method"),
+                params: members.remove("params"),
+                // What is left, in the map's sorted order.
+                unknown: members.keys().next().cloned(),
+            },
+            _ => strict::Envelope::default(),
         };
-        if scan.duplicate_key {
-            return Err(refuse(RpcError::invalid_request(
-                "an object has the same member twice",
-            )));
-        }
-        if let Value::Object(m) = &value {
-            if m.get("id")
-                .is_some_and(|v| v.is_number() && !is_valid_id(v))
-            {
-                return Err(refuse(RpcError::invalid_request(
-                    "a numeric id must be an integer within ±(2^53 − 1)",
-                )));
-            }
-        }
-        let Value::Object(mut object) = value else {
-            return Err(refuse(RpcError::invalid_request(
-                "a request is one JSON object (batches are not supported)",
-            )));
-        };
-        if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-            return Err(refuse(RpcError::invalid_request("jsonrpc must be \"2.0\"")));
-        }
-        if id.is_null() {
-            return Err(refuse(RpcError::invalid_request(
-                "id must be a number or a string",
-            )));
-        }
-        let Some(Value::String(method)) = object.remove("method") else {
-            return Err(refuse(RpcError::invalid_request("method must be a string")));
-        };
-        if let Some(extra) = object
-            .keys()
-            .find(|k| !matches!(k.as_str(), "jsonrpc" | "id" | "params"))
-        {
-            let shown: String = extra.chars().take(64).collect();
-            return Err(refuse(RpcError::invalid_request(format!(
-                "unknown member {shown:?}"
-            ))));
-        }
-        let params = object
-            .remove("params")
-            .unwrap_or_else(|| Value::Object(Map::new()));
-        if !Request::METHODS.contains(&method.as_str()) {
-            return Err(refuse(RpcError::method_not_found(&method)));
-        }
-        if !params.is_object() {
-            return Err(refuse(RpcError::invalid_params("params must be an object")));
-        }
-        let request = Request::from_parts(&method, params).map_err(refuse)?;
-        Ok(IncomingRequest { id, request })
+        checked(scan, envelope)
     }
 
     /// Every golden message, cut, with a byte left out, or with a token put in at each place:

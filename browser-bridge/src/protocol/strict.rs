@@ -36,22 +36,50 @@ pub(crate) fn scan(text: &str) -> Result<Scan, serde_json::Error> {
     Ok(scan)
 }
 
-/// The members of a request object that the envelope checks read, and its params as text.
-/// Of a member given twice, the last counts (what a JSON object would keep).
-#[derive(Debug, Default)]
-pub(crate) struct Envelope<'a> {
+/// The members of a request object that the envelope checks read, and its params (`P`: as
+/// text when read by [`envelope`]). Of a member given twice, the last counts (what a JSON
+/// object would keep).
+#[derive(Debug)]
+pub(crate) struct Envelope<P> {
     /// The text is a JSON object.
     pub object: bool,
     pub jsonrpc: Option<Value>,
     pub id: Option<Value>,
     pub method: Option<Value>,
-    pub params: Option<&'a RawValue>,
+    pub params: Option<P>,
     /// Of the members that are none of these, the first in sorted order.
     pub unknown: Option<String>,
 }
 
+impl<P> Default for Envelope<P> {
+    fn default() -> Self {
+        Envelope {
+            object: false,
+            jsonrpc: None,
+            id: None,
+            method: None,
+            params: None,
+            unknown: None,
+        }
+    }
+}
+
+impl<P> Envelope<P> {
+    /// The same envelope with its params made into `Q`.
+    pub fn map_params<Q>(self, f: impl FnOnce(P) -> Q) -> Envelope<Q> {
+        Envelope {
+            object: self.object,
+            jsonrpc: self.jsonrpc,
+            id: self.id,
+            method: self.method,
+            params: self.params.map(f),
+            unknown: self.unknown,
+        }
+    }
+}
+
 /// Reads the envelope of one JSON text.
-pub(crate) fn envelope(text: &str) -> Result<Envelope<'_>, serde_json::Error> {
+pub(crate) fn envelope(text: &str) -> Result<Envelope<&RawValue>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
     let envelope = serde::Deserializer::deserialize_any(&mut de, EnvelopeVisitor)?;
     de.end()?;
@@ -179,7 +207,7 @@ impl<'de> Visitor<'de> for Key {
 struct EnvelopeVisitor;
 
 impl<'de> Visitor<'de> for EnvelopeVisitor {
-    type Value = Envelope<'de>;
+    type Value = Envelope<&'de RawValue>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
