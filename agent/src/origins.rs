@@ -29,6 +29,26 @@ pub enum Standing {
     Unknown,
 }
 
+/// An origin's standing and whether a dialog of this run denied it, read together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginCheck {
+    pub denied_for_now: bool,
+    pub standing: Standing,
+}
+
+impl OriginCheck {
+    /// What a poisoned store answers: denied.
+    pub const DENIED: OriginCheck = OriginCheck {
+        denied_for_now: true,
+        standing: Standing::Denied,
+    };
+
+    /// Approved for good: allowed, and not denied in a dialog since.
+    pub fn is_approved(&self) -> bool {
+        !self.denied_for_now && self.standing == Standing::Allowed
+    }
+}
+
 /// The user's persisted decisions.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -103,6 +123,20 @@ impl OriginStore {
     /// Denials win over approvals; the administrator's lists over the user's.
     pub fn standing(&self, origin: &str) -> Standing {
         self.refresh();
+        self.standing_as_read(origin)
+    }
+
+    /// What a request of `origin` meets, from one look at the decisions file (a request
+    /// asks this once, not once per question: each look is a `stat`).
+    pub fn check(&self, origin: &str) -> OriginCheck {
+        self.refresh();
+        OriginCheck {
+            denied_for_now: self.user.borrow().denied_for_now.contains(origin),
+            standing: self.standing_as_read(origin),
+        }
+    }
+
+    fn standing_as_read(&self, origin: &str) -> Standing {
         let user = self.user.borrow();
         if self.config_denied.contains(origin) || user.decisions.denied.contains(origin) {
             Standing::Denied
@@ -406,6 +440,34 @@ mod tests {
         assert_eq!(agent.standing("https://kept.example"), Standing::Allowed);
         std::fs::write(&file, "allowed = 3").expect("write");
         assert_eq!(agent.standing("https://kept.example"), Standing::Allowed);
+    }
+
+    /// A request's one look (`check`) answers what the separate questions answer, a change of
+    /// the file included.
+    #[test]
+    fn one_check_answers_as_the_separate_questions_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("origins.toml");
+        let agent = OriginStore::open(&file, &Config::default()).expect("open");
+        let bank = "https://bank.example";
+        let same = |agent: &OriginStore| {
+            let check = agent.check(bank);
+            assert_eq!(check.standing, agent.standing(bank));
+            assert_eq!(check.denied_for_now, agent.is_denied_for_now(bank));
+            check
+        };
+        assert!(!same(&agent).is_approved());
+        agent.deny_for_now(bank);
+        assert!(same(&agent).denied_for_now);
+
+        let mut cli = OriginStore::open(&file, &Config::default()).expect("open");
+        cli.allow(bank).expect("allow");
+        let check = same(&agent);
+        assert_eq!(check.standing, Standing::Allowed);
+        assert!(check.is_approved(), "the allow ended the dialog's denial");
+        cli.deny(bank).expect("deny");
+        assert!(!same(&agent).is_approved());
+        assert_eq!(agent.check(bank).standing, Standing::Denied);
     }
 
     #[test]

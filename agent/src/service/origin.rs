@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::config::UnknownOrigins;
 use crate::dialog::OriginDecision;
-use crate::origins::Standing;
+use crate::origins::OriginCheck;
 use crate::pinentry::{DialogCancel, DialogError};
 
 use super::{run_cancellable, Failure, Service, VERSION};
@@ -36,11 +36,11 @@ impl Service {
     }
 
     pub(super) async fn request_access(&self, ctx: &RequestContext) -> Result<Answer, Failure> {
-        let origin = ctx.origin.as_str();
-        if self.is_denied_now(origin) {
+        let check = self.origin_check(ctx.origin.as_str());
+        if check.denied_for_now {
             return Err(Failure::OriginDenied);
         }
-        if self.is_approved_origin(origin) {
+        if check.is_approved() {
             return Ok(Answer::of(&RequestAccessResult {
                 approved: true,
                 remembered: true,
@@ -61,10 +61,11 @@ impl Service {
 
     /// Every method but `hello` needs an approved origin; an unapproved one is asked first.
     pub(super) async fn ensure_approved(&self, ctx: &RequestContext) -> Result<(), Failure> {
-        if self.is_denied_now(ctx.origin.as_str()) {
+        let check = self.origin_check(ctx.origin.as_str());
+        if check.denied_for_now {
             return Err(Failure::OriginDenied);
         }
-        if self.approved(ctx) {
+        if check.is_approved() || self.conn(ctx.connection).approved_once {
             return Ok(());
         }
         self.ask_origin(ctx).await.map(|_| ())
@@ -79,11 +80,15 @@ impl Service {
         let origin = ctx.origin.as_str().to_owned();
         let _turn = self.dialog_turn(ctx).await?;
         // Another request of this origin may have asked while this one waited.
-        if self.is_denied_now(&origin) {
+        let check = self.origin_check(&origin);
+        if check.denied_for_now {
             return Err(Failure::OriginDenied);
         }
-        if self.approved(ctx) {
-            return Ok(self.is_approved_origin(&origin));
+        if check.is_approved() {
+            return Ok(true);
+        }
+        if self.conn(ctx.connection).approved_once {
+            return Ok(false);
         }
         let dialog = self.texts.origin_approval(&origin);
         let pinentry = self.pinentry.clone();
@@ -135,19 +140,16 @@ impl Service {
     /// Whether events may go to connections of this origin (approved always, or once on some
     /// connection is not enough: events go to origins approved for good).
     pub fn is_approved_origin(&self, origin: &str) -> bool {
-        !self.is_denied_now(origin)
-            && self
-                .origins
-                .lock()
-                .map(|o| o.standing(origin) == Standing::Allowed)
-                .unwrap_or(false)
+        self.origin_check(origin).is_approved()
     }
 
-    fn is_denied_now(&self, origin: &str) -> bool {
+    /// The origin's standing, from one look at the user's decisions file; a poisoned store
+    /// answers denied.
+    fn origin_check(&self, origin: &str) -> OriginCheck {
         self.origins
             .lock()
-            .map(|o| o.is_denied_for_now(origin))
-            .unwrap_or(true)
+            .map(|o| o.check(origin))
+            .unwrap_or(OriginCheck::DENIED)
     }
 
     fn approved(&self, ctx: &RequestContext) -> bool {
