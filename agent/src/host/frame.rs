@@ -89,10 +89,223 @@ pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<Option<T
     Ok(Some(postcard::from_bytes(&body)?))
 }
 
+/// How much a [`FrameReader`] reads ahead: a signing job or its answer is under 200 bytes, a
+/// token's certificate listing a few KiB; a larger frame is read into a buffer of its own.
+const READ_AHEAD: usize = 16 * 1024;
+
+/// Reads frames from one stream, taking whatever the stream has ready with each read: a frame
+/// costs one read (often less, when several wait), where [`read_frame`] costs two, the length
+/// and the body. The bytes of a frame are zeroed in the buffer as soon as it is decoded.
+pub struct FrameReader<R> {
+    input: R,
+    buf: Zeroizing<Box<[u8]>>,
+    /// `buf[start..end]` is read and not decoded yet.
+    start: usize,
+    end: usize,
+}
+
+impl<R> std::fmt::Debug for FrameReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("buffered", &(self.end - self.start))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(input: R) -> Self {
+        FrameReader {
+            input,
+            buf: Zeroizing::new(vec![0u8; READ_AHEAD].into_boxed_slice()),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Reads one frame; `None` when the other side closed cleanly between frames (or within a
+    /// length, as [`read_frame`] does).
+    pub fn read_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        if !self.fill(4)? {
+            return Ok(None);
+        }
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&self.buf[self.start..self.start + 4]);
+        self.consume(4);
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if len > self.buf.len() {
+            // A large frame (a batch, a long listing): a buffer of its own, zeroed on drop.
+            let mut body = Zeroizing::new(vec![0u8; len]);
+            let have = self.end - self.start;
+            body[..have].copy_from_slice(&self.buf[self.start..self.end]);
+            self.consume(have);
+            self.input.read_exact(&mut body[have..])?;
+            return Ok(Some(postcard::from_bytes(&body)?));
+        }
+        if !self.fill(len)? {
+            return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let value = postcard::from_bytes(&self.buf[self.start..self.start + len]);
+        self.consume(len);
+        Ok(Some(value?))
+    }
+
+    /// Zeroes the next `n` buffered bytes and steps over them.
+    fn consume(&mut self, n: usize) {
+        self.buf[self.start..self.start + n].fill(0);
+        self.start += n;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+
+    /// Reads until at least `want` (≤ the buffer's size) bytes are buffered; `false` if the
+    /// stream ended first.
+    fn fill(&mut self, want: usize) -> io::Result<bool> {
+        while self.end - self.start < want {
+            if self.buf.len() - self.start < want {
+                // Not room enough after the start: move what is buffered to the front, and
+                // zero where it was.
+                let have = self.end - self.start;
+                self.buf.copy_within(self.start..self.end, 0);
+                self.buf[have.max(self.start)..self.end].fill(0);
+                (self.start, self.end) = (0, have);
+            }
+            let end = self.end;
+            match self.input.read(&mut self.buf[end..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests panic on purpose
 mod tests {
     use super::*;
+
+    /// A stream that hands out at most `step` bytes per read.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+        reads: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            let n = self.step.min(out.len()).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    type Job = ToHost<(String, Vec<u8>)>;
+
+    fn jobs(sizes: &[usize]) -> (Vec<u8>, Vec<(u64, Vec<u8>)>) {
+        let mut wire = Vec::new();
+        let mut sent = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            let bytes: Vec<u8> = (0..size).map(|b| (b % 251) as u8 + 1).collect();
+            let job: Job = ToHost::Job {
+                id: i as u64,
+                job: ("sign".to_owned(), bytes.clone()),
+            };
+            write_frame(&mut wire, &job).unwrap();
+            sent.push((i as u64, bytes));
+        }
+        (wire, sent)
+    }
+
+    fn read_all(reader: &mut FrameReader<impl Read>) -> Vec<(u64, Vec<u8>)> {
+        let mut got = Vec::new();
+        while let Some(frame) = reader.read_frame::<Job>().unwrap() {
+            match frame {
+                ToHost::Job { id, job } => got.push((id, job.1)),
+                other => panic!("{other:?}"),
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn the_frame_reader_reads_what_was_written_however_the_stream_cuts_it() {
+        // Small frames, one larger than the read-ahead, and frames that straddle its end.
+        let (wire, sent) = jobs(&[0, 1, 90, READ_AHEAD - 20, 3, 2 * READ_AHEAD + 7, 90, 5000]);
+        for step in [1, 2, 3, 5, 64, 4093, READ_AHEAD, usize::MAX] {
+            let mut reader = FrameReader::new(Trickle {
+                data: &wire,
+                step,
+                reads: 0,
+            });
+            assert_eq!(read_all(&mut reader), sent, "{step} bytes per read");
+        }
+    }
+
+    #[test]
+    fn the_frame_reader_takes_many_small_frames_in_one_read() {
+        let (wire, sent) = jobs(&[90; 100]);
+        let mut reader = FrameReader::new(Trickle {
+            data: &wire,
+            step: usize::MAX,
+            reads: 0,
+        });
+        assert_eq!(read_all(&mut reader), sent);
+        // 100 frames of 100 bytes: one read per 16 KiB, and the one that finds the end.
+        assert!(reader.input.reads <= 3, "{} reads", reader.input.reads);
+    }
+
+    #[test]
+    fn the_frame_reader_zeroes_a_frame_once_decoded() {
+        let pin = b"PIN-123456".to_vec();
+        let mut wire = Vec::new();
+        let job: Job = ToHost::Job {
+            id: 1,
+            job: ("login".to_owned(), pin.clone()),
+        };
+        write_frame(&mut wire, &job).unwrap();
+        // A second frame, cut: it stays buffered while the first is decoded.
+        let mut second = Vec::new();
+        write_frame(&mut second, &job).unwrap();
+        wire.extend_from_slice(&second[..second.len() / 2]);
+        let mut reader = FrameReader::new(wire.as_slice());
+        assert!(reader.read_frame::<Job>().unwrap().is_some());
+        let (start, end) = (reader.start, reader.end);
+        assert!(
+            reader.buf[..start].iter().all(|&b| b == 0),
+            "decoded bytes left"
+        );
+        assert!(reader.buf[end..].iter().all(|&b| b == 0));
+        assert!(matches!(reader.read_frame::<Job>(), Err(FrameError::Io(_))));
+    }
+
+    #[test]
+    fn the_frame_reader_ends_and_fails_as_read_frame_does() {
+        let (wire, _) = jobs(&[40]);
+        // Every cut of the frame: within the length a clean end, within the body an error.
+        for cut in 0..wire.len() {
+            let mut reader = FrameReader::new(&wire[..cut]);
+            let mut plain = &wire[..cut];
+            let ours = reader.read_frame::<Job>();
+            let theirs = read_frame::<Job>(&mut plain);
+            match (ours, theirs) {
+                (Ok(None), Ok(None)) | (Err(FrameError::Io(_)), Err(FrameError::Io(_))) => {}
+                (a, b) => panic!("cut at {cut}: {a:?} vs {b:?}"),
+            }
+        }
+        let mut reader = FrameReader::new(&[0xffu8, 0xff, 0xff, 0xff, 0][..]);
+        assert!(matches!(
+            reader.read_frame::<Greeting>(),
+            Err(FrameError::TooLarge(0xffff_ffff))
+        ));
+    }
 
     #[test]
     fn a_frame_round_trips() {

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::frame::{
-    read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
+    write_frame, FrameError, FrameReader, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
 };
 
 /// Inside a host, the library's own calls are never cut short: the agent's deadline is the
@@ -166,7 +166,7 @@ where
     A: Serialize + Send + 'static,
     H: FnMut(J, &JobContext<A>) -> A + Send + 'static,
 {
-    let mut reader = socket.try_clone()?;
+    let reader = socket.try_clone()?;
     let writer = Arc::new(Mutex::new(socket));
     write_frame(
         &mut *lock(&writer),
@@ -245,7 +245,8 @@ where
         }
         None => None,
     };
-    while let Some(message) = read_frame::<ToHost<J>>(&mut reader)? {
+    let mut frames = FrameReader::new(reader);
+    while let Some(message) = frames.read_frame::<ToHost<J>>()? {
         match message {
             ToHost::Job { id, job } if side.as_ref().is_some_and(|(is, _)| is(&job)) => {
                 if let Some((_, side_jobs)) = &side {

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::frame::{
-    read_frame, write_frame, FrameError, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
+    read_frame, write_frame, FrameError, FrameReader, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
 };
 
 /// The first wait after a host died; doubled after each death, up to [`MAX_BACKOFF`], and back
@@ -641,14 +641,15 @@ fn forget_ended<A>(state: &mut State<A>) -> bool {
 /// A host's reader thread: hands each answer to its caller; when the host ends, reaps it,
 /// records how it ended, and fails every call still waiting.
 fn read_answers<A: DeserializeOwned>(
-    mut socket: UnixStream,
+    socket: UnixStream,
     mut child: Child,
     shared: Arc<Shared<A>>,
     on_exit: Option<OnExit>,
 ) {
     let pid = child.id();
+    let mut frames = FrameReader::new(socket);
     let why = loop {
-        match read_frame::<FromHost<A>>(&mut socket) {
+        match frames.read_frame::<FromHost<A>>() {
             Ok(Some(FromHost::Interim { id, answer })) => {
                 if let Some(waiter) = lock(&shared.pending).get(&id) {
                     waiter.deliver(Delivery::Interim(answer));
