@@ -224,6 +224,7 @@ mod tests {
         (wire, sent)
     }
 
+    /// Reads every frame; after each, nothing but the bytes not decoded yet is left unzeroed.
     fn read_all(reader: &mut FrameReader<impl Read>) -> Vec<(u64, Vec<u8>)> {
         let mut got = Vec::new();
         while let Some(frame) = reader.read_frame::<Job>().unwrap() {
@@ -231,6 +232,14 @@ mod tests {
                 ToHost::Job { id, job } => got.push((id, job.1)),
                 other => panic!("{other:?}"),
             }
+            let (start, end) = (reader.start, reader.end);
+            assert!(
+                reader.buf[..start]
+                    .iter()
+                    .chain(&reader.buf[end..])
+                    .all(|&b| b == 0),
+                "bytes of a decoded frame left in the buffer"
+            );
         }
         got
     }
@@ -299,6 +308,15 @@ mod tests {
                 (Ok(None), Ok(None)) | (Err(FrameError::Io(_)), Err(FrameError::Io(_))) => {}
                 (a, b) => panic!("cut at {cut}: {a:?} vs {b:?}"),
             }
+        }
+        // A frame larger than the buffer, cut in its body: an error too.
+        let (wire, _) = jobs(&[2 * READ_AHEAD]);
+        for cut in [5, READ_AHEAD, wire.len() - 1] {
+            let mut reader = FrameReader::new(&wire[..cut]);
+            assert!(
+                matches!(reader.read_frame::<Job>(), Err(FrameError::Io(_))),
+                "cut at {cut}"
+            );
         }
         let mut reader = FrameReader::new(&[0xffu8, 0xff, 0xff, 0xff, 0][..]);
         assert!(matches!(

@@ -674,6 +674,8 @@ fn read_answers<A: DeserializeOwned>(
             Err(e) => break Some(e.to_string()),
         }
     };
+    // Zeroes what the reader still holds before the wait below.
+    drop(frames);
     // A host that broke the protocol is stopped like one that crashed.
     kill_group(pid);
     let how = match child.wait() {
