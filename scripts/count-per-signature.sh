@@ -20,25 +20,46 @@ row=${1:-1x1}
 bench=target/release/keyport-bench
 [ -x "$bench" ] || { echo "build first: cargo build --release -p agent -p keyport-e2e" >&2; exit 1; }
 out=$(mktemp -d)
-trap 'pkill -f "keyport-bench --load-only" 2>/dev/null || true; rm -rf "$out"' EXIT
+bench_pid="" agent="" host=""
+cleanup() {
+    # The bench stops its agents itself only when it ends normally: stop all three.
+    for pid in $host $agent $bench_pid; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$out"
+}
+trap cleanup EXIT
 
 KEYPORT_BENCH_ROWS=$row KEYPORT_BENCH_SIGNATURES=200000 "$bench" --load-only >"$out/bench.log" 2>&1 &
-agent="" host=""
-for _ in $(seq 100); do
-    agent=$(pgrep -n -f 'keyport run .*--config' || pgrep -n -f 'keyport.*--config' || true)
-    host=$(pgrep -n -f 'keyport host' || true)
-    [ -n "$agent" ] && [ -n "$host" ] && grep -q 'agent under load' "$out/bench.log" && break
+bench_pid=$!
+# The bench's own agent (`keyport --config FILE run`, its child) and that agent's module host.
+for _ in $(seq 300); do
+    if grep -q 'agent under load' "$out/bench.log"; then
+        agent=$(pgrep -n -P "$bench_pid" -x keyport || true)
+        [ -n "$agent" ] && host=$(pgrep -n -P "$agent" -x keyport || true)
+        [ -n "$host" ] && break
+    fi
     sleep 0.1
 done
-[ -n "$agent" ] && [ -n "$host" ] || { echo "the bench's agent did not start" >&2; cat "$out/bench.log" >&2; exit 1; }
+if [ -z "$host" ]; then
+    echo "the bench's load agent and its host did not start:" >&2
+    cat "$out/bench.log" >&2
+    exit 1
+fi
 sleep 2 # past the rows' start-up
+
+no_count() {
+    echo "no signature counted (perf tracepoints or ptrace not permitted?):" >&2
+    cat "$out/$1" >&2
+    exit 1
+}
 
 if [ "$mode" = perf ]; then
     perf stat -x, -e context-switches,raw_syscalls:sys_enter,task-clock -p "$agent" -o "$out/agent" -- sleep 3 &
+    counting=$!
     perf stat -x, -e context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_sendto,task-clock \
-        -p "$host" -o "$out/host" -- sleep 3
-    wait
-    n=$(grep sys_enter_sendto "$out/host" | cut -d, -f1)
+        -p "$host" -o "$out/host" -- sleep 3 || true
+    wait "$counting" || true
+    n=$(awk -F, '$3 == "syscalls:sys_enter_sendto" {print $1}' "$out/host")
+    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -gt 0 ] || no_count host
     echo "row $row: $n signatures in 3 s"
     for who in agent host; do
         grep -v -e '^#' -e '^$' -e sys_enter_sendto "$out/$who" |
@@ -48,10 +69,12 @@ if [ "$mode" = perf ]; then
                 printf "  %-5s %-22s %8.2f%s per signature\n", who, $3, v, unit }'
     done
 else
-    timeout 3 strace -c -f -p "$agent" -o "$out/agent" 2>/dev/null &
-    timeout 3 strace -c -f -p "$host" -o "$out/host" 2>/dev/null || true
-    wait || true
+    timeout 3 strace -c -f -p "$agent" -o "$out/agent" &
+    counting=$!
+    timeout 3 strace -c -f -p "$host" -o "$out/host" || true
+    wait "$counting" || true
     n=$(awk '$NF == "sendto" {print $4}' "$out/host")
+    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -gt 0 ] || no_count host
     echo "row $row: $n signatures (strace slows both processes: read the counts only)"
     for who in agent host; do
         awk -v n="$n" -v who="$who" 'NR > 2 && $1 !~ /^-/ && $NF != "total" && NF >= 5 {
