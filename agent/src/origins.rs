@@ -178,8 +178,7 @@ impl OriginStore {
     /// Whether the user denied this origin in a dialog of this run (and has not decided about
     /// it since).
     pub fn is_denied_for_now(&self, origin: &str) -> bool {
-        self.refresh();
-        self.user.borrow().denied_for_now.contains(origin)
+        self.check(origin).denied_for_now
     }
 
     /// Records "allow always"; removes an earlier user denial.

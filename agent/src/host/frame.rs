@@ -72,30 +72,14 @@ pub fn write_frame<T: Serialize>(out: &mut impl Write, value: &T) -> Result<(), 
     Ok(())
 }
 
-/// Reads one frame; `None` when the other side closed cleanly between frames.
-pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<Option<T>, FrameError> {
-    let mut len = [0u8; 4];
-    match input.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut body = Zeroizing::new(vec![0u8; len]);
-    input.read_exact(&mut body)?;
-    Ok(Some(postcard::from_bytes(&body)?))
-}
-
 /// How much a [`FrameReader`] reads ahead: a signing job or its answer is under 200 bytes, a
 /// token's certificate listing a few KiB; a larger frame is read into a buffer of its own.
 const READ_AHEAD: usize = 16 * 1024;
 
 /// Reads frames from one stream, taking whatever the stream has ready with each read: a frame
-/// costs one read (often less, when several wait), where [`read_frame`] costs two, the length
-/// and the body. The bytes of a frame are zeroed in the buffer as soon as it is decoded.
+/// costs one read (often less, when several wait), not two (the length, then the body). The
+/// bytes of a frame are zeroed in the buffer as soon as it is decoded. A stream read by one
+/// keeps that one for its life: what it read ahead is in its buffer.
 pub struct FrameReader<R> {
     input: R,
     buf: Zeroizing<Box<[u8]>>,
@@ -122,8 +106,8 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
-    /// Reads one frame; `None` when the other side closed cleanly between frames (or within a
-    /// length, as [`read_frame`] does).
+    /// Reads one frame; `None` when the other side closed between frames (or within a length);
+    /// an error when it closed within a body.
     pub fn read_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         if !self.fill(4)? {
             return Ok(None);
@@ -296,17 +280,14 @@ mod tests {
     }
 
     #[test]
-    fn the_frame_reader_ends_and_fails_as_read_frame_does() {
+    fn the_frame_reader_ends_within_a_length_and_fails_within_a_body() {
         let (wire, _) = jobs(&[40]);
         // Every cut of the frame: within the length a clean end, within the body an error.
         for cut in 0..wire.len() {
             let mut reader = FrameReader::new(&wire[..cut]);
-            let mut plain = &wire[..cut];
-            let ours = reader.read_frame::<Job>();
-            let theirs = read_frame::<Job>(&mut plain);
-            match (ours, theirs) {
-                (Ok(None), Ok(None)) | (Err(FrameError::Io(_)), Err(FrameError::Io(_))) => {}
-                (a, b) => panic!("cut at {cut}: {a:?} vs {b:?}"),
+            match (cut < 4, reader.read_frame::<Job>()) {
+                (true, Ok(None)) | (false, Err(FrameError::Io(_))) => {}
+                (_, other) => panic!("cut at {cut}: {other:?}"),
             }
         }
         // A frame larger than the buffer, cut in its body: an error too.
@@ -334,24 +315,24 @@ mod tests {
         };
         write_frame(&mut buf, &job).unwrap();
         write_frame(&mut buf, &Greeting { version: 1, pid: 9 }).unwrap();
-        let mut input = buf.as_slice();
-        let back: ToHost<(String, Vec<u8>)> = read_frame(&mut input).unwrap().unwrap();
+        let mut input = FrameReader::new(buf.as_slice());
+        let back: ToHost<(String, Vec<u8>)> = input.read_frame().unwrap().unwrap();
         match back {
             ToHost::Job { id, job } => {
                 assert_eq!((id, job), (7, ("sign".to_owned(), vec![1, 2, 3])))
             }
             other => panic!("{other:?}"),
         }
-        let greeting: Greeting = read_frame(&mut input).unwrap().unwrap();
+        let greeting: Greeting = input.read_frame().unwrap().unwrap();
         assert_eq!(greeting, Greeting { version: 1, pid: 9 });
-        assert!(read_frame::<Greeting>(&mut input).unwrap().is_none());
+        assert!(input.read_frame::<Greeting>().unwrap().is_none());
     }
 
     #[test]
     fn an_oversized_length_is_refused_before_allocating() {
-        let mut input: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0];
+        let mut input = FrameReader::new(&[0xffu8, 0xff, 0xff, 0xff, 0][..]);
         assert!(matches!(
-            read_frame::<Greeting>(&mut input),
+            input.read_frame::<Greeting>(),
             Err(FrameError::TooLarge(0xffff_ffff))
         ));
     }
@@ -361,18 +342,18 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, &Greeting { version: 1, pid: 9 }).unwrap();
         buf.pop();
-        let mut input = buf.as_slice();
+        let mut input = FrameReader::new(buf.as_slice());
         assert!(matches!(
-            read_frame::<Greeting>(&mut input),
+            input.read_frame::<Greeting>(),
             Err(FrameError::Io(_))
         ));
     }
 
     #[test]
     fn garbage_is_a_decoding_error() {
-        let mut input: &[u8] = &[0, 0, 0, 2, 0xff, 0xff];
+        let mut input = FrameReader::new(&[0u8, 0, 0, 2, 0xff, 0xff][..]);
         assert!(matches!(
-            read_frame::<Greeting>(&mut input),
+            input.read_frame::<Greeting>(),
             Err(FrameError::Encoding(_) | FrameError::Io(_))
         ));
     }

@@ -428,7 +428,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use std::time::Instant;
 
-    use super::super::frame::read_frame;
+    use super::super::frame::FrameReader;
     use super::*;
 
     /// A job's context whose interim answers go to `socket`.
@@ -442,10 +442,10 @@ mod tests {
     }
 
     /// The counts of the interim answers on `socket` until the one with `last`.
-    fn interims_until(socket: &mut UnixStream, last: usize) -> Vec<usize> {
+    fn interims_until(socket: &mut FrameReader<UnixStream>, last: usize) -> Vec<usize> {
         let mut counts = Vec::new();
         loop {
-            match read_frame::<FromHost<usize>>(socket).unwrap() {
+            match socket.read_frame::<FromHost<usize>>().unwrap() {
                 Some(FromHost::Interim { id: 7, answer }) => {
                     counts.push(answer);
                     if answer == last {
@@ -459,7 +459,8 @@ mod tests {
 
     #[test]
     fn a_burst_of_progress_reaches_the_agent_as_a_few_messages_ending_with_the_last_count() {
-        let (host, mut agent) = UnixStream::pair().unwrap();
+        let (host, agent) = UnixStream::pair().unwrap();
+        let mut agent = FrameReader::new(agent);
         let forwarder = InterimForwarder::start(|done: usize| done).unwrap();
         let started = Instant::now();
         let (progress, forwarded) = forwarder.forward(context(host));
@@ -482,7 +483,8 @@ mod tests {
 
     #[test]
     fn progress_goes_out_while_the_job_runs_not_only_at_its_end() {
-        let (host, mut agent) = UnixStream::pair().unwrap();
+        let (host, agent) = UnixStream::pair().unwrap();
+        let mut agent = FrameReader::new(agent);
         let forwarder = InterimForwarder::start(|done: usize| done).unwrap();
         let (progress, forwarded) = forwarder.forward(context(host));
         let seen = Arc::new(AtomicBool::new(false));
@@ -499,7 +501,7 @@ mod tests {
             forwarded.finish();
             done
         });
-        let first = match read_frame::<FromHost<usize>>(&mut agent).unwrap() {
+        let first = match agent.read_frame::<FromHost<usize>>().unwrap() {
             Some(FromHost::Interim { id: 7, answer }) => answer,
             other => panic!("{other:?}"),
         };

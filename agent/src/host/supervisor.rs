@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::frame::{
-    read_frame, write_frame, FrameError, FrameReader, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
+    write_frame, FrameError, FrameReader, FromHost, Greeting, ToHost, PROTOCOL_VERSION,
 };
 
 /// The first wait after a host died; doubled after each death, up to [`MAX_BACKOFF`], and back
@@ -494,6 +494,8 @@ where
         let start_err =
             |what: &str, e: &dyn std::fmt::Display| HostError::Start(format!("{what}: {e}"));
         let (ours, theirs) = UnixStream::pair().map_err(|e| start_err("socket pair", &e))?;
+        // One reader for the host's life: the greeting, then (on the reader thread) answers.
+        let mut frames = FrameReader::new(ours.try_clone().map_err(|e| start_err("socket", &e))?);
         // A library that prints to standard output must not reach the agent's: the host's
         // stdout goes where the agent's stderr goes.
         let stdout = std::io::stderr()
@@ -520,7 +522,7 @@ where
         let greeted = ours
             .set_read_timeout(Some(GREETING_WAIT))
             .map_err(FrameError::from)
-            .and_then(|()| read_frame::<Greeting>(&mut &ours));
+            .and_then(|()| frames.read_frame::<Greeting>());
         let failed = |why: String, child: &mut Child| {
             kill_group(pid);
             let how = child.wait().map(describe).unwrap_or_else(|e| e.to_string());
@@ -540,9 +542,9 @@ where
             Ok(None) => return Err(failed("the host ended before greeting".into(), &mut child)),
             Err(e) => return Err(failed(format!("no greeting: {e}"), &mut child)),
         }
+        // The timeout is the socket's: it held for `frames`' handle too, and ends for both.
         ours.set_read_timeout(None)
             .map_err(|e| start_err("socket", &e))?;
-        let reader = ours.try_clone().map_err(|e| start_err("socket", &e))?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             queue: Mutex::new(VecDeque::new()),
@@ -554,7 +556,7 @@ where
         let for_reader = Arc::clone(&shared);
         std::thread::Builder::new()
             .name(format!("host-{pid}"))
-            .spawn(move || read_answers(reader, child, for_reader, on_exit))
+            .spawn(move || read_answers(frames, child, for_reader, on_exit))
             .map_err(|e| start_err("reader thread", &e))?;
         ours.set_write_timeout(Some(WRITE_WAIT))
             .map_err(|e| start_err("socket", &e))?;
@@ -641,13 +643,12 @@ fn forget_ended<A>(state: &mut State<A>) -> bool {
 /// A host's reader thread: hands each answer to its caller; when the host ends, reaps it,
 /// records how it ended, and fails every call still waiting.
 fn read_answers<A: DeserializeOwned>(
-    socket: UnixStream,
+    mut frames: FrameReader<UnixStream>,
     mut child: Child,
     shared: Arc<Shared<A>>,
     on_exit: Option<OnExit>,
 ) {
     let pid = child.id();
-    let mut frames = FrameReader::new(socket);
     let why = loop {
         match frames.read_frame::<FromHost<A>>() {
             Ok(Some(FromHost::Interim { id, answer })) => {
